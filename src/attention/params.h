@@ -1,0 +1,128 @@
+// AttentionParams: the one plain struct every attention kernel takes. Filled in
+// exactly one place (PrepareAttention, after validation); kernels only read it.
+// Pointers are not owned: an AttentionJob keeps the memory alive.
+//
+// Masking semantics live here too (KeyVisible / VisibleKeyRange), so the
+// reference kernel and every fast kernel agree on them by construction.
+#ifndef ATTNSERVE_ATTENTION_PARAMS_H_
+#define ATTNSERVE_ATTENTION_PARAMS_H_
+
+#include <algorithm>
+#include <cstdint>
+
+#include "attention/request.h"
+#include "core/dtype.h"
+
+namespace attnserve {
+
+struct AttentionParams {
+  // Inputs, in `dtype`. Strides are in elements. Layout [B, L, H, D].
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_batch_stride = 0, q_row_stride = 0, q_head_stride = 0;
+  int64_t k_batch_stride = 0, k_row_stride = 0, k_head_stride = 0;
+  int64_t v_batch_stride = 0, v_row_stride = 0, v_head_stride = 0;
+
+  // Output [B, Lq, Hq, Dv] in `dtype`.
+  void* o = nullptr;
+  int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
+
+  DType dtype = DType::kF32;
+  Variant variant = Variant::kSoftmax;
+
+  int32_t batch = 0;
+  int32_t seqlen_q = 0;
+  int32_t seqlen_k = 0;
+  int32_t num_heads_q = 0;
+  int32_t num_heads_kv = 0;
+  int32_t head_dim = 0;
+  int32_t value_dim = 0;
+  int32_t group_size = 0;  // num_heads_q / num_heads_kv; kv head = q head / group_size
+
+  float scale = 0.f;       // resolved (never 0)
+  float scale_log2 = 0.f;  // scale * log2(e), for exp2-based softmax
+  float softcap = 0.f;     // 0: off; else s = softcap * tanh(s / softcap)
+
+  // Masking. `causal` is folded into window_right (0 when causal), so kernels
+  // only need the window; `causal` stays for LINEAR and for statistics.
+  bool causal = false;
+  bool bottom_right = true;  // diagonal alignment, see DiagonalOffset()
+  int32_t window_left = -1;  // -1: unbounded
+  int32_t window_right = -1; // -1: unbounded
+
+  const float* alibi_slopes = nullptr;  // [num_heads_q] or null
+
+  // Additive bias as F32, broadcast by zero strides, indexed
+  // b * bias_batch_stride + h * bias_head_stride + i * bias_row_stride + j * bias_col_stride.
+  const float* bias = nullptr;
+  int64_t bias_batch_stride = 0, bias_head_stride = 0, bias_row_stride = 0, bias_col_stride = 0;
+
+  const int32_t* key_lengths = nullptr;  // [batch] or null: keys >= length are padding
+
+  // Optional outputs (F32 / I32), contiguous.
+  float* lse = nullptr;      // [B, Hq, Lq], natural log; -inf for a fully masked row
+  float* weights = nullptr;  // [B, Hq, Lq, Lk], probabilities (0 where masked)
+  int32_t top_k = 0;
+  int32_t* top_k_indices = nullptr;  // [B, Hq, Lq, top_k]; -1 past the visible keys
+  float* top_k_weights = nullptr;    // [B, Hq, Lq, top_k]; 0 past the visible keys
+};
+
+// Keys of batch row b: key_lengths[b] if given, else seqlen_k. It is the row's
+// Lk for alignment and ALiBi too, as in FlashAttention's varlen kernels.
+inline int32_t KeyLength(const AttentionParams& p, int64_t b) {
+  return p.key_lengths != nullptr ? p.key_lengths[b] : p.seqlen_k;
+}
+
+// Offset of the diagonal: query i is aligned with key i + DiagonalOffset.
+inline int64_t DiagonalOffset(const AttentionParams& p, int64_t b) {
+  return p.bottom_right ? int64_t{KeyLength(p, b)} - p.seqlen_q : 0;
+}
+
+// Half-open range [begin, end) of keys query row i of batch b may see; empty
+// (begin >= end) when the row is fully masked.
+struct KeyRange {
+  int64_t begin = 0;
+  int64_t end = 0;
+  bool empty() const { return begin >= end; }
+};
+
+inline KeyRange VisibleKeyRange(const AttentionParams& p, int64_t b, int64_t i) {
+  const int64_t len = KeyLength(p, b);
+  const int64_t diag = i + DiagonalOffset(p, b);
+  int64_t begin = 0;
+  int64_t end = len;
+  if (p.window_left >= 0) begin = std::max<int64_t>(begin, diag - p.window_left);
+  if (p.window_right >= 0) end = std::min<int64_t>(end, diag + p.window_right + 1);
+  return KeyRange{begin, std::max(begin, end)};
+}
+
+inline bool KeyVisible(const AttentionParams& p, int64_t b, int64_t i, int64_t j) {
+  const KeyRange r = VisibleKeyRange(p, b, i);
+  return j >= r.begin && j < r.end;
+}
+
+// ALiBi bias for head h, query i, key j (0 when ALiBi is off).
+inline float AlibiBias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  if (p.alibi_slopes == nullptr) return 0.f;
+  const int64_t dist = i + DiagonalOffset(p, b) - j;
+  return -p.alibi_slopes[h] * static_cast<float>(dist < 0 ? -dist : dist);
+}
+
+inline float BiasAt(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  if (p.bias == nullptr) return 0.f;
+  return p.bias[b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride +
+                j * p.bias_col_stride];
+}
+
+// Useful FLOPs of one request, 4·B·Hq·Lq·Lk·D, halved for causal self-attention
+// (Lq == Lk), as DESIGN.md defines them for benchmarks and cost budgets.
+inline double AttentionFlops(const AttentionParams& p) {
+  double f = 4.0 * p.batch * p.num_heads_q * double(p.seqlen_q) * p.seqlen_k * p.head_dim;
+  if (p.causal && p.seqlen_q == p.seqlen_k) f /= 2;
+  return f;
+}
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_ATTENTION_PARAMS_H_

@@ -1,0 +1,50 @@
+// AttentionRequest: one attention call as the core sees it, independent of the
+// wire format (the gRPC adapter fills it from the proto). Borrowed views only.
+// Value type; thread-compatible.
+#ifndef ATTNSERVE_ATTENTION_REQUEST_H_
+#define ATTNSERVE_ATTENTION_REQUEST_H_
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace attnserve {
+
+enum class Variant : uint8_t { kSoftmax = 0, kLinear = 1 };
+// Where the causal diagonal sits when Lq != Lk. kBottomRight: query i sees
+// keys j <= i + Lk - Lq (FlashAttention >= 2.1); kTopLeft: j <= i (PyTorch's
+// is_causal).
+enum class CausalAlignment : uint8_t { kBottomRight = 0, kTopLeft = 1 };
+
+struct AttentionOptions {
+  float scale = 0.f;  // 0 means 1/sqrt(head_dim)
+  bool causal = false;
+  CausalAlignment causal_alignment = CausalAlignment::kBottomRight;
+  int32_t window_left = -1;   // -1: unbounded
+  int32_t window_right = -1;  // -1: unbounded
+  float softcap = 0.f;        // 0: off
+  std::vector<float> alibi_slopes;  // empty or one per query head
+  Variant variant = Variant::kSoftmax;
+};
+
+struct OutputSpec {
+  bool lse = false;
+  bool weights = false;
+  int32_t top_k = 0;  // 0: off
+};
+
+struct AttentionRequest {
+  TensorView query;  // [B, Lq, Hq, D] or [Lq, Hq, D]
+  TensorView key;    // [B, Lk, Hkv, D]
+  TensorView value;  // [B, Lk, Hkv, Dv]
+  std::optional<TensorView> bias;   // broadcastable to [B, Hq, Lq, Lk]
+  std::vector<int32_t> key_lengths;  // empty or one per batch row
+  AttentionOptions options;
+  OutputSpec outputs;
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_ATTENTION_REQUEST_H_

@@ -1,0 +1,56 @@
+// Backend: a small table of operations that runs batches of attention jobs on
+// one kind of hardware (ggml-backend style). A backend first says whether it can
+// run a request (Supports), then runs whole batches (Run). Backends are created
+// through the BackendRegistry (registry.h).
+//
+// Thread safety: every method may be called concurrently from several threads.
+#ifndef ATTNSERVE_BACKENDS_BACKEND_H_
+#define ATTNSERVE_BACKENDS_BACKEND_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "attention/params.h"
+
+namespace attnserve {
+
+// What a backend can do, for GetServerInfo and clients choosing a backend.
+struct BackendInfo {
+  std::string name;         // "reference", "cpu", "onednn", "cuda"
+  std::string description;  // one line for humans
+  std::vector<DType> dtypes;
+  std::vector<std::string> features;  // "causal", "window", "softcap", "alibi", "bias",
+                                      // "key_lengths", "gqa", "linear", "lse", "weights", "top_k"
+  int32_t max_head_dim = 0;
+};
+
+struct BackendOptions {
+  int threads = 0;  // worker threads a backend may use; 0 = one per hardware core
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual const BackendInfo& info() const = 0;
+
+  // OK if Run() can compute `params`; otherwise UNIMPLEMENTED with a message
+  // naming the option the backend lacks. Cheap; never blocks.
+  virtual absl::Status Supports(const AttentionParams& params) const = 0;
+
+  // Computes every job in `batch` (each already passed Supports), writing the
+  // outputs the params point to. Blocks until all are done. Each job's result
+  // is bitwise the same whatever else is in the batch. Returns INTERNAL only on
+  // a backend failure (e.g. a device error); then outputs are unspecified.
+  virtual absl::Status Run(absl::Span<const AttentionParams> batch) = 0;
+
+  // Bytes of scratch memory the backend holds now (for metrics).
+  virtual int64_t workspace_bytes() const { return 0; }
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_BACKENDS_BACKEND_H_

@@ -1,0 +1,92 @@
+// Scheduler: admits attention tasks into a bounded queue, groups compatible
+// tasks (same backend, dtype, variant) into batches, and runs each batch as one
+// Backend::Run call on a pool of worker threads (TensorFlow batching style).
+//
+// Life of a task: Submit() admits it or rejects it at once; a worker takes it
+// into a batch no later than max_queue_delay_us after it was admitted (sooner
+// when a batch fills); tasks whose deadline passed or whose caller cancelled are
+// answered without compute; `done` is called exactly once for every admitted
+// task. Drain() stops admission and finishes what was admitted.
+//
+// Thread safety: all methods are thread-safe. `done` runs on a worker thread
+// and must not block for long.
+#ifndef ATTNSERVE_SCHEDULER_SCHEDULER_H_
+#define ATTNSERVE_SCHEDULER_SCHEDULER_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "attention/job.h"
+#include "backends/backend.h"
+#include "scheduler/clock.h"
+
+namespace attnserve {
+
+struct SchedulerOptions {
+  int64_t queue_capacity = 1024;                     // admitted, not yet started tasks
+  int64_t queue_capacity_bytes = int64_t{1} << 30;   // their input bytes
+  int32_t max_batch_size = 32;                       // tasks per backend call
+  double max_batch_flops = 2e11;                     // useful FLOPs per backend call
+  int64_t max_queue_delay_us = 500;                  // longest wait for a batch to fill
+  int32_t workers = 1;                               // executor threads
+};
+
+struct TaskTiming {
+  absl::Duration queue;    // admission to start of compute
+  absl::Duration compute;  // the backend call
+  int32_t batch_size = 0;
+};
+
+struct Task {
+  std::unique_ptr<AttentionJob> job;
+  Backend* backend = nullptr;  // not owned; must outlive the scheduler
+  int32_t priority = 0;        // 0 normal, 1 high
+  absl::Time deadline = absl::InfiniteFuture();
+  // Polled before compute; a true answer drops the task with CANCELLED. May be null.
+  std::function<bool()> is_cancelled;
+  // Called exactly once: OK with the computed job, or DEADLINE_EXCEEDED,
+  // CANCELLED, UNAVAILABLE (drain timed out), or the backend's error.
+  std::function<void(absl::Status, std::unique_ptr<AttentionJob>, const TaskTiming&)> done;
+};
+
+// Hooks for metrics; called from worker threads. Default: no-ops.
+class SchedulerObserver {
+ public:
+  virtual ~SchedulerObserver() = default;
+  virtual void OnBatch(const std::string& backend, int32_t batch_size, double flops,
+                       absl::Duration compute) {}
+  virtual void OnDequeue(absl::Duration queued) {}
+  virtual void OnQueueDepth(int64_t depth) {}
+};
+
+class Scheduler {
+ public:
+  // INVALID_ARGUMENT for out-of-range options. `clock` and `observer` are not
+  // owned and must outlive the scheduler; null observer = none.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(const SchedulerOptions& options,
+                                                           Clock* clock = Clock::Real(),
+                                                           SchedulerObserver* observer = nullptr);
+  virtual ~Scheduler() = default;
+
+  // Admits `task` without blocking. OK: `task.done` will be called exactly
+  // once. RESOURCE_EXHAUSTED: the queue is full by count or bytes. UNAVAILABLE:
+  // draining. On error `done` is not called.
+  virtual absl::Status Submit(Task task) = 0;
+
+  // Stops admission and waits until every admitted task is done or `timeout`
+  // passes; tasks still queued then are answered UNAVAILABLE. Returns OK if
+  // all finished in time, DEADLINE_EXCEEDED otherwise. Idempotent.
+  virtual absl::Status Drain(absl::Duration timeout) = 0;
+
+  virtual int64_t queue_depth() const = 0;  // admitted, not yet started
+  virtual int64_t in_flight() const = 0;    // admitted, not yet done
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_SCHEDULER_SCHEDULER_H_
