@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -42,6 +43,7 @@ struct AttentionJob {
   std::vector<float> bias_f32;
   std::vector<float> alibi_slopes;
   std::vector<int32_t> key_lengths;
+  std::string aligned_copies[3];  // Q, K, V bytes whose address was misaligned
 };
 
 // Validates `request` and builds a job. The request's tensor bytes must outlive

@@ -24,7 +24,7 @@ constexpr size_t DTypeSize(DType t) {
   return 0;
 }
 
-constexpr std::string_view DTypeName(DType t) {
+constexpr const char* DTypeName(DType t) {
   switch (t) {
     case DType::kF32:
       return "F32";

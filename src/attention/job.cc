@@ -1,0 +1,365 @@
+#include "attention/job.h"
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/string_view.h"
+#include "core/half.h"
+
+namespace attnserve {
+namespace {
+
+// Largest element count a tensor may have: keeps every byte count below 2^62
+// and every dim representable as int32 in AttentionParams.
+constexpr int64_t kMaxElements = int64_t{1} << 60;
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
+
+absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
+}
+
+bool IsInputDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+// Checks dtype, rank, dims and byte length of a Q/K/V tensor. On success
+// returns the dims as [B, L, H, D] (B = 1 for a 3-D tensor).
+absl::StatusOr<std::array<int64_t, 4>> CheckQkv(absl::string_view name, const TensorView& t,
+                                                absl::string_view dims_doc) {
+  if (!IsInputDType(t.dtype)) {
+    return Invalid(absl::StrCat(name, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
+  }
+  if (t.rank() != 3 && t.rank() != 4) {
+    return Invalid(absl::StrCat(name, ".shape"),
+                   absl::StrCat("rank 4 ", dims_doc, " or rank 3 without the batch dim"),
+                   absl::StrCat("rank ", t.rank(), " ", ShapeString(t.shape)));
+  }
+  for (int64_t d : t.shape) {
+    if (d < 1 || d > kMaxDim) {
+      return Invalid(absl::StrCat(name, ".shape"),
+                     absl::StrCat("every dim in [1, ", kMaxDim, "] ", dims_doc),
+                     ShapeString(t.shape));
+    }
+  }
+  const int64_t n = CheckedElementCount(t.shape, kMaxElements);
+  if (n < 0) {
+    return Invalid(absl::StrCat(name, ".shape"),
+                   absl::StrCat("at most 2^60 elements"), ShapeString(t.shape));
+  }
+  const int64_t want = n * static_cast<int64_t>(DTypeSize(t.dtype));
+  if (static_cast<int64_t>(t.data.size()) != want) {
+    return Invalid(absl::StrCat(name, ".data"),
+                   absl::StrCat(want, " bytes (", ShapeString(t.shape), " x ", DTypeName(t.dtype),
+                                ")"),
+                   absl::StrCat(t.data.size(), " bytes"));
+  }
+  std::array<int64_t, 4> dims;
+  if (t.rank() == 4) {
+    dims = {t.shape[0], t.shape[1], t.shape[2], t.shape[3]};
+  } else {
+    dims = {1, t.shape[0], t.shape[1], t.shape[2]};
+  }
+  return dims;
+}
+
+// Kernels read elements through typed pointers; copy the rare buffer whose
+// address is not a multiple of the element size.
+const void* AlignedData(std::string_view data, DType dtype, std::string& copy) {
+  if (reinterpret_cast<uintptr_t>(data.data()) % DTypeSize(dtype) == 0) return data.data();
+  copy.assign(data.data(), data.size());
+  return copy.data();
+}
+
+absl::Status CheckBias(const TensorView& bias, DType want_dtype, const std::array<int64_t, 4>& full,
+                       AttentionJob& job) {
+  AttentionParams& p = job.params;
+  if (bias.dtype != want_dtype) {
+    return Invalid("bias.dtype", absl::StrCat(DTypeName(want_dtype), " (the query's dtype)"),
+                   DTypeName(bias.dtype));
+  }
+  const std::string full_doc = absl::StrCat(ShapeString({full[0], full[1], full[2], full[3]}),
+                                            " [B, Hq, Lq, Lk]");
+  if (bias.rank() > 4) {
+    return Invalid("bias.shape", absl::StrCat("rank <= 4, broadcastable to ", full_doc),
+                   absl::StrCat("rank ", bias.rank(), " ", ShapeString(bias.shape)));
+  }
+  // Right-align with [B, Hq, Lq, Lk] as NumPy does; each dim is 1 or full.
+  std::array<int64_t, 4> strides = {0, 0, 0, 0};
+  int64_t stride = 1;
+  for (int64_t k = bias.rank() - 1, axis = 3; k >= 0; --k, --axis) {
+    const int64_t d = bias.shape[k];
+    if (d != 1 && d != full[axis]) {
+      return Invalid("bias.shape", absl::StrCat("broadcastable to ", full_doc),
+                     absl::StrCat(ShapeString(bias.shape), " (dim ", k, " is ", d, ")"));
+    }
+    strides[axis] = d == 1 ? 0 : stride;
+    stride *= d;
+  }
+  const int64_t n = stride;  // product of dims, each <= the matching full dim
+  const int64_t want = n * static_cast<int64_t>(DTypeSize(bias.dtype));
+  if (static_cast<int64_t>(bias.data.size()) != want) {
+    return Invalid("bias.data",
+                   absl::StrCat(want, " bytes (", ShapeString(bias.shape), " x ",
+                                DTypeName(bias.dtype), ")"),
+                   absl::StrCat(bias.data.size(), " bytes"));
+  }
+  job.bias_f32.resize(n);
+  if (bias.dtype == DType::kF32) {
+    std::memcpy(job.bias_f32.data(), bias.data.data(), bias.data.size());
+  } else {
+    for (int64_t i = 0; i < n; ++i) job.bias_f32[i] = LoadFloat(bias.data.data(), bias.dtype, i);
+  }
+  for (float x : job.bias_f32) {
+    if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
+      return Invalid("bias.data", "finite values or -inf (to mask)", absl::StrCat(x));
+    }
+  }
+  p.bias = job.bias_f32.data();
+  p.bias_batch_stride = strides[0];
+  p.bias_head_stride = strides[1];
+  p.bias_row_stride = strides[2];
+  p.bias_col_stride = strides[3];
+  job.input_bytes += want;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRequest& request,
+                                                               const RequestLimits& limits) {
+  auto job = std::make_unique<AttentionJob>();
+  AttentionParams& p = job->params;
+  const AttentionOptions& opt = request.options;
+  const bool linear = opt.variant == Variant::kLinear;
+
+  // --- Q, K, V shapes -------------------------------------------------------
+  auto q = CheckQkv("query", request.query, "[B, Lq, Hq, D]");
+  if (!q.ok()) return q.status();
+  auto k = CheckQkv("key", request.key, "[B, Lk, Hkv, D]");
+  if (!k.ok()) return k.status();
+  auto v = CheckQkv("value", request.value, "[B, Lk, Hkv, Dv]");
+  if (!v.ok()) return v.status();
+  const auto [B, Lq, Hq, D] = *q;
+  const auto [Bk, Lk, Hkv, Dk] = *k;
+  const auto [Bv, Lv, Hv, Dv] = *v;
+  const DType dtype = request.query.dtype;
+
+  if (request.key.dtype != dtype) {
+    return Invalid("key.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
+                   DTypeName(request.key.dtype));
+  }
+  if (request.value.dtype != dtype) {
+    return Invalid("value.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
+                   DTypeName(request.value.dtype));
+  }
+  if (request.key.rank() != request.query.rank()) {
+    return Invalid("key.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
+                   absl::StrCat("rank ", request.key.rank(), " ", ShapeString(request.key.shape)));
+  }
+  if (request.value.rank() != request.query.rank()) {
+    return Invalid("value.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
+                   absl::StrCat("rank ", request.value.rank(), " ",
+                                ShapeString(request.value.shape)));
+  }
+  if (Bk != B) {
+    return Invalid("key.shape", absl::StrCat("batch ", B, " (the query's)"),
+                   absl::StrCat(Bk, " in ", ShapeString(request.key.shape)));
+  }
+  if (Dk != D) {
+    return Invalid("key.shape", absl::StrCat("head_dim ", D, " (the query's)"),
+                   absl::StrCat(Dk, " in ", ShapeString(request.key.shape)));
+  }
+  if (Hq % Hkv != 0) {
+    return Invalid("key.shape",
+                   absl::StrCat("a number of kv heads dividing the query's ", Hq, " heads"),
+                   absl::StrCat(Hkv, " in ", ShapeString(request.key.shape)));
+  }
+  if (Bv != B || Lv != Lk || Hv != Hkv) {
+    return Invalid("value.shape",
+                   absl::StrCat("[", B, ", ", Lk, ", ", Hkv, ", Dv] (batch, Lk and heads of key)"),
+                   ShapeString(request.value.shape));
+  }
+  if (D > limits.max_head_dim) {
+    return Invalid("query.shape", absl::StrCat("head_dim <= ", limits.max_head_dim),
+                   absl::StrCat(D));
+  }
+  if (Dv > limits.max_head_dim) {
+    return Invalid("value.shape", absl::StrCat("value_dim <= ", limits.max_head_dim),
+                   absl::StrCat(Dv));
+  }
+
+  // --- Options ----------------------------------------------------------------
+  if (!std::isfinite(opt.scale)) {
+    return Invalid("options.scale", "a finite number (0 = 1/sqrt(head_dim))", absl::StrCat(opt.scale));
+  }
+  if (!std::isfinite(opt.softcap) || opt.softcap < 0) {
+    return Invalid("options.softcap", "a finite number >= 0 (0 = off)", absl::StrCat(opt.softcap));
+  }
+  if (opt.window_left < -1) {
+    return Invalid("options.window_left", ">= 0, or -1 for unbounded", absl::StrCat(opt.window_left));
+  }
+  if (opt.window_right < -1) {
+    return Invalid("options.window_right", ">= 0, or -1 for unbounded",
+                   absl::StrCat(opt.window_right));
+  }
+  if (opt.causal && opt.window_right > 0) {
+    return Invalid("options.window_right", "unset, -1 or 0 with causal (causal sees no later keys)",
+                   absl::StrCat(opt.window_right));
+  }
+  if (!opt.alibi_slopes.empty() && static_cast<int64_t>(opt.alibi_slopes.size()) != Hq) {
+    return Invalid("options.alibi_slopes", absl::StrCat(Hq, " slopes (one per query head) or none"),
+                   absl::StrCat(opt.alibi_slopes.size()));
+  }
+  for (float s : opt.alibi_slopes) {
+    if (!std::isfinite(s)) return Invalid("options.alibi_slopes", "finite slopes", absl::StrCat(s));
+  }
+  if (opt.variant != Variant::kSoftmax && opt.variant != Variant::kLinear) {
+    return Invalid("options.variant", "SOFTMAX or LINEAR",
+                   absl::StrCat(static_cast<int>(opt.variant)));
+  }
+  if (linear) {
+    auto reject = [](absl::string_view field, absl::string_view got) {
+      return Invalid(field, "unset with variant LINEAR", got);
+    };
+    if (opt.scale != 0) return reject("options.scale", absl::StrCat(opt.scale));
+    if (opt.window_left != -1) return reject("options.window_left", absl::StrCat(opt.window_left));
+    if (opt.window_right != -1) return reject("options.window_right", absl::StrCat(opt.window_right));
+    if (opt.softcap != 0) return reject("options.softcap", absl::StrCat(opt.softcap));
+    if (!opt.alibi_slopes.empty()) return reject("options.alibi_slopes", "slopes");
+    if (request.bias.has_value()) return reject("bias", "a bias tensor");
+    if (request.outputs.lse) return reject("outputs.lse", "true");
+    if (request.outputs.weights) return reject("outputs.weights", "true");
+    if (request.outputs.top_k != 0) return reject("outputs.top_k", absl::StrCat(request.outputs.top_k));
+  }
+
+  // --- key_lengths --------------------------------------------------------------
+  if (!request.key_lengths.empty()) {
+    if (static_cast<int64_t>(request.key_lengths.size()) != B) {
+      return Invalid("key_lengths", absl::StrCat(B, " lengths (one per batch row) or none"),
+                     absl::StrCat(request.key_lengths.size()));
+    }
+    for (size_t b = 0; b < request.key_lengths.size(); ++b) {
+      const int32_t len = request.key_lengths[b];
+      if (len < 0 || len > Lk) {
+        return Invalid(absl::StrCat("key_lengths[", b, "]"), absl::StrCat("a length in [0, ", Lk, "]"),
+                       absl::StrCat(len));
+      }
+    }
+    job->key_lengths = request.key_lengths;
+    p.key_lengths = job->key_lengths.data();
+  }
+
+  // --- Outputs ------------------------------------------------------------------
+  const OutputSpec& out = request.outputs;
+  if (out.top_k < 0 || out.top_k > Lk) {
+    return Invalid("outputs.top_k", absl::StrCat("0 (off) to Lk = ", Lk), absl::StrCat(out.top_k));
+  }
+  if (out.top_k > limits.max_top_k) {
+    return absl::ResourceExhaustedError(absl::StrCat("outputs.top_k: ", out.top_k,
+                                                     " is over the server's limit of ",
+                                                     limits.max_top_k));
+  }
+  const int64_t out_elems = CheckedElementCount({B, Lq, Hq, Dv}, kMaxElements);
+  const int64_t out_bytes = out_elems < 0 ? -1 : out_elems * int64_t(DTypeSize(dtype));
+  if (out_bytes < 0 || out_bytes > limits.max_output_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "output: [%d, %d, %d, %d] x %s is over the server's limit of %d bytes", B, Lq, Hq, Dv,
+        DTypeName(dtype), limits.max_output_bytes));
+  }
+  int64_t weights_bytes = 0;
+  if (out.weights) {
+    const int64_t n = CheckedElementCount({B, Hq, Lq, Lk}, kMaxElements);
+    weights_bytes = n < 0 ? -1 : n * 4;
+    if (weights_bytes < 0 || weights_bytes > limits.max_weights_bytes) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "outputs.weights: [%d, %d, %d, %d] x F32 is over the server's limit of %d bytes", B, Hq,
+          Lq, Lk, limits.max_weights_bytes));
+    }
+  }
+  if (out.top_k > 0) {
+    const int64_t n = CheckedElementCount({B, Hq, Lq, out.top_k}, kMaxElements);
+    if (n < 0 || n * 8 > limits.max_output_bytes) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "outputs.top_k: [%d, %d, %d, %d] indices and weights are over the server's limit of %d "
+          "bytes",
+          B, Hq, Lq, out.top_k, limits.max_output_bytes));
+    }
+  }
+
+  // --- Fill the params ------------------------------------------------------------
+  p.dtype = dtype;
+  p.variant = opt.variant;
+  p.batch = static_cast<int32_t>(B);
+  p.seqlen_q = static_cast<int32_t>(Lq);
+  p.seqlen_k = static_cast<int32_t>(Lk);
+  p.num_heads_q = static_cast<int32_t>(Hq);
+  p.num_heads_kv = static_cast<int32_t>(Hkv);
+  p.head_dim = static_cast<int32_t>(D);
+  p.value_dim = static_cast<int32_t>(Dv);
+  p.group_size = static_cast<int32_t>(Hq / Hkv);
+
+  p.q = AlignedData(request.query.data, dtype, job->aligned_copies[0]);
+  p.k = AlignedData(request.key.data, dtype, job->aligned_copies[1]);
+  p.v = AlignedData(request.value.data, dtype, job->aligned_copies[2]);
+  p.q_head_stride = D;
+  p.q_row_stride = Hq * D;
+  p.q_batch_stride = Lq * Hq * D;
+  p.k_head_stride = D;
+  p.k_row_stride = Hkv * D;
+  p.k_batch_stride = Lk * Hkv * D;
+  p.v_head_stride = Dv;
+  p.v_row_stride = Hkv * Dv;
+  p.v_batch_stride = Lk * Hkv * Dv;
+  job->input_bytes = static_cast<int64_t>(request.query.data.size() + request.key.data.size() +
+                                          request.value.data.size());
+
+  p.scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(double(D)));
+  p.scale_log2 = static_cast<float>(double(p.scale) * 1.4426950408889634);
+  p.softcap = opt.softcap;
+  p.causal = opt.causal;
+  p.bottom_right = opt.causal_alignment == CausalAlignment::kBottomRight;
+  p.window_left = opt.window_left;
+  p.window_right = opt.causal ? 0 : opt.window_right;
+
+  if (!opt.alibi_slopes.empty()) {
+    job->alibi_slopes = opt.alibi_slopes;
+    p.alibi_slopes = job->alibi_slopes.data();
+  }
+  if (request.bias.has_value()) {
+    absl::Status s = CheckBias(*request.bias, dtype, {B, Hq, Lq, Lk}, *job);
+    if (!s.ok()) return s;
+  }
+
+  // Outputs, shaped like the query (3-D in, 3-D out).
+  std::vector<int64_t> out_shape = {B, Lq, Hq, Dv};
+  if (request.query.rank() == 3) out_shape.erase(out_shape.begin());
+  job->output = Tensor::Zeros(dtype, std::move(out_shape));
+  p.o = job->output.data.data();
+  p.o_head_stride = Dv;
+  p.o_row_stride = Hq * Dv;
+  p.o_batch_stride = Lq * Hq * Dv;
+  if (out.lse) {
+    job->lse = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
+    p.lse = job->lse.mutable_data<float>();
+  }
+  if (out.weights) {
+    job->weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, Lk});
+    p.weights = job->weights.mutable_data<float>();
+  }
+  if (out.top_k > 0) {
+    p.top_k = out.top_k;
+    job->top_k_indices = Tensor::Zeros(DType::kI32, {B, Hq, Lq, out.top_k});
+    job->top_k_weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, out.top_k});
+    p.top_k_indices = job->top_k_indices.mutable_data<int32_t>();
+    p.top_k_weights = job->top_k_weights.mutable_data<float>();
+  }
+  job->flops = AttentionFlops(p);
+  return job;
+}
+
+}  // namespace attnserve
