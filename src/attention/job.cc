@@ -140,15 +140,7 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   // --- Q, K, V shapes -------------------------------------------------------
   auto q = CheckQkv("query", request.query, "[B, Lq, Hq, D]");
   if (!q.ok()) return q.status();
-  auto k = CheckQkv("key", request.key, "[B, Lk, Hkv, D]");
-  if (!k.ok()) return k.status();
-  auto v = CheckQkv("value", request.value, "[B, Lk, Hkv, Dv]");
-  if (!v.ok()) return v.status();
-  const auto [B, Lq, Hq, D] = *q;
-  const auto [Bk, Lk, Hkv, Dk] = *k;
-  const auto [Bv, Lv, Hv, Dv] = *v;
   const DType dtype = request.query.dtype;
-
   if (request.key.dtype != dtype) {
     return Invalid("key.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
                    DTypeName(request.key.dtype));
@@ -157,6 +149,14 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
     return Invalid("value.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
                    DTypeName(request.value.dtype));
   }
+  auto k = CheckQkv("key", request.key, "[B, Lk, Hkv, D]");
+  if (!k.ok()) return k.status();
+  auto v = CheckQkv("value", request.value, "[B, Lk, Hkv, Dv]");
+  if (!v.ok()) return v.status();
+  const auto [B, Lq, Hq, D] = *q;
+  const auto [Bk, Lk, Hkv, Dk] = *k;
+  const auto [Bv, Lv, Hv, Dv] = *v;
+
   if (request.key.rank() != request.query.rank()) {
     return Invalid("key.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
                    absl::StrCat("rank ", request.key.rank(), " ", ShapeString(request.key.shape)));
