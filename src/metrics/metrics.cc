@@ -1,0 +1,202 @@
+#include "metrics/metrics.h"
+
+#include <exception>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "metrics/process_collector.h"
+#include "prometheus/text_serializer.h"
+
+namespace attnserve {
+namespace {
+
+// attnserve_workspace_bytes{backend}, read from the backends at scrape time.
+class BackendCollector : public prometheus::Collectable {
+ public:
+  void Watch(const Backend* backend) {
+    absl::MutexLock lock(&mu_);
+    backends_.push_back(backend);
+  }
+
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    prometheus::MetricFamily family;
+    family.name = "attnserve_workspace_bytes";
+    family.help = "Scratch memory a backend holds, in bytes.";
+    family.type = prometheus::MetricType::Gauge;
+    absl::MutexLock lock(&mu_);
+    if (backends_.empty()) return {};
+    for (const Backend* backend : backends_) {
+      prometheus::ClientMetric metric;
+      metric.label.push_back({"backend", backend->info().name});
+      metric.gauge.value = static_cast<double>(backend->workspace_bytes());
+      family.metric.push_back(std::move(metric));
+    }
+    return {std::move(family)};
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<const Backend*> backends_ ABSL_GUARDED_BY(mu_);
+};
+
+std::vector<double> Doubling(double first, int count) {
+  std::vector<double> bounds;
+  bounds.reserve(count);
+  for (double b = first; static_cast<int>(bounds.size()) < count; b *= 2) bounds.push_back(b);
+  return bounds;
+}
+
+}  // namespace
+
+// 20 µs · 2^22 ≈ 84 s.
+std::vector<double> DurationBuckets() { return Doubling(20e-6, 23); }
+std::vector<double> BatchSizeBuckets() { return Doubling(1, 11); }
+
+Metrics::Metrics()
+    : registry_(std::make_shared<prometheus::Registry>()),
+      process_collector_(std::make_shared<ProcessCollector>()),
+      backend_collector_(std::make_shared<BackendCollector>()) {
+  requests_total_ = &prometheus::BuildCounter()
+                         .Name("attnserve_requests_total")
+                         .Help("Requests answered, by RPC method and gRPC status code.")
+                         .Register(*registry_);
+  request_duration_ = &prometheus::BuildHistogram()
+                           .Name("attnserve_request_duration_seconds")
+                           .Help("Time from receiving a request to answering it, by RPC method.")
+                           .Register(*registry_);
+  queue_duration_ = &prometheus::BuildHistogram()
+                         .Name("attnserve_queue_duration_seconds")
+                         .Help("Time a request waited in the scheduler queue before compute.")
+                         .Register(*registry_)
+                         .Add({}, DurationBuckets());
+  compute_duration_ = &prometheus::BuildHistogram()
+                           .Name("attnserve_compute_duration_seconds")
+                           .Help("Duration of one backend call (a whole batch), by backend.")
+                           .Register(*registry_);
+  batch_size_ = &prometheus::BuildHistogram()
+                     .Name("attnserve_batch_size")
+                     .Help("Requests per backend call.")
+                     .Register(*registry_)
+                     .Add({}, BatchSizeBuckets());
+  queue_depth_ = &prometheus::BuildGauge()
+                      .Name("attnserve_queue_depth")
+                      .Help("Requests admitted to the scheduler and not yet started.")
+                      .Register(*registry_)
+                      .Add({});
+  inflight_ = &prometheus::BuildGauge()
+                   .Name("attnserve_inflight_requests")
+                   .Help("Requests received and not yet answered.")
+                   .Register(*registry_)
+                   .Add({});
+  flops_total_ = &prometheus::BuildCounter()
+                      .Name("attnserve_flops_total")
+                      .Help("Useful floating-point operations computed, by backend.")
+                      .Register(*registry_);
+}
+
+absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& options) {
+  std::unique_ptr<Metrics> metrics(new Metrics());
+  prometheus::BuildGauge()
+      .Name("attnserve_build_info")
+      .Help("Always 1; the labels say which attnserve build is running.")
+      .Register(*metrics->registry_)
+      .Add({{"version", options.version}, {"backends", absl::StrJoin(options.backends, ",")}})
+      .Set(1);
+  if (!options.listen_address.empty()) {
+    try {
+      metrics->exposer_ = std::make_unique<prometheus::Exposer>(options.listen_address);
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(absl::StrCat("metrics endpoint: cannot listen on '",
+                                                 options.listen_address, "': ", e.what()));
+    }
+    metrics->exposer_->RegisterCollectable(metrics->registry_);
+    metrics->exposer_->RegisterCollectable(metrics->process_collector_);
+    metrics->exposer_->RegisterCollectable(metrics->backend_collector_);
+  }
+  return metrics;
+}
+
+Metrics::~Metrics() { exposer_.reset(); }
+
+Metrics::MethodSeries& Metrics::SeriesFor(absl::string_view method) {
+  {
+    absl::ReaderMutexLock lock(&mu_);
+    auto it = methods_.find(method);
+    if (it != methods_.end()) return *it->second;
+  }
+  absl::MutexLock lock(&mu_);
+  std::unique_ptr<MethodSeries>& series = methods_[method];
+  if (series == nullptr) {
+    series = std::make_unique<MethodSeries>();
+    series->duration = &request_duration_->Add({{"method", std::string(method)}}, DurationBuckets());
+  }
+  return *series;
+}
+
+void Metrics::RecordRequest(absl::string_view method, absl::StatusCode code,
+                            absl::Duration duration) {
+  MethodSeries& series = SeriesFor(method);
+  const size_t index = static_cast<size_t>(code);
+  prometheus::Counter* counter = nullptr;
+  if (index < series.by_code.size()) {
+    counter = series.by_code[index].load(std::memory_order_acquire);
+    if (counter == nullptr) {
+      // Family::Add returns the existing series for equal labels, so racing
+      // threads store the same pointer.
+      counter = &requests_total_->Add(
+          {{"method", std::string(method)}, {"code", absl::StatusCodeToString(code)}});
+      series.by_code[index].store(counter, std::memory_order_release);
+    }
+  } else {
+    counter = &requests_total_->Add(
+        {{"method", std::string(method)}, {"code", absl::StatusCodeToString(code)}});
+  }
+  counter->Increment();
+  series.duration->Observe(absl::ToDoubleSeconds(duration));
+}
+
+void Metrics::WatchBackend(const Backend* backend) {
+  static_cast<BackendCollector*>(backend_collector_.get())->Watch(backend);
+}
+
+void Metrics::OnBatch(const std::string& backend, int32_t batch_size, double flops,
+                      absl::Duration compute) {
+  BackendSeries series;
+  {
+    absl::MutexLock lock(&mu_);
+    BackendSeries& slot = backends_[backend];
+    if (slot.compute == nullptr) {
+      slot.compute = &compute_duration_->Add({{"backend", backend}}, DurationBuckets());
+      slot.flops = &flops_total_->Add({{"backend", backend}});
+    }
+    series = slot;
+  }
+  series.compute->Observe(absl::ToDoubleSeconds(compute));
+  series.flops->Increment(flops);
+  batch_size_->Observe(batch_size);
+}
+
+void Metrics::OnDequeue(absl::Duration queued) {
+  queue_duration_->Observe(absl::ToDoubleSeconds(queued));
+}
+
+void Metrics::OnQueueDepth(int64_t depth) { queue_depth_->Set(static_cast<double>(depth)); }
+
+std::string Metrics::TextFormat() const {
+  std::vector<prometheus::MetricFamily> families = registry_->Collect();
+  for (const auto* collectable : {process_collector_.get(), backend_collector_.get()}) {
+    std::vector<prometheus::MetricFamily> more = collectable->Collect();
+    families.insert(families.end(), std::make_move_iterator(more.begin()),
+                    std::make_move_iterator(more.end()));
+  }
+  return prometheus::TextSerializer().Serialize(families);
+}
+
+int Metrics::http_port() const {
+  if (exposer_ == nullptr) return 0;
+  std::vector<int> ports = exposer_->GetListeningPorts();
+  return ports.empty() ? 0 : ports.front();
+}
+
+}  // namespace attnserve

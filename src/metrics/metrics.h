@@ -1,0 +1,124 @@
+// Metrics: attnserve's Prometheus metrics (names in DESIGN.md) and, when asked,
+// the HTTP endpoint that serves them (GET /metrics). It owns the registry, the
+// process_* collector and the exposer, and it is the scheduler's observer, so
+// queue and batch metrics come from where they happen. No gRPC here: request
+// outcomes are recorded with absl status codes, whose names are gRPC's.
+//
+// Thread-safe: every method may be called from any thread. Recording costs a
+// few atomic operations (series handles are created once, then cached).
+#ifndef ATTNSERVE_METRICS_METRICS_H_
+#define ATTNSERVE_METRICS_METRICS_H_
+
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include "absl/strings/string_view.h"
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "backends/backend.h"
+#include "prometheus/counter.h"
+#include "prometheus/exposer.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+#include "scheduler/scheduler.h"
+
+namespace attnserve {
+
+struct MetricsOptions {
+  // "host:port" for the HTTP endpoint; port 0 picks a free one (see
+  // http_port()). Empty: no endpoint (tests scrape with TextFormat()).
+  std::string listen_address;
+  std::string version = ATTNSERVE_VERSION;  // attnserve_build_info{version}
+  std::vector<std::string> backends;        // attnserve_build_info{backends}, comma-joined
+};
+
+// Bucket upper bounds, in seconds, for durations from ~20 µs (a tiny request's
+// compute) to ~80 s (a long prefill behind a full queue), doubling each time.
+std::vector<double> DurationBuckets();
+// Upper bounds for requests per batch: 1, 2, 4, ... 1024.
+std::vector<double> BatchSizeBuckets();
+
+class Metrics : public SchedulerObserver {
+ public:
+  // UNAVAILABLE when the endpoint cannot listen on `listen_address`.
+  static absl::StatusOr<std::unique_ptr<Metrics>> Create(const MetricsOptions& options);
+  ~Metrics() override;
+
+  // One finished call of `method` ("Attend", "GetServerInfo", one request of
+  // "AttendStream") with its status code and receipt-to-answer time.
+  // `method` must be one of a small fixed set (a label value).
+  void RecordRequest(absl::string_view method, absl::StatusCode code, absl::Duration duration);
+
+  // attnserve_inflight_requests: calls received and not yet answered.
+  void RequestStarted() { inflight_->Increment(); }
+  void RequestFinished() { inflight_->Decrement(); }
+
+  // Reports attnserve_workspace_bytes{backend} from backend.workspace_bytes()
+  // at each scrape. `backend` is not owned and must outlive this object.
+  void WatchBackend(const Backend* backend);
+
+  // SchedulerObserver.
+  void OnBatch(const std::string& backend, int32_t batch_size, double flops,
+               absl::Duration compute) override;
+  void OnDequeue(absl::Duration queued) override;
+  void OnQueueDepth(int64_t depth) override;
+
+  // Every metric in the Prometheus text exposition format, as GET /metrics
+  // would return it.
+  std::string TextFormat() const;
+
+  // The endpoint's bound port; 0 when there is no endpoint.
+  int http_port() const;
+
+  prometheus::Registry& registry() { return *registry_; }
+
+ private:
+  Metrics();
+
+  // The series of one method: a counter per status code (created on first
+  // use) and the duration histogram.
+  struct MethodSeries {
+    std::array<std::atomic<prometheus::Counter*>, 17> by_code{};
+    prometheus::Histogram* duration = nullptr;
+  };
+  MethodSeries& SeriesFor(absl::string_view method);
+
+  // Constant after construction.
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::shared_ptr<prometheus::Collectable> process_collector_;
+  std::shared_ptr<prometheus::Collectable> backend_collector_;
+  prometheus::Family<prometheus::Counter>* requests_total_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* request_duration_ = nullptr;
+  prometheus::Histogram* queue_duration_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* compute_duration_ = nullptr;
+  prometheus::Histogram* batch_size_ = nullptr;
+  prometheus::Gauge* queue_depth_ = nullptr;
+  prometheus::Gauge* inflight_ = nullptr;
+  prometheus::Family<prometheus::Counter>* flops_total_ = nullptr;
+
+  struct BackendSeries {
+    prometheus::Histogram* compute = nullptr;
+    prometheus::Counter* flops = nullptr;
+  };
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, std::unique_ptr<MethodSeries>> methods_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<std::string, BackendSeries> backends_ ABSL_GUARDED_BY(mu_);
+
+  // Last: destroyed first, so no scrape runs while the rest is torn down.
+  std::unique_ptr<prometheus::Exposer> exposer_;
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_METRICS_METRICS_H_
