@@ -34,6 +34,10 @@ struct SchedulerOptions {
   double max_batch_flops = 2e11;                     // useful FLOPs per backend call
   int64_t max_queue_delay_us = 500;                  // longest wait for a batch to fill
   int32_t workers = 1;                               // executor threads
+  // Priority: a high task goes before a normal one admitted up to this long
+  // before it, so a normal task is overtaken only by high tasks admitted within
+  // this window after it and never starves.
+  int64_t low_priority_aging_us = 10'000;
 };
 
 struct TaskTiming {
@@ -54,14 +58,16 @@ struct Task {
   std::function<void(absl::Status, std::unique_ptr<AttentionJob>, const TaskTiming&)> done;
 };
 
-// Hooks for metrics; called from worker threads. Default: no-ops.
+// Hooks for metrics. Default: no-ops. OnQueueDepth runs with the scheduler's
+// lock held (on the submitting or a worker thread) so that depths arrive in
+// order; no hook may call back into the scheduler.
 class SchedulerObserver {
  public:
   virtual ~SchedulerObserver() = default;
-  virtual void OnBatch(const std::string& backend, int32_t batch_size, double flops,
-                       absl::Duration compute) {}
-  virtual void OnDequeue(absl::Duration queued) {}
-  virtual void OnQueueDepth(int64_t depth) {}
+  virtual void OnBatch(const std::string& /*backend*/, int32_t /*batch_size*/, double /*flops*/,
+                       absl::Duration /*compute*/) {}
+  virtual void OnDequeue(absl::Duration /*queued*/) {}  // per task that reaches compute
+  virtual void OnQueueDepth(int64_t /*depth*/) {}
 };
 
 class Scheduler {
@@ -75,12 +81,14 @@ class Scheduler {
 
   // Admits `task` without blocking. OK: `task.done` will be called exactly
   // once. RESOURCE_EXHAUSTED: the queue is full by count or bytes. UNAVAILABLE:
-  // draining. On error `done` is not called.
+  // draining. INVALID_ARGUMENT: no job, backend or done, or a priority other
+  // than 0 or 1. On error `done` is not called.
   virtual absl::Status Submit(Task task) = 0;
 
   // Stops admission and waits until every admitted task is done or `timeout`
   // passes; tasks still queued then are answered UNAVAILABLE. Returns OK if
-  // all finished in time, DEADLINE_EXCEEDED otherwise. Idempotent.
+  // all finished in time, DEADLINE_EXCEEDED otherwise. Idempotent. Must not
+  // be called from `done` (it joins the worker threads).
   virtual absl::Status Drain(absl::Duration timeout) = 0;
 
   virtual int64_t queue_depth() const = 0;  // admitted, not yet started
