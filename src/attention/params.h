@@ -60,6 +60,15 @@ struct AttentionParams {
 
   const int32_t* key_lengths = nullptr;  // [batch] or null: keys >= length are padding
 
+  // Paged K/V (KV-cache sessions; batch == 1). When kv_blocks is set, k and v
+  // are unused: key row j lives in block kv_blocks[j / kv_block_tokens], its K
+  // at element (j % kv_block_tokens) * k_row_stride + h * k_head_stride from
+  // the block start and its V at v_block_offset + (j % kv_block_tokens) *
+  // v_row_stride + h * v_head_stride. Use KeyRow()/ValueRow() to address them.
+  const void* const* kv_blocks = nullptr;
+  int32_t kv_block_tokens = 0;
+  int64_t v_block_offset = 0;  // elements
+
   // Optional outputs (F32 / I32), contiguous.
   float* lse = nullptr;      // [B, Hq, Lq], natural log; -inf for a fully masked row
   float* weights = nullptr;  // [B, Hq, Lq, Lk], probabilities (0 where masked)
@@ -113,6 +122,29 @@ inline float BiasAt(const AttentionParams& p, int64_t b, int64_t h, int64_t i, i
   if (p.bias == nullptr) return 0.f;
   return p.bias[b * p.bias_batch_stride + h * p.bias_head_stride + i * p.bias_row_stride +
                 j * p.bias_col_stride];
+}
+
+// Address of K[b, j, h, 0] (in dtype), contiguous or paged.
+inline const void* KeyRow(const AttentionParams& p, int64_t b, int64_t j, int64_t h) {
+  const size_t es = DTypeSize(p.dtype);
+  if (p.kv_blocks != nullptr) {
+    const char* block = static_cast<const char*>(p.kv_blocks[j / p.kv_block_tokens]);
+    return block + ((j % p.kv_block_tokens) * p.k_row_stride + h * p.k_head_stride) * es;
+  }
+  return static_cast<const char*>(p.k) +
+         (b * p.k_batch_stride + j * p.k_row_stride + h * p.k_head_stride) * es;
+}
+
+// Address of V[b, j, h, 0] (in dtype), contiguous or paged.
+inline const void* ValueRow(const AttentionParams& p, int64_t b, int64_t j, int64_t h) {
+  const size_t es = DTypeSize(p.dtype);
+  if (p.kv_blocks != nullptr) {
+    const char* block = static_cast<const char*>(p.kv_blocks[j / p.kv_block_tokens]);
+    return block +
+           (p.v_block_offset + (j % p.kv_block_tokens) * p.v_row_stride + h * p.v_head_stride) * es;
+  }
+  return static_cast<const char*>(p.v) +
+         (b * p.v_batch_stride + j * p.v_row_stride + h * p.v_head_stride) * es;
 }
 
 // Useful FLOPs of one request, 4·B·Hq·Lq·Lk·D, halved for causal self-attention
