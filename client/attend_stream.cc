@@ -1,0 +1,215 @@
+#include "client/attend_stream.h"
+
+#include <deque>
+#include <utility>
+#include <vector>
+
+#include <grpcpp/client_context.h>
+#include <grpcpp/support/client_callback.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "client/convert.h"
+
+namespace attnserve::client {
+
+// Drives the bidirectional RPC. gRPC allows one write and one read in flight
+// at a time, so writes wait in a queue; one read is always outstanding until
+// the server closes. Owned by a shared_ptr held by the AttendStream handle and
+// by itself until OnDone, so it outlives whichever ends last.
+class AttendStream::Reactor
+    : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+ public:
+  void Start(v1::AttentionService::Stub* stub, std::shared_ptr<Reactor> self) {
+    self_ = std::move(self);
+    stub->async()->AttendStream(&context_, this);
+    StartRead(&response_);
+    // Keeps the RPC open for writes issued from outside reactions (Send).
+    AddHold();
+    StartCall();
+  }
+
+  void Send(const v1::AttendRequest* request, ResponseCallback done) {
+    absl::Status reject;
+    bool start_write = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (half_closed_) {
+        reject = absl::FailedPreconditionError("AttendStream: Send after Finish");
+      } else if (write_broken_ || done_) {
+        reject = absl::UnavailableError("AttendStream: the stream has ended");
+      } else if (!pending_.try_emplace(request->request_id(), std::move(done)).second) {
+        reject = absl::InvalidArgumentError(absl::StrCat(
+            "request_id: expected an id unique among outstanding requests, got \"",
+            request->request_id(), "\" twice"));
+      } else {
+        write_queue_.push_back(request);
+        start_write = !writing_;
+        writing_ = true;
+      }
+    }
+    if (!reject.ok()) {
+      std::move(done)(std::move(reject));
+      return;
+    }
+    if (start_write) WriteNext();
+  }
+
+  int64_t outstanding() const {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int64_t>(pending_.size());
+  }
+
+  // Half-closes once the queued writes are out.
+  void HalfClose() {
+    bool now = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (half_closed_) return;
+      half_closed_ = true;
+      // A broken stream has released its hold already.
+      now = !writing_ && !write_broken_;
+      if (now) writing_ = true;  // nothing else may write any more
+    }
+    if (now) CloseWrites();
+  }
+
+  void Cancel() { context_.TryCancel(); }
+
+  absl::Status WaitDone() {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(&done_));
+    return final_status_;
+  }
+
+  void OnWriteDone(bool ok) override {
+    enum class Next { kWrite, kCloseWrites, kReleaseHold, kIdle } next;
+    {
+      absl::MutexLock lock(&mu_);
+      write_queue_.pop_front();
+      if (!ok) {
+        // The stream is broken; OnDone reports its status to every pending call.
+        write_queue_.clear();
+        write_broken_ = true;
+      }
+      if (!write_queue_.empty()) {
+        next = Next::kWrite;
+      } else if (write_broken_) {
+        next = Next::kReleaseHold;
+      } else if (half_closed_) {
+        next = Next::kCloseWrites;
+      } else {
+        writing_ = false;
+        next = Next::kIdle;
+      }
+    }
+    switch (next) {
+      case Next::kWrite:
+        WriteNext();
+        break;
+      case Next::kCloseWrites:
+        CloseWrites();
+        break;
+      case Next::kReleaseHold:
+        RemoveHold();
+        break;
+      case Next::kIdle:
+        break;
+    }
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) return;  // The server closed its side; OnDone follows.
+    ResponseCallback done;
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = pending_.find(response_.request_id());
+      if (it != pending_.end()) {
+        done = std::move(it->second);
+        pending_.erase(it);
+      }
+    }
+    v1::AttendResponse response = std::move(response_);
+    response_.Clear();
+    StartRead(&response_);
+    // A response for an id we do not know is the server's bug; drop it.
+    if (done) std::move(done)(std::move(response));
+  }
+
+  void OnDone(const grpc::Status& grpc_status) override {
+    absl::Status status = FromGrpcStatus(grpc_status);
+    std::vector<ResponseCallback> orphans;
+    {
+      absl::MutexLock lock(&mu_);
+      for (auto& [id, done] : pending_) orphans.push_back(std::move(done));
+      pending_.clear();
+    }
+    absl::Status orphan_status =
+        status.ok() ? absl::InternalError("AttendStream ended without answering this request")
+                    : status;
+    for (ResponseCallback& done : orphans) std::move(done)(orphan_status);
+    std::shared_ptr<Reactor> keep = std::move(self_);
+    absl::MutexLock lock(&mu_);
+    final_status_ = status;
+    done_ = true;
+  }
+
+ private:
+  void WriteNext() {
+    const v1::AttendRequest* next;
+    {
+      absl::MutexLock lock(&mu_);
+      next = write_queue_.front();
+    }
+    StartWrite(next);
+  }
+
+  // Called once, by whoever holds the write slot (writing_) when the stream
+  // half-closes; the hold taken in Start is released with it.
+  void CloseWrites() {
+    StartWritesDone();
+    RemoveHold();
+  }
+
+  grpc::ClientContext context_;
+  v1::AttendResponse response_;  // touched only by the read chain
+  std::shared_ptr<Reactor> self_;
+
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<std::string, ResponseCallback> pending_ ABSL_GUARDED_BY(mu_);
+  std::deque<const v1::AttendRequest*> write_queue_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;  // a write (or writes-done) is in flight
+  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
+  bool write_broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status final_status_ ABSL_GUARDED_BY(mu_);
+};
+
+AttendStream::AttendStream(v1::AttentionService::Stub* stub)
+    : reactor_(std::make_shared<Reactor>()) {
+  reactor_->Start(stub, reactor_);
+}
+
+AttendStream::~AttendStream() {
+  if (!finished_) {
+    reactor_->Cancel();
+    reactor_->HalfClose();
+    reactor_->WaitDone().IgnoreError();
+  }
+}
+
+void AttendStream::Send(const v1::AttendRequest* request, ResponseCallback done) {
+  reactor_->Send(request, std::move(done));
+}
+
+int64_t AttendStream::outstanding() const { return reactor_->outstanding(); }
+
+absl::Status AttendStream::Finish() {
+  finished_ = true;
+  reactor_->HalfClose();
+  return reactor_->WaitDone();
+}
+
+}  // namespace attnserve::client

@@ -1,0 +1,180 @@
+#include "client/client.h"
+
+#include <utility>
+
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+
+namespace attnserve::client {
+namespace {
+
+using HealthResponse = grpc::health::v1::HealthCheckResponse;
+
+std::chrono::system_clock::time_point DeadlineFromNow(absl::Duration d) {
+  return absl::ToChronoTime(absl::Now() + d);
+}
+
+}  // namespace
+
+std::string_view ServingStatusName(ServingStatus status) {
+  switch (status) {
+    case ServingStatus::kUnknown:
+      return "UNKNOWN";
+    case ServingStatus::kServing:
+      return "SERVING";
+    case ServingStatus::kNotServing:
+      return "NOT_SERVING";
+    case ServingStatus::kServiceUnknown:
+      return "SERVICE_UNKNOWN";
+  }
+  return "UNKNOWN";
+}
+
+absl::StatusOr<std::unique_ptr<AttnClient>> AttnClient::Create(std::string target,
+                                                               ClientOptions options) {
+  if (target.empty()) {
+    return absl::InvalidArgumentError("target: expected HOST:PORT, got an empty string");
+  }
+  if (options.max_message_bytes <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_message_bytes: expected > 0, got ", options.max_message_bytes));
+  }
+  if (options.default_deadline <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "default_deadline: expected > 0, got ", absl::FormatDuration(options.default_deadline)));
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  if (options.dedicated_connection) args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  if (!options.load_balancing_policy.empty()) {
+    args.SetLoadBalancingPolicyName(options.load_balancing_policy);
+  }
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  return std::unique_ptr<AttnClient>(
+      new AttnClient(std::move(target), std::move(options), std::move(channel)));
+}
+
+AttnClient::AttnClient(std::string target, ClientOptions options,
+                       std::shared_ptr<grpc::Channel> channel)
+    : target_(std::move(target)),
+      options_(std::move(options)),
+      channel_(std::move(channel)),
+      stub_(v1::AttentionService::NewStub(channel_)),
+      health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+absl::Duration AttnClient::DeadlineOr(absl::Duration d) const {
+  return d > absl::ZeroDuration() ? d : options_.default_deadline;
+}
+
+absl::StatusOr<AttendResult> AttnClient::Attend(const AttentionRequest& request,
+                                                const CallOptions& call) {
+  absl::StatusOr<v1::AttendResponse> response = Attend(ToProto(request, call), call.deadline);
+  if (!response.ok()) return response.status();
+  return FromProto(std::move(*response));
+}
+
+absl::StatusOr<v1::AttendResponse> AttnClient::Attend(const v1::AttendRequest& request,
+                                                      absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::AttendResponse response;
+  absl::Status status = FromGrpcStatus(stub_->Attend(&context, request, &response));
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<v1::ServerInfo> AttnClient::GetServerInfo() {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(options_.default_deadline));
+  v1::ServerInfo info;
+  absl::Status status =
+      FromGrpcStatus(stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info));
+  if (!status.ok()) return status;
+  return info;
+}
+
+absl::StatusOr<ServingStatus> AttnClient::CheckHealth(const std::string& service) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(options_.default_deadline));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  HealthResponse response;
+  absl::Status status = FromGrpcStatus(health_stub_->Check(&context, request, &response));
+  // The health protocol answers NOT_FOUND for a service it does not know.
+  if (absl::IsNotFound(status)) return ServingStatus::kServiceUnknown;
+  if (!status.ok()) return status;
+  switch (response.status()) {
+    case HealthResponse::SERVING:
+      return ServingStatus::kServing;
+    case HealthResponse::NOT_SERVING:
+      return ServingStatus::kNotServing;
+    case HealthResponse::SERVICE_UNKNOWN:
+      return ServingStatus::kServiceUnknown;
+    default:
+      return ServingStatus::kUnknown;
+  }
+}
+
+absl::Status AttnClient::WaitForServing(absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  absl::Status last = absl::UnavailableError("not checked yet");
+  while (absl::Now() < give_up) {
+    grpc::ClientContext context;
+    // Each probe waits for the connection (wait_for_ready) but not past give_up.
+    context.set_wait_for_ready(true);
+    context.set_deadline(absl::ToChronoTime(std::min(give_up, absl::Now() + absl::Seconds(1))));
+    grpc::health::v1::HealthCheckRequest request;
+    HealthResponse response;
+    last = FromGrpcStatus(health_stub_->Check(&context, request, &response));
+    if (last.ok()) {
+      if (response.status() == HealthResponse::SERVING) return absl::OkStatus();
+      last = absl::UnavailableError(absl::StrCat(
+          "health: ", HealthResponse::ServingStatus_Name(response.status())));
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(target_, " not SERVING after ",
+                                                  absl::FormatDuration(timeout),
+                                                  "; last: ", last.ToString()));
+}
+
+namespace {
+
+// State of one AttendAsync call, alive from the start of the call to its
+// callback.
+struct AsyncAttendCall {
+  grpc::ClientContext context;
+  v1::AttendResponse response;
+  AttnClient::AttendCallback done;
+};
+
+}  // namespace
+
+void AttnClient::AttendAsync(const v1::AttendRequest& request, AttendCallback done,
+                             absl::Duration deadline) {
+  auto* call = new AsyncAttendCall;
+  call->done = std::move(done);
+  call->context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  stub_->async()->Attend(&call->context, &request, &call->response,
+                         [call](grpc::Status grpc_status) {
+                           std::unique_ptr<AsyncAttendCall> owned(call);
+                           absl::Status status = FromGrpcStatus(grpc_status);
+                           if (status.ok()) {
+                             std::move(owned->done)(std::move(owned->response));
+                           } else {
+                             std::move(owned->done)(std::move(status));
+                           }
+                         });
+}
+
+std::unique_ptr<AttendStream> AttnClient::OpenStream() {
+  return std::make_unique<AttendStream>(stub_.get());
+}
+
+}  // namespace attnserve::client

@@ -1,0 +1,95 @@
+// AttnClient: the C++ client library for attnserve, what other services link.
+// One AttnClient owns one gRPC channel; it is thread-safe and meant to be
+// shared and kept for the life of the process (channels are expensive).
+//
+//   auto client = attnserve::client::AttnClient::Create("localhost:50051");
+//   absl::StatusOr<AttendResult> r = (*client)->Attend(request);
+//
+// Synchronous calls block the caller until the response or the deadline.
+// AttendAsync and OpenStream never block; their callbacks run on gRPC threads
+// and must not block either.
+#ifndef ATTNSERVE_CLIENT_CLIENT_H_
+#define ATTNSERVE_CLIENT_CLIENT_H_
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/channel.h>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "attention/request.h"
+#include "attnserve/v1/attention.grpc.pb.h"
+#include "client/attend_stream.h"
+#include "client/convert.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+
+namespace attnserve::client {
+
+struct ClientOptions {
+  // Applied to every unary call whose CallOptions/argument gives none.
+  absl::Duration default_deadline = absl::Seconds(30);
+  // Largest message sent or received. Outputs can be as large as inputs.
+  int max_message_bytes = 256 << 20;
+  // Use a TCP connection of this client's own instead of one shared with other
+  // channels to the same target (load generators open several).
+  bool dedicated_connection = false;
+  // gRPC load-balancing policy ("round_robin" across a headless service's
+  // addresses); empty keeps gRPC's default (pick_first).
+  std::string load_balancing_policy;
+  // Transport security is not configured yet: the channel is plaintext.
+};
+
+enum class ServingStatus { kUnknown, kServing, kNotServing, kServiceUnknown };
+std::string_view ServingStatusName(ServingStatus status);
+
+class AttnClient {
+ public:
+  // Creates the channel (connection is lazy). INVALID_ARGUMENT for an empty
+  // target or non-positive limits.
+  static absl::StatusOr<std::unique_ptr<AttnClient>> Create(std::string target,
+                                                            ClientOptions options = {});
+
+  // One attention computation. Errors are the server's codes (see the proto),
+  // or UNAVAILABLE / DEADLINE_EXCEEDED from the transport.
+  absl::StatusOr<AttendResult> Attend(const AttentionRequest& request,
+                                      const CallOptions& call = {});
+  // Same with a ready wire request; `deadline` zero means the default.
+  absl::StatusOr<v1::AttendResponse> Attend(const v1::AttendRequest& request,
+                                            absl::Duration deadline = absl::ZeroDuration());
+
+  absl::StatusOr<v1::ServerInfo> GetServerInfo();
+
+  // grpc.health.v1 Check; `service` empty asks about the whole server.
+  absl::StatusOr<ServingStatus> CheckHealth(const std::string& service = "");
+  // Polls CheckHealth until SERVING. DEADLINE_EXCEEDED after `timeout`.
+  absl::Status WaitForServing(absl::Duration timeout);
+
+  using AttendCallback = absl::AnyInvocable<void(absl::StatusOr<v1::AttendResponse>) &&>;
+  // Starts one Attend and returns at once. `request` is borrowed: it must stay
+  // valid until `done` has run. `done` runs exactly once, on a gRPC thread.
+  // `deadline` zero means the default.
+  void AttendAsync(const v1::AttendRequest& request, AttendCallback done,
+                   absl::Duration deadline = absl::ZeroDuration());
+
+  // Opens an AttendStream (bidirectional; see attend_stream.h). Never blocks.
+  std::unique_ptr<AttendStream> OpenStream();
+
+  const std::string& target() const { return target_; }
+
+ private:
+  AttnClient(std::string target, ClientOptions options, std::shared_ptr<grpc::Channel> channel);
+  absl::Duration DeadlineOr(absl::Duration d) const;
+
+  // Constant after construction.
+  const std::string target_;
+  const ClientOptions options_;
+  const std::shared_ptr<grpc::Channel> channel_;
+  const std::unique_ptr<v1::AttentionService::Stub> stub_;
+  const std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
+};
+
+}  // namespace attnserve::client
+
+#endif  // ATTNSERVE_CLIENT_CLIENT_H_

@@ -1,0 +1,169 @@
+#include "client/convert.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace attnserve::client {
+
+v1::DType ToProto(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return v1::F32;
+    case DType::kF16:
+      return v1::F16;
+    case DType::kBF16:
+      return v1::BF16;
+    case DType::kI32:
+      return v1::I32;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<DType> FromProto(v1::DType dtype) {
+  switch (dtype) {
+    case v1::F32:
+      return DType::kF32;
+    case v1::F16:
+      return DType::kF16;
+    case v1::BF16:
+      return DType::kBF16;
+    case v1::I32:
+      return DType::kI32;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("dtype: expected F32, F16, BF16 or I32, got ", static_cast<int>(dtype)));
+  }
+}
+
+void ToProto(const TensorView& view, v1::Tensor* out) {
+  out->set_dtype(ToProto(view.dtype));
+  out->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
+  out->set_data(view.data.data(), view.data.size());
+}
+
+namespace {
+
+// Checks dtype, dims and data length, and fills everything but the bytes.
+absl::StatusOr<Tensor> TensorMeta(const v1::Tensor& t, absl::string_view field) {
+  absl::StatusOr<DType> dtype = FromProto(t.dtype());
+  if (!dtype.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".", dtype.status().message()));
+  }
+  Tensor out;
+  out.dtype = *dtype;
+  out.shape.assign(t.shape().begin(), t.shape().end());
+  const int64_t n = CheckedElementCount(out.shape, INT64_MAX / 8);
+  if (n < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".shape: expected non-negative dims with a product that fits, got ",
+        ShapeString(out.shape)));
+  }
+  const uint64_t want = static_cast<uint64_t>(n) * DTypeSize(out.dtype);
+  if (t.data().size() != want) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s.data: expected %d bytes for %s %s, got %d", field, want, DTypeName(out.dtype),
+        ShapeString(out.shape), t.data().size()));
+  }
+  return out;
+}
+
+// Like FromProto but steals the bytes instead of copying them.
+absl::StatusOr<Tensor> MoveFromProto(v1::Tensor* t, absl::string_view field) {
+  absl::StatusOr<Tensor> out = TensorMeta(*t, field);
+  if (!out.ok()) return out.status();
+  out->data.swap(*t->mutable_data());
+  return out;
+}
+
+absl::StatusOr<std::optional<Tensor>> OptionalFromProto(bool present, v1::Tensor* t,
+                                                        absl::string_view field) {
+  if (!present) return std::optional<Tensor>();
+  absl::StatusOr<Tensor> out = MoveFromProto(t, field);
+  if (!out.ok()) return out.status();
+  return std::optional<Tensor>(std::move(*out));
+}
+
+}  // namespace
+
+absl::StatusOr<Tensor> FromProto(const v1::Tensor& t, absl::string_view field) {
+  absl::StatusOr<Tensor> out = TensorMeta(t, field);
+  if (!out.ok()) return out.status();
+  out->data = t.data();
+  return out;
+}
+
+v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {
+  v1::AttendRequest out;
+  out.set_request_id(call.request_id);
+  ToProto(request.query, out.mutable_query());
+  ToProto(request.key, out.mutable_key());
+  ToProto(request.value, out.mutable_value());
+  if (request.bias.has_value()) ToProto(*request.bias, out.mutable_bias());
+  out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
+
+  const AttentionOptions& o = request.options;
+  v1::AttentionOptions* po = out.mutable_options();
+  po->set_scale(o.scale);
+  po->set_causal(o.causal);
+  po->set_causal_alignment(o.causal_alignment == CausalAlignment::kTopLeft ? v1::TOP_LEFT
+                                                                           : v1::BOTTOM_RIGHT);
+  // -1 is "unbounded" in the core; on the wire that is simply unset.
+  if (o.window_left >= 0) po->set_window_left(o.window_left);
+  if (o.window_right >= 0) po->set_window_right(o.window_right);
+  po->set_softcap(o.softcap);
+  po->mutable_alibi_slopes()->Assign(o.alibi_slopes.begin(), o.alibi_slopes.end());
+  po->set_variant(o.variant == Variant::kLinear ? v1::LINEAR : v1::SOFTMAX);
+
+  v1::OutputSpec* spec = out.mutable_outputs();
+  spec->set_lse(request.outputs.lse);
+  spec->set_weights(request.outputs.weights);
+  spec->set_top_k(request.outputs.top_k);
+
+  out.set_backend(call.backend);
+  out.set_priority(call.priority);
+  return out;
+}
+
+absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response) {
+  AttendResult out;
+  out.request_id = response.request_id();
+  out.backend = response.backend();
+  absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
+  if (!output.ok()) return output.status();
+  out.output = std::move(*output);
+
+  struct Optional {
+    bool present;
+    v1::Tensor* tensor;
+    absl::string_view field;
+    std::optional<Tensor>* dest;
+  };
+  const Optional optionals[] = {
+      {response.has_lse(), response.mutable_lse(), "lse", &out.lse},
+      {response.has_weights(), response.mutable_weights(), "weights", &out.weights},
+      {response.has_top_k_indices(), response.mutable_top_k_indices(), "top_k_indices",
+       &out.top_k_indices},
+      {response.has_top_k_weights(), response.mutable_top_k_weights(), "top_k_weights",
+       &out.top_k_weights},
+  };
+  for (const Optional& o : optionals) {
+    absl::StatusOr<std::optional<Tensor>> t = OptionalFromProto(o.present, o.tensor, o.field);
+    if (!t.ok()) return t.status();
+    *o.dest = std::move(*t);
+  }
+
+  const v1::Timing& timing = response.timing();
+  out.timing = ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
+                            timing.total_us()};
+  return out;
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  // grpc::StatusCode and absl::StatusCode share their numeric values (0..16).
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+}  // namespace attnserve::client
