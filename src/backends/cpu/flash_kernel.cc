@@ -1,0 +1,74 @@
+#include "backends/cpu/flash_kernel.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/half.h"
+
+namespace attnserve::cpu {
+namespace {
+
+constexpr int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
+
+}  // namespace
+
+int64_t FlashWorkspaceFloats(const AttentionParams& params) {
+  const int64_t M = kMaxTileLanes;
+  const int64_t D = params.head_dim;
+  const int64_t Dv = params.value_dim;
+  // qt, s, ot, then m, l, alpha, begin, end, then the widened K and V blocks;
+  // the layout is carved in flash_kernel_impl.h in this order.
+  return RoundUp16(D * M) + RoundUp16(kKeyBlock * M) + RoundUp16(Dv * M) + 5 * M +
+         RoundUp16(kKeyBlock * D) + RoundUp16(kKeyBlock * Dv);
+}
+
+FlashTileFn SelectFlashTileFn(const char** isa) {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    *isa = "avx512";
+    return &RunFlashTileAvx512;
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    *isa = "avx2";
+    return &RunFlashTileAvx2;
+  }
+  *isa = "scalar";
+  return nullptr;
+}
+
+void MergePartials(const AttentionParams& p, const FlashTile& t, const float* partials,
+                   int num_chunks) {
+  const int lanes = t.num_heads * t.num_rows;
+  const int64_t Dv = p.value_dim;
+  const int64_t stride = kPartialHeader + Dv;
+  const int64_t chunk_stride = lanes * stride;
+  std::vector<float> acc(Dv);
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int64_t h = t.head_begin + lane / t.num_rows;
+    const int64_t i = t.row_begin + lane % t.num_rows;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int c = 0; c < num_chunks; ++c) m = std::max(m, partials[c * chunk_stride + lane * stride]);
+    float l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    if (m != -std::numeric_limits<float>::infinity()) {
+      for (int c = 0; c < num_chunks; ++c) {
+        const float* part = partials + c * chunk_stride + lane * stride;
+        const float w = std::exp2(part[0] - m);  // 0 for a chunk that saw no key
+        l += part[1] * w;
+        for (int64_t dv = 0; dv < Dv; ++dv) acc[dv] += part[kPartialHeader + dv] * w;
+      }
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int64_t o0 = t.batch * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+    for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, acc[dv] * inv);
+    if (p.lse != nullptr) {
+      p.lse[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] =
+          l > 0.f ? (m + std::log2(l)) * 0.6931471805599453f
+                  : -std::numeric_limits<float>::infinity();
+    }
+  }
+}
+
+}  // namespace attnserve::cpu

@@ -1,0 +1,319 @@
+// The body of the tiled attention kernel, written once over a small vector
+// interface `T` and instantiated per instruction set (flash_kernel_avx512.cc,
+// flash_kernel_avx2.cc). Include only from those files.
+//
+// T provides: kWidth (floats per vector), kRows/kVecs (register tile of the
+// micro-kernel: kRows rows x kVecs vectors of accumulators), a vector type V,
+// and Zero, Load, Store, Set1, Fma(a, b, c) = a*b + c, Mul, Add, Max, Exp2
+// (for x <= 0; exactly 0 below -126), ZeroIfNegInf, MaskOutside and
+// Widen16 (F16/BF16 -> F32 row conversion).
+//
+// Layout of one tile (M = lanes rounded up to kWidth):
+//   qt[d][lane]    the tile's queries, transposed and pre-scaled
+//   s[j][lane]     scores, then probabilities, of one key block
+//   ot[dv][lane]   the unnormalised output accumulator
+// S = K·Qᵀ broadcasts K elements against lane vectors of qt, and O += Vᵀ·P
+// broadcasts V elements against lane vectors of s, so K and V are read in
+// place (F32) or after a per-block conversion (F16/BF16), never transposed.
+#ifndef ATTNSERVE_BACKENDS_CPU_FLASH_KERNEL_IMPL_H_
+#define ATTNSERVE_BACKENDS_CPU_FLASH_KERNEL_IMPL_H_
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+#include "attention/params.h"
+#include "backends/cpu/flash_kernel.h"
+#include "core/half.h"
+
+namespace attnserve::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+constexpr int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[r][lane] = (C[r][lane] * cscale[lane] or 0) + Σ_k A(r, k) · B[k][lane] for
+// kRows_ x kVecs_ vectors of lanes. A(r, k) = a[r * a_row + k] (kAStridedK ==
+// false: rows of A are contiguous along k, e.g. K rows) or a[r + k * a_row]
+// (true: A is read down columns, e.g. V for Vᵀ).
+template <class T, bool kAStridedK, int kRows_, int kVecs_>
+void MicroTile(int64_t kdim, const float* a, int64_t a_row, const float* b, int64_t ldb, float* c,
+               int64_t ldc, const float* cscale) {
+  using V = typename T::V;
+  constexpr int W = T::kWidth;
+  V acc[kRows_][kVecs_];
+  if (cscale != nullptr) {
+    for (int v = 0; v < kVecs_; ++v) {
+      const V sc = T::Load(cscale + v * W);
+      for (int r = 0; r < kRows_; ++r) acc[r][v] = T::Mul(T::Load(c + r * ldc + v * W), sc);
+    }
+  } else {
+    for (int r = 0; r < kRows_; ++r)
+      for (int v = 0; v < kVecs_; ++v) acc[r][v] = T::Zero();
+  }
+  if constexpr (kAStridedK) {
+    for (int64_t k = 0; k < kdim; ++k) {
+      V bv[kVecs_];
+      for (int v = 0; v < kVecs_; ++v) bv[v] = T::Load(b + k * ldb + v * W);
+      const float* ak = a + k * a_row;
+      for (int r = 0; r < kRows_; ++r) {
+        const V av = T::Set1(ak[r]);
+        for (int v = 0; v < kVecs_; ++v) acc[r][v] = T::Fma(av, bv[v], acc[r][v]);
+      }
+    }
+  } else {
+    const float* ar[kRows_];
+    for (int r = 0; r < kRows_; ++r) ar[r] = a + r * a_row;
+    for (int64_t k = 0; k < kdim; ++k) {
+      V bv[kVecs_];
+      for (int v = 0; v < kVecs_; ++v) bv[v] = T::Load(b + k * ldb + v * W);
+      for (int r = 0; r < kRows_; ++r) {
+        const V av = T::Set1(ar[r][k]);
+        for (int v = 0; v < kVecs_; ++v) acc[r][v] = T::Fma(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < kRows_; ++r)
+    for (int v = 0; v < kVecs_; ++v) T::Store(c + r * ldc + v * W, acc[r][v]);
+}
+
+using MicroTileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                             const float*);
+
+template <class T, bool kAStridedK, size_t... kIdx>
+constexpr auto MakeMicroTable(std::index_sequence<kIdx...>) {
+  return std::array<MicroTileFn, sizeof...(kIdx)>{
+      &MicroTile<T, kAStridedK, kIdx / T::kVecs + 1, kIdx % T::kVecs + 1>...};
+}
+
+// C[rows][M] over `kdim`, tiled into register blocks; M is a multiple of kWidth.
+template <class T, bool kAStridedK>
+void Gemm(int64_t rows, int64_t lanes, int64_t kdim, const float* a, int64_t a_row, const float* b,
+          float* c, const float* cscale) {
+  static constexpr auto kTable =
+      MakeMicroTable<T, kAStridedK>(std::make_index_sequence<T::kRows * T::kVecs>());
+  constexpr int W = T::kWidth;
+  for (int64_t l0 = 0; l0 < lanes; l0 += T::kVecs * W) {
+    const int nv = static_cast<int>(std::min<int64_t>(T::kVecs, (lanes - l0) / W));
+    const float* cs = cscale != nullptr ? cscale + l0 : nullptr;
+    for (int64_t r0 = 0; r0 < rows; r0 += T::kRows) {
+      const int nr = static_cast<int>(std::min<int64_t>(T::kRows, rows - r0));
+      const float* ar = kAStridedK ? a + r0 : a + r0 * a_row;
+      kTable[(nr - 1) * T::kVecs + (nv - 1)](kdim, ar, a_row, b + l0, lanes, c + r0 * lanes + l0,
+                                              lanes, cs);
+    }
+  }
+}
+
+// Converts `rows` rows of `cols` 16-bit elements (row stride `src_row`) to a
+// contiguous F32 block.
+template <class T>
+void WidenBlock(const void* src, DType dtype, int64_t src_row, int64_t rows, int64_t cols,
+                float* dst) {
+  const uint16_t* s = static_cast<const uint16_t*>(src);
+  for (int64_t r = 0; r < rows; ++r) T::Widen16(s + r * src_row, dtype, cols, dst + r * cols);
+}
+
+// Applies softcap, ALiBi and bias to a block of raw scores (scale·q·k) and
+// converts them to log2 units. Scalar: these options are rare on the hot path.
+void TransformScores(const AttentionParams& p, const FlashTile& t, int64_t j0, int64_t nk,
+                     int64_t lanes_padded, float* s) {
+  const int lanes = t.num_heads * t.num_rows;
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int64_t h = t.head_begin + lane / t.num_rows;
+    const int64_t i = t.row_begin + lane % t.num_rows;
+    for (int64_t j = 0; j < nk; ++j) {
+      float x = s[j * lanes_padded + lane];
+      if (p.softcap > 0.f) x = p.softcap * std::tanh(x / p.softcap);
+      x += AlibiBias(p, t.batch, h, i, j0 + j) + BiasAt(p, t.batch, h, i, j0 + j);
+      s[j * lanes_padded + lane] = x * kLog2e;
+    }
+  }
+}
+
+template <class T>
+void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
+  using V = typename T::V;
+  constexpr int W = T::kWidth;
+  const int lanes = t.num_heads * t.num_rows;
+  const int64_t M = RoundUp(lanes, W);
+  const int64_t D = p.head_dim;
+  const int64_t Dv = p.value_dim;
+  const int64_t b = t.batch;
+  const int64_t kv_head = t.head_begin / p.group_size;
+
+  float* qt = ws;
+  float* s = qt + RoundUp(D * M, 16);
+  float* ot = s + RoundUp(int64_t{kKeyBlock} * M, 16);
+  float* m = ot + RoundUp(Dv * M, 16);
+  float* l = m + kMaxTileLanes;
+  float* alpha = l + kMaxTileLanes;
+  int32_t* begin = reinterpret_cast<int32_t*>(alpha + kMaxTileLanes);
+  int32_t* end = begin + kMaxTileLanes;
+  float* kbuf = reinterpret_cast<float*>(end + kMaxTileLanes);
+  float* vbuf = kbuf + RoundUp(int64_t{kKeyBlock} * D, 16);
+
+  const bool plain = p.softcap == 0.f && p.alibi_slopes == nullptr && p.bias == nullptr;
+  const float qscale = plain ? p.scale_log2 : p.scale;
+
+  // Queries, transposed; padded lanes are zero (their scores stay finite and
+  // are never written out).
+  for (int lane = 0; lane < M; ++lane) {
+    if (lane >= lanes) {
+      for (int64_t d = 0; d < D; ++d) qt[d * M + lane] = 0.f;
+      continue;
+    }
+    const int64_t h = t.head_begin + lane / t.num_rows;
+    const int64_t i = t.row_begin + lane % t.num_rows;
+    const int64_t q0 = b * p.q_batch_stride + i * p.q_row_stride + h * p.q_head_stride;
+    for (int64_t d = 0; d < D; ++d) qt[d * M + lane] = LoadFloat(p.q, p.dtype, q0 + d) * qscale;
+  }
+
+  // Visible key ranges per lane, clipped to the tile's key range.
+  int64_t lo = t.key_end, hi = t.key_begin;
+  int64_t max_begin = t.key_begin, min_end = t.key_end;
+  for (int lane = 0; lane < M; ++lane) {
+    if (lane >= lanes) {
+      begin[lane] = 0;
+      end[lane] = std::numeric_limits<int32_t>::max();
+      continue;
+    }
+    const KeyRange r = VisibleKeyRange(p, b, t.row_begin + lane % t.num_rows);
+    int64_t rb = std::max(r.begin, t.key_begin);
+    int64_t re = std::min(r.end, t.key_end);
+    if (rb >= re) rb = re = 0;  // fully masked lane: masked in every block
+    begin[lane] = static_cast<int32_t>(rb);
+    end[lane] = static_cast<int32_t>(re);
+    if (rb < re) {
+      lo = std::min(lo, rb);
+      hi = std::max(hi, re);
+    }
+    max_begin = std::max(max_begin, rb);
+    min_end = std::min(min_end, re);
+  }
+
+  for (int64_t v = 0; v < M; v += W) {
+    T::Store(m + v, T::Set1(kNegInf));
+    T::Store(l + v, T::Zero());
+  }
+  std::fill(ot, ot + Dv * M, 0.f);
+
+  const bool wide = p.dtype == DType::kF32;
+
+  for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
+    j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
+    // A block never crosses a KV-cache page, so its rows share one stride.
+    if (p.kv_blocks != nullptr) j1 = std::min<int64_t>(j1, (j0 / p.kv_block_tokens + 1) * p.kv_block_tokens);
+    const int64_t nk = j1 - j0;
+    const bool full = max_begin <= j0 && min_end >= j1;
+    if (!full) {
+      bool any = false;
+      for (int lane = 0; lane < lanes && !any; ++lane) {
+        any = std::min<int64_t>(end[lane], j1) > std::max<int64_t>(begin[lane], j0);
+      }
+      if (!any) continue;  // e.g. between two sliding windows of the tile's rows
+    }
+
+    // S = K·Qᵀ (keys x lanes).
+    const float* kp;
+    int64_t k_row;
+    if (wide) {
+      kp = static_cast<const float*>(KeyRow(p, b, j0, kv_head));
+      k_row = p.k_row_stride;
+    } else {
+      WidenBlock<T>(KeyRow(p, b, j0, kv_head), p.dtype, p.k_row_stride, nk, D, kbuf);
+      kp = kbuf;
+      k_row = D;
+    }
+    Gemm<T, false>(nk, M, D, kp, k_row, qt, s, nullptr);
+
+    if (!plain) TransformScores(p, t, j0, nk, M, s);
+
+    // Online softmax, one lane vector at a time (all vertical operations).
+    for (int64_t v = 0; v < M; v += W) {
+      V bmax = T::Set1(kNegInf);
+      if (full) {
+        for (int64_t j = 0; j < nk; ++j) bmax = T::Max(bmax, T::Load(s + j * M + v));
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          const V x = T::MaskOutside(T::Load(s + j * M + v), static_cast<int32_t>(j0 + j),
+                                     begin + v, end + v);
+          T::Store(s + j * M + v, x);
+          bmax = T::Max(bmax, x);
+        }
+      }
+      const V m_old = T::Load(m + v);
+      const V m_new = T::Max(m_old, bmax);
+      const V m_use = T::ZeroIfNegInf(m_new);
+      const V a = T::Exp2(T::Sub(m_old, m_use));
+      V sum0 = T::Zero(), sum1 = T::Zero();
+      int64_t j = 0;
+      for (; j + 1 < nk; j += 2) {
+        const V e0 = T::Exp2(T::Sub(T::Load(s + j * M + v), m_use));
+        const V e1 = T::Exp2(T::Sub(T::Load(s + (j + 1) * M + v), m_use));
+        T::Store(s + j * M + v, e0);
+        T::Store(s + (j + 1) * M + v, e1);
+        sum0 = T::Add(sum0, e0);
+        sum1 = T::Add(sum1, e1);
+      }
+      if (j < nk) {
+        const V e0 = T::Exp2(T::Sub(T::Load(s + j * M + v), m_use));
+        T::Store(s + j * M + v, e0);
+        sum0 = T::Add(sum0, e0);
+      }
+      T::Store(l + v, T::Fma(T::Load(l + v), a, T::Add(sum0, sum1)));
+      T::Store(m + v, m_new);
+      T::Store(alpha + v, a);
+    }
+
+    // O = O·diag(alpha) + Vᵀ·P.
+    const float* vp;
+    int64_t v_row;
+    if (wide) {
+      vp = static_cast<const float*>(ValueRow(p, b, j0, kv_head));
+      v_row = p.v_row_stride;
+    } else {
+      WidenBlock<T>(ValueRow(p, b, j0, kv_head), p.dtype, p.v_row_stride, nk, Dv, vbuf);
+      vp = vbuf;
+      v_row = Dv;
+    }
+    Gemm<T, true>(Dv, M, nk, vp, v_row, s, ot, alpha);
+  }
+
+  if (t.partial != nullptr) {
+    for (int lane = 0; lane < lanes; ++lane) {
+      float* out = t.partial + lane * (kPartialHeader + Dv);
+      out[0] = m[lane];
+      out[1] = l[lane];
+      for (int64_t dv = 0; dv < Dv; ++dv) out[kPartialHeader + dv] = ot[dv * M + lane];
+    }
+    return;
+  }
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int64_t h = t.head_begin + lane / t.num_rows;
+    const int64_t i = t.row_begin + lane % t.num_rows;
+    const float inv = l[lane] > 0.f ? 1.f / l[lane] : 0.f;
+    const int64_t o0 = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+    if (p.dtype == DType::kF32) {
+      float* o = static_cast<float*>(p.o) + o0;
+      for (int64_t dv = 0; dv < Dv; ++dv) o[dv] = ot[dv * M + lane] * inv;
+    } else {
+      for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, ot[dv * M + lane] * inv);
+    }
+    if (p.lse != nullptr) {
+      p.lse[(b * p.num_heads_q + h) * p.seqlen_q + i] =
+          l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace attnserve::cpu
+
+#endif  // ATTNSERVE_BACKENDS_CPU_FLASH_KERNEL_IMPL_H_

@@ -1,0 +1,277 @@
+// The cpu backend against the reference kernel over the option matrix, plus
+// its own promises: batch invariance (alone vs batched, 1 vs 2 threads,
+// bitwise) and bounded workspace.
+#include "backends/cpu/cpu_backend.h"
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "attention/job.h"
+#include "attention/reference.h"
+#include "backends/cpu/thread_pool.h"
+#include "core/half.h"
+#include "gtest/gtest.h"
+
+namespace attnserve {
+namespace {
+
+struct Case {
+  std::string name;
+  int B = 1, Lq = 8, Lk = 8, Hq = 2, Hkv = 2, D = 32, Dv = -1;
+  DType dtype = DType::kF32;
+  AttentionOptions options;
+  bool bias = false;  // a [B, 1, Lq, Lk] bias with some -inf entries
+  std::vector<int32_t> key_lengths;
+  OutputSpec outputs{.lse = true};
+};
+
+// Owns the bytes of one random request.
+struct Inputs {
+  std::string q, k, v, bias;
+  AttentionRequest request;
+};
+
+std::string RandomTensor(DType dtype, int64_t n, std::mt19937& rng, float lo = -1.f, float hi = 1.f) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::string bytes(n * DTypeSize(dtype), '\0');
+  for (int64_t i = 0; i < n; ++i) StoreFloat(bytes.data(), dtype, i, dist(rng));
+  return bytes;
+}
+
+std::unique_ptr<Inputs> MakeInputs(const Case& c, uint32_t seed) {
+  std::mt19937 rng(seed);
+  auto in = std::make_unique<Inputs>();
+  const int Dv = c.Dv < 0 ? c.D : c.Dv;
+  in->q = RandomTensor(c.dtype, int64_t{c.B} * c.Lq * c.Hq * c.D, rng, -2.f, 2.f);
+  in->k = RandomTensor(c.dtype, int64_t{c.B} * c.Lk * c.Hkv * c.D, rng, -2.f, 2.f);
+  in->v = RandomTensor(c.dtype, int64_t{c.B} * c.Lk * c.Hkv * Dv, rng);
+  AttentionRequest& r = in->request;
+  r.query = TensorView{c.dtype, {c.B, c.Lq, c.Hq, c.D}, in->q};
+  r.key = TensorView{c.dtype, {c.B, c.Lk, c.Hkv, c.D}, in->k};
+  r.value = TensorView{c.dtype, {c.B, c.Lk, c.Hkv, Dv}, in->v};
+  if (c.bias) {
+    const int64_t n = int64_t{c.B} * c.Lq * c.Lk;
+    in->bias = RandomTensor(c.dtype, n, rng);
+    for (int64_t i = 0; i < n; i += 7) StoreFloat(in->bias.data(), c.dtype, i, -INFINITY);
+    r.bias = TensorView{c.dtype, {c.B, 1, c.Lq, c.Lk}, in->bias};
+  }
+  r.key_lengths = c.key_lengths;
+  r.options = c.options;
+  r.outputs = c.outputs;
+  return in;
+}
+
+std::unique_ptr<AttentionJob> Prepare(const Inputs& in) {
+  auto job = PrepareAttention(in.request);
+  EXPECT_TRUE(job.ok()) << job.status();
+  return job.ok() ? *std::move(job) : nullptr;
+}
+
+std::unique_ptr<Backend> MakeCpu(int threads) {
+  auto backend = CreateCpuBackend(BackendOptions{.threads = threads});
+  EXPECT_TRUE(backend.ok()) << backend.status();
+  return *std::move(backend);
+}
+
+void ExpectNear(const std::string& what, const Tensor& got, const Tensor& want, double atol,
+                double rtol) {
+  ASSERT_EQ(got.num_elements(), want.num_elements()) << what;
+  int reported = 0;
+  for (int64_t i = 0; i < got.num_elements(); ++i) {
+    const double g = LoadFloat(got.data.data(), got.dtype, i);
+    const double w = LoadFloat(want.data.data(), want.dtype, i);
+    if (std::isinf(w) || std::isinf(g)) {
+      EXPECT_EQ(g, w) << what << " element " << i;
+      continue;
+    }
+    const bool ok = std::abs(g - w) <= atol + rtol * std::abs(w);
+    if (!ok && reported++ < 5) ADD_FAILURE() << what << " element " << i << ": " << g << " vs " << w;
+  }
+}
+
+void ExpectSameAsReference(const Case& c) {
+  SCOPED_TRACE(c.name);
+  auto in = MakeInputs(c, 1234);
+  auto want = Prepare(*in);
+  auto got = Prepare(*in);
+  ASSERT_TRUE(want && got);
+  RunReferenceAttention(want->params);
+  auto backend = MakeCpu(2);
+  ASSERT_TRUE(backend->Supports(got->params).ok());
+  ASSERT_TRUE(backend->Run({got->params}).ok());
+
+  // FP32 inputs: the kernel accumulates in float; 16-bit outputs are rounded.
+  const bool f32 = c.dtype == DType::kF32;
+  const double atol = f32 ? 2e-5 : 1e-2;
+  const double rtol = f32 ? 1e-4 : 1e-2;
+  ExpectNear("output", got->output, want->output, atol, rtol);
+  if (c.outputs.lse) ExpectNear("lse", got->lse, want->lse, atol, rtol);
+  if (c.outputs.weights) ExpectNear("weights", got->weights, want->weights, atol, rtol);
+  if (c.outputs.top_k > 0) {
+    ExpectNear("top_k_weights", got->top_k_weights, want->top_k_weights, atol, rtol);
+    // Indices may differ only where weights tie within rounding; the inputs are
+    // random, so demand equality.
+    EXPECT_EQ(got->top_k_indices.data, want->top_k_indices.data);
+  }
+}
+
+std::vector<Case> Matrix() {
+  std::vector<Case> cases;
+  auto add = [&](Case c) { cases.push_back(std::move(c)); };
+  for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
+    const std::string t(DTypeName(dt));
+    for (int D : {32, 64, 80, 128, 256}) {
+      add({.name = t + " plain D" + std::to_string(D), .B = 2, .Lq = 37, .Lk = 70, .Hq = 4,
+           .Hkv = 2, .D = D, .dtype = dt});
+    }
+    add({.name = t + " causal square", .B = 1, .Lq = 131, .Lk = 131, .Hq = 2, .Hkv = 1, .D = 64,
+         .dtype = dt, .options = {.causal = true}});
+  }
+  add({.name = "causal bottom-right Lq<Lk", .Lq = 19, .Lk = 150, .Hq = 3, .Hkv = 3, .D = 48,
+       .options = {.causal = true}});
+  add({.name = "causal top-left Lq<Lk", .Lq = 19, .Lk = 150, .Hq = 3, .Hkv = 3, .D = 48,
+       .options = {.causal = true, .causal_alignment = CausalAlignment::kTopLeft}});
+  add({.name = "causal bottom-right Lq>Lk (first rows empty)", .Lq = 90, .Lk = 33, .Hq = 2,
+       .Hkv = 1, .D = 32, .options = {.causal = true}});
+  add({.name = "sliding window", .B = 2, .Lq = 200, .Lk = 200, .Hq = 2, .Hkv = 2, .D = 64,
+       .options = {.window_left = 20, .window_right = 5}});
+  add({.name = "causal + window left", .Lq = 300, .Lk = 300, .Hq = 4, .Hkv = 1, .D = 32,
+       .options = {.causal = true, .window_left = 70}});
+  add({.name = "softcap", .Lq = 33, .Lk = 77, .Hq = 2, .Hkv = 1, .D = 64,
+       .options = {.scale = 0.5f, .softcap = 5.f}});
+  add({.name = "alibi causal", .Lq = 45, .Lk = 90, .Hq = 4, .Hkv = 2, .D = 32,
+       .options = {.causal = true, .alibi_slopes = {0.5f, 0.25f, 0.125f, 0.0625f}}});
+  add({.name = "bias with -inf", .B = 2, .Lq = 21, .Lk = 67, .Hq = 2, .Hkv = 2, .D = 32,
+       .bias = true});
+  add({.name = "key_lengths incl. 0", .B = 3, .Lq = 17, .Lk = 100, .Hq = 2, .Hkv = 1, .D = 64,
+       .key_lengths = {100, 0, 41}});
+  add({.name = "key_lengths causal", .B = 2, .Lq = 17, .Lk = 100, .Hq = 2, .Hkv = 1, .D = 64,
+       .options = {.causal = true}, .key_lengths = {60, 5}});
+  add({.name = "Lk = 1", .B = 2, .Lq = 9, .Lk = 1, .Hq = 2, .Hkv = 1, .D = 32});
+  add({.name = "Lq = Lk = 1", .Lq = 1, .Lk = 1, .Hq = 1, .Hkv = 1, .D = 80});
+  add({.name = "Dv != D", .Lq = 10, .Lk = 50, .Hq = 2, .Hkv = 2, .D = 32, .Dv = 80});
+  add({.name = "odd head dim", .Lq = 10, .Lk = 50, .Hq = 2, .Hkv = 2, .D = 33, .Dv = 7});
+  add({.name = "MQA, many heads", .Lq = 5, .Lk = 70, .Hq = 80, .Hkv = 1, .D = 32});
+  add({.name = "decode GQA split keys", .B = 3, .Lq = 1, .Lk = 2500, .Hq = 8, .Hkv = 2, .D = 64,
+       .key_lengths = {2500, 1030, 0}});
+  add({.name = "decode causal split keys", .Lq = 3, .Lk = 2100, .Hq = 4, .Hkv = 4, .D = 32,
+       .options = {.causal = true, .window_left = 1500}});
+  add({.name = "decode BF16 split keys", .B = 2, .Lq = 1, .Lk = 3000, .Hq = 4, .Hkv = 1, .D = 128,
+       .dtype = DType::kBF16});
+  add({.name = "weights + top_k", .B = 2, .Lq = 7, .Lk = 40, .Hq = 2, .Hkv = 1, .D = 32,
+       .options = {.causal = true}, .outputs = {.lse = true, .weights = true, .top_k = 5}});
+  add({.name = "top_k past visible keys", .Lq = 6, .Lk = 12, .Hq = 1, .Hkv = 1, .D = 32,
+       .options = {.causal = true}, .key_lengths = {8}, .outputs = {.top_k = 12}});
+  add({.name = "linear", .B = 2, .Lq = 20, .Lk = 30, .Hq = 4, .Hkv = 2, .D = 32,
+       .options = {.variant = Variant::kLinear}, .outputs = {}});
+  add({.name = "linear causal key_lengths", .B = 2, .Lq = 30, .Lk = 30, .Hq = 2, .Hkv = 1,
+       .D = 32, .options = {.causal = true, .variant = Variant::kLinear},
+       .key_lengths = {30, 11}, .outputs = {}});
+  return cases;
+}
+
+TEST(CpuBackendTest, MatchesReferenceOverOptionMatrix) {
+  for (const Case& c : Matrix()) ExpectSameAsReference(c);
+}
+
+TEST(CpuBackendTest, FullyMaskedRowsGiveZeroAndNegInfLse) {
+  Case c{.name = "all masked", .B = 2, .Lq = 4, .Lk = 16, .Hq = 2, .Hkv = 1, .D = 32,
+         .key_lengths = {0, 0}};
+  auto in = MakeInputs(c, 7);
+  auto job = Prepare(*in);
+  ASSERT_TRUE(job);
+  ASSERT_TRUE(MakeCpu(2)->Run({job->params}).ok());
+  for (int64_t i = 0; i < job->output.num_elements(); ++i) {
+    ASSERT_EQ(LoadFloat(job->output.data.data(), DType::kF32, i), 0.f);
+  }
+  for (int64_t i = 0; i < job->lse.num_elements(); ++i) {
+    ASSERT_EQ(job->lse.data_as<float>()[i], -INFINITY);
+  }
+}
+
+// A request's output is bitwise the same alone or batched, with 1 or 2 threads.
+TEST(CpuBackendTest, BatchInvariantAcrossBatchesAndThreadCounts) {
+  const std::vector<Case> cases = {
+      {.name = "prefill", .B = 2, .Lq = 100, .Lk = 100, .Hq = 4, .Hkv = 2, .D = 64,
+       .options = {.causal = true}},
+      {.name = "decode", .B = 3, .Lq = 1, .Lk = 3000, .Hq = 8, .Hkv = 2, .D = 64},
+      {.name = "bf16", .B = 1, .Lq = 70, .Lk = 90, .Hq = 2, .Hkv = 2, .D = 128,
+       .dtype = DType::kBF16},
+      {.name = "weights", .B = 1, .Lq = 5, .Lk = 30, .Hq = 2, .Hkv = 2, .D = 32,
+       .outputs = {.lse = true, .weights = true}},
+  };
+  std::vector<std::unique_ptr<Inputs>> inputs;
+  for (size_t n = 0; n < cases.size(); ++n) inputs.push_back(MakeInputs(cases[n], 100 + n));
+
+  auto one = MakeCpu(1);
+  auto two = MakeCpu(2);
+  std::vector<std::unique_ptr<AttentionJob>> alone;
+  for (const auto& in : inputs) {
+    alone.push_back(Prepare(*in));
+    ASSERT_TRUE(one->Run({alone.back()->params}).ok());
+  }
+  for (Backend* backend : {one.get(), two.get()}) {
+    // Batched, in reverse order and with a duplicate.
+    std::vector<std::unique_ptr<AttentionJob>> batched;
+    std::vector<AttentionParams> params;
+    for (size_t n = inputs.size(); n-- > 0;) batched.push_back(Prepare(*inputs[n]));
+    batched.push_back(Prepare(*inputs[1]));
+    for (const auto& job : batched) params.push_back(job->params);
+    ASSERT_TRUE(backend->Run(params).ok());
+    for (size_t n = 0; n < inputs.size(); ++n) {
+      const AttentionJob& got = *batched[inputs.size() - 1 - n];
+      SCOPED_TRACE(cases[n].name);
+      EXPECT_TRUE(got.output.data == alone[n]->output.data);
+      EXPECT_TRUE(got.lse.data == alone[n]->lse.data);
+      EXPECT_TRUE(got.weights.data == alone[n]->weights.data);
+    }
+    EXPECT_TRUE(batched.back()->output.data == alone[1]->output.data);
+  }
+}
+
+TEST(CpuBackendTest, WorkspaceIsIndependentOfSequenceLength) {
+  auto backend = MakeCpu(2);
+  Case c{.name = "long", .Lq = 2048, .Lk = 2048, .Hq = 1, .Hkv = 1, .D = 64,
+         .options = {.causal = true}};
+  auto in = MakeInputs(c, 3);
+  auto job = Prepare(*in);
+  ASSERT_TRUE(backend->Run({job->params}).ok());
+  // A few tiles per thread: far below one Lq x Lk score matrix (16 MiB here).
+  EXPECT_GT(backend->workspace_bytes(), 0);
+  EXPECT_LT(backend->workspace_bytes(), 1 << 20);
+}
+
+TEST(CpuBackendTest, InfoAndSupports) {
+  auto backend = MakeCpu(2);
+  EXPECT_EQ(backend->info().name, "cpu");
+  AttentionParams p;
+  p.dtype = DType::kI32;
+  EXPECT_EQ(backend->Supports(p).code(), absl::StatusCode::kUnimplemented);
+  p.dtype = DType::kBF16;
+  p.head_dim = p.value_dim = 256;
+  EXPECT_TRUE(backend->Supports(p).ok());
+  EXPECT_EQ(CreateCpuBackend(BackendOptions{.threads = -1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ThreadPoolTest, RunsEveryItemOnceAndReusesThreads) {
+  ThreadPool pool(3);
+  EXPECT_EQ(pool.num_threads(), 3);
+  for (int round = 0; round < 50; ++round) {
+    std::vector<std::atomic<int>> hits(257);
+    pool.ParallelFor(257, [&](int64_t i, int thread) {
+      EXPECT_GE(thread, 0);
+      EXPECT_LT(thread, 3);
+      hits[i].fetch_add(1);
+    });
+    for (auto& h : hits) ASSERT_EQ(h.load(), 1);
+  }
+}
+
+}  // namespace
+}  // namespace attnserve
