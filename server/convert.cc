@@ -1,0 +1,139 @@
+#include "server/convert.h"
+
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace attnserve {
+namespace {
+
+absl::Status UnknownEnum(absl::string_view field, absl::string_view expected, int got) {
+  return absl::InvalidArgumentError(
+      absl::StrCat(field, ": expected ", expected, ", got ", got));
+}
+
+absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field) {
+  absl::StatusOr<DType> dtype = RequestDTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
+  if (!dtype.ok()) return dtype.status();
+  TensorView view;
+  view.dtype = *dtype;
+  view.shape.assign(t.shape().begin(), t.shape().end());
+  view.data = std::string_view(t.data().data(), t.data().size());
+  return view;
+}
+
+void TensorToProto(Tensor& t, v1::Tensor* out) {
+  out->set_dtype(DTypeToProto(t.dtype));
+  out->mutable_shape()->Add(t.shape.begin(), t.shape.end());
+  out->set_data(std::move(t.data));
+}
+
+}  // namespace
+
+v1::DType DTypeToProto(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return v1::F32;
+    case DType::kF16:
+      return v1::F16;
+    case DType::kBF16:
+      return v1::BF16;
+    case DType::kI32:
+      return v1::I32;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field) {
+  switch (dtype) {
+    case v1::F32:
+      return DType::kF32;
+    case v1::F16:
+      return DType::kF16;
+    case v1::BF16:
+      return DType::kBF16;
+    case v1::DTYPE_UNSPECIFIED:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": expected F32, F16 or BF16, got DTYPE_UNSPECIFIED (unset)"));
+    case v1::I32:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": expected F32, F16 or BF16, got I32 (output only)"));
+    default:
+      return UnknownEnum(field, "F32 (1), F16 (2) or BF16 (3)", dtype);
+  }
+}
+
+absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto) {
+  AttentionRequest request;
+  for (auto [tensor, field, view] :
+       {std::tuple{&proto.query(), "query", &request.query},
+        std::tuple{&proto.key(), "key", &request.key},
+        std::tuple{&proto.value(), "value", &request.value}}) {
+    absl::StatusOr<TensorView> v = ViewFromProto(*tensor, field);
+    if (!v.ok()) return v.status();
+    *view = *std::move(v);
+  }
+  if (proto.has_bias()) {
+    absl::StatusOr<TensorView> bias = ViewFromProto(proto.bias(), "bias");
+    if (!bias.ok()) return bias.status();
+    request.bias = *std::move(bias);
+  }
+  request.key_lengths.assign(proto.key_lengths().begin(), proto.key_lengths().end());
+
+  const v1::AttentionOptions& o = proto.options();
+  AttentionOptions& opt = request.options;
+  opt.scale = o.scale();
+  opt.causal = o.causal();
+  switch (o.causal_alignment()) {
+    case v1::BOTTOM_RIGHT:
+      opt.causal_alignment = CausalAlignment::kBottomRight;
+      break;
+    case v1::TOP_LEFT:
+      opt.causal_alignment = CausalAlignment::kTopLeft;
+      break;
+    default:
+      return UnknownEnum("options.causal_alignment", "BOTTOM_RIGHT (0) or TOP_LEFT (1)",
+                         o.causal_alignment());
+  }
+  opt.window_left = o.has_window_left() ? o.window_left() : -1;
+  opt.window_right = o.has_window_right() ? o.window_right() : -1;
+  opt.softcap = o.softcap();
+  opt.alibi_slopes.assign(o.alibi_slopes().begin(), o.alibi_slopes().end());
+  switch (o.variant()) {
+    case v1::SOFTMAX:
+      opt.variant = Variant::kSoftmax;
+      break;
+    case v1::LINEAR:
+      opt.variant = Variant::kLinear;
+      break;
+    default:
+      return UnknownEnum("options.variant", "SOFTMAX (0) or LINEAR (1)", o.variant());
+  }
+
+  request.outputs.lse = proto.outputs().lse();
+  request.outputs.weights = proto.outputs().weights();
+  request.outputs.top_k = proto.outputs().top_k();
+  return request;
+}
+
+void JobToProto(AttentionJob& job, v1::AttendResponse* response) {
+  TensorToProto(job.output, response->mutable_output());
+  if (job.params.lse != nullptr) TensorToProto(job.lse, response->mutable_lse());
+  if (job.params.weights != nullptr) TensorToProto(job.weights, response->mutable_weights());
+  if (job.params.top_k > 0) {
+    TensorToProto(job.top_k_indices, response->mutable_top_k_indices());
+    TensorToProto(job.top_k_weights, response->mutable_top_k_weights());
+  }
+}
+
+void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out) {
+  out->set_name(info.name);
+  out->set_description(info.description);
+  for (DType d : info.dtypes) out->add_dtypes(DTypeToProto(d));
+  for (const std::string& f : info.features) out->add_features(f);
+  out->set_max_head_dim(info.max_head_dim);
+}
+
+}  // namespace attnserve

@@ -1,0 +1,38 @@
+// Conversions between the wire API (attnserve.v1 protos) and the core types,
+// as the server sees them: wire request in (borrowed, no copies of tensor
+// bytes), computed job out (tensor storage moved, no copies).
+// Pure functions; thread-safe.
+#ifndef ATTNSERVE_SERVER_CONVERT_H_
+#define ATTNSERVE_SERVER_CONVERT_H_
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "attention/job.h"
+#include "attention/request.h"
+#include "attnserve/v1/attention.pb.h"
+#include "backends/backend.h"
+#include "core/dtype.h"
+
+namespace attnserve {
+
+v1::DType DTypeToProto(DType dtype);
+
+// INVALID_ARGUMENT naming `field` ("query.dtype") for DTYPE_UNSPECIFIED, I32
+// (output only) or a value this server does not know.
+absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field);
+
+// The core view of `proto`. Tensor views point into proto's `bytes` fields, so
+// `proto` must outlive the result and any job prepared from it. Checks only
+// what the wire format adds (enum values); shapes and sizes are checked by
+// PrepareAttention. INVALID_ARGUMENT names the field.
+absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto);
+
+// Moves the job's output tensors into `response` (the storage is moved, not
+// copied). Optional outputs are set only when the job computed them.
+void JobToProto(AttentionJob& job, v1::AttendResponse* response);
+
+void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out);
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_SERVER_CONVERT_H_

@@ -1,0 +1,109 @@
+// attnserve: the attention gRPC service. Parses flags, builds the Server, waits
+// for SIGTERM/SIGINT, then drains gracefully and exits 0.
+#include <pthread.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_join.h"
+#include "server/server.h"
+
+namespace {
+const attnserve::ServerOptions kDefaults;
+const attnserve::SchedulerOptions kSchedulerDefaults;
+}  // namespace
+
+ABSL_FLAG(std::string, listen, kDefaults.listen_address, "gRPC address, host:port");
+ABSL_FLAG(std::string, metrics_listen, kDefaults.metrics_listen_address,
+          "Prometheus /metrics HTTP address, host:port; empty disables it");
+ABSL_FLAG(std::string, backend, "",
+          "default backend for requests that name none; empty: the first available "
+          "(cpu when compiled in, else reference)");
+ABSL_FLAG(std::vector<std::string>, backends, {},
+          "comma-separated backends requests may also name; empty: every available one");
+ABSL_FLAG(int, threads, 0, "threads per backend; 0 = one per core");
+ABSL_FLAG(int, workers, kSchedulerDefaults.workers, "scheduler executor threads");
+ABSL_FLAG(int64_t, max_request_bytes, kDefaults.max_request_bytes,
+          "largest request message accepted, in bytes");
+ABSL_FLAG(double, max_request_flops, kDefaults.max_request_flops,
+          "largest request accepted, in useful FLOPs; 0 = no limit");
+ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
+          "requests in flight per AttendStream call");
+ABSL_FLAG(int64_t, queue_capacity, kSchedulerDefaults.queue_capacity,
+          "admitted requests waiting for compute; beyond it RESOURCE_EXHAUSTED");
+ABSL_FLAG(int64_t, queue_capacity_bytes, kSchedulerDefaults.queue_capacity_bytes,
+          "input bytes of the waiting requests; beyond it RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_batch_size, kSchedulerDefaults.max_batch_size, "requests per backend call");
+ABSL_FLAG(double, max_batch_flops, kSchedulerDefaults.max_batch_flops,
+          "useful FLOPs per backend call");
+ABSL_FLAG(int64_t, max_queue_delay_us, kSchedulerDefaults.max_queue_delay_us,
+          "longest wait for a batch to fill, in microseconds");
+ABSL_FLAG(int64_t, drain_timeout_s, kDefaults.drain_timeout_s,
+          "on SIGTERM, how long admitted requests may take to finish, in seconds");
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("attnserve: attention as a gRPC service. Flags: --helpfull");
+  absl::ParseCommandLine(argc, argv);
+
+  // Block the shutdown signals before any thread starts, so every thread
+  // inherits the mask and only sigwait() below receives them.
+  sigset_t shutdown_signals;
+  sigemptyset(&shutdown_signals);
+  sigaddset(&shutdown_signals, SIGTERM);
+  sigaddset(&shutdown_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &shutdown_signals, nullptr);
+
+  attnserve::ServerOptions options;
+  options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.backend = absl::GetFlag(FLAGS_backend);
+  options.backends = absl::GetFlag(FLAGS_backends);
+  options.backend_threads = absl::GetFlag(FLAGS_threads);
+  options.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
+  options.max_request_flops = absl::GetFlag(FLAGS_max_request_flops);
+  options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
+  options.scheduler.workers = absl::GetFlag(FLAGS_workers);
+  options.scheduler.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
+  options.scheduler.queue_capacity_bytes = absl::GetFlag(FLAGS_queue_capacity_bytes);
+  options.scheduler.max_batch_size = absl::GetFlag(FLAGS_max_batch_size);
+  options.scheduler.max_batch_flops = absl::GetFlag(FLAGS_max_batch_flops);
+  options.scheduler.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
+  options.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
+
+  absl::StatusOr<std::unique_ptr<attnserve::Server>> server = attnserve::Server::Create(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "attnserve: %s\n", server.status().ToString().c_str());
+    return 1;
+  }
+  if (absl::Status s = (*server)->Start(); !s.ok()) {
+    std::fprintf(stderr, "attnserve: %s\n", s.ToString().c_str());
+    return 1;
+  }
+  const std::string metrics =
+      options.metrics_listen_address.empty()
+          ? std::string("off")
+          : options.metrics_listen_address + " (port " +
+                std::to_string((*server)->metrics_port()) + ")";
+  std::fprintf(stderr,
+               "attnserve %s listening on %s (port %d), metrics on %s, backends %s "
+               "(default %s), %d workers\n",
+               ATTNSERVE_VERSION, options.listen_address.c_str(), (*server)->port(),
+               metrics.c_str(), absl::StrJoin((*server)->backend_names(), ",").c_str(),
+               (*server)->default_backend().c_str(), options.scheduler.workers);
+
+  int signal_number = 0;
+  sigwait(&shutdown_signals, &signal_number);
+  std::fprintf(stderr, "attnserve: %s received, draining (up to %llds)\n",
+               signal_number == SIGTERM ? "SIGTERM" : "SIGINT",
+               static_cast<long long>(options.drain_timeout_s));
+  absl::Status drained = (*server)->Drain();
+  std::fprintf(stderr, "attnserve: drained%s%s\n", drained.ok() ? "" : ": ",
+               drained.ok() ? "" : drained.ToString().c_str());
+  server->reset();
+  return 0;
+}

@@ -1,0 +1,159 @@
+#include "server/server.h"
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "backends/registry.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/server_credentials.h"
+#include "grpcpp/server_builder.h"
+
+namespace attnserve {
+namespace {
+
+absl::Status CheckOptions(const ServerOptions& o) {
+  auto positive = [](absl::string_view field, double value) -> absl::Status {
+    if (value > 0) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(field, ": expected > 0, got ", value));
+  };
+  if (absl::Status s = positive("max_request_bytes", static_cast<double>(o.max_request_bytes));
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = positive("max_stream_inflight", o.max_stream_inflight); !s.ok()) return s;
+  if (o.max_request_flops < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_request_flops: expected >= 0 (0 = no limit), got ", o.max_request_flops));
+  }
+  if (o.drain_timeout_s < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("drain_timeout_s: expected >= 0, got ", o.drain_timeout_s));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<Backend>>> CreateBackends(const ServerOptions& o) {
+  const std::vector<std::string> available = AvailableBackends();
+  if (available.empty()) return absl::InternalError("no backends are compiled in");
+  const std::string default_name = o.backend.empty() ? available.front() : o.backend;
+  const BackendOptions backend_options{.threads = o.backend_threads};
+
+  std::vector<std::unique_ptr<Backend>> backends;
+  absl::StatusOr<std::unique_ptr<Backend>> first = CreateBackend(default_name, backend_options);
+  if (!first.ok()) return first.status();
+  backends.push_back(*std::move(first));
+
+  const bool all = o.backends.empty();
+  for (const std::string& name : all ? available : o.backends) {
+    if (name == default_name) continue;
+    if (std::any_of(backends.begin(), backends.end(),
+                    [&](const auto& b) { return b->info().name == name; })) {
+      continue;
+    }
+    absl::StatusOr<std::unique_ptr<Backend>> backend = CreateBackend(name, backend_options);
+    if (!backend.ok()) {
+      if (!all) return backend.status();
+      std::fprintf(stderr, "attnserve: backend %s skipped: %s\n", name.c_str(),
+                   backend.status().ToString().c_str());
+      continue;
+    }
+    backends.push_back(*std::move(backend));
+  }
+  return backends;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
+  if (absl::Status s = CheckOptions(options); !s.ok()) return s;
+  absl::StatusOr<std::vector<std::unique_ptr<Backend>>> backends = CreateBackends(options);
+  if (!backends.ok()) return backends.status();
+  return Create(options, *std::move(backends));
+}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(
+    const ServerOptions& options, std::vector<std::unique_ptr<Backend>> backends) {
+  if (absl::Status s = CheckOptions(options); !s.ok()) return s;
+  if (backends.empty()) return absl::InvalidArgumentError("backends: expected at least one, got 0");
+  std::unique_ptr<Server> server(new Server(options));
+  server->backends_ = std::move(backends);
+
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
+      {.listen_address = options.metrics_listen_address, .backends = server->backend_names()});
+  if (!metrics.ok()) return metrics.status();
+  server->metrics_ = *std::move(metrics);
+  for (const auto& backend : server->backends_) server->metrics_->WatchBackend(backend.get());
+
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+      Scheduler::Create(options.scheduler, Clock::Real(), server->metrics_.get());
+  if (!scheduler.ok()) return scheduler.status();
+  server->scheduler_ = *std::move(scheduler);
+
+  AttentionServiceImpl::Options service_options;
+  for (const auto& backend : server->backends_) service_options.backends.push_back(backend.get());
+  service_options.scheduler = server->scheduler_.get();
+  service_options.metrics = server->metrics_.get();
+  service_options.limits = options.limits;
+  service_options.max_request_bytes = options.max_request_bytes;
+  service_options.max_request_flops = options.max_request_flops;
+  service_options.max_stream_inflight = options.max_stream_inflight;
+  server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
+  return server;
+}
+
+Server::~Server() {
+  if (server_ != nullptr) Drain().IgnoreError();
+}
+
+std::vector<std::string> Server::backend_names() const {
+  std::vector<std::string> names;
+  for (const auto& backend : backends_) names.push_back(backend->info().name);
+  return names;
+}
+
+absl::Status Server::Start() {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
+  builder.RegisterService(service_.get());
+  builder.SetMaxReceiveMessageSize(
+      static_cast<int>(std::min<int64_t>(options_.max_request_bytes, INT_MAX)));
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    server_.reset();
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on '", options_.listen_address, "' for gRPC"));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(true);
+  return absl::OkStatus();
+}
+
+absl::Status Server::Drain() {
+  absl::MutexLock lock(&drain_mu_);
+  if (drained_ || server_ == nullptr) return drain_status_;
+  drained_ = true;
+  const absl::Time start = absl::Now();
+  const absl::Duration timeout = absl::Seconds(options_.drain_timeout_s);
+
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  service_->StartDrain();
+  drain_status_ = scheduler_->Drain(timeout);
+  // Every admitted call has its answer now; give the writes what is left of
+  // the timeout (at least a second), after which gRPC cancels what remains
+  // (idle streams have already been finished by StartDrain).
+  const absl::Duration grace = std::max(timeout - (absl::Now() - start), absl::Seconds(1));
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + grace));
+  return drain_status_;
+}
+
+void Server::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
+
+}  // namespace attnserve

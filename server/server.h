@@ -1,0 +1,105 @@
+// Server: the whole attnserve process minus flag parsing — backends, scheduler,
+// metrics, the gRPC service with health checking and reflection — so main()
+// and the integration tests run the same thing. Life cycle: Create() builds
+// everything without listening, Start() binds and serves, Drain() shuts down
+// gracefully (health NOT_SERVING, new calls UNAVAILABLE, admitted work
+// finishes within drain_timeout_s), Wait() blocks until that is done.
+//
+// Thread safety: Drain(), Wait() and the accessors may be called from any
+// thread once Start() returned; Create and Start from one thread.
+#ifndef ATTNSERVE_SERVER_SERVER_H_
+#define ATTNSERVE_SERVER_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "attention/job.h"
+#include "backends/backend.h"
+#include "grpcpp/server.h"
+#include "metrics/metrics.h"
+#include "scheduler/scheduler.h"
+#include "server/service.h"
+
+namespace attnserve {
+
+struct ServerOptions {
+  std::string listen_address = "0.0.0.0:50051";  // port 0 picks a free port (see port())
+  // The HTTP /metrics endpoint; port 0 picks a free port; empty: none.
+  std::string metrics_listen_address = "0.0.0.0:9464";
+  // The default backend (requests with an empty `backend`); empty: the first
+  // of AvailableBackends().
+  std::string backend;
+  // More backends requests may name. Empty: every available backend; those
+  // that cannot start on this machine (no GPU) are skipped with a log line.
+  // Named explicitly, a backend that cannot start fails Create().
+  std::vector<std::string> backends;
+  int backend_threads = 0;  // BackendOptions::threads; 0 = one per core
+  int64_t max_request_bytes = int64_t{64} << 20;  // gRPC receive limit per message
+  double max_request_flops = 1e12;                // per request; 0 = no limit
+  int32_t max_stream_inflight = 64;               // per AttendStream call
+  SchedulerOptions scheduler;
+  RequestLimits limits;
+  int64_t drain_timeout_s = 30;  // how long Drain() lets admitted work finish
+};
+
+class Server {
+ public:
+  // Creates the backends named by `options`, the metrics (and their endpoint),
+  // the scheduler and the service. INVALID_ARGUMENT for bad options, the
+  // registry's NOT_FOUND / FAILED_PRECONDITION for a backend, UNAVAILABLE when
+  // the metrics address cannot be bound.
+  static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
+  // The same with backends the caller made (tests); backends[0] is the
+  // default, options.backend and options.backends are ignored.
+  static absl::StatusOr<std::unique_ptr<Server>> Create(
+      const ServerOptions& options, std::vector<std::unique_ptr<Backend>> backends);
+
+  // Drains (if Start() ran and Drain() did not) and releases everything.
+  ~Server();
+
+  // Binds listen_address and starts serving; health is SERVING afterwards.
+  // UNAVAILABLE when the address cannot be bound. Call once.
+  absl::Status Start();
+
+  // Graceful shutdown: health turns NOT_SERVING, new requests and streams get
+  // UNAVAILABLE, admitted requests finish (up to drain_timeout_s; the rest
+  // are answered UNAVAILABLE), then gRPC shuts down. Blocks until done. OK if
+  // everything admitted finished in time, else DEADLINE_EXCEEDED. Idempotent.
+  absl::Status Drain();
+
+  // Blocks until Drain() has shut the gRPC server down.
+  void Wait();
+
+  int port() const { return port_; }  // the bound gRPC port, after Start()
+  int metrics_port() const { return metrics_->http_port(); }  // 0: no endpoint
+  const std::string& default_backend() const { return backends_.front()->info().name; }
+  std::vector<std::string> backend_names() const;
+  Metrics& metrics() { return *metrics_; }
+
+ private:
+  explicit Server(const ServerOptions& options) : options_(options) {}
+
+  const ServerOptions options_;
+  // Declared in dependency order: destroyed from the gRPC server down to the
+  // backends, so nothing is used after it is gone.
+  std::vector<std::unique_ptr<Backend>> backends_;
+  std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<AttentionServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+
+  absl::Mutex drain_mu_;
+  bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;
+  absl::Status drain_status_ ABSL_GUARDED_BY(drain_mu_);
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_SERVER_SERVER_H_

@@ -1,0 +1,366 @@
+#include "server/service.h"
+
+#include <chrono>
+#include <deque>
+#include <memory>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "server/convert.h"
+#include "server/status.h"
+
+namespace attnserve {
+namespace {
+
+constexpr char kAttend[] = "Attend";
+constexpr char kAttendStream[] = "AttendStream";
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
+  const std::chrono::system_clock::time_point deadline = context->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
+  return absl::FromChrono(deadline);
+}
+
+absl::Status Draining() {
+  return absl::UnavailableError("server is draining for shutdown; retry on another replica");
+}
+
+}  // namespace
+
+// One AttendStream call. Reads requests while fewer than max_stream_inflight
+// are held (submitted, or computed and waiting to be written), writes
+// responses one at a time in completion order, and finishes once nothing is
+// held and either the client half-closed or the stream is stopping (an error,
+// a cancellation or a drain). Every gRPC operation is started with mu_ held, so
+// the decision and the operation cannot be reordered; gRPC never runs a
+// reaction inline from StartRead/StartWrite/Finish, so that cannot deadlock.
+class AttentionServiceImpl::StreamReactor final
+    : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+ public:
+  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context) {
+    service_->AddStream(this);
+    absl::MutexLock lock(&mu_);
+    draining_ = service_->draining();
+    Advance();
+  }
+
+  void BeginDrain() {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    Advance();
+  }
+
+  void OnReadDone(bool ok) override {
+    std::unique_ptr<Item> item;
+    {
+      absl::MutexLock lock(&mu_);
+      reading_ = false;
+      item = std::move(read_item_);
+      if (!ok) {
+        reads_done_ = true;
+        Advance();
+        return;
+      }
+      if (finished_ || !error_.ok()) {
+        Advance();
+        return;
+      }
+      // Held until the submission below is settled, so the stream cannot
+      // finish (and be deleted) while this reaction still runs.
+      ++inflight_;
+      submitting_ = true;
+    }
+    item->received = absl::Now();
+    service_->options_.metrics->RequestStarted();
+    Item* raw = item.release();
+    absl::Status submitted =
+        service_->Submit(raw->request, context_, raw->received, &raw->response,
+                         [this, raw](absl::Status status) {
+                           OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
+                         });
+    std::unique_ptr<Item> rejected;
+    if (!submitted.ok()) {
+      rejected.reset(raw);
+      Record(*rejected, submitted);
+    }
+    absl::MutexLock lock(&mu_);
+    submitting_ = false;
+    if (rejected != nullptr) {
+      --inflight_;
+      SetError(*rejected, submitted);
+    }
+    Advance();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_.reset();
+    if (!ok) {
+      write_failed_ = true;
+      if (error_.ok()) error_ = absl::CancelledError("the stream was closed before a response");
+    }
+    Advance();
+  }
+
+  void OnCancel() override {
+    absl::MutexLock lock(&mu_);
+    if (error_.ok()) error_ = absl::CancelledError("the stream was cancelled");
+    Advance();
+  }
+
+  void OnDone() override {
+    service_->RemoveStream(this);
+    // Wait for the thread that called Finish to release the mutex.
+    { absl::MutexLock lock(&mu_); }
+    delete this;
+  }
+
+ private:
+  struct Item {
+    v1::AttendRequest request;
+    v1::AttendResponse response;
+    absl::Time received;
+  };
+
+  void OnTaskDone(std::unique_ptr<Item> item, absl::Status status) {
+    Record(*item, status);
+    absl::MutexLock lock(&mu_);
+    --inflight_;
+    if (status.ok()) {
+      to_write_.push_back(std::move(item));
+    } else {
+      SetError(*item, status);
+    }
+    Advance();
+  }
+
+  void Record(const Item& item, const absl::Status& status) {
+    Metrics* metrics = service_->options_.metrics;
+    metrics->RecordRequest(kAttendStream, status.code(), absl::Now() - item.received);
+    metrics->RequestFinished();
+  }
+
+  void SetError(const Item& item, const absl::Status& status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!error_.ok()) return;
+    error_ = absl::Status(status.code(), absl::StrCat("request_id '", item.request.request_id(),
+                                                      "': ", status.message()));
+  }
+
+  // Starts whatever the state allows: the next write, the next read, or Finish.
+  void Advance() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    if (write_failed_) to_write_.clear();
+    if (writing_ == nullptr && !to_write_.empty()) {
+      writing_ = std::move(to_write_.front());
+      to_write_.pop_front();
+      StartWrite(&writing_->response);
+    }
+    const bool stopping = !error_.ok() || draining_;
+    const int64_t held =
+        inflight_ + static_cast<int64_t>(to_write_.size()) + (writing_ != nullptr ? 1 : 0);
+    if (!reading_ && !reads_done_ && !stopping &&
+        held < service_->options_.max_stream_inflight) {
+      reading_ = true;
+      read_item_ = std::make_unique<Item>();
+      StartRead(&read_item_->request);
+    }
+    if (held == 0 && !submitting_ && (reads_done_ || stopping)) {
+      finished_ = true;
+      // A read still pending completes (not ok) after Finish.
+      absl::Status status = error_;
+      if (status.ok() && !reads_done_) status = Draining();
+      Finish(ToGrpcStatus(status));
+    }
+  }
+
+  AttentionServiceImpl* const service_;
+  grpc::CallbackServerContext* const context_;
+
+  absl::Mutex mu_;
+  bool reading_ ABSL_GUARDED_BY(mu_) = false;
+  std::unique_ptr<Item> read_item_ ABSL_GUARDED_BY(mu_);  // the pending read's buffer
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;          // client half-closed
+  bool submitting_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t inflight_ ABSL_GUARDED_BY(mu_) = 0;  // submitted, not yet done
+  std::deque<std::unique_ptr<Item>> to_write_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<Item> writing_ ABSL_GUARDED_BY(mu_);
+  bool write_failed_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status error_ ABSL_GUARDED_BY(mu_);  // the first failure; ends the stream
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+AttentionServiceImpl::AttentionServiceImpl(Options options) : options_(std::move(options)) {
+  for (Backend* backend : options_.backends) backends_by_name_[backend->info().name] = backend;
+}
+
+AttentionServiceImpl::~AttentionServiceImpl() = default;
+
+absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
+                                          grpc::CallbackServerContext* context,
+                                          absl::Time received, v1::AttendResponse* response,
+                                          std::function<void(absl::Status)> done) {
+  if (draining()) return Draining();
+
+  Backend* backend = options_.backends.front();
+  if (!request.backend().empty()) {
+    auto it = backends_by_name_.find(request.backend());
+    if (it == backends_by_name_.end()) {
+      std::vector<std::string> names;
+      for (const Backend* b : options_.backends) names.push_back(b->info().name);
+      return absl::NotFoundError(absl::StrCat("backend: expected one of ",
+                                              absl::StrJoin(names, ", "), ", got \"",
+                                              request.backend(), "\""));
+    }
+    backend = it->second;
+  }
+  if (request.priority() != 0 && request.priority() != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("priority: expected 0 (normal) or 1 (high), got ", request.priority()));
+  }
+
+  absl::StatusOr<AttentionRequest> core = RequestFromProto(request);
+  if (!core.ok()) return core.status();
+  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PrepareAttention(*core, options_.limits);
+  if (!job.ok()) return job.status();
+  if (options_.max_request_flops > 0 && (*job)->flops > options_.max_request_flops) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("request needs %.4g FLOPs, over the per-request limit of %.4g "
+                        "(--max_request_flops)",
+                        (*job)->flops, options_.max_request_flops));
+  }
+  if (absl::Status s = backend->Supports((*job)->params); !s.ok()) return s;
+
+  response->set_request_id(request.request_id());
+  Task task;
+  task.job = *std::move(job);
+  task.backend = backend;
+  task.priority = request.priority();
+  task.deadline = DeadlineOf(context);
+  task.is_cancelled = [context] { return context->IsCancelled(); };
+  task.done = [response, received, backend, done = std::move(done)](
+                  absl::Status status, std::unique_ptr<AttentionJob> job,
+                  const TaskTiming& timing) {
+    if (status.ok()) {
+      JobToProto(*job, response);
+      v1::Timing* t = response->mutable_timing();
+      t->set_queue_us(absl::ToInt64Microseconds(timing.queue));
+      t->set_compute_us(absl::ToInt64Microseconds(timing.compute));
+      t->set_batch_size(timing.batch_size);
+      t->set_total_us(absl::ToInt64Microseconds(absl::Now() - received));
+      response->set_backend(backend->info().name);
+    }
+    job.reset();
+    done(std::move(status));
+  };
+  return options_.scheduler->Submit(std::move(task));
+}
+
+void AttentionServiceImpl::FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method,
+                                       absl::Time received, const absl::Status& status) {
+  options_.metrics->RecordRequest(method, status.code(), absl::Now() - received);
+  options_.metrics->RequestFinished();
+  reactor->Finish(ToGrpcStatus(status));
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
+                                                       const v1::AttendRequest* request,
+                                                       v1::AttendResponse* response) {
+  const absl::Time received = absl::Now();
+  options_.metrics->RequestStarted();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status submitted =
+      Submit(*request, context, received, response, [this, reactor, received](absl::Status s) {
+        FinishUnary(reactor, kAttend, received, s);
+      });
+  if (!submitted.ok()) FinishUnary(reactor, kAttend, received, submitted);
+  return reactor;
+}
+
+grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>*
+AttentionServiceImpl::AttendStream(grpc::CallbackServerContext* context) {
+  return new StreamReactor(this, context);
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
+    grpc::CallbackServerContext* context, const v1::GetServerInfoRequest* /*request*/,
+    v1::ServerInfo* response) {
+  const absl::Time received = absl::Now();
+  options_.metrics->RequestStarted();
+  response->set_version(ATTNSERVE_VERSION);
+  std::vector<bool> seen_dtype(4, false);
+  for (const Backend* backend : options_.backends) {
+    BackendInfoToProto(backend->info(), response->add_backends());
+    for (DType d : backend->info().dtypes) {
+      if (d == DType::kI32 || seen_dtype[static_cast<size_t>(d)]) continue;
+      seen_dtype[static_cast<size_t>(d)] = true;
+    }
+  }
+  for (DType d : {DType::kF32, DType::kF16, DType::kBF16}) {
+    if (seen_dtype[static_cast<size_t>(d)]) response->add_dtypes(DTypeToProto(d));
+  }
+  response->set_default_backend(options_.backends.front()->info().name);
+  v1::ServerLimits* limits = response->mutable_limits();
+  limits->set_max_request_bytes(options_.max_request_bytes);
+  limits->set_max_output_bytes(options_.limits.max_output_bytes);
+  limits->set_max_weights_bytes(options_.limits.max_weights_bytes);
+  limits->set_max_top_k(options_.limits.max_top_k);
+  limits->set_max_head_dim(options_.limits.max_head_dim);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, "GetServerInfo", received, absl::OkStatus());
+  return reactor;
+}
+
+namespace {
+absl::Status SessionsUnavailable() {
+  return absl::UnimplementedError("sessions are not available yet");
+}
+}  // namespace
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
+    grpc::CallbackServerContext* context, const v1::CreateSessionRequest* /*request*/,
+    v1::CreateSessionResponse* /*response*/) {
+  options_.metrics->RequestStarted();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, "CreateSession", absl::Now(), SessionsUnavailable());
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
+                                                       const v1::DecodeRequest* /*request*/,
+                                                       v1::DecodeResponse* /*response*/) {
+  options_.metrics->RequestStarted();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, "Decode", absl::Now(), SessionsUnavailable());
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
+    grpc::CallbackServerContext* context, const v1::CloseSessionRequest* /*request*/,
+    v1::CloseSessionResponse* /*response*/) {
+  options_.metrics->RequestStarted();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  FinishUnary(reactor, "CloseSession", absl::Now(), SessionsUnavailable());
+  return reactor;
+}
+
+void AttentionServiceImpl::StartDrain() {
+  draining_.store(true, std::memory_order_release);
+  absl::MutexLock lock(&streams_mu_);
+  for (StreamReactor* stream : streams_) stream->BeginDrain();
+}
+
+void AttentionServiceImpl::AddStream(StreamReactor* stream) {
+  absl::MutexLock lock(&streams_mu_);
+  streams_.insert(stream);
+}
+
+void AttentionServiceImpl::RemoveStream(StreamReactor* stream) {
+  absl::MutexLock lock(&streams_mu_);
+  streams_.erase(stream);
+}
+
+}  // namespace attnserve

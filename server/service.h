@@ -1,0 +1,112 @@
+// AttentionServiceImpl: the gRPC adapter for attnserve.v1.AttentionService,
+// on gRPC's callback API. It converts each request (convert.h), validates it
+// (PrepareAttention), checks the server's limits and the backend's Supports,
+// and submits it to the Scheduler; the scheduler's `done` callback writes the
+// response and finishes the call. No attention logic lives here.
+//
+// AttendStream: many requests in flight on one stream (at most
+// max_stream_inflight; past that the stream stops reading until a response is
+// written), responses tagged with request_id in completion order. The first
+// request that fails ends the stream: responses already computed are written,
+// then the stream finishes with that request's status, its message starting
+// with "request_id '<id>': ".
+//
+// Thread safety: RPC methods are called by gRPC on its threads; StartDrain()
+// may be called from any thread. The service must outlive the grpc::Server
+// it is registered with (shut that down first).
+#ifndef ATTNSERVE_SERVER_SERVICE_H_
+#define ATTNSERVE_SERVER_SERVICE_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "attention/job.h"
+#include "attnserve/v1/attention.grpc.pb.h"
+#include "backends/backend.h"
+#include "metrics/metrics.h"
+#include "scheduler/scheduler.h"
+
+namespace attnserve {
+
+class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
+ public:
+  struct Options {
+    std::vector<Backend*> backends;  // not owned; backends[0] is the default
+    Scheduler* scheduler = nullptr;  // not owned
+    Metrics* metrics = nullptr;      // not owned
+    RequestLimits limits;
+    int64_t max_request_bytes = int64_t{64} << 20;  // reported in ServerInfo (gRPC enforces it)
+    double max_request_flops = 0;                   // 0: no limit
+    int32_t max_stream_inflight = 64;               // requests in flight per AttendStream
+  };
+
+  // `options.backends` must not be empty; scheduler and metrics must be set.
+  explicit AttentionServiceImpl(Options options);
+  ~AttentionServiceImpl() override;
+
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
+                                   const v1::AttendRequest* request,
+                                   v1::AttendResponse* response) override;
+  grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* AttendStream(
+      grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
+                                          const v1::GetServerInfoRequest* request,
+                                          v1::ServerInfo* response) override;
+  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context,
+                                          const v1::CreateSessionRequest* request,
+                                          v1::CreateSessionResponse* response) override;
+  grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* context,
+                                   const v1::DecodeRequest* request,
+                                   v1::DecodeResponse* response) override;
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* context,
+                                         const v1::CloseSessionRequest* request,
+                                         v1::CloseSessionResponse* response) override;
+
+  // From now on new requests are answered UNAVAILABLE, and open streams finish
+  // (UNAVAILABLE) once their in-flight requests are answered. Admitted work is
+  // not touched: the scheduler's Drain finishes it. Idempotent; never blocks.
+  void StartDrain();
+  bool draining() const { return draining_.load(std::memory_order_acquire); }
+
+ private:
+  class StreamReactor;
+
+  // Validates `request` and admits it to the scheduler. OK: `done` will be
+  // called exactly once, on a scheduler thread, after `response` was filled
+  // (only when the status is OK). Errors (done is not called): UNAVAILABLE
+  // (draining), NOT_FOUND (backend), INVALID_ARGUMENT, RESOURCE_EXHAUSTED
+  // (limits, full queue), UNIMPLEMENTED (the backend cannot run it).
+  // `request` and `context` must stay alive until `done` runs.
+  absl::Status Submit(const v1::AttendRequest& request, grpc::CallbackServerContext* context,
+                      absl::Time received, v1::AttendResponse* response,
+                      std::function<void(absl::Status)> done);
+
+  // Records the call in the metrics and finishes it.
+  void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,
+                   const absl::Status& status);
+
+  void AddStream(StreamReactor* stream);
+  void RemoveStream(StreamReactor* stream);
+
+  // Constant after construction.
+  const Options options_;
+  absl::flat_hash_map<std::string, Backend*> backends_by_name_;
+
+  std::atomic<bool> draining_{false};
+
+  absl::Mutex streams_mu_;
+  absl::flat_hash_set<StreamReactor*> streams_ ABSL_GUARDED_BY(streams_mu_);
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_SERVER_SERVICE_H_
