@@ -11,6 +11,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "client/convert.h"
 
 namespace attnserve::client {
@@ -22,8 +23,12 @@ namespace attnserve::client {
 class AttendStream::Reactor
     : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
-  void Start(v1::AttentionService::Stub* stub, std::shared_ptr<Reactor> self) {
+  void Start(v1::AttentionService::Stub* stub, absl::Duration deadline,
+             std::shared_ptr<Reactor> self) {
     self_ = std::move(self);
+    if (deadline > absl::ZeroDuration()) {
+      context_.set_deadline(absl::ToChronoTime(absl::Now() + deadline));
+    }
     stub->async()->AttendStream(&context_, this);
     StartRead(&response_);
     // Keeps the RPC open for writes issued from outside reactions (Send).
@@ -187,9 +192,9 @@ class AttendStream::Reactor
   absl::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
-AttendStream::AttendStream(v1::AttentionService::Stub* stub)
+AttendStream::AttendStream(v1::AttentionService::Stub* stub, absl::Duration deadline)
     : reactor_(std::make_shared<Reactor>()) {
-  reactor_->Start(stub, reactor_);
+  reactor_->Start(stub, deadline, reactor_);
 }
 
 AttendStream::~AttendStream() {

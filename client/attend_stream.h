@@ -11,6 +11,7 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 
 namespace attnserve::client {
@@ -20,7 +21,8 @@ class AttendStream {
   using ResponseCallback = absl::AnyInvocable<void(absl::StatusOr<v1::AttendResponse>) &&>;
 
   // Starts the RPC on `stub` (borrowed; it must outlive the stream).
-  explicit AttendStream(v1::AttentionService::Stub* stub);
+  // `deadline` bounds the whole RPC; zero means none.
+  AttendStream(v1::AttentionService::Stub* stub, absl::Duration deadline);
   // Cancels the RPC if Finish was not called, then waits for it to end.
   ~AttendStream();
   AttendStream(const AttendStream&) = delete;

@@ -173,8 +173,8 @@ void AttnClient::AttendAsync(const v1::AttendRequest& request, AttendCallback do
                          });
 }
 
-std::unique_ptr<AttendStream> AttnClient::OpenStream() {
-  return std::make_unique<AttendStream>(stub_.get());
+std::unique_ptr<AttendStream> AttnClient::OpenStream(absl::Duration deadline) {
+  return std::make_unique<AttendStream>(stub_.get(), deadline);
 }
 
 }  // namespace attnserve::client

@@ -74,7 +74,8 @@ class AttnClient {
                    absl::Duration deadline = absl::ZeroDuration());
 
   // Opens an AttendStream (bidirectional; see attend_stream.h). Never blocks.
-  std::unique_ptr<AttendStream> OpenStream();
+  // `deadline` bounds the whole stream; zero means none.
+  std::unique_ptr<AttendStream> OpenStream(absl::Duration deadline = absl::ZeroDuration());
 
   const std::string& target() const { return target_; }
 

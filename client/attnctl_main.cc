@@ -1,0 +1,473 @@
+// attnctl: command-line client for attnserve.
+//
+//   attnctl [--target=HOST:PORT] info [--json]
+//   attnctl [--target=HOST:PORT] health [--service=NAME]
+//   attnctl [--target=HOST:PORT] attend (--q=q.npy --k=k.npy --v=v.npy | --shape=S1|B,Lq,Hq,Lk,Hkv,D)
+//           [options] [--out=o.npy] [--lse_out=lse.npy] [--weights_out=w.npy] ...
+//   attnctl [--target=HOST:PORT] bench --shape=S1 [--concurrency=N | --rate=QPS] [--stream]
+//           [--duration=10s] [--json]
+//
+// Exit status: 0 success, 1 the server answered an error (or not SERVING),
+// 2 bad usage.
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <google/protobuf/util/json_util.h>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+#include "client/load_generator.h"
+#include "client/shapes.h"
+#include "core/npy.h"
+
+ABSL_FLAG(std::string, target, "localhost:50051", "server address HOST:PORT");
+ABSL_FLAG(std::string, deadline, "30s", "deadline of each call (e.g. 500ms, 30s)");
+ABSL_FLAG(bool, json, false, "info, bench: print one JSON line");
+ABSL_FLAG(std::string, service, "", "health: the service to ask about (empty: the server)");
+
+// attend and bench: the request.
+ABSL_FLAG(std::string, q, "", "query .npy [B, Lq, Hq, D]");
+ABSL_FLAG(std::string, k, "", "key .npy [B, Lk, Hkv, D]");
+ABSL_FLAG(std::string, v, "", "value .npy [B, Lk, Hkv, Dv]");
+ABSL_FLAG(std::string, shape, "",
+          "random inputs: a benchmark id (P1, P2, P3, P4, S1) or B,Lq,Hq,Lk,Hkv,D");
+ABSL_FLAG(uint64_t, seed, 1, "seed of the random inputs and of open-loop arrivals");
+ABSL_FLAG(std::string, dtype, "", "f32, f16 or bf16 (default: the inputs' dtype, f32 if random)");
+ABSL_FLAG(bool, causal, false, "causal mask (bottom-right aligned unless --top_left)");
+ABSL_FLAG(bool, top_left, false, "align the causal diagonal and window top-left (PyTorch)");
+ABSL_FLAG(int32_t, window_left, -1, "sliding window: keys to the left of the diagonal (-1: all)");
+ABSL_FLAG(int32_t, window_right, -1, "sliding window: keys to the right of the diagonal (-1: all)");
+ABSL_FLAG(float, softcap, 0.f, "soft-capping of the scores (0: off)");
+ABSL_FLAG(float, scale, 0.f, "score scale (0: 1/sqrt(D))");
+ABSL_FLAG(std::string, alibi_slopes, "", "ALiBi slopes, one per query head: comma list, or 'auto'");
+ABSL_FLAG(std::string, bias, "", "additive bias .npy, broadcastable to [B, Hq, Lq, Lk]");
+ABSL_FLAG(std::string, key_lengths, "", "keys per batch row, comma list");
+ABSL_FLAG(bool, linear, false, "linear attention (elu+1 feature map) instead of softmax");
+ABSL_FLAG(int32_t, top_k, 0, "return the k most attended keys per query");
+ABSL_FLAG(std::string, backend, "", "backend to run on (default: the server's)");
+ABSL_FLAG(int32_t, priority, 0, "0 normal, 1 high");
+ABSL_FLAG(std::string, out, "", "attend: write the output here (.npy)");
+ABSL_FLAG(std::string, lse_out, "", "attend: request and write the log-sum-exp [B, Hq, Lq]");
+ABSL_FLAG(std::string, weights_out, "", "attend: request and write the weights [B, Hq, Lq, Lk]");
+ABSL_FLAG(std::string, top_k_indices_out, "", "attend: write the top-k indices (with --top_k)");
+ABSL_FLAG(std::string, top_k_weights_out, "", "attend: write the top-k weights (with --top_k)");
+
+// bench
+ABSL_FLAG(int32_t, concurrency, 1, "bench: calls in flight (closed loop)");
+ABSL_FLAG(double, rate, 0, "bench: open loop at this many calls per second (Poisson arrivals)");
+ABSL_FLAG(bool, stream, false, "bench: send on AttendStream streams instead of unary calls");
+ABSL_FLAG(int32_t, streams, 1, "bench: streams per connection with --stream");
+ABSL_FLAG(int32_t, channels, 1, "bench: connections to the server");
+ABSL_FLAG(std::string, duration, "10s", "bench: how long to send (e.g. 2s, 1m; a bare number is seconds)");
+ABSL_FLAG(std::string, warmup, "0s", "bench: unmeasured run before the measurement");
+ABSL_FLAG(int64_t, max_in_flight, 100000, "bench: open-loop calls in flight before arrivals are dropped");
+ABSL_FLAG(bool, progress, false, "bench: print the progress line even when stderr is not a terminal");
+
+namespace attnserve::client {
+namespace {
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+
+int Fail(const absl::Status& status, int code = kExitError) {
+  std::cerr << "attnctl: " << status << "\n";
+  return code;
+}
+
+absl::StatusOr<absl::Duration> ParseDurationFlag(const std::string& name, const std::string& v) {
+  double seconds = 0;
+  if (absl::SimpleAtod(v, &seconds)) return absl::Seconds(seconds);
+  absl::Duration d;
+  if (absl::ParseDuration(v, &d)) return d;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", name, ": expected a duration such as 2s or 500ms, got \"", v, "\""));
+}
+
+template <typename T>
+absl::StatusOr<std::vector<T>> ParseList(const std::string& name, const std::string& v) {
+  std::vector<T> out;
+  for (absl::string_view part : absl::StrSplit(v, ',', absl::SkipWhitespace())) {
+    T x{};
+    bool ok;
+    if constexpr (std::is_same_v<T, float>) {
+      ok = absl::SimpleAtof(absl::StripAsciiWhitespace(part), &x);
+    } else {
+      ok = absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &x);
+    }
+    if (!ok) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", name, ": expected a comma-separated list of numbers, got \"", v, "\""));
+    }
+    out.push_back(x);
+  }
+  return out;
+}
+
+// ALiBi's standard slopes for `n` heads: the geometric sequence 2^(-8i/n)
+// (exact for a power of two, as in the ALiBi paper's reference code).
+std::vector<float> DefaultAlibiSlopes(int64_t n) {
+  std::vector<float> slopes;
+  for (int64_t i = 1; i <= n; ++i) slopes.push_back(std::exp2(-8.0f * i / n));
+  return slopes;
+}
+
+// The tensors of a request (owned) and the request viewing them.
+struct Inputs {
+  Tensor q, k, v;
+  std::optional<Tensor> bias;
+  AttentionRequest request;
+  CallOptions call;
+  double flops = 0;
+  std::string shape_name;
+};
+
+absl::StatusOr<Tensor> ReadInput(const std::string& flag, const std::string& path,
+                                 std::optional<DType> dtype) {
+  absl::StatusOr<Tensor> t = ReadNpy(path);
+  if (!t.ok()) {
+    return absl::Status(t.status().code(), absl::StrCat("--", flag, "=", path, ": ",
+                                                        t.status().message()));
+  }
+  if (!dtype.has_value() || t->dtype == *dtype) return t;
+  return ConvertTensor(*t, *dtype);
+}
+
+// Heap-allocated so the request's views stay valid (small tensors live inside
+// std::string and would move with it).
+absl::StatusOr<std::unique_ptr<Inputs>> InputsFromFlags() {
+  auto inputs = std::make_unique<Inputs>();
+  std::optional<DType> dtype;
+  if (!absl::GetFlag(FLAGS_dtype).empty()) {
+    absl::StatusOr<DType> d = ParseDType(absl::GetFlag(FLAGS_dtype));
+    if (!d.ok()) return d.status();
+    dtype = *d;
+  }
+  const std::string shape_spec = absl::GetFlag(FLAGS_shape);
+  const bool from_files = !absl::GetFlag(FLAGS_q).empty() || !absl::GetFlag(FLAGS_k).empty() ||
+                          !absl::GetFlag(FLAGS_v).empty();
+  bool causal = absl::GetFlag(FLAGS_causal);
+  if (from_files == !shape_spec.empty()) {
+    return absl::InvalidArgumentError(
+        "inputs: expected either --q, --k and --v (.npy files) or --shape, got " +
+        std::string(from_files ? "both" : "neither"));
+  }
+  if (from_files) {
+    for (auto [flag, path, dest] : {std::tuple{"q", absl::GetFlag(FLAGS_q), &inputs->q},
+                                    std::tuple{"k", absl::GetFlag(FLAGS_k), &inputs->k},
+                                    std::tuple{"v", absl::GetFlag(FLAGS_v), &inputs->v}}) {
+      if (path.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat("--", flag, ": expected a .npy path, got none"));
+      }
+      absl::StatusOr<Tensor> t = ReadInput(flag, path, dtype);
+      if (!t.ok()) return t.status();
+      *dest = std::move(*t);
+    }
+    inputs->shape_name = ShapeString(inputs->q.shape);
+  } else {
+    absl::StatusOr<AttentionShape> shape = ParseAttentionShape(shape_spec);
+    if (!shape.ok()) return shape.status();
+    const DType dt = dtype.value_or(DType::kF32);
+    const uint64_t seed = absl::GetFlag(FLAGS_seed);
+    inputs->q = RandomTensor(dt, shape->query_shape(), seed);
+    inputs->k = RandomTensor(dt, shape->key_shape(), seed + 1);
+    inputs->v = RandomTensor(dt, shape->key_shape(), seed + 2);
+    causal = causal || shape->causal;
+    inputs->shape_name = shape->name;
+  }
+  if (!absl::GetFlag(FLAGS_bias).empty()) {
+    absl::StatusOr<Tensor> b =
+        ReadInput("bias", absl::GetFlag(FLAGS_bias), inputs->q.dtype);
+    if (!b.ok()) return b.status();
+    inputs->bias = std::move(*b);
+  }
+
+  AttentionRequest& r = inputs->request;
+  r.query = inputs->q.view();
+  r.key = inputs->k.view();
+  r.value = inputs->v.view();
+  if (inputs->bias.has_value()) r.bias = inputs->bias->view();
+  if (!absl::GetFlag(FLAGS_key_lengths).empty()) {
+    absl::StatusOr<std::vector<int32_t>> kl =
+        ParseList<int32_t>("key_lengths", absl::GetFlag(FLAGS_key_lengths));
+    if (!kl.ok()) return kl.status();
+    r.key_lengths = std::move(*kl);
+  }
+  AttentionOptions& o = r.options;
+  o.scale = absl::GetFlag(FLAGS_scale);
+  o.causal = causal;
+  o.causal_alignment =
+      absl::GetFlag(FLAGS_top_left) ? CausalAlignment::kTopLeft : CausalAlignment::kBottomRight;
+  o.window_left = absl::GetFlag(FLAGS_window_left);
+  o.window_right = absl::GetFlag(FLAGS_window_right);
+  o.softcap = absl::GetFlag(FLAGS_softcap);
+  o.variant = absl::GetFlag(FLAGS_linear) ? Variant::kLinear : Variant::kSoftmax;
+  const std::string alibi = absl::GetFlag(FLAGS_alibi_slopes);
+  const int64_t heads_q = r.query.shape.size() >= 2 ? r.query.shape[r.query.shape.size() - 2] : 0;
+  if (alibi == "auto") {
+    o.alibi_slopes = DefaultAlibiSlopes(heads_q);
+  } else if (!alibi.empty()) {
+    absl::StatusOr<std::vector<float>> slopes = ParseList<float>("alibi_slopes", alibi);
+    if (!slopes.ok()) return slopes.status();
+    o.alibi_slopes = std::move(*slopes);
+  }
+  r.outputs.lse = !absl::GetFlag(FLAGS_lse_out).empty();
+  r.outputs.weights = !absl::GetFlag(FLAGS_weights_out).empty();
+  r.outputs.top_k = absl::GetFlag(FLAGS_top_k);
+
+  inputs->call.backend = absl::GetFlag(FLAGS_backend);
+  inputs->call.priority = absl::GetFlag(FLAGS_priority);
+  const std::vector<int64_t>& qs = r.query.shape;
+  const std::vector<int64_t>& ks = r.key.shape;
+  if (qs.size() >= 3 && ks.size() >= 3) {
+    const int64_t b = qs.size() == 4 ? qs[0] : 1;
+    const int64_t lq = qs[qs.size() - 3], lk = ks[ks.size() - 3], d = qs.back();
+    inputs->flops = 4.0 * b * heads_q * double(lq) * lk * d;
+    if (causal && lq == lk) inputs->flops /= 2;
+  }
+  return inputs;
+}
+
+absl::StatusOr<std::unique_ptr<AttnClient>> MakeClient(bool dedicated_connection = false) {
+  absl::StatusOr<absl::Duration> deadline =
+      ParseDurationFlag("deadline", absl::GetFlag(FLAGS_deadline));
+  if (!deadline.ok()) return deadline.status();
+  ClientOptions options;
+  options.default_deadline = *deadline;
+  options.dedicated_connection = dedicated_connection;
+  return AttnClient::Create(absl::GetFlag(FLAGS_target), options);
+}
+
+std::string DTypeList(const google::protobuf::RepeatedField<int>& dtypes) {
+  std::vector<std::string> names;
+  for (int d : dtypes) names.push_back(v1::DType_Name(static_cast<v1::DType>(d)));
+  return absl::StrJoin(names, ",");
+}
+
+int CmdInfo() {
+  absl::StatusOr<std::unique_ptr<AttnClient>> client = MakeClient();
+  if (!client.ok()) return Fail(client.status(), kExitUsage);
+  absl::StatusOr<v1::ServerInfo> info = (*client)->GetServerInfo();
+  if (!info.ok()) return Fail(info.status());
+  if (absl::GetFlag(FLAGS_json)) {
+    std::string json;
+    google::protobuf::util::JsonPrintOptions opts;
+    opts.preserve_proto_field_names = true;
+    (void)google::protobuf::util::MessageToJsonString(*info, &json, opts);
+    std::cout << json << "\n";
+    return 0;
+  }
+  std::cout << "target          " << (*client)->target() << "\n"
+            << "version         " << info->version() << "\n"
+            << "default backend " << info->default_backend() << "\n"
+            << "dtypes          " << DTypeList(info->dtypes()) << "\n";
+  const v1::ServerLimits& l = info->limits();
+  std::cout << absl::StrFormat(
+      "limits          max_request_bytes=%d max_output_bytes=%d max_weights_bytes=%d "
+      "max_top_k=%d max_head_dim=%d\n",
+      l.max_request_bytes(), l.max_output_bytes(), l.max_weights_bytes(), l.max_top_k(),
+      l.max_head_dim());
+  for (const v1::BackendDescription& b : info->backends()) {
+    std::cout << "backend " << b.name() << ": " << b.description() << "\n"
+              << "  dtypes " << DTypeList(b.dtypes()) << ", max_head_dim " << b.max_head_dim()
+              << "\n  features " << absl::StrJoin(b.features(), ",") << "\n";
+  }
+  return 0;
+}
+
+int CmdHealth() {
+  absl::StatusOr<std::unique_ptr<AttnClient>> client = MakeClient();
+  if (!client.ok()) return Fail(client.status(), kExitUsage);
+  absl::StatusOr<ServingStatus> status = (*client)->CheckHealth(absl::GetFlag(FLAGS_service));
+  if (!status.ok()) return Fail(status.status());
+  std::cout << ServingStatusName(*status) << "\n";
+  return *status == ServingStatus::kServing ? 0 : kExitError;
+}
+
+absl::Status WriteOutput(const std::string& flag, const std::string& path,
+                         const std::optional<Tensor>& t) {
+  if (path.empty()) return absl::OkStatus();
+  if (!t.has_value()) {
+    return absl::InternalError(absl::StrCat("--", flag, ": the server returned no such output"));
+  }
+  return WriteNpy(path, *t);
+}
+
+int CmdAttend() {
+  absl::StatusOr<std::unique_ptr<Inputs>> inputs_or = InputsFromFlags();
+  if (!inputs_or.ok()) return Fail(inputs_or.status(), kExitUsage);
+  const std::unique_ptr<Inputs>& inputs = *inputs_or;
+  absl::StatusOr<std::unique_ptr<AttnClient>> client = MakeClient();
+  if (!client.ok()) return Fail(client.status(), kExitUsage);
+  absl::StatusOr<AttendResult> result = (*client)->Attend(inputs->request, inputs->call);
+  if (!result.ok()) return Fail(result.status());
+
+  struct Output {
+    const char* flag;
+    std::string path;
+    std::optional<Tensor> tensor;
+  };
+  Output outputs[] = {
+      {"out", absl::GetFlag(FLAGS_out), std::move(result->output)},
+      {"lse_out", absl::GetFlag(FLAGS_lse_out), std::move(result->lse)},
+      {"weights_out", absl::GetFlag(FLAGS_weights_out), std::move(result->weights)},
+      {"top_k_indices_out", absl::GetFlag(FLAGS_top_k_indices_out),
+       std::move(result->top_k_indices)},
+      {"top_k_weights_out", absl::GetFlag(FLAGS_top_k_weights_out),
+       std::move(result->top_k_weights)},
+  };
+  for (const Output& o : outputs) {
+    if (absl::Status s = WriteOutput(o.flag, o.path, o.tensor); !s.ok()) return Fail(s);
+  }
+  const Tensor& out = *outputs[0].tensor;
+  const ServerTiming& t = result->timing;
+  std::cout << absl::StrFormat(
+      "output %s %s%s  backend=%s queue_us=%d compute_us=%d batch_size=%d total_us=%d\n",
+      std::string(DTypeName(out.dtype)), ShapeString(out.shape),
+      outputs[0].path.empty() ? "" : " -> " + outputs[0].path, result->backend, t.queue_us,
+      t.compute_us, t.batch_size, t.total_us);
+  return 0;
+}
+
+std::string ErrorsJson(const std::map<std::string, int64_t>& errors) {
+  std::vector<std::string> parts;
+  for (const auto& [name, count] : errors) parts.push_back(absl::StrFormat("\"%s\":%d", name, count));
+  return "{" + absl::StrJoin(parts, ",") + "}";
+}
+
+std::string ErrorsText(const std::map<std::string, int64_t>& errors) {
+  std::vector<std::string> parts;
+  for (const auto& [name, count] : errors) parts.push_back(absl::StrCat(name, "=", count));
+  return parts.empty() ? "none" : absl::StrJoin(parts, " ");
+}
+
+int CmdBench() {
+  absl::StatusOr<std::unique_ptr<Inputs>> inputs_or = InputsFromFlags();
+  if (!inputs_or.ok()) return Fail(inputs_or.status(), kExitUsage);
+  const std::unique_ptr<Inputs>& inputs = *inputs_or;
+  LoadOptions options;
+  options.concurrency = absl::GetFlag(FLAGS_concurrency);
+  options.rate_qps = absl::GetFlag(FLAGS_rate);
+  options.stream = absl::GetFlag(FLAGS_stream);
+  options.streams = absl::GetFlag(FLAGS_streams);
+  options.max_in_flight = absl::GetFlag(FLAGS_max_in_flight);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  for (auto [flag, value, dest] :
+       {std::tuple{"duration", absl::GetFlag(FLAGS_duration), &options.duration},
+        std::tuple{"warmup", absl::GetFlag(FLAGS_warmup), &options.warmup},
+        std::tuple{"deadline", absl::GetFlag(FLAGS_deadline), &options.call_deadline}}) {
+    absl::StatusOr<absl::Duration> d = ParseDurationFlag(flag, value);
+    if (!d.ok()) return Fail(d.status(), kExitUsage);
+    *dest = *d;
+  }
+  const bool show_progress = absl::GetFlag(FLAGS_progress) || isatty(STDERR_FILENO);
+  const bool tty = isatty(STDERR_FILENO);
+  if (show_progress) options.progress_interval = absl::Seconds(1);
+  if (absl::Status s = ValidateLoadOptions(options); !s.ok()) return Fail(s, kExitUsage);
+  const int channels = absl::GetFlag(FLAGS_channels);
+  if (channels < 1) {
+    return Fail(absl::InvalidArgumentError(
+                    absl::StrCat("--channels: expected >= 1, got ", channels)),
+                kExitUsage);
+  }
+
+  std::vector<std::unique_ptr<AttnClient>> owned;
+  std::vector<AttnClient*> clients;
+  for (int i = 0; i < channels; ++i) {
+    absl::StatusOr<std::unique_ptr<AttnClient>> c = MakeClient(/*dedicated_connection=*/true);
+    if (!c.ok()) return Fail(c.status(), kExitUsage);
+    clients.push_back(c->get());
+    owned.push_back(std::move(*c));
+  }
+  if (absl::Status s = clients[0]->WaitForServing(absl::Seconds(10)); !s.ok()) return Fail(s);
+  const v1::AttendRequest request = ToProto(inputs->request, inputs->call);
+
+  std::function<void(const LoadProgress&)> progress = [tty](const LoadProgress& p) {
+    const LatencySummary& s = p.interval;
+    const std::string line = absl::StrFormat(
+        "[%5.1fs] %8.1f qps  p50 %7.3f ms  p99 %7.3f ms  ok %d  errors %d  in flight %d",
+        p.elapsed_s, p.interval_s > 0 ? s.ok / p.interval_s : 0.0, s.p50_ms, s.p99_ms, s.ok,
+        s.errors_total, p.in_flight);
+    // On a terminal the line rewrites itself; in a log each second is a line.
+    std::fprintf(stderr, tty ? "\r%s\033[K" : "%s\n", line.c_str());
+    std::fflush(stderr);
+  };
+  absl::StatusOr<LoadReport> report =
+      RunLoad(clients, request, options, progress);
+  if (show_progress && tty) std::fprintf(stderr, "\n");
+  if (!report.ok()) return Fail(report.status(), kExitUsage);
+  const LatencySummary& l = report->latency;
+  const double gflops = report->elapsed_s > 0 ? l.ok * inputs->flops / report->elapsed_s / 1e9 : 0;
+  const std::string mode = options.rate_qps > 0 ? "open" : "closed";
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << absl::StrFormat(
+        "{\"shape\":\"%s\",\"dtype\":\"%s\",\"mode\":\"%s\",\"stream\":%s,\"concurrency\":%d,"
+        "\"rate\":%g,\"channels\":%d,\"duration_s\":%.3f,\"sent\":%d,\"ok\":%d,\"errors\":%s,"
+        "\"qps\":%.2f,\"gflops\":%.3f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,"
+        "\"p999_ms\":%.4f,\"mean_ms\":%.4f,\"max_ms\":%.4f,\"error_p50_ms\":%.4f,"
+        "\"error_p99_ms\":%.4f,\"server_queue_us\":%.1f,\"server_compute_us\":%.1f,"
+        "\"server_batch_size\":%.2f}\n",
+        inputs->shape_name, std::string(DTypeName(inputs->q.dtype)), mode,
+        options.stream ? "true" : "false", options.concurrency, options.rate_qps, channels,
+        report->elapsed_s, report->sent, l.ok, ErrorsJson(l.errors), report->qps, gflops,
+        l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.mean_ms, l.max_ms, l.error_p50_ms,
+        l.error_p99_ms, l.server_queue_us, l.server_compute_us, l.server_batch_size);
+  } else {
+    std::cout << absl::StrFormat(
+        "shape %s %s, %s loop%s, %s, %d channel(s)\n"
+        "duration   %.2f s, %d sent, %d ok\n"
+        "throughput %.1f qps, %.2f GFLOP/s\n"
+        "latency    p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  p99.9 %.3f ms  mean %.3f ms  "
+        "max %.3f ms\n"
+        "server     queue %.0f us  compute %.0f us  batch size %.2f (means)\n"
+        "errors     %s\n",
+        inputs->shape_name, std::string(DTypeName(inputs->q.dtype)), mode,
+        options.rate_qps > 0 ? absl::StrFormat(" at %g qps", options.rate_qps)
+                             : absl::StrFormat(", concurrency %d", options.concurrency),
+        options.stream ? "stream" : "unary", channels, report->elapsed_s, report->sent, l.ok,
+        report->qps, gflops, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.mean_ms, l.max_ms,
+        l.server_queue_us, l.server_compute_us, l.server_batch_size, ErrorsText(l.errors));
+  }
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "attnctl [--target=HOST:PORT] info|health|attend|bench [flags]\n"
+      "  info    server version, backends, limits\n"
+      "  health  grpc.health.v1 status (exit 0 when SERVING)\n"
+      "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy\n"
+      "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() != 2) {
+    std::cerr << absl::ProgramUsageMessage() << "\n";
+    return kExitUsage;
+  }
+  const std::string command = args[1];
+  if (command == "info") return CmdInfo();
+  if (command == "health") return CmdHealth();
+  if (command == "attend") return CmdAttend();
+  if (command == "bench") return CmdBench();
+  std::cerr << "attnctl: unknown command \"" << command << "\"\n"
+            << absl::ProgramUsageMessage() << "\n";
+  return kExitUsage;
+}
+
+}  // namespace
+}  // namespace attnserve::client
+
+int main(int argc, char** argv) { return attnserve::client::Main(argc, argv); }
