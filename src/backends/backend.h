@@ -29,6 +29,15 @@ struct BackendInfo {
 
 struct BackendOptions {
   int threads = 0;  // worker threads a backend may use; 0 = one per hardware core
+  // Device memory a GPU backend may hold (its pool's limit, --gpu_memory_bytes);
+  // 0 = 90% of the device memory free when the backend starts.
+  int64_t gpu_memory_bytes = 0;
+};
+
+// Device memory of a GPU backend, for attnserve_device_memory_bytes{state}.
+struct DeviceMemory {
+  int64_t used_bytes = 0;      // held from the device now (in use + cached)
+  int64_t capacity_bytes = 0;  // the most it may hold
 };
 
 class Backend {
@@ -49,6 +58,9 @@ class Backend {
 
   // Bytes of scratch memory the backend holds now (for metrics).
   virtual int64_t workspace_bytes() const { return 0; }
+
+  // Device memory held and allowed; zeros for a backend without a device.
+  virtual DeviceMemory device_memory() const { return {}; }
 };
 
 }  // namespace attnserve
