@@ -141,27 +141,53 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   auto q = CheckQkv("query", request.query, "[B, Lq, Hq, D]");
   if (!q.ok()) return q.status();
   const DType dtype = request.query.dtype;
-  if (request.key.dtype != dtype) {
+  const PagedKvView* paged = request.paged_kv.has_value() ? &*request.paged_kv : nullptr;
+  if (paged == nullptr && request.key.dtype != dtype) {
     return Invalid("key.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
                    DTypeName(request.key.dtype));
   }
-  if (request.value.dtype != dtype) {
+  if (paged == nullptr && request.value.dtype != dtype) {
     return Invalid("value.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
                    DTypeName(request.value.dtype));
   }
-  auto k = CheckQkv("key", request.key, "[B, Lk, Hkv, D]");
-  if (!k.ok()) return k.status();
-  auto v = CheckQkv("value", request.value, "[B, Lk, Hkv, Dv]");
-  if (!v.ok()) return v.status();
+  absl::StatusOr<std::array<int64_t, 4>> k, v;
+  if (paged != nullptr) {
+    if (!request.key.shape.empty() || !request.key.data.empty()) {
+      return Invalid("key", "unset (keys come from the session's cache)",
+                     ShapeString(request.key.shape));
+    }
+    if (!request.value.shape.empty() || !request.value.data.empty()) {
+      return Invalid("value", "unset (values come from the session's cache)",
+                     ShapeString(request.value.shape));
+    }
+    if (dtype != paged->dtype) {
+      return Invalid("query.dtype", absl::StrCat(DTypeName(paged->dtype), " (the cache's dtype)"),
+                     DTypeName(dtype));
+    }
+    if (paged->length < 1 || paged->length > kMaxDim || paged->block_tokens < 1 ||
+        paged->blocks == nullptr) {
+      return absl::InternalError("paged K/V view without tokens or blocks");
+    }
+    k = std::array<int64_t, 4>{1, paged->length, paged->num_kv_heads, paged->head_dim};
+    v = std::array<int64_t, 4>{1, paged->length, paged->num_kv_heads, paged->value_dim};
+  } else {
+    k = CheckQkv("key", request.key, "[B, Lk, Hkv, D]");
+    if (!k.ok()) return k.status();
+    v = CheckQkv("value", request.value, "[B, Lk, Hkv, Dv]");
+    if (!v.ok()) return v.status();
+  }
   const auto [B, Lq, Hq, D] = *q;
   const auto [Bk, Lk, Hkv, Dk] = *k;
   const auto [Bv, Lv, Hv, Dv] = *v;
+  if (paged != nullptr && B != 1) {
+    return Invalid("query.shape", "batch 1 for a session", ShapeString(request.query.shape));
+  }
 
-  if (request.key.rank() != request.query.rank()) {
+  if (paged == nullptr && request.key.rank() != request.query.rank()) {
     return Invalid("key.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
                    absl::StrCat("rank ", request.key.rank(), " ", ShapeString(request.key.shape)));
   }
-  if (request.value.rank() != request.query.rank()) {
+  if (paged == nullptr && request.value.rank() != request.query.rank()) {
     return Invalid("value.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
                    absl::StrCat("rank ", request.value.rank(), " ",
                                 ShapeString(request.value.shape)));
@@ -304,17 +330,23 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   p.group_size = static_cast<int32_t>(Hq / Hkv);
 
   p.q = AlignedData(request.query.data, dtype, job->aligned_copies[0]);
-  p.k = AlignedData(request.key.data, dtype, job->aligned_copies[1]);
-  p.v = AlignedData(request.value.data, dtype, job->aligned_copies[2]);
+  if (paged != nullptr) {
+    p.kv_blocks = paged->blocks;
+    p.kv_block_tokens = paged->block_tokens;
+    p.v_block_offset = int64_t{paged->block_tokens} * Hkv * D;
+  } else {
+    p.k = AlignedData(request.key.data, dtype, job->aligned_copies[1]);
+    p.v = AlignedData(request.value.data, dtype, job->aligned_copies[2]);
+  }
   p.q_head_stride = D;
   p.q_row_stride = Hq * D;
   p.q_batch_stride = Lq * Hq * D;
   p.k_head_stride = D;
   p.k_row_stride = Hkv * D;
-  p.k_batch_stride = Lk * Hkv * D;
+  p.k_batch_stride = paged != nullptr ? 0 : Lk * Hkv * D;
   p.v_head_stride = Dv;
   p.v_row_stride = Hkv * Dv;
-  p.v_batch_stride = Lk * Hkv * Dv;
+  p.v_batch_stride = paged != nullptr ? 0 : Lk * Hkv * Dv;
   job->input_bytes = static_cast<int64_t>(request.query.data.size() + request.key.data.size() +
                                           request.value.data.size());
 

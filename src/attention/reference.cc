@@ -36,11 +36,11 @@ double LoadQ(const AttentionParams& p, int64_t b, int64_t i, int64_t h, int64_t 
 }
 
 double LoadK(const AttentionParams& p, int64_t b, int64_t j, int64_t h, int64_t d) {
-  return LoadFloat(p.k, p.dtype, b * p.k_batch_stride + j * p.k_row_stride + h * p.k_head_stride + d);
+  return LoadFloat(KeyRow(p, b, j, h), p.dtype, d);
 }
 
 double LoadV(const AttentionParams& p, int64_t b, int64_t j, int64_t h, int64_t d) {
-  return LoadFloat(p.v, p.dtype, b * p.v_batch_stride + j * p.v_row_stride + h * p.v_head_stride + d);
+  return LoadFloat(ValueRow(p, b, j, h), p.dtype, d);
 }
 
 // Softmax: score s_j = scale·q·k_j, soft-capped, plus ALiBi and bias; keys

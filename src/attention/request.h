@@ -35,10 +35,25 @@ struct OutputSpec {
   int32_t top_k = 0;  // 0: off
 };
 
+// K/V already held by the server in paged blocks (a KV-cache session).
+// Each block holds K [block_tokens, Hkv, D] followed by V [block_tokens, Hkv, Dv].
+struct PagedKvView {
+  DType dtype = DType::kF32;
+  int32_t num_kv_heads = 0;
+  int32_t head_dim = 0;
+  int32_t value_dim = 0;
+  int32_t block_tokens = 0;
+  int64_t length = 0;                  // tokens
+  const void* const* blocks = nullptr;  // ceil(length / block_tokens) blocks
+};
+
 struct AttentionRequest {
   TensorView query;  // [B, Lq, Hq, D] or [Lq, Hq, D]
   TensorView key;    // [B, Lk, Hkv, D]
   TensorView value;  // [B, Lk, Hkv, Dv]
+  // Instead of key/value (which must then be empty): a session's cache.
+  // Requires batch 1 and the cache's dtype for the query.
+  std::optional<PagedKvView> paged_kv;
   std::optional<TensorView> bias;   // broadcastable to [B, Hq, Lq, Lk]
   std::vector<int32_t> key_lengths;  // empty or one per batch row
   AttentionOptions options;

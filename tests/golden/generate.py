@@ -1,0 +1,369 @@
+#!/usr/bin/python3
+"""Generates the golden attention cases under tests/golden/cases/.
+
+Each case is a directory with float32 (or float16) random inputs q/k/v, an
+optional bias, the expected outputs computed by PyTorch in float64, and a
+case.txt with the options. The expected values are computed with explicit
+float64 tensor operations (the mask and every bias built by hand, following
+the semantics table of DESIGN.md); standard softmax cases are cross-checked
+against PyTorch's own scaled-dot-product attention and LINEAR cases against a
+prefix-sum formulation, and the script fails if they disagree.
+
+Usage: /usr/bin/python3 tests/golden/generate.py [--out DIR]
+(needs python3-torch and python3-numpy; see README.md).
+"""
+
+import argparse
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+F64 = torch.float64
+
+
+class Case:
+    """One golden case: shapes, options and the seed of its random inputs."""
+
+    def __init__(self, name, *, B=2, Lq=5, Lk=7, Hq=2, Hkv=None, D=8, Dv=None, seed=None,
+                 dtype="f32", scale=0.0, causal=False, alignment="bottom_right",
+                 window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=(),
+                 bias_shape=None, bias_neg_inf=0.0, bias_masked_rows=(), key_lengths=(),
+                 variant="softmax", top_k=0, lse=False, weights=False, query_3d=False,
+                 q_scale=1.0, duplicate_keys=()):
+        self.name = name
+        self.B, self.Lq, self.Lk, self.Hq = B, Lq, Lk, Hq
+        self.Hkv = Hq if Hkv is None else Hkv
+        self.D = D
+        self.Dv = D if Dv is None else Dv
+        self.seed = seed
+        self.dtype = dtype
+        self.scale = scale
+        self.causal = causal
+        self.alignment = alignment
+        self.window_left = window_left
+        self.window_right = window_right
+        self.softcap = softcap
+        self.alibi_slopes = list(alibi_slopes)
+        self.bias_shape = bias_shape
+        self.bias_neg_inf = bias_neg_inf        # fraction of bias entries set to -inf
+        self.bias_masked_rows = bias_masked_rows  # (b, h, i) rows of the full bias set to -inf
+        self.key_lengths = list(key_lengths)
+        self.variant = variant
+        self.top_k = top_k
+        self.lse = lse
+        self.weights = weights
+        self.query_3d = query_3d
+        self.q_scale = q_scale                  # sharpens the attention when > 1
+        self.duplicate_keys = duplicate_keys    # (src, dst) key rows copied, for top-k ties
+
+
+CASES = [
+    Case("plain", lse=True, weights=True, top_k=3),
+    Case("plain_scale", scale=0.3, lse=True, top_k=2),
+    Case("self_attention", B=1, Lq=8, Lk=8, Hq=3, D=16, lse=True, weights=True),
+    Case("causal_bottom_right_lq_lt_lk", Lq=4, Lk=9, causal=True, lse=True, weights=True, top_k=4),
+    Case("causal_bottom_right_lq_gt_lk", Lq=9, Lk=4, causal=True, lse=True, weights=True, top_k=2),
+    Case("causal_self", B=1, Lq=8, Lk=8, Hq=2, causal=True, lse=True, weights=True),
+    Case("causal_top_left", Lq=6, Lk=9, causal=True, alignment="top_left", lse=True, weights=True),
+    Case("causal_top_left_lq_gt_lk", Lq=9, Lk=5, causal=True, alignment="top_left", lse=True),
+    Case("decode_causal", B=2, Lq=1, Lk=17, Hq=4, Hkv=2, D=16, causal=True, lse=True, top_k=4),
+    Case("window_left", B=1, Lq=10, Lk=10, window_left=2, lse=True, weights=True),
+    Case("window_both", B=1, Lq=10, Lk=10, window_left=2, window_right=1, lse=True, weights=True),
+    Case("window_both_lq_lt_lk", Lq=5, Lk=11, window_left=3, window_right=2, lse=True,
+         weights=True),
+    Case("window_top_left", Lq=5, Lk=11, window_left=1, window_right=3, alignment="top_left",
+         lse=True, weights=True),
+    Case("window_causal", B=1, Lq=12, Lk=12, Hq=2, causal=True, window_left=3, lse=True,
+         weights=True, top_k=5),
+    Case("softcap", scale=1.0, softcap=2.0, q_scale=2.0, lse=True, weights=True),
+    Case("softcap_causal", Lq=6, Lk=6, scale=1.0, softcap=1.5, causal=True, q_scale=2.0, lse=True),
+    Case("alibi", Hq=4, Lq=5, Lk=8, alibi_slopes=[0.5, 0.25, 0.125, 0.0625], lse=True,
+         weights=True),
+    Case("alibi_causal", Hq=2, Lq=8, Lk=8, alibi_slopes=[0.75, 0.1], causal=True, lse=True),
+    Case("alibi_top_left", Hq=2, Lq=4, Lk=7, alibi_slopes=[0.5, 0.3], alignment="top_left",
+         causal=True, lse=True),
+    Case("bias_2d", bias_shape=(5, 7), bias_neg_inf=0.2, lse=True, weights=True, top_k=3),
+    Case("bias_head", Hq=3, bias_shape=(3, 1, 7), bias_neg_inf=0.2, lse=True, weights=True),
+    Case("bias_batch", bias_shape=(2, 1, 1, 7), bias_neg_inf=0.25, lse=True, weights=True),
+    Case("bias_full_masked_row", bias_shape=(2, 2, 5, 7), bias_neg_inf=0.1,
+         bias_masked_rows=[(0, 1, 2), (1, 0, 4)], lse=True, weights=True, top_k=3),
+    Case("bias_causal", Lq=6, Lk=6, causal=True, bias_shape=(6, 6), lse=True),
+    Case("key_lengths", Lk=7, key_lengths=[5, 0], lse=True, weights=True, top_k=6),
+    Case("key_lengths_causal", Lq=4, Lk=7, key_lengths=[3, 7], causal=True, lse=True,
+         weights=True, top_k=3),
+    Case("key_lengths_alibi", Hq=2, Lq=3, Lk=8, key_lengths=[6, 8], alibi_slopes=[0.5, 0.2],
+         lse=True),
+    Case("gqa", B=2, Lq=6, Lk=9, Hq=6, Hkv=2, lse=True, weights=True, top_k=2),
+    Case("gqa_causal", B=1, Lq=9, Lk=9, Hq=4, Hkv=2, D=16, causal=True, lse=True),
+    Case("mqa", B=2, Lq=5, Lk=8, Hq=4, Hkv=1, lse=True, weights=True),
+    Case("dv_ne_d", D=16, Dv=5, lse=True),
+    Case("dv_gt_d", D=4, Dv=12, causal=True, Lq=5, Lk=5),
+    Case("query_3d", B=1, Lq=6, Lk=7, Hq=2, query_3d=True, lse=True, weights=True),
+    Case("topk_ties", B=1, Lq=4, Lk=8, Hq=1, duplicate_keys=[(1, 5), (2, 6), (2, 7)], top_k=8,
+         weights=True),
+    Case("topk_past_visible", B=1, Lq=6, Lk=6, Hq=2, causal=True, top_k=4, lse=True),
+    Case("everything", B=2, Lq=7, Lk=11, Hq=4, Hkv=2, D=16, Dv=8, scale=0.2, causal=True,
+         window_left=5, softcap=3.0, alibi_slopes=[0.3, 0.2, 0.1, 0.05], bias_shape=(2, 1, 7, 11),
+         bias_neg_inf=0.1, key_lengths=[9, 11], q_scale=2.0, lse=True, weights=True, top_k=3),
+    Case("linear", B=2, Lq=5, Lk=7, Hq=2, variant="linear"),
+    Case("linear_causal", B=2, Lq=8, Lk=8, Hq=2, variant="linear", causal=True),
+    Case("linear_causal_lq_lt_lk", B=1, Lq=4, Lk=9, Hq=4, Hkv=2, D=16, Dv=6, variant="linear",
+         causal=True),
+    Case("linear_key_lengths", B=2, Lq=5, Lk=7, Hq=2, Hkv=1, variant="linear", causal=True,
+         key_lengths=[4, 0]),
+    Case("plain_f16", dtype="f16", lse=True, weights=True, top_k=2),
+    Case("causal_gqa_f16", B=1, Lq=6, Lk=10, Hq=4, Hkv=2, D=16, dtype="f16", causal=True,
+         lse=True),
+]
+
+
+def f32(x):
+    """The float32 value a C++ reader of case.txt will see, as a Python float."""
+    return float(np.float32(x))
+
+
+def visible_mask(c, key_len):
+    """Boolean [B, Lq, Lk]: query i of row b may see key j (window, causal, key_lengths)."""
+    i = torch.arange(c.Lq).view(1, c.Lq, 1)
+    j = torch.arange(c.Lk).view(1, 1, c.Lk)
+    length = key_len.view(c.B, 1, 1)
+    offset = length - c.Lq if c.alignment == "bottom_right" else torch.zeros_like(length)
+    diag = i + offset
+    window_right = 0 if c.causal else c.window_right
+    mask = j < length
+    if c.window_left >= 0:
+        mask = mask & (j >= diag - c.window_left)
+    if window_right >= 0:
+        mask = mask & (j <= diag + window_right)
+    return mask, offset
+
+
+def expand_kv(x, c):
+    """[B, Lk, Hkv, E] -> [B, Hq, Lk, E]: query head h reads kv head h // (Hq/Hkv)."""
+    return x.permute(0, 2, 1, 3).repeat_interleave(c.Hq // c.Hkv, dim=1)
+
+
+def softmax_reference(c, q, k, v, bias, key_len):
+    """Explicit float64 attention. q [B,Lq,Hq,D], k/v [B,Lk,Hkv,*] (float64)."""
+    qh = q.permute(0, 2, 1, 3)                     # [B, Hq, Lq, D]
+    kh, vh = expand_kv(k, c), expand_kv(v, c)      # [B, Hq, Lk, *]
+    scale = f32(c.scale) if c.scale else f32(1.0 / math.sqrt(c.D))
+    s = torch.einsum("bhid,bhjd->bhij", qh, kh) * scale
+    if c.softcap:
+        cap = f32(c.softcap)
+        s = cap * torch.tanh(s / cap)
+    mask, offset = visible_mask(c, key_len)
+    if c.alibi_slopes:
+        i = torch.arange(c.Lq).view(1, 1, c.Lq, 1)
+        j = torch.arange(c.Lk).view(1, 1, 1, c.Lk)
+        dist = (i + offset.view(c.B, 1, 1, 1) - j).abs().to(F64)
+        slopes = torch.tensor([f32(x) for x in c.alibi_slopes], dtype=F64).view(1, c.Hq, 1, 1)
+        s = s - slopes * dist
+    if bias is not None:
+        s = s + bias                                # broadcasts to [B, Hq, Lq, Lk]
+    s = s.masked_fill(~mask.unsqueeze(1), -math.inf)
+
+    row_max = s.amax(dim=-1, keepdim=True)
+    fully_masked = row_max == -math.inf
+    shifted = torch.where(fully_masked, torch.zeros_like(s), s - row_max)
+    e = torch.exp(shifted).masked_fill(s == -math.inf, 0.0)
+    total = e.sum(dim=-1, keepdim=True)
+    p = torch.where(fully_masked, torch.zeros_like(e), e / torch.where(fully_masked, 1.0, total))
+    out = torch.einsum("bhij,bhje->bihe", p, vh)    # [B, Lq, Hq, Dv]
+    lse = torch.logsumexp(s, dim=-1)                # -inf for a fully masked row
+    attended = s > -math.inf
+    return out, lse, p, attended
+
+
+def check_against_sdpa(c, q, k, v, bias, key_len, out, lse):
+    """Cross-checks a softmax case (no softcap) against PyTorch's SDPA, with the
+    mask built independently (tril/triu) and the scale folded into q."""
+    sdpa = getattr(F, "scaled_dot_product_attention", None) or F._scaled_dot_product_attention
+    qh = q.permute(0, 2, 1, 3)
+    kh, vh = expand_kv(k, c), expand_kv(v, c)
+    scale = f32(c.scale) if c.scale else f32(1.0 / math.sqrt(c.D))
+    qh = qh * (scale * math.sqrt(c.D))             # SDPA divides by sqrt(D) itself
+    add = torch.zeros(c.B, c.Hq, c.Lq, c.Lk, dtype=F64)
+    for b in range(c.B):
+        length = int(key_len[b])
+        off = length - c.Lq if c.alignment == "bottom_right" else 0
+        ones = torch.ones(c.Lq, c.Lk, dtype=torch.bool)
+        allowed = ones.clone()
+        allowed[:, length:] = False
+        right = 0 if c.causal else c.window_right
+        if right >= 0:
+            allowed &= torch.tril(ones, diagonal=off + right)
+        if c.window_left >= 0:
+            allowed &= torch.triu(ones, diagonal=off - c.window_left)
+        add[b] = add[b].masked_fill(~allowed, -math.inf)
+        for h, slope in enumerate(c.alibi_slopes):
+            for i in range(c.Lq):
+                for j in range(c.Lk):
+                    add[b, h, i, j] -= f32(slope) * abs(i + off - j)
+    if bias is not None:
+        add = add + bias
+    expected, _ = sdpa(qh, kh, vh, add, 0.0, False, False)
+    expected = expected.permute(0, 2, 1, 3)
+    rows = lse > -math.inf                          # SDPA gives NaN on fully masked rows
+    got = out.permute(0, 2, 1, 3)[rows]
+    want = expected.permute(0, 2, 1, 3)[rows]
+    err = (got - want).abs().max().item() if got.numel() else 0.0
+    assert err < 1e-12, f"{c.name}: differs from PyTorch SDPA by {err}"
+    if c.causal and c.alignment == "top_left" and not (c.window_left >= 0 or c.alibi_slopes
+                                                      or bias is not None or c.key_lengths):
+        # PyTorch's own is_causal is top-left aligned: an independent check of the alignment.
+        causal_out, _ = sdpa(qh, kh, vh, None, 0.0, False, True)
+        causal_out = causal_out.permute(0, 2, 1, 3)
+        got = out.permute(0, 2, 1, 3)[rows]
+        want = causal_out.permute(0, 2, 1, 3)[rows]
+        err = (got - want).abs().max().item() if got.numel() else 0.0
+        assert err < 1e-12, f"{c.name}: differs from SDPA is_causal by {err}"
+
+
+def linear_reference(c, q, k, v, key_len):
+    """out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j) over visible j; φ = elu + 1."""
+    phi_q = F.elu(q.permute(0, 2, 1, 3)) + 1
+    phi_k = F.elu(expand_kv(k, c)) + 1
+    vh = expand_kv(v, c)
+    a = torch.einsum("bhid,bhjd->bhij", phi_q, phi_k)
+    mask, _ = visible_mask(c, key_len)
+    a = a.masked_fill(~mask.unsqueeze(1), 0.0)
+    den = a.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhij,bhje->bihe", a / torch.where(den > 0, den, 1.0), vh)
+    return out, mask
+
+
+def check_linear_prefix_sums(c, q, k, v, key_len, out):
+    """Causal LINEAR the recurrent way: running sums of φ(k_j) v_jᵀ and φ(k_j)."""
+    if not c.causal:
+        return
+    phi_q = F.elu(q.permute(0, 2, 1, 3)) + 1       # [B, Hq, Lq, D]
+    phi_k = F.elu(expand_kv(k, c)) + 1              # [B, Hq, Lk, D]
+    vh = expand_kv(v, c)
+    for b in range(c.B):
+        length = int(key_len[b])
+        off = length - c.Lq if c.alignment == "bottom_right" else 0
+        kv = torch.einsum("hjd,hje->hjde", phi_k[b, :, :length], vh[b, :, :length]).cumsum(1)
+        z = phi_k[b, :, :length].cumsum(1)
+        for i in range(c.Lq):
+            last = min(i + off, length - 1)
+            if last < 0:
+                want = torch.zeros(c.Hq, c.Dv, dtype=F64)
+            else:
+                num = torch.einsum("hd,hde->he", phi_q[b, :, i], kv[:, last])
+                den = torch.einsum("hd,hd->h", phi_q[b, :, i], z[:, last])
+                want = num / den.unsqueeze(-1)
+            err = (out[b, i] - want).abs().max().item()
+            assert err < 1e-12, f"{c.name}: differs from the prefix-sum form by {err}"
+
+
+def top_k(p, attended, k):
+    """Per row: the k attended keys by decreasing weight, ties lower index first;
+    -1 / 0 past the attended keys."""
+    key = torch.where(attended, p, torch.full_like(p, -1.0))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
+    weights = torch.gather(p, -1, order)
+    present = torch.gather(attended, -1, order)
+    idx = torch.where(present, order, torch.full_like(order, -1)).to(torch.int32)
+    return idx, torch.where(present, weights, torch.zeros_like(weights))
+
+
+def make_inputs(c, gen):
+    np_dtype = np.float16 if c.dtype == "f16" else np.float32
+
+    def rand(*shape, scale=1.0):
+        x = torch.randn(*shape, generator=gen, dtype=torch.float32) * scale
+        return x.numpy().astype(np_dtype)
+
+    q = rand(c.B, c.Lq, c.Hq, c.D, scale=c.q_scale)
+    k = rand(c.B, c.Lk, c.Hkv, c.D)
+    v = rand(c.B, c.Lk, c.Hkv, c.Dv)
+    for src, dst in c.duplicate_keys:
+        k[:, dst] = k[:, src]
+    bias = None
+    if c.bias_shape is not None:
+        bias = rand(*c.bias_shape)
+        drop = torch.rand(*c.bias_shape, generator=gen).numpy() < c.bias_neg_inf
+        bias[drop] = -np.inf
+        for b, h, i in c.bias_masked_rows:
+            bias[b, h, i, :] = -np.inf
+    return q, k, v, bias
+
+
+def write_case(c, root):
+    gen = torch.Generator().manual_seed(c.seed if c.seed is not None else sum(map(ord, c.name)))
+    q, k, v, bias = make_inputs(c, gen)
+    qt, kt, vt = (torch.from_numpy(x.astype(np.float64)) for x in (q, k, v))
+    bt = None if bias is None else torch.from_numpy(bias.astype(np.float64))
+    key_len = torch.tensor(c.key_lengths if c.key_lengths else [c.Lk] * c.B)
+
+    results = {}
+    if c.variant == "linear":
+        out, _ = linear_reference(c, qt, kt, vt, key_len)
+        check_linear_prefix_sums(c, qt, kt, vt, key_len, out)
+    else:
+        out, lse, p, attended = softmax_reference(c, qt, kt, vt, bt, key_len)
+        if not c.softcap:
+            check_against_sdpa(c, qt, kt, vt, bt, key_len, out, lse)
+        if c.lse:
+            results["lse"] = lse
+        if c.weights:
+            results["weights"] = p
+        if c.top_k:
+            results["topk_idx"], results["topk_w"] = top_k(p, attended, c.top_k)
+
+    d = root / c.name
+    d.mkdir(parents=True)
+    if c.query_3d:
+        assert c.B == 1
+        q, k, v, out = q[0], k[0], v[0], out[0]
+    np.save(d / "q.npy", q)
+    np.save(d / "k.npy", k)
+    np.save(d / "v.npy", v)
+    if bias is not None:
+        np.save(d / "bias.npy", bias)
+    np.save(d / "out.npy", out.numpy().astype(np.float64))
+    for name, value in results.items():
+        np.save(d / f"{name}.npy", value.numpy())
+
+    options = {
+        "dtype": c.dtype,
+        "variant": c.variant,
+        "scale": repr(f32(c.scale)),
+        "causal": int(c.causal),
+        "alignment": c.alignment,
+        "window_left": c.window_left,
+        "window_right": c.window_right,
+        "softcap": repr(f32(c.softcap)),
+        "alibi_slopes": ",".join(repr(f32(s)) for s in c.alibi_slopes),
+        "key_lengths": ",".join(str(n) for n in c.key_lengths),
+        "top_k": c.top_k,
+        "lse": int(c.lse),
+        "weights": int(c.weights),
+    }
+    with open(d / "case.txt", "w") as f:
+        for key, value in options.items():
+            f.write(f"{key}={value}\n")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "cases")
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    names = [c.name for c in CASES]
+    assert len(names) == len(set(names)), "duplicate case names"
+    for c in CASES:
+        write_case(c, args.out)
+    print(f"wrote {len(CASES)} cases to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
