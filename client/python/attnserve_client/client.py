@@ -1,0 +1,166 @@
+"""Client: NumPy in, NumPy out, over attnserve's gRPC API.
+
+One Client holds one gRPC channel; it is thread-safe and meant to be reused.
+Errors from the server are raised as grpc.RpcError (e.code() is a
+grpc.StatusCode such as INVALID_ARGUMENT, e.details() the message).
+"""
+
+import dataclasses
+import time
+from typing import Optional
+
+import grpc
+import numpy as np
+
+from . import _stubs
+from . import tensors
+
+_pb, _pb_grpc, _health_pb, _health_grpc = _stubs.load()
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+
+
+@dataclasses.dataclass
+class AttendResult:
+    output: np.ndarray                      # [B, Lq, Hq, Dv] (3-D if the query was)
+    lse: Optional[np.ndarray] = None        # [B, Hq, Lq], float32
+    weights: Optional[np.ndarray] = None    # [B, Hq, Lq, Lk], float32
+    top_k_indices: Optional[np.ndarray] = None  # [B, Hq, Lq, k], int32
+    top_k_weights: Optional[np.ndarray] = None  # [B, Hq, Lq, k], float32
+    backend: str = ""
+    request_id: str = ""
+    timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
+
+
+def result_from_proto(response):
+    """AttendResponse -> AttendResult."""
+    def optional(name):
+        return tensors.from_proto(getattr(response, name)) if response.HasField(name) else None
+
+    t = response.timing
+    return AttendResult(
+        output=tensors.from_proto(response.output),
+        lse=optional("lse"),
+        weights=optional("weights"),
+        top_k_indices=optional("top_k_indices"),
+        top_k_weights=optional("top_k_weights"),
+        backend=response.backend,
+        request_id=response.request_id,
+        timing={"queue_us": t.queue_us, "compute_us": t.compute_us,
+                "batch_size": t.batch_size, "total_us": t.total_us})
+
+
+def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=False,
+                  window_left=None, window_right=None, softcap=0.0, alibi_slopes=None,
+                  linear=False, bias=None, key_lengths=None, lse=False, weights=False,
+                  top_k=0, backend="", priority=0, request_id=""):
+    """Builds an AttendRequest proto from NumPy arrays.
+
+    q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (or 3-D, batch 1).
+    dtype: 'f32', 'f16' or 'bf16' on the wire; default f16 for float16 queries,
+    else f32. window_left/right: None (or -1) is unbounded. bias is sent in the
+    request dtype. Nothing is validated here: the server answers
+    INVALID_ARGUMENT naming the field.
+    """
+    if dtype is None:
+        dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
+    dtype = tensors.dtype_name(dtype)
+    r = _pb.AttendRequest(request_id=request_id, backend=backend, priority=priority)
+    tensors.to_proto(q, dtype, r.query)
+    tensors.to_proto(k, dtype, r.key)
+    tensors.to_proto(v, dtype, r.value)
+    if bias is not None:
+        tensors.to_proto(bias, dtype, r.bias)
+    if key_lengths is not None:
+        r.key_lengths[:] = [int(x) for x in key_lengths]
+    o = r.options
+    o.scale = float(scale)
+    o.causal = bool(causal)
+    o.causal_alignment = _pb.TOP_LEFT if top_left else _pb.BOTTOM_RIGHT
+    if window_left is not None and window_left >= 0:
+        o.window_left = int(window_left)
+    if window_right is not None and window_right >= 0:
+        o.window_right = int(window_right)
+    o.softcap = float(softcap)
+    if alibi_slopes is not None:
+        o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
+    o.variant = _pb.LINEAR if linear else _pb.SOFTMAX
+    r.outputs.lse = bool(lse)
+    r.outputs.weights = bool(weights)
+    r.outputs.top_k = int(top_k)
+    return r
+
+
+class Client:
+    """A connection to one attnserve target ("host:port")."""
+
+    def __init__(self, target, *, timeout=30.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                 credentials=None, options=()):
+        """credentials: grpc.ChannelCredentials for TLS; None is plaintext.
+        timeout: default deadline in seconds of every call."""
+        channel_options = [("grpc.max_receive_message_length", max_message_bytes),
+                           ("grpc.max_send_message_length", max_message_bytes), *options]
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=channel_options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        self.target = target
+        self.timeout = timeout
+        self._stub = _pb_grpc.AttentionServiceStub(self._channel)
+        self._health = _health_grpc.HealthStub(self._channel)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def attend(self, q, k, v, *, timeout=None, metadata=None, **options):
+        """One attention computation; options as in build_request.
+
+        Returns an AttendResult. Raises grpc.RpcError on any error.
+        """
+        return self.attend_proto(build_request(q, k, v, **options), timeout=timeout,
+                                 metadata=metadata)
+
+    def attend_proto(self, request, *, timeout=None, metadata=None):
+        """Sends a ready AttendRequest proto; returns an AttendResult."""
+        response = self._stub.Attend(request, timeout=timeout or self.timeout,
+                                     metadata=metadata)
+        return result_from_proto(response)
+
+    def attend_stream(self, requests, *, timeout=None, metadata=None):
+        """Sends AttendRequest protos on one AttendStream; yields AttendResults
+        as they come (possibly out of order; match on request_id)."""
+        for response in self._stub.AttendStream(iter(requests), timeout=timeout,
+                                                metadata=metadata):
+            yield result_from_proto(response)
+
+    def server_info(self, *, timeout=None):
+        """The ServerInfo proto: version, backends, dtypes, limits."""
+        return self._stub.GetServerInfo(_pb.GetServerInfoRequest(),
+                                        timeout=timeout or self.timeout)
+
+    def health(self, service="", *, timeout=None):
+        """grpc.health.v1 status name: 'SERVING', 'NOT_SERVING', ..."""
+        response = self._health.Check(_health_pb.HealthCheckRequest(service=service),
+                                      timeout=timeout or self.timeout)
+        return _health_pb.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout=30.0):
+        """Polls health until SERVING; raises TimeoutError after `timeout` s."""
+        give_up = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < give_up:
+            try:
+                status = self.health(timeout=min(1.0, max(0.05, give_up - time.monotonic())))
+                if status == "SERVING":
+                    return
+                last = status
+            except grpc.RpcError as e:
+                last = e.code()
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.target} not SERVING after {timeout} s (last: {last})")
