@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "backends/onednn/onednn_backend.h"
 #include "backends/reference_backend.h"
 
 namespace attnserve {
@@ -18,6 +19,7 @@ struct Entry {
 const std::vector<Entry>& Entries() {
   static const auto* entries = new std::vector<Entry>{
       {"reference", CreateReferenceBackend},
+      {"onednn", CreateOnednnBackend},
   };
   return *entries;
 }
