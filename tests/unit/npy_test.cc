@@ -171,6 +171,24 @@ TEST(NpyTest, RejectsMalformedFiles) {
   }
 }
 
+TEST(NpyTest, EveryTruncationAndHeaderByteFlipFailsCleanly) {
+  const std::string good =
+      NpyBytes(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }", Bytes<float>({1, 2}));
+  ASSERT_TRUE(ParseNpy(good).ok());
+  for (size_t n = 0; n < good.size(); ++n) {
+    EXPECT_EQ(ParseNpy(good.substr(0, n)).status().code(), absl::StatusCode::kInvalidArgument) << n;
+  }
+  // Any byte of the header replaced: either still a valid file or an error, never a crash.
+  for (size_t i = 0; i < good.size() - 8; ++i) {
+    for (char c : {'\0', '(', ')', ',', '\'', '9', '{', '}', '\xff'}) {
+      std::string bytes = good;
+      bytes[i] = c;
+      absl::StatusOr<Tensor> t = ParseNpy(bytes);
+      if (t.ok()) EXPECT_EQ(t->data.size(), static_cast<size_t>(t->num_elements()) * DTypeSize(t->dtype));
+    }
+  }
+}
+
 TEST(NpyTest, MissingFileIsNotFoundAndMessageNamesThePath) {
   absl::StatusOr<Tensor> t = ReadNpy(TempPath("does_not_exist.npy"));
   EXPECT_EQ(t.status().code(), absl::StatusCode::kNotFound);
