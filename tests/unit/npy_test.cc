@@ -184,7 +184,9 @@ TEST(NpyTest, EveryTruncationAndHeaderByteFlipFailsCleanly) {
       std::string bytes = good;
       bytes[i] = c;
       absl::StatusOr<Tensor> t = ParseNpy(bytes);
-      if (t.ok()) EXPECT_EQ(t->data.size(), static_cast<size_t>(t->num_elements()) * DTypeSize(t->dtype));
+      if (t.ok()) {
+        EXPECT_EQ(t->data.size(), static_cast<size_t>(t->num_elements()) * DTypeSize(t->dtype));
+      }
     }
   }
 }
