@@ -230,6 +230,17 @@ std::vector<RequestSpec> Cases() {
     s.outputs = {.lse = true, .weights = true, .top_k = 3};
     c.push_back(s);
   }
+  // --- Long enough that tiled backends split the query rows into several
+  // chunks whose visible key spans differ.
+  {
+    RequestSpec s = Sized("chunked_lq300_lk1000_causal_window", 300, 1000, 64, 2, 1);
+    s.batch = 2;
+    s.key_lengths = {1000, 517};
+    s.options.causal = true;
+    s.options.window_left = 300;
+    s.outputs.lse = true;
+    c.push_back(s);
+  }
   // --- Everything at odd sizes.
   {
     RequestSpec s = Sized("everything_lq130_lk130_d80_mqa", 130, 130, 80, 4, 1);

@@ -1,0 +1,220 @@
+// Batch invariance (DESIGN.md, kernel boundary): for every registered backend a
+// request's outputs are bitwise the same whether it runs alone or inside
+// batches of any composition and order, and whatever the backend's thread count.
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "attention/job.h"
+#include "backends/registry.h"
+#include "gtest/gtest.h"
+#include "random_request.h"
+
+namespace attnserve {
+namespace {
+
+// A mix of shapes, options and dtypes. Heads and batch rows give a threaded
+// backend several work items per request; window_long is long enough that
+// tiled backends split its query rows too.
+std::vector<RequestSpec> Specs() {
+  std::vector<RequestSpec> specs;
+  RequestSpec s;
+  s.name = "gqa_causal_lse";
+  s.batch = 2;
+  s.seqlen_q = 33;
+  s.seqlen_k = 65;
+  s.heads_q = 8;
+  s.heads_kv = 2;
+  s.head_dim = 64;
+  s.options.causal = true;
+  s.outputs.lse = true;
+  specs.push_back(s);
+
+  s = RequestSpec();
+  s.name = "window_long";
+  s.seqlen_q = 270;
+  s.seqlen_k = 1000;
+  s.heads_q = 1;
+  s.heads_kv = 1;
+  s.head_dim = 32;
+  s.options.window_left = 100;
+  s.options.window_right = 20;
+  specs.push_back(s);
+
+  s = RequestSpec();
+  s.name = "decode_key_lengths";
+  s.batch = 3;
+  s.seqlen_q = 1;
+  s.seqlen_k = 130;
+  s.heads_q = 8;
+  s.heads_kv = 1;
+  s.head_dim = 128;
+  s.key_lengths = {130, 0, 77};
+  s.outputs.top_k = 4;
+  specs.push_back(s);
+
+  s = RequestSpec();
+  s.name = "linear_causal";
+  s.seqlen_q = 65;
+  s.seqlen_k = 65;
+  s.heads_q = 4;
+  s.heads_kv = 4;
+  s.head_dim = 32;
+  s.options.variant = Variant::kLinear;
+  s.options.causal = true;
+  specs.push_back(s);
+
+  s = RequestSpec();
+  s.name = "bias_alibi_softcap_weights";
+  s.batch = 2;
+  s.seqlen_q = 17;
+  s.seqlen_k = 40;
+  s.heads_q = 4;
+  s.heads_kv = 2;
+  s.head_dim = 32;
+  s.options.softcap = 10.f;
+  s.options.alibi_slopes = AlibiSlopes(4);
+  s.bias_shape = std::vector<int64_t>{2, 1, 17, 40};
+  s.bias_masks = true;
+  s.outputs.weights = true;
+  specs.push_back(s);
+  return specs;
+}
+
+// Every output's bytes, to compare bitwise.
+std::vector<std::string> OutputBytes(const AttentionJob& job) {
+  return {job.output.data, job.lse.data, job.weights.data, job.top_k_indices.data,
+          job.top_k_weights.data};
+}
+
+struct Workload {
+  std::vector<std::unique_ptr<RandomRequest>> requests;  // one per (spec, dtype)
+  std::vector<std::string> names;
+};
+
+Workload MakeWorkload(uint64_t seed) {
+  Workload w;
+  const std::vector<RequestSpec> specs = Specs();
+  for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
+    for (size_t i = 0; i < specs.size(); ++i) {
+      w.requests.push_back(std::make_unique<RandomRequest>(specs[i], dtype, seed + i));
+      w.names.push_back(absl::StrCat(specs[i].name, "/", DTypeName(dtype)));
+    }
+  }
+  return w;
+}
+
+class BatchInvarianceTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    auto one = CreateBackend(GetParam(), BackendOptions{.threads = 1});
+    if (one.status().code() == absl::StatusCode::kFailedPrecondition) {
+      GTEST_SKIP() << "backend " << GetParam() << " cannot start here: " << one.status();
+    }
+    ASSERT_TRUE(one.ok()) << one.status();
+    auto two = CreateBackend(GetParam(), BackendOptions{.threads = 2});
+    ASSERT_TRUE(two.ok()) << two.status();
+    single_thread_ = *std::move(one);
+    two_threads_ = *std::move(two);
+  }
+
+  // Runs `indices` of `w` as one batch; returns the outputs per index (empty
+  // for a request the backend does not support).
+  std::vector<std::vector<std::string>> RunBatch(Backend& backend, const Workload& w,
+                                                 const std::vector<size_t>& indices) {
+    std::vector<std::unique_ptr<AttentionJob>> jobs;
+    std::vector<AttentionParams> batch;
+    std::vector<size_t> ran;
+    for (size_t i : indices) {
+      auto job = PrepareAttention(w.requests[i]->request());
+      EXPECT_TRUE(job.ok()) << w.names[i] << ": " << job.status();
+      if (!job.ok() || !backend.Supports((*job)->params).ok()) continue;
+      batch.push_back((*job)->params);
+      jobs.push_back(*std::move(job));
+      ran.push_back(i);
+    }
+    EXPECT_TRUE(backend.Run(batch).ok());
+    std::vector<std::vector<std::string>> out(w.requests.size());
+    for (size_t j = 0; j < jobs.size(); ++j) out[ran[j]] = OutputBytes(*jobs[j]);
+    return out;
+  }
+
+  std::unique_ptr<Backend> single_thread_;
+  std::unique_ptr<Backend> two_threads_;
+};
+
+void ExpectSameBytes(const Workload& w, const std::vector<std::vector<std::string>>& alone,
+                     const std::vector<std::vector<std::string>>& batched, const std::string& how) {
+  for (size_t i = 0; i < w.requests.size(); ++i) {
+    if (alone[i].empty() || batched[i].empty()) continue;
+    static const char* kOutputs[] = {"output", "lse", "weights", "top_k_indices",
+                                     "top_k_weights"};
+    for (size_t o = 0; o < alone[i].size(); ++o) {
+      EXPECT_TRUE(alone[i][o] == batched[i][o])
+          << w.names[i] << ": " << kOutputs[o] << " differs bitwise " << how;
+    }
+  }
+}
+
+TEST_P(BatchInvarianceTest, AloneEqualsAnyBatchComposition) {
+  const Workload w = MakeWorkload(7);
+  const Workload others = MakeWorkload(99);  // same shapes, different data
+  const size_t n = w.requests.size();
+
+  std::vector<std::vector<std::string>> alone(n);
+  for (size_t i = 0; i < n; ++i) alone[i] = RunBatch(*two_threads_, w, {i})[i];
+
+  std::vector<size_t> all(n), reversed(n);
+  for (size_t i = 0; i < n; ++i) all[i] = i, reversed[i] = n - 1 - i;
+  ExpectSameBytes(w, alone, RunBatch(*two_threads_, w, all), "in a batch of all");
+  ExpectSameBytes(w, alone, RunBatch(*two_threads_, w, reversed), "in the reversed batch");
+  std::vector<size_t> odd, repeated;
+  for (size_t i = 1; i < n; i += 2) odd.push_back(i);
+  ExpectSameBytes(w, alone, RunBatch(*two_threads_, w, odd), "in a batch of every other");
+  for (size_t i = 0; i < n; ++i) repeated.insert(repeated.end(), {i, (i + 3) % n, i});
+  ExpectSameBytes(w, alone, RunBatch(*two_threads_, w, repeated), "beside repeats");
+
+  // Batched with other requests' data: merge both workloads into one batch.
+  std::vector<std::vector<std::string>> with_others;
+  {
+    std::vector<std::unique_ptr<AttentionJob>> jobs;
+    std::vector<AttentionParams> batch;
+    std::vector<size_t> ran;
+    for (size_t i = 0; i < n; ++i) {
+      for (const Workload* source : {&others, &w}) {
+        auto job = PrepareAttention(source->requests[n - 1 - i]->request());
+        ASSERT_TRUE(job.ok()) << job.status();
+        if (!two_threads_->Supports((*job)->params).ok()) continue;
+        batch.push_back((*job)->params);
+        jobs.push_back(*std::move(job));
+        ran.push_back(source == &w ? n - 1 - i : n);  // n: a request of `others`
+      }
+    }
+    ASSERT_TRUE(two_threads_->Run(batch).ok());
+    with_others.assign(n, {});
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      if (ran[j] < n) with_others[ran[j]] = OutputBytes(*jobs[j]);
+    }
+  }
+  ExpectSameBytes(w, alone, with_others, "interleaved with other requests");
+}
+
+TEST_P(BatchInvarianceTest, OneThreadEqualsTwoThreads) {
+  const Workload w = MakeWorkload(11);
+  std::vector<size_t> all(w.requests.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  ExpectSameBytes(w, RunBatch(*single_thread_, w, all), RunBatch(*two_threads_, w, all),
+                  "with 2 threads than with 1");
+}
+
+INSTANTIATE_TEST_SUITE_P(AllBackends, BatchInvarianceTest,
+                         ::testing::ValuesIn(AvailableBackends()),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return info.param;
+                         });
+
+}  // namespace
+}  // namespace attnserve
