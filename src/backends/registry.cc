@@ -6,6 +6,9 @@
 #include "absl/strings/str_join.h"
 #include "backends/onednn/onednn_backend.h"
 #include "backends/reference_backend.h"
+#ifdef ATTNSERVE_HAVE_CUDA
+#include "backends/cuda/cuda_backend.h"
+#endif
 
 namespace attnserve {
 namespace {
@@ -20,6 +23,9 @@ const std::vector<Entry>& Entries() {
   static const auto* entries = new std::vector<Entry>{
       {"reference", CreateReferenceBackend},
       {"onednn", CreateOnednnBackend},
+#ifdef ATTNSERVE_HAVE_CUDA
+      {"cuda", CreateCudaBackend},
+#endif
   };
   return *entries;
 }
