@@ -30,10 +30,12 @@ using Dims = memory::dims;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// A work item computes `rows` query rows of every query head sharing one kv head.
-// Its score tile is rows x (a span of keys); rows is chosen so a full-length tile
-// holds about 2^18 floats (1 MiB, L2-sized): Lk = 512 gives 512 rows, Lk = 8192
-// gives 32. It depends on the request's shape only, never on the batch.
+// A work item computes `rows` query rows of the `group_size` query heads sharing
+// one kv head, stacked into one matrix so K and V are read once per group. Its
+// score tile is (rows·group) x (a span of keys); rows is chosen so a full-length
+// tile holds about 2^18 floats (1 MiB, L2-sized): Lk = 512, no GQA gives 512
+// rows; Lk = 2048 with 4 heads per group gives 32. It depends on the request's
+// shape only, never on the batch or the thread count.
 constexpr int64_t kTileFloats = int64_t{1} << 18;
 // Key spans are rounded up to a multiple of this, so causal chunks (whose span
 // grows with the row) share a few primitive shapes instead of one each.
@@ -41,7 +43,8 @@ constexpr int64_t kKeySpanQuantum = 64;
 constexpr size_t kPrimitiveCacheCapacity = 256;
 
 int64_t ChunkRows(const AttentionParams& p) {
-  const int64_t rows = std::max<int64_t>(1, kTileFloats / std::max<int32_t>(p.seqlen_k, 1));
+  const int64_t rows = std::max<int64_t>(
+      1, kTileFloats / (int64_t{std::max<int32_t>(p.seqlen_k, 1)} * p.group_size));
   return std::min<int64_t>(rows, p.seqlen_q);
 }
 
@@ -141,7 +144,7 @@ struct WorkItem {
 
 // Scratch of one OpenMP worker; reused across runs.
 struct ThreadScratch {
-  std::vector<float> scores, probs, tile;
+  std::vector<float> q_rows, o_rows, scores, probs, tile;
   std::vector<KeyRange> ranges;
   std::vector<float> row_max;
   std::vector<int32_t> row_argmax;
@@ -149,7 +152,8 @@ struct ThreadScratch {
   std::vector<uint8_t> scratchpad;
 
   int64_t bytes() const {
-    return int64_t(scores.capacity() + probs.capacity() + tile.capacity() + row_max.capacity()) *
+    return int64_t(q_rows.capacity() + o_rows.capacity() + scores.capacity() +
+                   probs.capacity() + tile.capacity() + row_max.capacity()) *
                4 +
            int64_t(ranges.capacity() * sizeof(KeyRange)) +
            int64_t(row_argmax.capacity() + order.capacity()) * 4 +
@@ -306,8 +310,17 @@ void OnednnBackend::ComputeItem(const F32Request& r, const WorkItem& item, Threa
   const AttentionParams& p = *r.p;
   const int64_t b = item.b;
   const int64_t m = item.rows;
+  const int64_t group = p.group_size;
+  const int64_t rows = m * group;  // matrix row (i, g) = i * group + g
   const int64_t lk = p.seqlen_k;
+  const int64_t dk = p.head_dim;
+  const int64_t dv = p.value_dim;
   const bool linear = p.variant == Variant::kLinear;
+  const int64_t h0 = int64_t{item.kv_head} * group;
+  // Row of lse/weights/top-k ([B, Hq, Lq]) for matrix row (i, g).
+  auto stat_row = [&](int64_t i, int64_t g) {
+    return (b * p.num_heads_q + h0 + g) * p.seqlen_q + item.row0 + i;
+  };
 
   // Keys any row of the chunk sees, then widened to a quantum of the span.
   Grow(ts.ranges, m);
@@ -318,75 +331,11 @@ void OnednnBackend::ComputeItem(const F32Request& r, const WorkItem& item, Threa
     kb = std::min(kb, ts.ranges[i].begin);
     ke = std::max(ke, ts.ranges[i].end);
   }
-  const bool all_masked = kb >= ke;
-  int64_t n = 0;
-  bool masked = false;
-  if (!all_masked) {
-    n = std::min(lk, (ke - kb + kKeySpanQuantum - 1) / kKeySpanQuantum * kKeySpanQuantum);
-    kb = std::min(kb, lk - n);
+  if (kb >= ke) {  // every row fully masked: output 0, lse -inf, no weights
     for (int64_t i = 0; i < m; ++i) {
-      masked |= ts.ranges[i].begin > kb || ts.ranges[i].end < kb + n;
-    }
-  }
-  const bool has_tile = !linear && (masked || p.bias != nullptr || p.alibi_slopes != nullptr);
-  const bool need_scan = has_tile || p.lse != nullptr || p.top_k > 0;
-
-  std::shared_ptr<const CachedPrimitive> scores_prim, softmax_prim, output_prim;
-  if (!all_masked) {
-    PrimitiveKey sk;
-    sk.kind = PrimitiveKind::kScores;
-    sk.m = m;
-    sk.n = n;
-    sk.k = p.head_dim;
-    sk.ld_src = r.q_rs;
-    sk.ld_wei = r.k_rs;
-    sk.ld_dst = n;
-    sk.softcap = linear ? 0.f : p.softcap;
-    sk.has_tile = has_tile;
-    scores_prim = GetPrimitive(sk);
-    if (!linear) {
-      PrimitiveKey xk;
-      xk.kind = PrimitiveKind::kSoftmax;
-      xk.m = m;
-      xk.n = n;
-      softmax_prim = GetPrimitive(xk);
-    }
-    PrimitiveKey ok;
-    ok.kind = PrimitiveKind::kOutput;
-    ok.m = m;
-    ok.n = p.value_dim;
-    ok.k = n;
-    ok.ld_src = n;
-    ok.ld_wei = r.v_rs;
-    ok.ld_dst = r.o_rs;
-    output_prim = GetPrimitive(ok);
-
-    const int64_t before = ts.bytes();
-    Grow(ts.scores, m * n);
-    Grow(ts.probs, m * n);
-    if (has_tile) Grow(ts.tile, m * n);
-    Grow(ts.row_max, m);
-    Grow(ts.row_argmax, m);
-    if (p.top_k > 0) Grow(ts.order, n);
-    scratch_bytes_.fetch_add(ts.bytes() - before, std::memory_order_relaxed);
-  }
-
-  const auto f32 = memory::data_type::f32;
-  const float scale = linear ? 1.f : (p.softcap > 0.f ? p.scale / p.softcap : p.scale);
-  const memory::desc scale_md({1}, f32, Dims{1});
-  const memory::desc tile_md =
-      all_masked ? memory::desc() : memory::desc({m, n}, f32, Dims{n, 1});
-  float scale_value = scale;
-
-  for (int64_t g = 0; g < p.group_size; ++g) {
-    const int64_t h = int64_t{item.kv_head} * p.group_size + g;
-    float* out = r.o + b * r.o_bs + int64_t{item.row0} * r.o_rs + h * r.o_hs;
-    const int64_t stat_row0 = (b * p.num_heads_q + h) * p.seqlen_q + item.row0;
-
-    if (all_masked) {  // fully masked rows: output 0, lse -inf, no weights
-      for (int64_t i = 0; i < m; ++i) std::fill_n(out + i * r.o_rs, p.value_dim, 0.f);
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t row = stat_row0 + i;
+      for (int64_t g = 0; g < group; ++g) {
+        std::fill_n(r.o + b * r.o_bs + (item.row0 + i) * r.o_rs + (h0 + g) * r.o_hs, dv, 0.f);
+        const int64_t row = stat_row(i, g);
         if (p.lse != nullptr) p.lse[row] = kNegInf;
         if (p.weights != nullptr) std::fill_n(p.weights + row * lk, lk, 0.f);
         if (p.top_k > 0) {
@@ -394,123 +343,186 @@ void OnednnBackend::ComputeItem(const F32Request& r, const WorkItem& item, Threa
           std::fill_n(p.top_k_weights + row * p.top_k, p.top_k, 0.f);
         }
       }
-      continue;
     }
+    return;
+  }
+  const int64_t n = std::min(lk, (ke - kb + kKeySpanQuantum - 1) / kKeySpanQuantum * kKeySpanQuantum);
+  kb = std::min(kb, lk - n);
+  bool masked = false;
+  for (int64_t i = 0; i < m; ++i) {
+    masked |= ts.ranges[i].begin > kb || ts.ranges[i].end < kb + n;
+  }
+  const bool has_tile = !linear && (masked || p.bias != nullptr || p.alibi_slopes != nullptr);
+  const bool need_scan = has_tile || p.lse != nullptr || p.top_k > 0;
 
-    if (has_tile) {  // masks (-inf), ALiBi and the bias as one additive tile
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t qi = item.row0 + i;
-        const KeyRange& range = ts.ranges[i];
-        float* t = ts.tile.data() + i * n;
+  PrimitiveKey sk;
+  sk.kind = PrimitiveKind::kScores;
+  sk.m = rows;
+  sk.n = n;
+  sk.k = dk;
+  sk.ld_src = dk;
+  sk.ld_wei = r.k_rs;
+  sk.ld_dst = n;
+  sk.softcap = linear ? 0.f : p.softcap;
+  sk.has_tile = has_tile;
+  const auto scores_prim = GetPrimitive(sk);
+  std::shared_ptr<const CachedPrimitive> softmax_prim;
+  if (!linear) {
+    PrimitiveKey xk;
+    xk.kind = PrimitiveKind::kSoftmax;
+    xk.m = rows;
+    xk.n = n;
+    softmax_prim = GetPrimitive(xk);
+  }
+  PrimitiveKey ok;
+  ok.kind = PrimitiveKind::kOutput;
+  ok.m = rows;
+  ok.n = dv;
+  ok.k = n;
+  ok.ld_src = n;
+  ok.ld_wei = r.v_rs;
+  ok.ld_dst = dv;
+  const auto output_prim = GetPrimitive(ok);
+
+  const int64_t before = ts.bytes();
+  Grow(ts.q_rows, rows * dk);
+  Grow(ts.o_rows, rows * dv);
+  Grow(ts.scores, rows * n);
+  Grow(ts.probs, rows * n);
+  if (has_tile) Grow(ts.tile, rows * n);
+  Grow(ts.row_max, rows);
+  Grow(ts.row_argmax, rows);
+  if (p.top_k > 0) Grow(ts.order, n);
+  scratch_bytes_.fetch_add(ts.bytes() - before, std::memory_order_relaxed);
+
+  // The group's query heads share K and V: stack their rows into one matrix.
+  for (int64_t i = 0; i < m; ++i) {
+    const float* q = r.q + b * r.q_bs + (item.row0 + i) * r.q_rs + h0 * r.q_hs;
+    for (int64_t g = 0; g < group; ++g) {
+      std::memcpy(ts.q_rows.data() + (i * group + g) * dk, q + g * r.q_hs, dk * sizeof(float));
+    }
+  }
+
+  if (has_tile) {  // masks (-inf), ALiBi and the bias as one additive tile
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t qi = item.row0 + i;
+      const KeyRange& range = ts.ranges[i];
+      for (int64_t g = 0; g < group; ++g) {
+        float* t = ts.tile.data() + (i * group + g) * n;
         for (int64_t j = 0; j < n; ++j) {
           const int64_t key = kb + j;
           t[j] = key >= range.begin && key < range.end
-                     ? AlibiBias(p, b, h, qi, key) + BiasAt(p, b, h, qi, key)
+                     ? AlibiBias(p, b, h0 + g, qi, key) + BiasAt(p, b, h0 + g, qi, key)
                      : kNegInf;
         }
       }
     }
+  }
 
-    // S = scale·Q·Kᵀ (+ softcap, + tile).
-    {
-      const float* q = r.q + b * r.q_bs + int64_t{item.row0} * r.q_rs + h * r.q_hs;
-      const float* k = r.k + b * r.k_bs + kb * r.k_rs + int64_t{item.kv_head} * r.k_hs;
-      std::unordered_map<int, memory> args = {
-          {DNNL_ARG_SRC,
-           memory(memory::desc({m, p.head_dim}, f32, Dims{r.q_rs, 1}), engine_,
-                  const_cast<float*>(q))},
-          {DNNL_ARG_WEIGHTS,
-           memory(memory::desc({p.head_dim, n}, f32, Dims{1, r.k_rs}), engine_,
-                  const_cast<float*>(k))},
-          {DNNL_ARG_DST, memory(tile_md, engine_, ts.scores.data())},
-          {DNNL_ARG_ATTR_OUTPUT_SCALES, memory(scale_md, engine_, &scale_value)},
-      };
-      if (has_tile) {
-        const int post_op = p.softcap > 0.f ? 2 : 0;
-        args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1,
-                     memory(tile_md, engine_, ts.tile.data()));
-      }
-      Execute(*scores_prim, std::move(args), ts, stream);
+  const auto f32 = memory::data_type::f32;
+  const memory::desc scores_md({rows, n}, f32, Dims{n, 1});
+  float scale = linear ? 1.f : (p.softcap > 0.f ? p.scale / p.softcap : p.scale);
+
+  // S = scale·Q·Kᵀ (+ softcap, + tile).
+  {
+    const float* k = r.k + b * r.k_bs + kb * r.k_rs + int64_t{item.kv_head} * r.k_hs;
+    std::unordered_map<int, memory> args = {
+        {DNNL_ARG_SRC, memory(memory::desc({rows, dk}, f32, Dims{dk, 1}), engine_,
+                              ts.q_rows.data())},
+        {DNNL_ARG_WEIGHTS, memory(memory::desc({dk, n}, f32, Dims{1, r.k_rs}), engine_,
+                                  const_cast<float*>(k))},
+        {DNNL_ARG_DST, memory(scores_md, engine_, ts.scores.data())},
+        {DNNL_ARG_ATTR_OUTPUT_SCALES, memory(memory::desc({1}, f32, Dims{1}), engine_, &scale)},
+    };
+    if (has_tile) {
+      const int post_op = p.softcap > 0.f ? 2 : 0;  // after tanh and the cap multiply
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(post_op) | DNNL_ARG_SRC_1,
+                   memory(scores_md, engine_, ts.tile.data()));
     }
+    Execute(*scores_prim, std::move(args), ts, stream);
+  }
 
-    if (linear) {
-      // Weights are φ(q)·φ(k) over the visible keys, normalised per row.
-      for (int64_t i = 0; i < m; ++i) {
-        const float* s = ts.scores.data() + i * n;
-        float* pr = ts.probs.data() + i * n;
-        const int64_t lo = ts.ranges[i].empty() ? 0 : ts.ranges[i].begin - kb;
-        const int64_t hi = ts.ranges[i].empty() ? 0 : ts.ranges[i].end - kb;
-        double sum = 0;
-        for (int64_t j = lo; j < hi; ++j) sum += s[j];
-        std::fill_n(pr, n, 0.f);
-        if (sum > 0) {
-          const float inv = static_cast<float>(1.0 / sum);
-          for (int64_t j = lo; j < hi; ++j) pr[j] = s[j] * inv;
-        }
+  if (linear) {
+    // Weights are φ(q)·φ(k) over the visible keys, normalised per row.
+    for (int64_t row = 0; row < rows; ++row) {
+      const KeyRange& range = ts.ranges[row / group];
+      const float* s = ts.scores.data() + row * n;
+      float* pr = ts.probs.data() + row * n;
+      const int64_t lo = range.empty() ? 0 : range.begin - kb;
+      const int64_t hi = range.empty() ? 0 : range.end - kb;
+      double sum = 0;
+      for (int64_t j = lo; j < hi; ++j) sum += s[j];
+      std::fill_n(pr, n, 0.f);
+      if (sum > 0) {
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int64_t j = lo; j < hi; ++j) pr[j] = s[j] * inv;
       }
-    } else {
-      if (need_scan) {
-        for (int64_t i = 0; i < m; ++i) {
-          const float* s = ts.scores.data() + i * n;
-          const float* best = std::max_element(s, s + n);
-          ts.row_max[i] = *best;
-          ts.row_argmax[i] = static_cast<int32_t>(best - s);
-        }
+    }
+  } else {
+    if (need_scan) {
+      for (int64_t row = 0; row < rows; ++row) {
+        const float* s = ts.scores.data() + row * n;
+        const float* best = std::max_element(s, s + n);
+        ts.row_max[row] = *best;
+        ts.row_argmax[row] = static_cast<int32_t>(best - s);
       }
-      Execute(*softmax_prim,
-              {{DNNL_ARG_SRC, memory(tile_md, engine_, ts.scores.data())},
-               {DNNL_ARG_DST, memory(tile_md, engine_, ts.probs.data())}},
-              ts, stream);
-      if (need_scan) {
-        for (int64_t i = 0; i < m; ++i) {
-          float* pr = ts.probs.data() + i * n;
-          const bool fully_masked = ts.row_max[i] == kNegInf;
-          if (fully_masked) std::fill_n(pr, n, 0.f);  // softmax of all -inf is NaN
-          const int64_t row = stat_row0 + i;
-          if (p.lse != nullptr) {
-            // P at the arg-max is exp(0)/Σ, so lse = max + log Σ = max - log P[argmax].
-            p.lse[row] = fully_masked ? kNegInf : ts.row_max[i] - std::log(pr[ts.row_argmax[i]]);
-          }
-          if (p.top_k > 0) {
-            const float* s = ts.scores.data() + i * n;
-            int32_t count = 0;
-            for (int32_t j = 0; j < n; ++j) {
-              if (!fully_masked && s[j] != kNegInf) ts.order[count++] = j;
-            }
-            const int32_t take = std::min<int32_t>(count, p.top_k);
-            std::partial_sort(ts.order.begin(), ts.order.begin() + take,
-                              ts.order.begin() + count, [pr](int32_t a, int32_t c) {
-                                return pr[a] > pr[c] || (pr[a] == pr[c] && a < c);
-                              });
-            for (int32_t t = 0; t < p.top_k; ++t) {
-              const bool present = t < take;
-              p.top_k_indices[row * p.top_k + t] =
-                  present ? static_cast<int32_t>(kb + ts.order[t]) : -1;
-              p.top_k_weights[row * p.top_k + t] = present ? pr[ts.order[t]] : 0.f;
-            }
-          }
+    }
+    Execute(*softmax_prim,
+            {{DNNL_ARG_SRC, memory(scores_md, engine_, ts.scores.data())},
+             {DNNL_ARG_DST, memory(scores_md, engine_, ts.probs.data())}},
+            ts, stream);
+    for (int64_t row = 0; row < rows && (need_scan || p.weights != nullptr); ++row) {
+      float* pr = ts.probs.data() + row * n;
+      const int64_t out_row = stat_row(row / group, row % group);
+      const bool fully_masked = need_scan && ts.row_max[row] == kNegInf;
+      if (fully_masked) std::fill_n(pr, n, 0.f);  // softmax of all -inf is NaN
+      if (p.lse != nullptr) {
+        // P at the arg-max is exp(0)/Σ, so lse = max + log Σ = max - log P[argmax].
+        p.lse[out_row] =
+            fully_masked ? kNegInf : ts.row_max[row] - std::log(pr[ts.row_argmax[row]]);
+      }
+      if (p.top_k > 0) {
+        const float* s = ts.scores.data() + row * n;
+        int32_t count = 0;
+        for (int32_t j = 0; j < n; ++j) {
+          if (!fully_masked && s[j] != kNegInf) ts.order[count++] = j;
+        }
+        const int32_t take = std::min<int32_t>(count, p.top_k);
+        std::partial_sort(ts.order.begin(), ts.order.begin() + take, ts.order.begin() + count,
+                          [pr](int32_t a, int32_t c) {
+                            return pr[a] > pr[c] || (pr[a] == pr[c] && a < c);
+                          });
+        for (int32_t t = 0; t < p.top_k; ++t) {
+          const bool present = t < take;
+          p.top_k_indices[out_row * p.top_k + t] =
+              present ? static_cast<int32_t>(kb + ts.order[t]) : -1;
+          p.top_k_weights[out_row * p.top_k + t] = present ? pr[ts.order[t]] : 0.f;
         }
       }
       if (p.weights != nullptr) {
-        for (int64_t i = 0; i < m; ++i) {
-          float* w = p.weights + (stat_row0 + i) * lk;
-          std::fill_n(w, kb, 0.f);
-          std::memcpy(w + kb, ts.probs.data() + i * n, n * sizeof(float));
-          std::fill(w + kb + n, w + lk, 0.f);
-        }
+        float* w = p.weights + out_row * lk;
+        std::fill_n(w, kb, 0.f);
+        std::memcpy(w + kb, pr, n * sizeof(float));
+        std::fill(w + kb + n, w + lk, 0.f);
       }
     }
+  }
 
-    // O = P·V.
-    {
-      const float* v = r.v + b * r.v_bs + kb * r.v_rs + int64_t{item.kv_head} * r.v_hs;
-      Execute(*output_prim,
-              {{DNNL_ARG_SRC, memory(tile_md, engine_, ts.probs.data())},
-               {DNNL_ARG_WEIGHTS, memory(memory::desc({n, p.value_dim}, f32, Dims{r.v_rs, 1}),
-                                         engine_, const_cast<float*>(v))},
-               {DNNL_ARG_DST, memory(memory::desc({m, p.value_dim}, f32, Dims{r.o_rs, 1}),
-                                     engine_, out)}},
-              ts, stream);
+  // O = P·V, then each row back to its (query row, head).
+  {
+    const float* v = r.v + b * r.v_bs + kb * r.v_rs + int64_t{item.kv_head} * r.v_hs;
+    Execute(*output_prim,
+            {{DNNL_ARG_SRC, memory(scores_md, engine_, ts.probs.data())},
+             {DNNL_ARG_WEIGHTS, memory(memory::desc({n, dv}, f32, Dims{r.v_rs, 1}), engine_,
+                                       const_cast<float*>(v))},
+             {DNNL_ARG_DST,
+              memory(memory::desc({rows, dv}, f32, Dims{dv, 1}), engine_, ts.o_rows.data())}},
+            ts, stream);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    float* o = r.o + b * r.o_bs + (item.row0 + i) * r.o_rs + h0 * r.o_hs;
+    for (int64_t g = 0; g < group; ++g) {
+      std::memcpy(o + g * r.o_hs, ts.o_rows.data() + (i * group + g) * dv, dv * sizeof(float));
     }
   }
 }
