@@ -94,14 +94,17 @@ void ExpectNear(const std::string& what, const Tensor& got, const Tensor& want, 
   }
 }
 
-void ExpectSameAsReference(const Case& c) {
-  SCOPED_TRACE(c.name);
+void ExpectSameAsReference(const Case& c, std::string_view isa) {
+  SCOPED_TRACE(c.name + " on " + std::string(isa));
   auto in = MakeInputs(c, 1234);
   auto want = Prepare(*in);
   auto got = Prepare(*in);
   ASSERT_TRUE(want && got);
   RunReferenceAttention(want->params);
-  auto backend = MakeCpu(2);
+  auto created = CreateCpuBackendWithIsa(BackendOptions{.threads = 2}, isa);
+  if (absl::IsFailedPrecondition(created.status())) GTEST_SKIP() << created.status();
+  ASSERT_TRUE(created.ok()) << created.status();
+  std::unique_ptr<Backend> backend = *std::move(created);
   ASSERT_TRUE(backend->Supports(got->params).ok());
   ASSERT_TRUE(backend->Run({got->params}).ok());
 
@@ -175,9 +178,14 @@ std::vector<Case> Matrix() {
   return cases;
 }
 
-TEST(CpuBackendTest, MatchesReferenceOverOptionMatrix) {
-  for (const Case& c : Matrix()) ExpectSameAsReference(c);
+// Every kernel variant this CPU can run: the default one and the fallbacks.
+class CpuBackendIsaTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(CpuBackendIsaTest, MatchesReferenceOverOptionMatrix) {
+  for (const Case& c : Matrix()) ExpectSameAsReference(c, GetParam());
 }
+
+INSTANTIATE_TEST_SUITE_P(Isas, CpuBackendIsaTest, ::testing::Values("avx512", "avx2", "scalar"));
 
 TEST(CpuBackendTest, FullyMaskedRowsGiveZeroAndNegInfLse) {
   Case c{.name = "all masked", .B = 2, .Lq = 4, .Lk = 16, .Hq = 2, .Hkv = 1, .D = 32,

@@ -211,16 +211,34 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options) {
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackendWithIsa(const BackendOptions& options,
+                                                                 std::string_view isa) {
   if (options.threads < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("threads: expected >= 0, got ", options.threads));
   }
+  static constexpr const char* kIsas[] = {"avx512", "avx2", "scalar"};
+  const char* name = nullptr;
+  for (const char* known : kIsas) {
+    if (isa == known) name = known;
+  }
+  if (name == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "isa: expected avx512, avx2 or scalar, got \"", absl::string_view(isa.data(), isa.size()), "\""));
+  }
+  cpu::FlashTileFn fn = nullptr;
+  if (!cpu::FlashTileFnForIsa(name, &fn)) {
+    return absl::FailedPreconditionError(absl::StrCat("isa: this CPU cannot run ", name));
+  }
   int threads = options.threads;
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  return std::unique_ptr<Backend>(new CpuBackend(threads, fn, name));
+}
+
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options) {
   const char* isa = "scalar";
-  const cpu::FlashTileFn fn = cpu::SelectFlashTileFn(&isa);
-  return std::unique_ptr<Backend>(new CpuBackend(threads, fn, isa));
+  cpu::SelectFlashTileFn(&isa);
+  return CreateCpuBackendWithIsa(options, isa);
 }
 
 }  // namespace attnserve

@@ -15,6 +15,7 @@
 #define ATTNSERVE_BACKENDS_CPU_CPU_BACKEND_H_
 
 #include <memory>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "backends/backend.h"
@@ -24,6 +25,12 @@ namespace attnserve {
 // Creates the backend with `options.threads` threads (0: one per hardware
 // thread). Threads start here and live as long as the backend.
 absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options);
+
+// As CreateCpuBackend, with the kernel variant forced: "avx512", "avx2" or
+// "scalar" (for tests and benchmarks). FAILED_PRECONDITION when this CPU
+// cannot run it, INVALID_ARGUMENT for another name.
+absl::StatusOr<std::unique_ptr<Backend>> CreateCpuBackendWithIsa(const BackendOptions& options,
+                                                                 std::string_view isa);
 
 }  // namespace attnserve
 

@@ -23,16 +23,30 @@ int64_t FlashWorkspaceFloats(const AttentionParams& params) {
          RoundUp16(kKeyBlock * D) + RoundUp16(kKeyBlock * Dv);
 }
 
-FlashTileFn SelectFlashTileFn(const char** isa) {
+bool FlashTileFnForIsa(std::string_view isa, FlashTileFn* fn) {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
-    *isa = "avx512";
-    return &RunFlashTileAvx512;
+  if (isa == "avx512") {
+    *fn = &RunFlashTileAvx512;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    *isa = "avx2";
-    return &RunFlashTileAvx2;
+  if (isa == "avx2") {
+    *fn = &RunFlashTileAvx2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }
+  *fn = nullptr;
+  return isa == "scalar";
+}
+
+FlashTileFn SelectFlashTileFn(const char** isa) {
+  for (const char* name : {"avx512", "avx2"}) {
+    FlashTileFn fn;
+    if (FlashTileFnForIsa(name, &fn)) {
+      *isa = name;
+      return fn;
+    }
   }
   *isa = "scalar";
   return nullptr;

@@ -15,6 +15,7 @@
 #define ATTNSERVE_BACKENDS_CPU_FLASH_KERNEL_H_
 
 #include <cstdint>
+#include <string_view>
 
 #include "attention/params.h"
 
@@ -58,6 +59,10 @@ void RunFlashTileAvx2(const AttentionParams& params, const FlashTile& tile, floa
 // The best variant this CPU runs, or null when it has neither AVX-512 nor
 // AVX2+FMA (the caller then uses the scalar path). `isa` names it.
 FlashTileFn SelectFlashTileFn(const char** isa);
+
+// Whether this CPU runs the variant named "avx512", "avx2" or "scalar"; sets
+// *fn (null for "scalar"). False for an unknown name or a missing feature.
+bool FlashTileFnForIsa(std::string_view isa, FlashTileFn* fn);
 
 // Combines the partial results of `num_chunks` chunks of one tile (laid out
 // chunk after chunk, each `lanes` partials) in chunk order and writes the

@@ -1,0 +1,241 @@
+// attn_bench: times one attention shape on one backend and reports it against
+// what this machine can do (DESIGN.md "Benchmark shapes").
+//
+//   attn_bench --shape=P1 --backend=cpu --dtype=f32 --threads=2 --json
+//
+// Inputs are random and go through PrepareAttention like a served request;
+// backends are created by name. FLOPs are AttentionFlops (4·B·Hq·Lq·Lk·D,
+// halved for causal Lq == Lk); bytes count Q, K, V and the output once.
+#include <sys/resource.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_format.h"
+#include "attention/job.h"
+#include "backends/registry.h"
+#include "core/half.h"
+#include "machine_peak.h"
+
+ABSL_FLAG(std::string, shape, "P1", "P1, P2, P3, P4, S1, or custom (use --b --hq ... )");
+ABSL_FLAG(int, b, 1, "batch (custom shape)");
+ABSL_FLAG(int, hq, 8, "query heads (custom shape)");
+ABSL_FLAG(int, hkv, 8, "KV heads (custom shape)");
+ABSL_FLAG(int, lq, 512, "query length (custom shape)");
+ABSL_FLAG(int, lk, 512, "key length (custom shape)");
+ABSL_FLAG(int, d, 64, "head dim (custom shape)");
+ABSL_FLAG(bool, causal, false, "causal (custom shape)");
+ABSL_FLAG(std::string, backend, "cpu", "backend name (see the registry)");
+ABSL_FLAG(std::string, dtype, "f32", "f32, f16 or bf16");
+ABSL_FLAG(int, threads, 0, "backend threads; 0 = one per hardware thread");
+ABSL_FLAG(int, iters, 0, "timed iterations; 0 = as many as fit in --min_time");
+ABSL_FLAG(double, min_time, 1.0, "seconds to time when --iters is 0");
+ABSL_FLAG(bool, json, false, "print one JSON line instead of text");
+ABSL_FLAG(double, peak_gflops, 0,
+          "use this FP32 FMA peak (GFLOP/s) instead of measuring it (e.g. under a profiler)");
+ABSL_FLAG(double, peak_gbps, 0, "use this read bandwidth (GB/s) instead of measuring it");
+
+namespace attnserve {
+namespace {
+
+struct Shape {
+  std::string id;
+  int b, hq, hkv, lq, lk, d;
+  bool causal;
+};
+
+constexpr Shape kShapes[] = {
+    {"P1", 4, 12, 12, 512, 512, 64, false},   {"P2", 1, 32, 8, 2048, 2048, 128, true},
+    {"P3", 1, 8, 8, 8192, 8192, 64, true},    {"P4", 16, 32, 8, 1, 4096, 128, false},
+    {"S1", 1, 8, 8, 128, 128, 64, false},
+};
+
+std::string RandomBytes(DType dtype, int64_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  std::string bytes(n * DTypeSize(dtype), '\0');
+  for (int64_t i = 0; i < n; ++i) StoreFloat(bytes.data(), dtype, i, dist(rng));
+  return bytes;
+}
+
+// Linux: writing 5 to clear_refs resets the VmHWM high-water mark.
+void ResetPeakRss() {
+  if (FILE* f = std::fopen("/proc/self/clear_refs", "w")) {
+    std::fputs("5", f);
+    std::fclose(f);
+  }
+}
+
+// VmHWM from /proc/self/status (bytes), or ru_maxrss where that is missing.
+int64_t PeakRssBytes() {
+  if (FILE* f = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    long long kib = -1;
+    while (std::fgets(line, sizeof(line), f) != nullptr) {
+      if (std::sscanf(line, "VmHWM: %lld kB", &kib) == 1) break;
+    }
+    std::fclose(f);
+    if (kib >= 0) return kib * 1024;
+  }
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return int64_t{usage.ru_maxrss} * 1024;
+}
+
+int Main() {
+  Shape shape{"custom",
+              absl::GetFlag(FLAGS_b),
+              absl::GetFlag(FLAGS_hq),
+              absl::GetFlag(FLAGS_hkv),
+              absl::GetFlag(FLAGS_lq),
+              absl::GetFlag(FLAGS_lk),
+              absl::GetFlag(FLAGS_d),
+              absl::GetFlag(FLAGS_causal)};
+  const std::string id = absl::GetFlag(FLAGS_shape);
+  if (id != "custom") {
+    const Shape* found = nullptr;
+    for (const Shape& s : kShapes) {
+      if (s.id == id) found = &s;
+    }
+    if (found == nullptr) {
+      std::fprintf(stderr, "--shape: expected P1, P2, P3, P4, S1 or custom, got %s\n", id.c_str());
+      return 2;
+    }
+    shape = *found;
+  }
+  const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
+  DType dtype;
+  if (dtype_name == "f32") {
+    dtype = DType::kF32;
+  } else if (dtype_name == "f16") {
+    dtype = DType::kF16;
+  } else if (dtype_name == "bf16") {
+    dtype = DType::kBF16;
+  } else {
+    std::fprintf(stderr, "--dtype: expected f32, f16 or bf16, got %s\n", dtype_name.c_str());
+    return 2;
+  }
+  int threads = absl::GetFlag(FLAGS_threads);
+  if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
+
+  bench::MachinePeak peak;
+  if (absl::GetFlag(FLAGS_peak_gflops) > 0 && absl::GetFlag(FLAGS_peak_gbps) > 0) {
+    peak.fma_gflops = absl::GetFlag(FLAGS_peak_gflops);
+    peak.read_gbps = absl::GetFlag(FLAGS_peak_gbps);
+    peak.isa = "given";
+  } else {
+    peak = bench::MeasureMachinePeak(threads);
+  }
+  // The bandwidth probe's array is freed by now; start the peak-RSS count
+  // afresh so it reports the attention run alone.
+  ResetPeakRss();
+
+  std::mt19937 rng(42);
+  const std::string q = RandomBytes(dtype, int64_t{shape.b} * shape.lq * shape.hq * shape.d, rng);
+  const std::string k = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * shape.d, rng);
+  const std::string v = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * shape.d, rng);
+  AttentionRequest request;
+  request.query = TensorView{dtype, {shape.b, shape.lq, shape.hq, shape.d}, q};
+  request.key = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, k};
+  request.value = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, v};
+  request.options.causal = shape.causal;
+  RequestLimits limits;
+  limits.max_output_bytes = int64_t{1} << 34;
+  auto job = PrepareAttention(request, limits);
+  if (!job.ok()) {
+    std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
+    return 1;
+  }
+  const std::string backend_name = absl::GetFlag(FLAGS_backend);
+  auto backend = CreateBackend(backend_name, BackendOptions{.threads = threads});
+  if (!backend.ok()) {
+    std::fprintf(stderr, "CreateBackend: %s\n", backend.status().ToString().c_str());
+    return 1;
+  }
+  const AttentionParams& params = (*job)->params;
+  if (absl::Status s = (*backend)->Supports(params); !s.ok()) {
+    std::fprintf(stderr, "Supports: %s\n", s.ToString().c_str());
+    return 1;
+  }
+
+  using Clock = std::chrono::steady_clock;
+  auto process_cpu_seconds = [] {
+    timespec ts{};
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+  };
+  auto run_once = [&]() -> double {
+    const auto start = Clock::now();
+    if (absl::Status s = (*backend)->Run({params}); !s.ok()) {
+      std::fprintf(stderr, "Run: %s\n", s.ToString().c_str());
+      std::exit(1);
+    }
+    return std::chrono::duration<double>(Clock::now() - start).count();
+  };
+  run_once();  // warm-up: workspace, page faults, caches
+  const int fixed_iters = absl::GetFlag(FLAGS_iters);
+  const double min_time = absl::GetFlag(FLAGS_min_time);
+  std::vector<double> times;
+  double total = 0;
+  const double cpu_start = process_cpu_seconds();
+  while (fixed_iters > 0 ? static_cast<int>(times.size()) < fixed_iters
+                         : (total < min_time || times.size() < 3)) {
+    times.push_back(run_once());
+    total += times.back();
+  }
+  // CPU seconds per iteration and thread: what the wall time would be on an
+  // otherwise idle machine (pool threads spin only briefly, so this is close).
+  const double cpu_seconds = (process_cpu_seconds() - cpu_start) / times.size() / threads;
+  // The median: robust against a neighbour stealing a core for one run.
+  std::sort(times.begin(), times.end());
+  const double seconds = times[times.size() / 2];
+
+  const double flops = (*job)->flops;
+  const double bytes = static_cast<double>(q.size() + k.size() + v.size() +
+                                           (*job)->output.data.size());
+  const double gflops = flops / seconds / 1e9;
+  const double gbps = bytes / seconds / 1e9;
+  const int64_t peak_rss_bytes = PeakRssBytes();
+  const int64_t workspace = (*backend)->workspace_bytes();
+
+  if (absl::GetFlag(FLAGS_json)) {
+    std::printf(
+        "{\"shape\":\"%s\",\"backend\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"B\":%d,\"Hq\":%d,"
+        "\"Hkv\":%d,\"Lq\":%d,\"Lk\":%d,\"D\":%d,\"causal\":%s,\"iters\":%zu,\"ms\":%.4f,"
+        "\"cpu_ms\":%.4f,"
+        "\"gflops\":%.2f,\"peak_gflops\":%.2f,\"peak_fraction\":%.4f,\"gbps\":%.3f,"
+        "\"peak_gbps\":%.3f,\"bw_fraction\":%.4f,\"workspace_bytes\":%lld,"
+        "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\"}\n",
+        shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, shape.b, shape.hq, shape.hkv, shape.lq,
+        shape.lk, shape.d, shape.causal ? "true" : "false", times.size(), seconds * 1e3, cpu_seconds * 1e3, gflops,
+        peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, gbps / peak.read_gbps,
+        static_cast<long long>(workspace), static_cast<long long>(peak_rss_bytes),
+        peak.isa.c_str());
+  } else {
+    std::printf(
+        "%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
+        "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB\n",
+        shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, seconds * 1e3,
+        cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
+        100 * gbps / peak.read_gbps, peak.read_gbps, static_cast<long long>(workspace),
+        static_cast<long long>(peak_rss_bytes >> 20));
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace attnserve
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("Times one attention shape on one backend.");
+  absl::ParseCommandLine(argc, argv);
+  return attnserve::Main();
+}
