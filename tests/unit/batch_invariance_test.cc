@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -208,6 +209,26 @@ TEST_P(BatchInvarianceTest, OneThreadEqualsTwoThreads) {
   for (size_t i = 0; i < all.size(); ++i) all[i] = i;
   ExpectSameBytes(w, RunBatch(*single_thread_, w, all), RunBatch(*two_threads_, w, all),
                   "with 2 threads than with 1");
+}
+
+// Backend methods may be called from several threads at once (backend.h):
+// concurrent runs on one instance give the same bytes as serial runs.
+TEST_P(BatchInvarianceTest, ConcurrentRunsEqualSerialRuns) {
+  const Workload w = MakeWorkload(23);
+  const size_t n = w.requests.size();
+  std::vector<size_t> first, second;
+  for (size_t i = 0; i < n; ++i) (i % 2 == 0 ? first : second).push_back(i);
+  const auto serial_first = RunBatch(*two_threads_, w, first);
+  const auto serial_second = RunBatch(*two_threads_, w, second);
+  std::vector<std::vector<std::string>> concurrent_first, concurrent_second;
+  {
+    std::thread a([&] { concurrent_first = RunBatch(*two_threads_, w, first); });
+    std::thread b([&] { concurrent_second = RunBatch(*two_threads_, w, second); });
+    a.join();
+    b.join();
+  }
+  ExpectSameBytes(w, serial_first, concurrent_first, "when run concurrently");
+  ExpectSameBytes(w, serial_second, concurrent_second, "when run concurrently");
 }
 
 INSTANTIATE_TEST_SUITE_P(AllBackends, BatchInvarianceTest,
