@@ -309,12 +309,17 @@ absl::Status CudaBackend::RunOnSlot(absl::Span<const AttentionParams> batch, Slo
   char* const dev_download = dev + upload + scratch;
   char* const host_upload = slot.staging.data();
   char* const host_download = slot.staging.data() + upload;
-  // Returns the block on every path; the stream is synchronised before.
+  // Returns the block on every path, after the stream has stopped using it
+  // (an error return may leave copies or kernels in flight).
   struct BlockReturn {
     DevicePool& pool;
     void* block;
-    ~BlockReturn() { pool.Free(block); }
-  } block_return{pool_, dev};
+    cudaStream_t stream;
+    ~BlockReturn() {
+      cudaStreamSynchronize(stream);
+      pool.Free(block);
+    }
+  } block_return{pool_, dev, slot.stream};
 
   // --- 2. Stage the inputs and describe the jobs -------------------------------------
   std::vector<DeviceJob> jobs(n);

@@ -143,6 +143,14 @@ __device__ __forceinline__ void LoadTileAsync(T* tile, const T* base, int64_t ro
   }
 }
 
+// 2^x on the special-function unit (2 ulp; -inf -> +0), as the softmax needs
+// no more: P is rounded to 16 bits right after.
+__device__ __forceinline__ float FastExp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // --- Masking (the semantics of VisibleKeyRange in src/attention/params.h) -------
 
 struct KeySpan {
@@ -346,14 +354,14 @@ __global__ void __launch_bounds__(kThreads)
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));  // the 4 lanes of a quad share a row
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
       const float m_used = m == kNegInf ? 0.f : m;  // avoids -inf - -inf for masked rows
-      const float correction = exp2f(row_max[r] - m_used);
+      const float correction = FastExp2(row_max[r] - m_used);
       row_max[r] = m;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[n][e] = exp2f(s[n][e] - m_used);
+          s[n][e] = FastExp2(s[n][e] - m_used);
           sum += s[n][e];
         }
       }
