@@ -76,11 +76,11 @@ class AttentionServiceImpl::StreamReactor final
     item->received = absl::Now();
     service_->options_.metrics->RequestStarted();
     Item* raw = item.release();
-    absl::Status submitted =
-        service_->Submit(raw->request, context_, raw->received, &raw->response,
-                         [this, raw](absl::Status status) {
-                           OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
-                         });
+    absl::Status submitted = service_->Submit(
+        raw->request, DeadlineOf(context_), [this] { return cancelled_.load(); }, raw->received,
+        &raw->response, [this, raw](absl::Status status) {
+          OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
+        });
     std::unique_ptr<Item> rejected;
     if (!submitted.ok()) {
       rejected.reset(raw);
@@ -106,6 +106,8 @@ class AttentionServiceImpl::StreamReactor final
   }
 
   void OnCancel() override {
+    cancelled_.store(true);
+    service_->options_.metrics->RecordCancellation(kAttendStream);
     absl::MutexLock lock(&mu_);
     if (error_.ok()) error_ = absl::CancelledError("the stream was cancelled");
     Advance();
@@ -178,6 +180,7 @@ class AttentionServiceImpl::StreamReactor final
 
   AttentionServiceImpl* const service_;
   grpc::CallbackServerContext* const context_;
+  std::atomic<bool> cancelled_{false};  // set by OnCancel; polled by queued tasks
 
   absl::Mutex mu_;
   bool reading_ ABSL_GUARDED_BY(mu_) = false;
@@ -193,14 +196,33 @@ class AttentionServiceImpl::StreamReactor final
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
+// One Attend call. Its own reactor (rather than the context's default one) so
+// that cancellation arrives as OnCancel: queued tasks poll an atomic instead
+// of the context, and the metrics count cancellations when they happen.
+class AttentionServiceImpl::AttendReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit AttendReactor(Metrics* metrics) : metrics_(metrics) {}
+
+  bool cancelled() const { return cancelled_.load(); }
+  void OnCancel() override {
+    cancelled_.store(true);
+    metrics_->RecordCancellation(kAttend);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  Metrics* const metrics_;
+  std::atomic<bool> cancelled_{false};
+};
+
 AttentionServiceImpl::AttentionServiceImpl(Options options) : options_(std::move(options)) {
   for (Backend* backend : options_.backends) backends_by_name_[backend->info().name] = backend;
 }
 
 AttentionServiceImpl::~AttentionServiceImpl() = default;
 
-absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
-                                          grpc::CallbackServerContext* context,
+absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl::Time deadline,
+                                          std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
                                           std::function<void(absl::Status)> done) {
   if (draining()) return Draining();
@@ -239,8 +261,8 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
   task.job = *std::move(job);
   task.backend = backend;
   task.priority = request.priority();
-  task.deadline = DeadlineOf(context);
-  task.is_cancelled = [context] { return context->IsCancelled(); };
+  task.deadline = deadline;
+  task.is_cancelled = std::move(is_cancelled);
   task.done = [response, received, backend, done = std::move(done)](
                   absl::Status status, std::unique_ptr<AttentionJob> job,
                   const TaskTiming& timing) {
@@ -271,9 +293,10 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
                                                        v1::AttendResponse* response) {
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status submitted =
-      Submit(*request, context, received, response, [this, reactor, received](absl::Status s) {
+  auto* reactor = new AttendReactor(options_.metrics);
+  absl::Status submitted = Submit(
+      *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
+      response, [this, reactor, received](absl::Status s) {
         FinishUnary(reactor, kAttend, received, s);
       });
   if (!submitted.ok()) FinishUnary(reactor, kAttend, received, submitted);

@@ -78,6 +78,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   bool draining() const { return draining_.load(std::memory_order_acquire); }
 
  private:
+  class AttendReactor;
   class StreamReactor;
 
   // Validates `request` and admits it to the scheduler. OK: `done` will be
@@ -85,10 +86,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // (only when the status is OK). Errors (done is not called): UNAVAILABLE
   // (draining), NOT_FOUND (backend), INVALID_ARGUMENT, RESOURCE_EXHAUSTED
   // (limits, full queue), UNIMPLEMENTED (the backend cannot run it).
-  // `request` and `context` must stay alive until `done` runs.
-  absl::Status Submit(const v1::AttendRequest& request, grpc::CallbackServerContext* context,
-                      absl::Time received, v1::AttendResponse* response,
-                      std::function<void(absl::Status)> done);
+  // `request` must stay alive until `done` runs; `is_cancelled` may be polled
+  // until then.
+  absl::Status Submit(const v1::AttendRequest& request, absl::Time deadline,
+                      std::function<bool()> is_cancelled, absl::Time received,
+                      v1::AttendResponse* response, std::function<void(absl::Status)> done);
 
   // Records the call in the metrics and finishes it.
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,

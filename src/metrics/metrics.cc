@@ -65,6 +65,10 @@ Metrics::Metrics()
                            .Name("attnserve_request_duration_seconds")
                            .Help("Time from receiving a request to answering it, by RPC method.")
                            .Register(*registry_);
+  cancelled_total_ = &prometheus::BuildCounter()
+                         .Name("attnserve_cancelled_requests_total")
+                         .Help("Calls cancelled by the client or past their deadline, by method.")
+                         .Register(*registry_);
   queue_duration_ = &prometheus::BuildHistogram()
                          .Name("attnserve_queue_duration_seconds")
                          .Help("Time a request waited in the scheduler queue before compute.")
@@ -130,6 +134,7 @@ Metrics::MethodSeries& Metrics::SeriesFor(absl::string_view method) {
   if (series == nullptr) {
     series = std::make_unique<MethodSeries>();
     series->duration = &request_duration_->Add({{"method", std::string(method)}}, DurationBuckets());
+    series->cancelled = &cancelled_total_->Add({{"method", std::string(method)}});
   }
   return *series;
 }
@@ -154,6 +159,10 @@ void Metrics::RecordRequest(absl::string_view method, absl::StatusCode code,
   }
   counter->Increment();
   series.duration->Observe(absl::ToDoubleSeconds(duration));
+}
+
+void Metrics::RecordCancellation(absl::string_view method) {
+  SeriesFor(method).cancelled->Increment();
 }
 
 void Metrics::WatchBackend(const Backend* backend) {

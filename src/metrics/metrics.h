@@ -59,6 +59,11 @@ class Metrics : public SchedulerObserver {
   // `method` must be one of a small fixed set (a label value).
   void RecordRequest(absl::string_view method, absl::StatusCode code, absl::Duration duration);
 
+  // attnserve_cancelled_requests_total{method}: the client cancelled a call or
+  // its deadline passed, counted when the server learns of it (the call is
+  // still answered and recorded by RecordRequest later).
+  void RecordCancellation(absl::string_view method);
+
   // attnserve_inflight_requests: calls received and not yet answered.
   void RequestStarted() { inflight_->Increment(); }
   void RequestFinished() { inflight_->Decrement(); }
@@ -90,6 +95,7 @@ class Metrics : public SchedulerObserver {
   struct MethodSeries {
     std::array<std::atomic<prometheus::Counter*>, 17> by_code{};
     prometheus::Histogram* duration = nullptr;
+    prometheus::Counter* cancelled = nullptr;
   };
   MethodSeries& SeriesFor(absl::string_view method);
 
@@ -99,6 +105,7 @@ class Metrics : public SchedulerObserver {
   std::shared_ptr<prometheus::Collectable> backend_collector_;
   prometheus::Family<prometheus::Counter>* requests_total_ = nullptr;
   prometheus::Family<prometheus::Histogram>* request_duration_ = nullptr;
+  prometheus::Family<prometheus::Counter>* cancelled_total_ = nullptr;
   prometheus::Histogram* queue_duration_ = nullptr;
   prometheus::Family<prometheus::Histogram>* compute_duration_ = nullptr;
   prometheus::Histogram* batch_size_ = nullptr;

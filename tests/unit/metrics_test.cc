@@ -89,6 +89,7 @@ TEST(MetricsTest, TextFormatHasTheDesignNames) {
   m.RecordRequest("Attend", absl::StatusCode::kOk, absl::Milliseconds(3));
   m.RecordRequest("Attend", absl::StatusCode::kOk, absl::Milliseconds(5));
   m.RecordRequest("Attend", absl::StatusCode::kInvalidArgument, absl::Microseconds(30));
+  m.RecordCancellation("Attend");
   m.OnDequeue(absl::Microseconds(100));
   m.OnQueueDepth(7);
   m.OnBatch("cpu", 4, 1e6, absl::Milliseconds(2));
@@ -103,6 +104,7 @@ TEST(MetricsTest, TextFormatHasTheDesignNames) {
   EXPECT_EQ(
       SampleValue(text, R"(attnserve_request_duration_seconds_bucket{method="Attend",le="4e-05"})"),
       1);
+  EXPECT_EQ(SampleValue(text, R"(attnserve_cancelled_requests_total{method="Attend"})"), 1);
   EXPECT_EQ(SampleValue(text, R"(attnserve_queue_duration_seconds_count)"), 1);
   EXPECT_EQ(SampleValue(text, R"(attnserve_compute_duration_seconds_count{backend="cpu"})"), 2);
   EXPECT_EQ(SampleValue(text, R"(attnserve_batch_size_sum)"), 6);
