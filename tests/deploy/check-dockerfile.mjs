@@ -105,15 +105,19 @@ const rtRuns = runtime.body.filter((i) => i.op === "RUN").map((i) => i.args).joi
 const installs = [...rtRuns.matchAll(/apt-get install((?:\s+[-\w.+]+)+)/g)]
   .flatMap((m) => m[1].trim().split(/\s+/)).filter((w) => !w.startsWith("-"));
 if (installs.length === 0) fail("runtime stage installs no packages");
+// One apt-cache call for all (it prints the packages it knows, errors for the rest).
+let aptOut = "";
+try {
+  aptOut = execFileSync("apt-cache", ["show", "--no-all-versions", ...installs], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
+} catch (e) {
+  aptOut = e.stdout ?? "";
+}
+const known = new Set([...aptOut.matchAll(/^Package: (\S+)$/gm)].map((m) => m[1]));
 for (const p of installs) {
   if (/-dev$|^build-essential$|^(g\+\+|gcc|cmake|ninja-build|ccache|protobuf-compiler.*)$/.test(p)) {
     fail(`runtime stage installs build-time package ${p}`);
   }
-  try {
-    execFileSync("apt-cache", ["show", "--no-all-versions", p], { stdio: "pipe" });
-  } catch {
-    fail(`runtime package ${p} is unknown to apt (apt-cache show failed)`);
-  }
+  if (!known.has(p)) fail(`runtime package ${p} is unknown to apt (apt-cache show)`);
 }
 const last = (op) => runtime.body.filter((i) => i.op === op).at(-1)?.args;
 const user = last("USER");
@@ -135,24 +139,33 @@ if (buildDir) {
   // In debian:bookworm-slim already: the C library and GCC's runtime.
   const base = new Set(["libc6", "libgcc-s1"]);
   const before = problems.length;
+  const needed = []; // [binary, soname, path]
   for (const bin of binaries) {
     const ldd = execFileSync("ldd", [bin], { encoding: "utf8" });
     for (const m of ldd.matchAll(/^\s*(\S+) => (\S+)/gm)) {
       const [, soname, path] = m;
       if (path === "not") { fail(`${bin}: ${soname} not found`); continue; }
       if (/libcuda\.so|^\/usr\/local\/cuda\//.test(`${soname} ${path}`)) continue; // from the driver / toolkit
-      let owner = null;
-      for (const candidate of [path, path.replace(/^\/usr\/lib\//, "/lib/"), path.replace(/^\/lib\//, "/usr/lib/")]) {
-        try {
-          owner = execFileSync("dpkg-query", ["-S", candidate], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] })
-            .split(":")[0];
-          break;
-        } catch { /* try the other merged-/usr spelling */ }
-      }
-      if (!owner) { fail(`${bin}: ${path} belongs to no Debian package`); continue; }
-      if (!base.has(owner) && !installs.includes(owner)) {
-        fail(`${bin} loads ${soname} from ${owner}, which the runtime stage does not install`);
-      }
+      needed.push([bin, soname, path]);
+    }
+  }
+  // Merged /usr: dpkg may list a library under /lib or /usr/lib; ask for both
+  // spellings in one dpkg-query call (it reports the ones it knows).
+  const spellings = (path) => [path, path.replace(/^\/usr\/lib\//, "/lib/"), path.replace(/^\/lib\//, "/usr/lib/")];
+  let dpkgOut = "";
+  try {
+    dpkgOut = execFileSync("dpkg-query", ["-S", ...new Set(needed.flatMap(([, , path]) => spellings(path)))],
+                           { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] });
+  } catch (e) {
+    dpkgOut = e.stdout ?? "";
+  }
+  const ownerOf = new Map();
+  for (const m of dpkgOut.matchAll(/^([^:\s]+)(?::\S+)?: (\S+)$/gm)) ownerOf.set(m[2], m[1]);
+  for (const [bin, soname, path] of needed) {
+    const owner = spellings(path).map((p) => ownerOf.get(p)).find(Boolean);
+    if (!owner) { fail(`${bin}: ${path} belongs to no Debian package`); continue; }
+    if (!base.has(owner) && !installs.includes(owner)) {
+      fail(`${bin} loads ${soname} from ${owner}, which the runtime stage does not install`);
     }
   }
   if (binaries.length && problems.length === before) console.log(`${dockerfileName}: libraries of ${binaries.join(", ")} covered by the runtime packages`);
