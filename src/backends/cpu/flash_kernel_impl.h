@@ -137,6 +137,20 @@ void TransformScores(const AttentionParams& p, const FlashTile& t, int64_t j0, i
   }
 }
 
+// Prefetches rows [j0, j1) of K (or V) of one KV head into the caches. Rows
+// of one head are H·D elements apart (4 KiB for 8 heads of 128 floats), so each
+// row sits in its own page and the hardware prefetchers, which stay inside a
+// page, cannot run ahead on their own.
+template <bool kValues>
+void PrefetchRows(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t j0, int64_t j1) {
+  const int64_t row_bytes = (kValues ? p.value_dim : p.head_dim) * int64_t(DTypeSize(p.dtype));
+  for (int64_t j = j0; j < j1; ++j) {
+    const char* row = static_cast<const char*>(kValues ? ValueRow(p, b, j, kv_head)
+                                                       : KeyRow(p, b, j, kv_head));
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+  }
+}
+
 template <class T>
 void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
   using V = typename T::V;
@@ -206,11 +220,24 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
 
   const bool wide = p.dtype == DType::kF32;
 
+  // A block never crosses a KV-cache page, so its rows share one stride.
+  auto block_end = [&](int64_t j0) {
+    int64_t j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
+    if (p.kv_blocks != nullptr) {
+      j1 = std::min<int64_t>(j1, (j0 / p.kv_block_tokens + 1) * p.kv_block_tokens);
+    }
+    return j1;
+  };
+  if (lo < hi) {
+    PrefetchRows<false>(p, b, kv_head, lo, block_end(lo));
+    PrefetchRows<true>(p, b, kv_head, lo, block_end(lo));
+  }
   for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
-    j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
-    // A block never crosses a KV-cache page, so its rows share one stride.
-    if (p.kv_blocks != nullptr) j1 = std::min<int64_t>(j1, (j0 / p.kv_block_tokens + 1) * p.kv_block_tokens);
+    j1 = block_end(j0);
     const int64_t nk = j1 - j0;
+    // The next block's K and V load while this one computes.
+    const int64_t next_end = j1 < hi ? block_end(j1) : j1;
+    PrefetchRows<false>(p, b, kv_head, j1, next_end);
     const bool full = max_begin <= j0 && min_end >= j1;
     if (!full) {
       bool any = false;
@@ -273,6 +300,7 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     }
 
     // O = O·diag(alpha) + Vᵀ·P.
+    PrefetchRows<true>(p, b, kv_head, j1, next_end);
     const float* vp;
     int64_t v_row;
     if (wide) {
