@@ -2,6 +2,11 @@
 // Compiled with -mavx512f/bw/vl/dq/bf16; only called after a CPUID check.
 #include <immintrin.h>
 
+// GCC 12's AVX-512 headers build some intrinsics from an "undefined" vector,
+// which -Wmaybe-uninitialized reports inside the headers; nothing here reads
+// an uninitialised value.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "backends/cpu/flash_kernel_impl.h"
 
 namespace attnserve::cpu {
