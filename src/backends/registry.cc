@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "backends/cpu/cpu_backend.h"
 #include "backends/onednn/onednn_backend.h"
 #include "backends/reference_backend.h"
 #ifdef ATTNSERVE_HAVE_CUDA
@@ -21,6 +22,7 @@ struct Entry {
 // Default first.
 const std::vector<Entry>& Entries() {
   static const auto* entries = new std::vector<Entry>{
+      {"cpu", CreateCpuBackend},
       {"reference", CreateReferenceBackend},
       {"onednn", CreateOnednnBackend},
 #ifdef ATTNSERVE_HAVE_CUDA
