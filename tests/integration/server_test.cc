@@ -35,6 +35,7 @@
 #include "core/half.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "grpcpp/create_channel.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
 #include "server/convert.h"
@@ -651,6 +652,50 @@ TEST_F(ServerTest, GetServerInfoDescribesTheServer) {
   EXPECT_EQ(info.limits().max_request_bytes(), 1 << 20);
   EXPECT_EQ(info.limits().max_output_bytes(), RequestLimits{}.max_output_bytes);
   EXPECT_EQ(info.limits().max_top_k(), RequestLimits{}.max_top_k);
+}
+
+// Server reflection lists the service (what grpcurl relies on). The request
+// is encoded by hand: ServerReflectionRequest{list_services: ""} is field 7,
+// length-delimited, empty.
+TEST_F(ServerTest, ReflectionListsTheService) {
+  StartServer();
+  grpc::GenericStub stub(channel_);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  auto call =
+      stub.PrepareCall(&context, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", &cq);
+  auto step = [&](void* tag) {
+    void* got = nullptr;
+    bool ok = false;
+    EXPECT_TRUE(cq.Next(&got, &ok));
+    EXPECT_EQ(got, tag);
+    return ok;
+  };
+  int tags[5];
+  call->StartCall(&tags[0]);
+  ASSERT_TRUE(step(&tags[0]));
+  const std::string list_services("\x3a\x00", 2);
+  grpc::Slice slice(list_services);
+  grpc::ByteBuffer request(&slice, 1);
+  call->Write(request, &tags[1]);
+  ASSERT_TRUE(step(&tags[1]));
+  grpc::ByteBuffer reply;
+  call->Read(&reply, &tags[2]);
+  ASSERT_TRUE(step(&tags[2]));
+  call->WritesDone(&tags[3]);
+  step(&tags[3]);
+  grpc::Status status;
+  call->Finish(&status, &tags[4]);
+  step(&tags[4]);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+
+  std::vector<grpc::Slice> slices;
+  ASSERT_TRUE(reply.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  EXPECT_TRUE(absl::StrContains(bytes, "attnserve.v1.AttentionService"));
+  EXPECT_TRUE(absl::StrContains(bytes, "grpc.health.v1.Health"));
 }
 
 TEST_F(ServerTest, SessionsAreNotAvailableYet) {
