@@ -7,10 +7,10 @@
 #define ATTNSERVE_METRICS_PROCESS_COLLECTOR_H_
 
 #include <cstdint>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 
