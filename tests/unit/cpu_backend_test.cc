@@ -164,6 +164,11 @@ std::vector<Case> Matrix() {
        .key_lengths = {2500, 1030, 0}});
   add({.name = "decode causal split keys", .Lq = 3, .Lk = 2100, .Hq = 4, .Hkv = 4, .D = 32,
        .options = {.causal = true, .window_left = 1500}});
+  // Decode tiles span KV heads: 72 heads in tiles of 64 cut KV head 7's group.
+  add({.name = "decode tiles across groups", .B = 2, .Lq = 1, .Lk = 300, .Hq = 72, .Hkv = 8,
+       .D = 32, .Dv = 48, .options = {.window_left = 200}, .key_lengths = {300, 5}});
+  add({.name = "decode F16 split keys causal", .Lq = 1, .Lk = 2200, .Hq = 6, .Hkv = 3, .D = 16,
+       .dtype = DType::kF16, .options = {.causal = true}});
   add({.name = "decode BF16 split keys", .B = 2, .Lq = 1, .Lk = 3000, .Hq = 4, .Hkv = 1, .D = 128,
        .dtype = DType::kBF16});
   add({.name = "weights + top_k", .B = 2, .Lq = 7, .Lk = 40, .Hq = 2, .Hkv = 1, .D = 32,

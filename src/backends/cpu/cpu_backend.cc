@@ -154,7 +154,10 @@ class CpuBackend final : public Backend {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     // A tile holds up to 64 lanes: the whole GQA group of a KV head (up to 64
     // heads) times as many query rows as fit, so K/V is read once per group.
-    const int32_t heads = std::min<int32_t>(p.group_size, cpu::kMaxTileLanes);
+    // Decode tiles take every head of the batch row instead (up to 64), so a
+    // thread streams the row's K and V in address order.
+    const int32_t heads = std::min<int32_t>(
+        cpu::DecodeTileApplies(p) ? p.num_heads_q : p.group_size, cpu::kMaxTileLanes);
     const int32_t rows = std::max<int32_t>(1, std::min<int32_t>(cpu::kMaxTileLanes / heads, p.seqlen_q));
     const int32_t row_tiles = (p.seqlen_q + rows - 1) / rows;
     const bool split = row_tiles == 1 && p.seqlen_k >= 2 * kSplitKeys;

@@ -13,6 +13,12 @@ constexpr int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
 
 }  // namespace
 
+bool DecodeTileApplies(const AttentionParams& p) {
+  return p.seqlen_q == 1 && p.variant == Variant::kSoftmax && p.softcap == 0.f &&
+         p.alibi_slopes == nullptr && p.bias == nullptr && p.head_dim % 16 == 0 &&
+         p.value_dim % 16 == 0;
+}
+
 int64_t FlashWorkspaceFloats(const AttentionParams& params) {
   const int64_t M = kMaxTileLanes;
   const int64_t D = params.head_dim;

@@ -3,7 +3,7 @@
 // instruction-set variants chosen at run time from CPUID.
 //
 // A tile is a set of "lanes", each lane one (query head, query row) pair of one
-// batch row; all heads of a tile share one KV head, so K and V are read once
+// batch row; all heads of a tile share one KV head (decode tiles excepted), so K and V are read once
 // for the whole GQA group. The kernel keeps the scores of one key block
 // transposed (keys x lanes), so the softmax statistics of every lane are plain
 // vertical vector operations, and it never holds more than one key block of
@@ -46,6 +46,12 @@ struct FlashTile {
 };
 
 inline constexpr int kPartialHeader = 2;
+
+// Whether tiles of `params` are decode tiles: one query row (Lq = 1), no
+// score transform, head and value dims multiples of 16. A decode tile's lanes
+// are its heads, which may span several KV heads (the kernel walks every KV
+// head of the batch row per key so K and V stream in address order).
+bool DecodeTileApplies(const AttentionParams& params);
 
 // Floats of scratch one thread needs for a tile of `params` (64-byte aligned).
 int64_t FlashWorkspaceFloats(const AttentionParams& params);

@@ -28,6 +28,7 @@ struct Avx512 {
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
+  static float ReduceAdd(V a) { return _mm512_reduce_add_ps(a); }
 
   // 2^x for x <= 0: 2^round(x) · p(x - round(x)), p the degree-6 Taylor
   // polynomial of 2^f on [-1/2, 1/2] (relative error < 1.3e-7); 0 below -126

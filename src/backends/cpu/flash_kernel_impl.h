@@ -151,8 +151,189 @@ void PrefetchRows(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t 
   }
 }
 
+// Decode tiles (DecodeTileApplies): one query row, all lanes of one batch
+// row, possibly several KV heads. Every lane sees the same key range, and the
+// loops walk key j outer, KV head inner, so K and V are read in address order
+// (one token's rows of every head are adjacent): each thread streams one
+// contiguous region and the hardware prefetchers run ahead. Dot products run
+// along D (queries row-major), the scores of a block are kept keys x lanes for
+// the vertical online softmax, and the output accumulates row-major per lane.
+
+// out[i] = Σ_d k[d] · q[i * D + d] for kN query rows.
+template <class T, int kN>
+void DecodeDots(const float* k, const float* q, int64_t D, float* out) {
+  using V = typename T::V;
+  constexpr int W = T::kWidth;
+  V acc[kN];
+  for (int i = 0; i < kN; ++i) acc[i] = T::Zero();
+  for (int64_t c = 0; c < D; c += W) {
+    const V kv = T::Load(k + c);
+    for (int i = 0; i < kN; ++i) acc[i] = T::Fma(kv, T::Load(q + i * D + c), acc[i]);
+  }
+  for (int i = 0; i < kN; ++i) out[i] = T::ReduceAdd(acc[i]);
+}
+
+// o[i * Dv + c] += Σ_r w[r][i] · v[r][c] for kN lanes and kR value rows.
+template <class T, int kR>
+void DecodeAccumulate(const float* const* v, const float* w, int64_t w_row, int n, int64_t Dv,
+                      float* o) {
+  using V = typename T::V;
+  constexpr int W = T::kWidth;
+  for (int i = 0; i < n; ++i) {
+    V p[kR];
+    for (int r = 0; r < kR; ++r) p[r] = T::Set1(w[r * w_row + i]);
+    float* oi = o + i * Dv;
+    for (int64_t c = 0; c < Dv; c += W) {
+      V acc = T::Load(oi + c);
+      for (int r = 0; r < kR; ++r) acc = T::Fma(p[r], T::Load(v[r] + c), acc);
+      T::Store(oi + c, acc);
+    }
+  }
+}
+
+template <class T>
+void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
+  using V = typename T::V;
+  constexpr int W = T::kWidth;
+  const int lanes = t.num_heads;
+  const int64_t M = RoundUp(lanes, W);
+  const int64_t D = p.head_dim;
+  const int64_t Dv = p.value_dim;
+  const int64_t b = t.batch;
+  const int64_t G = p.group_size;
+
+  // The generic tile's workspace layout, reused: q [lanes][D], s [block][M],
+  // o [lanes][Dv], m, l, alpha, then row buffers for widened K and V.
+  float* q = ws;
+  float* s = q + RoundUp(D * M, 16);
+  float* o = s + RoundUp(int64_t{kKeyBlock} * M, 16);
+  float* m = o + RoundUp(Dv * M, 16);
+  float* l = m + kMaxTileLanes;
+  float* alpha = l + kMaxTileLanes;
+  float* kbuf = alpha + 3 * kMaxTileLanes;
+  float* vbuf = kbuf + RoundUp(int64_t{kKeyBlock} * D, 16);
+  const bool wide = p.dtype == DType::kF32;
+
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int64_t q0 = b * p.q_batch_stride + t.row_begin * p.q_row_stride +
+                       (t.head_begin + lane) * p.q_head_stride;
+    for (int64_t d = 0; d < D; ++d) q[lane * D + d] = LoadFloat(p.q, p.dtype, q0 + d) * p.scale_log2;
+  }
+  // Padded lanes score 0 throughout and are never written out.
+  for (int64_t j = 0; j < kKeyBlock; ++j)
+    for (int64_t lane = lanes; lane < M; ++lane) s[j * M + lane] = 0.f;
+  for (int64_t v = 0; v < M; v += W) {
+    T::Store(m + v, T::Set1(kNegInf));
+    T::Store(l + v, T::Zero());
+  }
+  std::fill(o, o + lanes * Dv, 0.f);
+
+  const KeyRange r = VisibleKeyRange(p, b, t.row_begin);
+  const int64_t lo = std::max(r.begin, t.key_begin);
+  const int64_t hi = std::min(r.end, t.key_end);
+  const int64_t g_first = t.head_begin / G;
+  const int64_t g_last = (t.head_begin + lanes - 1) / G;
+  // Lanes [lane_begin(g), lane_begin(g + 1)) use KV head g.
+  auto lane_begin = [&](int64_t g) {
+    return static_cast<int>(std::clamp<int64_t>(g * G - t.head_begin, 0, lanes));
+  };
+  auto key_row = [&](int64_t j, int64_t g) -> const float* {
+    if (wide) return static_cast<const float*>(KeyRow(p, b, j, g));
+    T::Widen16(static_cast<const uint16_t*>(KeyRow(p, b, j, g)), p.dtype, D, kbuf);
+    return kbuf;
+  };
+  auto value_row = [&](int64_t j, int64_t g, int r) -> const float* {
+    if (wide) return static_cast<const float*>(ValueRow(p, b, j, g));
+    T::Widen16(static_cast<const uint16_t*>(ValueRow(p, b, j, g)), p.dtype, Dv, vbuf + r * Dv);
+    return vbuf + r * Dv;
+  };
+
+  for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
+    j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
+    const int64_t nk = j1 - j0;
+
+    // S = Q·Kᵀ, key j outer and KV head inner: address order.
+    for (int64_t j = j0; j < j1; ++j) {
+      float* sj = s + (j - j0) * M;
+      for (int64_t g = g_first; g <= g_last; ++g) {
+        const float* kr = key_row(j, g);
+        int lane = lane_begin(g);
+        const int lane_end = lane_begin(g + 1);
+        for (; lane + 4 <= lane_end; lane += 4) DecodeDots<T, 4>(kr, q + lane * D, D, sj + lane);
+        for (; lane < lane_end; ++lane) DecodeDots<T, 1>(kr, q + lane * D, D, sj + lane);
+      }
+    }
+
+    // Online softmax over lane vectors (every key of the block is visible).
+    for (int64_t v = 0; v < M; v += W) {
+      V bmax = T::Set1(kNegInf);
+      for (int64_t j = 0; j < nk; ++j) bmax = T::Max(bmax, T::Load(s + j * M + v));
+      const V m_old = T::Load(m + v);
+      const V m_new = T::Max(m_old, bmax);
+      const V a = T::Exp2(T::Sub(m_old, m_new));
+      V sum = T::Zero();
+      for (int64_t j = 0; j < nk; ++j) {
+        const V e = T::Exp2(T::Sub(T::Load(s + j * M + v), m_new));
+        T::Store(s + j * M + v, e);
+        sum = T::Add(sum, e);
+      }
+      T::Store(l + v, T::Fma(T::Load(l + v), a, sum));
+      T::Store(m + v, m_new);
+      T::Store(alpha + v, a);
+    }
+
+    // O = diag(alpha)·O + P·V, four keys at a time, KV head inner.
+    for (int lane = 0; lane < lanes; ++lane) {
+      const V a = T::Set1(alpha[lane]);
+      for (int64_t c = 0; c < Dv; c += W) T::Store(o + lane * Dv + c, T::Mul(T::Load(o + lane * Dv + c), a));
+    }
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      for (int64_t g = g_first; g <= g_last; ++g) {
+        const float* vr[4] = {value_row(j, g, 0), value_row(j + 1, g, 1), value_row(j + 2, g, 2),
+                              value_row(j + 3, g, 3)};
+        const int lb = lane_begin(g);
+        DecodeAccumulate<T, 4>(vr, s + (j - j0) * M + lb, M, lane_begin(g + 1) - lb, Dv,
+                               o + lb * Dv);
+      }
+    }
+    for (; j < j1; ++j) {
+      for (int64_t g = g_first; g <= g_last; ++g) {
+        const float* vr[1] = {value_row(j, g, 0)};
+        const int lb = lane_begin(g);
+        DecodeAccumulate<T, 1>(vr, s + (j - j0) * M + lb, M, lane_begin(g + 1) - lb, Dv,
+                               o + lb * Dv);
+      }
+    }
+  }
+
+  if (t.partial != nullptr) {
+    for (int lane = 0; lane < lanes; ++lane) {
+      float* out = t.partial + lane * (kPartialHeader + Dv);
+      out[0] = m[lane];
+      out[1] = l[lane];
+      std::copy(o + lane * Dv, o + (lane + 1) * Dv, out + kPartialHeader);
+    }
+    return;
+  }
+  for (int lane = 0; lane < lanes; ++lane) {
+    const int64_t h = t.head_begin + lane;
+    const float inv = l[lane] > 0.f ? 1.f / l[lane] : 0.f;
+    const int64_t o0 = b * p.o_batch_stride + t.row_begin * p.o_row_stride + h * p.o_head_stride;
+    for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, o[lane * Dv + dv] * inv);
+    if (p.lse != nullptr) {
+      p.lse[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] =
+          l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
+    }
+  }
+}
+
 template <class T>
 void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
+  if (DecodeTileApplies(p)) {
+    RunDecodeTileImpl<T>(p, t, ws);
+    return;
+  }
   using V = typename T::V;
   constexpr int W = T::kWidth;
   const int lanes = t.num_heads * t.num_rows;
