@@ -41,14 +41,18 @@ constexpr int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // C[r][lane] = (C[r][lane] * cscale[lane] or 0) + Σ_k A(r, k) · B[k][lane] for
 // kRows_ x kVecs_ vectors of lanes. A(r, k) = a[r * a_row + k] (kAStridedK ==
 // false: rows of A are contiguous along k, e.g. K rows) or a[r + k * a_row]
-// (true: A is read down columns, e.g. V for Vᵀ).
-template <class T, bool kAStridedK, int kRows_, int kVecs_>
+// (true: A is read down columns, e.g. V for Vᵀ). kScale: cscale is given (a
+// separate instantiation, so the accumulators stay in registers on both paths).
+template <class T, bool kAStridedK, bool kScale, int kRows_, int kVecs_>
 void MicroTile(int64_t kdim, const float* a, int64_t a_row, const float* b, int64_t ldb, float* c,
                int64_t ldc, const float* cscale) {
   using V = typename T::V;
   constexpr int W = T::kWidth;
+  // kdim >= 1 always; telling the compiler lets it keep the accumulators in
+  // registers from the loop to the stores (otherwise it spills them).
+  if (kdim <= 0) __builtin_unreachable();
   V acc[kRows_][kVecs_];
-  if (cscale != nullptr) {
+  if constexpr (kScale) {
     for (int v = 0; v < kVecs_; ++v) {
       const V sc = T::Load(cscale + v * W);
       for (int r = 0; r < kRows_; ++r) acc[r][v] = T::Mul(T::Load(c + r * ldc + v * W), sc);
@@ -86,18 +90,21 @@ void MicroTile(int64_t kdim, const float* a, int64_t a_row, const float* b, int6
 using MicroTileFn = void (*)(int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
                              const float*);
 
-template <class T, bool kAStridedK, size_t... kIdx>
+template <class T, bool kAStridedK, bool kScale, size_t... kIdx>
 constexpr auto MakeMicroTable(std::index_sequence<kIdx...>) {
   return std::array<MicroTileFn, sizeof...(kIdx)>{
-      &MicroTile<T, kAStridedK, kIdx / T::kVecs + 1, kIdx % T::kVecs + 1>...};
+      &MicroTile<T, kAStridedK, kScale, kIdx / T::kVecs + 1, kIdx % T::kVecs + 1>...};
 }
 
 // C[rows][M] over `kdim`, tiled into register blocks; M is a multiple of kWidth.
 template <class T, bool kAStridedK>
 void Gemm(int64_t rows, int64_t lanes, int64_t kdim, const float* a, int64_t a_row, const float* b,
           float* c, const float* cscale) {
-  static constexpr auto kTable =
-      MakeMicroTable<T, kAStridedK>(std::make_index_sequence<T::kRows * T::kVecs>());
+  static constexpr auto kPlain =
+      MakeMicroTable<T, kAStridedK, false>(std::make_index_sequence<T::kRows * T::kVecs>());
+  static constexpr auto kScaled =
+      MakeMicroTable<T, kAStridedK, true>(std::make_index_sequence<T::kRows * T::kVecs>());
+  const auto& table = cscale != nullptr ? kScaled : kPlain;
   constexpr int W = T::kWidth;
   for (int64_t l0 = 0; l0 < lanes; l0 += T::kVecs * W) {
     const int nv = static_cast<int>(std::min<int64_t>(T::kVecs, (lanes - l0) / W));
@@ -105,7 +112,7 @@ void Gemm(int64_t rows, int64_t lanes, int64_t kdim, const float* a, int64_t a_r
     for (int64_t r0 = 0; r0 < rows; r0 += T::kRows) {
       const int nr = static_cast<int>(std::min<int64_t>(T::kRows, rows - r0));
       const float* ar = kAStridedK ? a + r0 : a + r0 * a_row;
-      kTable[(nr - 1) * T::kVecs + (nv - 1)](kdim, ar, a_row, b + l0, lanes, c + r0 * lanes + l0,
+      table[(nr - 1) * T::kVecs + (nv - 1)](kdim, ar, a_row, b + l0, lanes, c + r0 * lanes + l0,
                                               lanes, cs);
     }
   }
