@@ -14,6 +14,8 @@ absl::Status UnknownEnum(absl::string_view field, absl::string_view expected, in
       absl::StrCat(field, ": expected ", expected, ", got ", got));
 }
 
+}  // namespace
+
 absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field) {
   absl::StatusOr<DType> dtype = RequestDTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
   if (!dtype.ok()) return dtype.status();
@@ -29,8 +31,6 @@ void TensorToProto(Tensor& t, v1::Tensor* out) {
   out->mutable_shape()->Add(t.shape.begin(), t.shape.end());
   out->set_data(std::move(t.data));
 }
-
-}  // namespace
 
 v1::DType DTypeToProto(DType dtype) {
   switch (dtype) {
@@ -65,25 +65,8 @@ absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field) 
   }
 }
 
-absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto) {
-  AttentionRequest request;
-  for (auto [tensor, field, view] :
-       {std::tuple{&proto.query(), "query", &request.query},
-        std::tuple{&proto.key(), "key", &request.key},
-        std::tuple{&proto.value(), "value", &request.value}}) {
-    absl::StatusOr<TensorView> v = ViewFromProto(*tensor, field);
-    if (!v.ok()) return v.status();
-    *view = *std::move(v);
-  }
-  if (proto.has_bias()) {
-    absl::StatusOr<TensorView> bias = ViewFromProto(proto.bias(), "bias");
-    if (!bias.ok()) return bias.status();
-    request.bias = *std::move(bias);
-  }
-  request.key_lengths.assign(proto.key_lengths().begin(), proto.key_lengths().end());
-
-  const v1::AttentionOptions& o = proto.options();
-  AttentionOptions& opt = request.options;
+absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& o) {
+  AttentionOptions opt;
   opt.scale = o.scale();
   opt.causal = o.causal();
   switch (o.causal_alignment()) {
@@ -111,6 +94,29 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
     default:
       return UnknownEnum("options.variant", "SOFTMAX (0) or LINEAR (1)", o.variant());
   }
+  return opt;
+}
+
+absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto) {
+  AttentionRequest request;
+  for (auto [tensor, field, view] :
+       {std::tuple{&proto.query(), "query", &request.query},
+        std::tuple{&proto.key(), "key", &request.key},
+        std::tuple{&proto.value(), "value", &request.value}}) {
+    absl::StatusOr<TensorView> v = ViewFromProto(*tensor, field);
+    if (!v.ok()) return v.status();
+    *view = *std::move(v);
+  }
+  if (proto.has_bias()) {
+    absl::StatusOr<TensorView> bias = ViewFromProto(proto.bias(), "bias");
+    if (!bias.ok()) return bias.status();
+    request.bias = *std::move(bias);
+  }
+  request.key_lengths.assign(proto.key_lengths().begin(), proto.key_lengths().end());
+
+  absl::StatusOr<AttentionOptions> options = OptionsFromProto(proto.options());
+  if (!options.ok()) return options.status();
+  request.options = *std::move(options);
 
   request.outputs.lse = proto.outputs().lse();
   request.outputs.weights = proto.outputs().weights();

@@ -21,6 +21,16 @@ v1::DType DTypeToProto(DType dtype);
 // (output only) or a value this server does not know.
 absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field);
 
+// A view of `t`'s bytes (no copy); INVALID_ARGUMENT naming `field` for a bad
+// dtype. Shapes and sizes are checked later, by their consumer.
+absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field);
+
+// Moves `t`'s storage into `out` (no copy).
+void TensorToProto(Tensor& t, v1::Tensor* out);
+
+// INVALID_ARGUMENT naming the field for an unknown enum value.
+absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& proto);
+
 // The core view of `proto`. Tensor views point into proto's `bytes` fields, so
 // `proto` must outlive the result and any job prepared from it. Checks only
 // what the wire format adds (enum values); shapes and sizes are checked by

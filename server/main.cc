@@ -16,6 +16,7 @@
 namespace {
 const attnserve::ServerOptions kDefaults;
 const attnserve::SchedulerOptions kSchedulerDefaults;
+const attnserve::SessionStoreOptions kSessionDefaults;
 }  // namespace
 
 ABSL_FLAG(std::string, listen, kDefaults.listen_address, "gRPC address, host:port");
@@ -43,6 +44,15 @@ ABSL_FLAG(double, max_batch_flops, kSchedulerDefaults.max_batch_flops,
           "useful FLOPs per backend call");
 ABSL_FLAG(int64_t, max_queue_delay_us, kSchedulerDefaults.max_queue_delay_us,
           "longest wait for a batch to fill, in microseconds");
+ABSL_FLAG(int64_t, kv_cache_bytes, kSessionDefaults.kv_cache_bytes,
+          "bound on the memory of all KV-cache sessions, in bytes");
+ABSL_FLAG(int, kv_block_tokens, kSessionDefaults.block_tokens, "tokens per KV-cache block");
+ABSL_FLAG(int64_t, session_idle_timeout_s, absl::ToInt64Seconds(kSessionDefaults.idle_timeout),
+          "sessions unused this long are closed, in seconds");
+ABSL_FLAG(std::string, kv_eviction, "reject",
+          "when the KV cache is full: reject (RESOURCE_EXHAUSTED) or lru_idle (evict the least "
+          "recently used idle session)");
+ABSL_FLAG(int64_t, max_sessions, kSessionDefaults.max_sessions, "open sessions at most");
 ABSL_FLAG(int64_t, drain_timeout_s, kDefaults.drain_timeout_s,
           "on SIGTERM, how long admitted requests may take to finish, in seconds");
 
@@ -74,6 +84,18 @@ int main(int argc, char** argv) {
   options.scheduler.max_batch_flops = absl::GetFlag(FLAGS_max_batch_flops);
   options.scheduler.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
   options.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
+  options.sessions.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
+  options.sessions.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
+  options.sessions.idle_timeout = absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
+  options.sessions.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  const std::string eviction = absl::GetFlag(FLAGS_kv_eviction);
+  if (eviction == "lru_idle") {
+    options.sessions.eviction = attnserve::EvictionPolicy::kLruIdle;
+  } else if (eviction != "reject") {
+    std::fprintf(stderr, "attnserve: --kv_eviction: expected reject or lru_idle, got \"%s\"\n",
+                 eviction.c_str());
+    return 1;
+  }
 
   absl::StatusOr<std::unique_ptr<attnserve::Server>> server = attnserve::Server::Create(options);
   if (!server.ok()) {

@@ -80,14 +80,27 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
     const ServerOptions& options, std::vector<std::unique_ptr<Backend>> backends) {
   if (absl::Status s = CheckOptions(options); !s.ok()) return s;
   if (backends.empty()) return absl::InvalidArgumentError("backends: expected at least one, got 0");
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
+      CreateServerCredentials(options.auth);
+  if (!credentials.ok()) return credentials.status();
   std::unique_ptr<Server> server(new Server(options));
   server->backends_ = std::move(backends);
+  server->credentials_ = *std::move(credentials);
 
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
-      {.listen_address = options.metrics_listen_address, .backends = server->backend_names()});
+      {.listen_address = options.metrics_listen_address,
+       .backends = server->backend_names(),
+       .queue_capacity = options.scheduler.queue_capacity});
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
   for (const auto& backend : server->backends_) server->metrics_->WatchBackend(backend.get());
+
+  absl::StatusOr<std::unique_ptr<SessionStore>> sessions =
+      SessionStore::Create(options.sessions, Clock::Real());
+  if (!sessions.ok()) return sessions.status();
+  server->sessions_ = *std::move(sessions);
+  server->session_metrics_ = std::make_unique<SessionMetrics>(server->metrics_->registry());
+  server->session_metrics_->Update(server->sessions_->stats());
 
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
       Scheduler::Create(options.scheduler, Clock::Real(), server->metrics_.get());
@@ -102,12 +115,24 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   service_options.max_request_bytes = options.max_request_bytes;
   service_options.max_request_flops = options.max_request_flops;
   service_options.max_stream_inflight = options.max_stream_inflight;
+  service_options.sessions = server->sessions_.get();
+  service_options.session_metrics = server->session_metrics_.get();
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
+
+  Server* raw = server.get();
+  server->sweeper_ = std::thread([raw] {
+    while (!raw->stop_sweeper_.WaitForNotificationWithTimeout(absl::Seconds(1))) {
+      raw->sessions_->ExpireIdle();
+      raw->session_metrics_->Update(raw->sessions_->stats());
+    }
+  });
   return server;
 }
 
 Server::~Server() {
   if (server_ != nullptr) Drain().IgnoreError();
+  stop_sweeper_.Notify();
+  if (sweeper_.joinable()) sweeper_.join();
 }
 
 std::vector<std::string> Server::backend_names() const {
@@ -120,15 +145,18 @@ absl::Status Server::Start() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
+  builder.AddListeningPort(options_.listen_address, credentials_, &port_);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(
       static_cast<int>(std::min<int64_t>(options_.max_request_bytes, INT_MAX)));
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on '", options_.listen_address, "' for gRPC"));
+    return absl::UnavailableError(absl::StrCat(
+        "cannot listen on '", options_.listen_address, "' for gRPC",
+        options_.auth.tls_cert_file.empty()
+            ? ""
+            : " (or the TLS certificate, key or client CA is not valid; gRPC logs why)"));
   }
   server_->GetHealthCheckService()->SetServingStatus(true);
   return absl::OkStatus();

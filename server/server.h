@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -21,9 +22,13 @@
 #include "absl/synchronization/mutex.h"
 #include "attention/job.h"
 #include "backends/backend.h"
+#include "absl/synchronization/notification.h"
 #include "grpcpp/server.h"
+#include "kvcache/session_store.h"
+#include "metrics/session_metrics.h"
 #include "metrics/metrics.h"
 #include "scheduler/scheduler.h"
+#include "server/auth.h"
 #include "server/service.h"
 
 namespace attnserve {
@@ -44,14 +49,17 @@ struct ServerOptions {
   double max_request_flops = 1e12;                // per request; 0 = no limit
   int32_t max_stream_inflight = 64;               // per AttendStream call
   SchedulerOptions scheduler;
+  SessionStoreOptions sessions;  // KV-cache sessions (--kv_cache_bytes, ...)
   RequestLimits limits;
   int64_t drain_timeout_s = 30;  // how long Drain() lets admitted work finish
+  AuthOptions auth;              // TLS, mutual TLS, bearer tokens (server/auth.h)
 };
 
 class Server {
  public:
   // Creates the backends named by `options`, the metrics (and their endpoint),
-  // the scheduler and the service. INVALID_ARGUMENT for bad options, the
+  // the scheduler, the service and the credentials (reading the TLS and token
+  // files). INVALID_ARGUMENT for bad options or auth files, the
   // registry's NOT_FOUND / FAILED_PRECONDITION for a backend, UNAVAILABLE when
   // the metrics address cannot be bound.
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
@@ -78,6 +86,7 @@ class Server {
 
   int port() const { return port_; }  // the bound gRPC port, after Start()
   int metrics_port() const { return metrics_->http_port(); }  // 0: no endpoint
+  SessionStore& sessions() { return *sessions_; }
   const std::string& default_backend() const { return backends_.front()->info().name; }
   std::vector<std::string> backend_names() const;
   Metrics& metrics() { return *metrics_; }
@@ -90,10 +99,17 @@ class Server {
   // backends, so nothing is used after it is gone.
   std::vector<std::unique_ptr<Backend>> backends_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<SessionStore> sessions_;
+  std::unique_ptr<SessionMetrics> session_metrics_;
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<AttentionServiceImpl> service_;
+  std::shared_ptr<grpc::ServerCredentials> credentials_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+
+  // Expires idle sessions and refreshes the session metrics once a second.
+  absl::Notification stop_sweeper_;
+  std::thread sweeper_;
 
   absl::Mutex drain_mu_;
   bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;

@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "server/call_context.h"
 #include "server/convert.h"
 #include "server/status.h"
 
@@ -16,16 +17,6 @@ namespace {
 
 constexpr char kAttend[] = "Attend";
 constexpr char kAttendStream[] = "AttendStream";
-
-absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
-  const std::chrono::system_clock::time_point deadline = context->deadline();
-  if (deadline == std::chrono::system_clock::time_point::max()) return absl::InfiniteFuture();
-  return absl::FromChrono(deadline);
-}
-
-absl::Status Draining() {
-  return absl::UnavailableError("server is draining for shutdown; retry on another replica");
-}
 
 }  // namespace
 
@@ -221,24 +212,25 @@ AttentionServiceImpl::AttentionServiceImpl(Options options) : options_(std::move
 
 AttentionServiceImpl::~AttentionServiceImpl() = default;
 
+absl::StatusOr<Backend*> AttentionServiceImpl::BackendFor(const std::string& name) const {
+  if (name.empty()) return options_.backends.front();
+  auto it = backends_by_name_.find(name);
+  if (it != backends_by_name_.end()) return it->second;
+  std::vector<std::string> names;
+  for (const Backend* b : options_.backends) names.push_back(b->info().name);
+  return absl::NotFoundError(absl::StrCat("backend: expected one of ", absl::StrJoin(names, ", "),
+                                          ", got \"", name, "\""));
+}
+
 absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl::Time deadline,
                                           std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
                                           std::function<void(absl::Status)> done) {
   if (draining()) return Draining();
 
-  Backend* backend = options_.backends.front();
-  if (!request.backend().empty()) {
-    auto it = backends_by_name_.find(request.backend());
-    if (it == backends_by_name_.end()) {
-      std::vector<std::string> names;
-      for (const Backend* b : options_.backends) names.push_back(b->info().name);
-      return absl::NotFoundError(absl::StrCat("backend: expected one of ",
-                                              absl::StrJoin(names, ", "), ", got \"",
-                                              request.backend(), "\""));
-    }
-    backend = it->second;
-  }
+  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  if (!chosen.ok()) return chosen.status();
+  Backend* backend = *chosen;
   if (request.priority() != 0 && request.priority() != 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("priority: expected 0 (normal) or 1 (high), got ", request.priority()));
@@ -332,41 +324,18 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
   limits->set_max_weights_bytes(options_.limits.max_weights_bytes);
   limits->set_max_top_k(options_.limits.max_top_k);
   limits->set_max_head_dim(options_.limits.max_head_dim);
+  if (options_.sessions != nullptr) {
+    const SessionStats stats = options_.sessions->stats();
+    const SessionStoreOptions& so = options_.sessions->options();
+    v1::SessionsInfo* sessions = response->mutable_sessions();
+    sessions->set_active(stats.sessions_active);
+    sessions->set_kv_cache_used_bytes(stats.used_bytes);
+    sessions->set_kv_cache_capacity_bytes(stats.capacity_bytes);
+    sessions->set_block_tokens(so.block_tokens);
+    sessions->set_eviction(so.eviction == EvictionPolicy::kLruIdle ? "lru_idle" : "reject");
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   FinishUnary(reactor, "GetServerInfo", received, absl::OkStatus());
-  return reactor;
-}
-
-namespace {
-absl::Status SessionsUnavailable() {
-  return absl::UnimplementedError("sessions are not available yet");
-}
-}  // namespace
-
-grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
-    grpc::CallbackServerContext* context, const v1::CreateSessionRequest* /*request*/,
-    v1::CreateSessionResponse* /*response*/) {
-  options_.metrics->RequestStarted();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  FinishUnary(reactor, "CreateSession", absl::Now(), SessionsUnavailable());
-  return reactor;
-}
-
-grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
-                                                       const v1::DecodeRequest* /*request*/,
-                                                       v1::DecodeResponse* /*response*/) {
-  options_.metrics->RequestStarted();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  FinishUnary(reactor, "Decode", absl::Now(), SessionsUnavailable());
-  return reactor;
-}
-
-grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
-    grpc::CallbackServerContext* context, const v1::CloseSessionRequest* /*request*/,
-    v1::CloseSessionResponse* /*response*/) {
-  options_.metrics->RequestStarted();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  FinishUnary(reactor, "CloseSession", absl::Now(), SessionsUnavailable());
   return reactor;
 }
 

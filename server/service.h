@@ -32,7 +32,9 @@
 #include "attention/job.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "backends/backend.h"
+#include "kvcache/session_store.h"
 #include "metrics/metrics.h"
+#include "metrics/session_metrics.h"
 #include "scheduler/scheduler.h"
 
 namespace attnserve {
@@ -47,6 +49,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     int64_t max_request_bytes = int64_t{64} << 20;  // reported in ServerInfo (gRPC enforces it)
     double max_request_flops = 0;                   // 0: no limit
     int32_t max_stream_inflight = 64;               // requests in flight per AttendStream
+    SessionStore* sessions = nullptr;               // not owned; KV-cache sessions
+    SessionMetrics* session_metrics = nullptr;      // not owned; null: not reported
+    // The authenticated caller, to bind sessions to their creator; "" when
+    // auth is off. Null: every caller is "".
+    std::function<std::string(const grpc::ServerContextBase&)> caller_identity;
   };
 
   // `options.backends` must not be empty; scheduler and metrics must be set.
@@ -80,6 +87,19 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
  private:
   class AttendReactor;
   class StreamReactor;
+  class DecodeReactor;
+
+  // The backend `name` names; the default for "". NOT_FOUND lists the known ones.
+  absl::StatusOr<Backend*> BackendFor(const std::string& name) const;
+
+  // Validates a Decode, appends its K/V to the session and admits it to the
+  // scheduler; the reactor is finished by the scheduler's done callback. On
+  // error nothing was admitted and the session is as it was. (session_rpcs.cc)
+  absl::Status SubmitDecode(grpc::CallbackServerContext* context, const v1::DecodeRequest& request,
+                            v1::DecodeResponse* response, DecodeReactor* reactor,
+                            absl::Time received);
+  void ReportSessions();
+  std::string CallerOf(const grpc::CallbackServerContext* context) const;
 
   // Validates `request` and admits it to the scheduler. OK: `done` will be
   // called exactly once, on a scheduler thread, after `response` was filled

@@ -2,6 +2,7 @@
 
 #include <sys/random.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
 
@@ -149,6 +150,18 @@ absl::Status SessionLease::Append(const TensorView& key, const TensorView& value
   }
   s.length = new_length;
   return absl::OkStatus();
+}
+
+void SessionLease::Truncate(int64_t length) {
+  Session& s = *session_;
+  if (length < 0 || length >= s.length) return;
+  s.length = length;
+  // Keep at least one block: a session always owns one (see CreateSession).
+  const size_t keep = std::max<size_t>(1, (length + s.block_tokens - 1) / s.block_tokens);
+  while (s.blocks.size() > keep) {
+    store_->pool_.Free(s.blocks.back(), s.block_bytes);
+    s.blocks.pop_back();
+  }
 }
 
 // ---------------------------------------------------------------------------

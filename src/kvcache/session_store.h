@@ -75,6 +75,10 @@ class SessionLease {
   // (after evicting idle sessions under kLruIdle); the cache is then unchanged.
   absl::Status Append(const TensorView& key, const TensorView& value);
 
+  // Drops tokens past `length` (<= length()), e.g. to undo the append of a
+  // decode step that failed, and returns blocks no longer needed.
+  void Truncate(int64_t length);
+
   // The whole cache, for AttentionRequest::paged_kv.
   PagedKvView View() const;
 

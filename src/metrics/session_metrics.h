@@ -1,0 +1,42 @@
+// SessionMetrics: the KV-cache series of DESIGN.md —
+// attnserve_kv_cache_bytes{state="used|capacity"}, attnserve_sessions_active,
+// attnserve_kv_evictions_total (plus attnserve_kv_expirations_total) — set
+// from SessionStore::stats() whenever the caller reports them.
+// Thread-safe.
+#ifndef ATTNSERVE_METRICS_SESSION_METRICS_H_
+#define ATTNSERVE_METRICS_SESSION_METRICS_H_
+
+#include <cstdint>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
+#include "kvcache/session_store.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/registry.h"
+
+namespace attnserve {
+
+class SessionMetrics {
+ public:
+  // Registers the series in `registry`, which must outlive this object.
+  explicit SessionMetrics(prometheus::Registry& registry);
+
+  // Sets the series from `stats` (counters move by the difference).
+  void Update(const SessionStats& stats);
+
+ private:
+  prometheus::Gauge* used_bytes_;
+  prometheus::Gauge* capacity_bytes_;
+  prometheus::Gauge* sessions_active_;
+  prometheus::Counter* evictions_;
+  prometheus::Counter* expirations_;
+
+  absl::Mutex mu_;
+  int64_t evictions_seen_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t expirations_seen_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace attnserve
+
+#endif  // ATTNSERVE_METRICS_SESSION_METRICS_H_
