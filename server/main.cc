@@ -55,6 +55,15 @@ ABSL_FLAG(std::string, kv_eviction, "reject",
 ABSL_FLAG(int64_t, max_sessions, kSessionDefaults.max_sessions, "open sessions at most");
 ABSL_FLAG(int64_t, drain_timeout_s, kDefaults.drain_timeout_s,
           "on SIGTERM, how long admitted requests may take to finish, in seconds");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain to serve TLS with (needs --tls_key); empty: plaintext");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle; set: require client certificates signed by it (mutual TLS; needs "
+          "--tls_cert)");
+ABSL_FLAG(std::string, auth_tokens_file, "",
+          "file of 'name token' lines ('#' comments); set: every call but health and reflection "
+          "needs metadata 'authorization: Bearer <token>' with one of them, else UNAUTHENTICATED");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("attnserve: attention as a gRPC service. Flags: --helpfull");
@@ -84,6 +93,10 @@ int main(int argc, char** argv) {
   options.scheduler.max_batch_flops = absl::GetFlag(FLAGS_max_batch_flops);
   options.scheduler.max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us);
   options.drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s);
+  options.auth.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.auth.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.auth.tls_client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.auth.auth_tokens_file = absl::GetFlag(FLAGS_auth_tokens_file);
   options.sessions.kv_cache_bytes = absl::GetFlag(FLAGS_kv_cache_bytes);
   options.sessions.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
   options.sessions.idle_timeout = absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
@@ -112,10 +125,11 @@ int main(int argc, char** argv) {
           : options.metrics_listen_address + " (port " +
                 std::to_string((*server)->metrics_port()) + ")";
   std::fprintf(stderr,
-               "attnserve %s listening on %s (port %d), metrics on %s, backends %s "
+               "attnserve %s listening on %s (port %d, %s), metrics on %s, backends %s "
                "(default %s), %d workers\n",
                ATTNSERVE_VERSION, options.listen_address.c_str(), (*server)->port(),
-               metrics.c_str(), absl::StrJoin((*server)->backend_names(), ",").c_str(),
+               attnserve::DescribeAuth(options.auth).c_str(), metrics.c_str(),
+               absl::StrJoin((*server)->backend_names(), ",").c_str(),
                (*server)->default_backend().c_str(), options.scheduler.workers);
 
   int signal_number = 0;

@@ -11,7 +11,8 @@
 namespace attnserve {
 namespace {
 
-// attnserve_workspace_bytes{backend}, read from the backends at scrape time.
+// attnserve_workspace_bytes{backend} and attnserve_device_memory_bytes{device,state},
+// read from the backends at scrape time.
 class BackendCollector : public prometheus::Collectable {
  public:
   void Watch(const Backend* backend) {
@@ -20,19 +21,37 @@ class BackendCollector : public prometheus::Collectable {
   }
 
   std::vector<prometheus::MetricFamily> Collect() const override {
-    prometheus::MetricFamily family;
-    family.name = "attnserve_workspace_bytes";
-    family.help = "Scratch memory a backend holds, in bytes.";
-    family.type = prometheus::MetricType::Gauge;
+    prometheus::MetricFamily workspace;
+    workspace.name = "attnserve_workspace_bytes";
+    workspace.help = "Scratch memory a backend holds, in bytes.";
+    workspace.type = prometheus::MetricType::Gauge;
+    prometheus::MetricFamily device;
+    device.name = "attnserve_device_memory_bytes";
+    device.help = "Device (GPU) memory a backend holds (state=used) and may hold (state=capacity).";
+    device.type = prometheus::MetricType::Gauge;
     absl::MutexLock lock(&mu_);
     if (backends_.empty()) return {};
     for (const Backend* backend : backends_) {
       prometheus::ClientMetric metric;
       metric.label.push_back({"backend", backend->info().name});
       metric.gauge.value = static_cast<double>(backend->workspace_bytes());
-      family.metric.push_back(std::move(metric));
+      workspace.metric.push_back(std::move(metric));
+
+      const DeviceMemory memory = backend->device_memory();
+      if (memory.capacity_bytes <= 0) continue;  // no device
+      for (const auto& [state, bytes] : {std::pair{"used", memory.used_bytes},
+                                         std::pair{"capacity", memory.capacity_bytes}}) {
+        prometheus::ClientMetric m;
+        m.label.push_back({"device", backend->info().name});
+        m.label.push_back({"state", state});
+        m.gauge.value = static_cast<double>(bytes);
+        device.metric.push_back(std::move(m));
+      }
     }
-    return {std::move(family)};
+    std::vector<prometheus::MetricFamily> families;
+    families.push_back(std::move(workspace));
+    if (!device.metric.empty()) families.push_back(std::move(device));
+    return families;
   }
 
  private:
@@ -107,6 +126,14 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& o
       .Register(*metrics->registry_)
       .Add({{"version", options.version}, {"backends", absl::StrJoin(options.backends, ",")}})
       .Set(1);
+  if (options.queue_capacity > 0) {
+    prometheus::BuildGauge()
+        .Name("attnserve_queue_capacity")
+        .Help("Requests the scheduler queue admits before answering RESOURCE_EXHAUSTED.")
+        .Register(*metrics->registry_)
+        .Add({})
+        .Set(static_cast<double>(options.queue_capacity));
+  }
   if (!options.listen_address.empty()) {
     try {
       metrics->exposer_ = std::make_unique<prometheus::Exposer>(options.listen_address);

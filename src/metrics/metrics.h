@@ -40,6 +40,10 @@ struct MetricsOptions {
   std::string listen_address;
   std::string version = ATTNSERVE_VERSION;  // attnserve_build_info{version}
   std::vector<std::string> backends;        // attnserve_build_info{backends}, comma-joined
+  // attnserve_queue_capacity: the scheduler's queue bound in requests
+  // (SchedulerOptions::queue_capacity), the denominator of queue saturation.
+  // 0: the gauge is not exported.
+  int64_t queue_capacity = 0;
 };
 
 // Bucket upper bounds, in seconds, for durations from ~20 µs (a tiny request's
@@ -69,7 +73,10 @@ class Metrics : public SchedulerObserver {
   void RequestFinished() { inflight_->Decrement(); }
 
   // Reports attnserve_workspace_bytes{backend} from backend.workspace_bytes()
-  // at each scrape. `backend` is not owned and must outlive this object.
+  // at each scrape, and attnserve_device_memory_bytes{device,state} from
+  // backend.device_memory() when it reports a capacity (GPU backends; device
+  // is the backend's name, state "used" or "capacity"). `backend` is not
+  // owned and must outlive this object.
   void WatchBackend(const Backend* backend);
 
   // SchedulerObserver.

@@ -138,6 +138,39 @@ TEST(MetricsTest, WorkspaceBytesIsReadAtScrapeTime) {
   EXPECT_EQ(SampleValue((*m)->TextFormat(), R"(attnserve_workspace_bytes{backend="fake"})"), 12345);
 }
 
+// A backend with device memory, as a GPU backend reports it.
+class DeviceBackend : public WorkspaceBackend {
+ public:
+  DeviceMemory device_memory() const override { return memory; }
+  DeviceMemory memory;
+};
+
+TEST(MetricsTest, DeviceMemoryOnlyForBackendsWithACapacity) {
+  auto m = Metrics::Create({});
+  ASSERT_TRUE(m.ok());
+  WorkspaceBackend host;
+  (*m)->WatchBackend(&host);
+  EXPECT_FALSE(absl::StrContains((*m)->TextFormat(), "attnserve_device_memory_bytes"));
+  DeviceBackend device;
+  (*m)->WatchBackend(&device);
+  EXPECT_FALSE(absl::StrContains((*m)->TextFormat(), "attnserve_device_memory_bytes"));
+  device.memory = {.used_bytes = 1 << 20, .capacity_bytes = int64_t{8} << 30};
+  const std::string text = (*m)->TextFormat();
+  EXPECT_EQ(SampleValue(text, R"(attnserve_device_memory_bytes{device="fake",state="used"})"),
+            1 << 20);
+  EXPECT_EQ(SampleValue(text, R"(attnserve_device_memory_bytes{device="fake",state="capacity"})"),
+            static_cast<double>(int64_t{8} << 30));
+}
+
+TEST(MetricsTest, QueueCapacityWhenGiven) {
+  auto without = Metrics::Create({});
+  ASSERT_TRUE(without.ok());
+  EXPECT_FALSE(absl::StrContains((*without)->TextFormat(), "attnserve_queue_capacity"));
+  auto with = Metrics::Create({.queue_capacity = 256});
+  ASSERT_TRUE(with.ok());
+  EXPECT_EQ(SampleValue((*with)->TextFormat(), "attnserve_queue_capacity"), 256);
+}
+
 // GET /metrics over a plain socket: the endpoint binds an ephemeral port and
 // serves the same text.
 TEST(MetricsTest, ServesHttpOnAnEphemeralPort) {
