@@ -22,6 +22,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -118,13 +119,21 @@ void Gemm(int64_t rows, int64_t lanes, int64_t kdim, const float* a, int64_t a_r
   }
 }
 
-// Converts `rows` rows of `cols` 16-bit elements (row stride `src_row`) to a
-// contiguous F32 block.
-template <class T>
-void WidenBlock(const void* src, DType dtype, int64_t src_row, int64_t rows, int64_t cols,
-                float* dst) {
-  const uint16_t* s = static_cast<const uint16_t*>(src);
-  for (int64_t r = 0; r < rows; ++r) T::Widen16(s + r * src_row, dtype, cols, dst + r * cols);
+// Copies rows [j0, j0 + rows) of K (or V) of one KV head to a contiguous F32
+// block, widening 16-bit types. Rows are addressed one by one, so a block may
+// span KV-cache pages; the arithmetic on the staged block is the same as on
+// rows read in place.
+template <class T, bool kValues>
+void StageBlock(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t j0, int64_t rows,
+                int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const void* src = kValues ? ValueRow(p, b, j0 + r, kv_head) : KeyRow(p, b, j0 + r, kv_head);
+    if (p.dtype == DType::kF32) {
+      std::memcpy(dst + r * cols, src, cols * sizeof(float));
+    } else {
+      T::Widen16(static_cast<const uint16_t*>(src), p.dtype, cols, dst + r * cols);
+    }
+  }
 }
 
 // Applies softcap, ALiBi and bias to a block of raw scores (scale·q·k) and
@@ -408,14 +417,9 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
 
   const bool wide = p.dtype == DType::kF32;
 
-  // A block never crosses a KV-cache page, so its rows share one stride.
-  auto block_end = [&](int64_t j0) {
-    int64_t j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
-    if (p.kv_blocks != nullptr) {
-      j1 = std::min<int64_t>(j1, (j0 / p.kv_block_tokens + 1) * p.kv_block_tokens);
-    }
-    return j1;
-  };
+  // Key blocks are the same whether K/V are contiguous or paged, so a session's
+  // decode step is bitwise equal to stateless attention over the same K/V.
+  auto block_end = [&](int64_t j0) { return std::min<int64_t>(j0 + kKeyBlock, hi); };
   if (lo < hi) {
     PrefetchRows<false>(p, b, kv_head, lo, block_end(lo));
     PrefetchRows<true>(p, b, kv_head, lo, block_end(lo));
@@ -438,11 +442,11 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     // S = K·Qᵀ (keys x lanes).
     const float* kp;
     int64_t k_row;
-    if (wide) {
+    if (wide && p.kv_blocks == nullptr) {
       kp = static_cast<const float*>(KeyRow(p, b, j0, kv_head));
       k_row = p.k_row_stride;
     } else {
-      WidenBlock<T>(KeyRow(p, b, j0, kv_head), p.dtype, p.k_row_stride, nk, D, kbuf);
+      StageBlock<T, false>(p, b, kv_head, j0, nk, D, kbuf);
       kp = kbuf;
       k_row = D;
     }
@@ -491,11 +495,11 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     PrefetchRows<true>(p, b, kv_head, j1, next_end);
     const float* vp;
     int64_t v_row;
-    if (wide) {
+    if (wide && p.kv_blocks == nullptr) {
       vp = static_cast<const float*>(ValueRow(p, b, j0, kv_head));
       v_row = p.v_row_stride;
     } else {
-      WidenBlock<T>(ValueRow(p, b, j0, kv_head), p.dtype, p.v_row_stride, nk, Dv, vbuf);
+      StageBlock<T, true>(p, b, kv_head, j0, nk, Dv, vbuf);
       vp = vbuf;
       v_row = Dv;
     }

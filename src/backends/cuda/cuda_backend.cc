@@ -154,6 +154,7 @@ class CudaBackend final : public Backend {
       return absl::UnimplementedError(absl::StrCat("cuda backend: ", what, " is not supported"));
     };
     if (p.variant != Variant::kSoftmax) return unimplemented("variant LINEAR");
+    if (p.kv_blocks != nullptr) return unimplemented("paged K/V (session decode)");
     if (p.weights != nullptr) return unimplemented("outputs.weights");
     if (p.top_k != 0) return unimplemented("outputs.top_k");
     if (p.dtype != DType::kF32 && p.dtype != DType::kF16 && p.dtype != DType::kBF16) {

@@ -195,6 +195,10 @@ class OnednnBackend final : public Backend {
   const BackendInfo& info() const override { return info_; }
 
   absl::Status Supports(const AttentionParams& p) const override {
+    if (p.kv_blocks != nullptr) {
+      return absl::UnimplementedError(
+          "onednn: paged K/V (session decode) is not supported; use the cpu backend");
+    }
     if (p.dtype != DType::kF32 && p.dtype != DType::kF16 && p.dtype != DType::kBF16) {
       return absl::UnimplementedError(
           absl::StrCat("onednn: dtype F32, F16 or BF16 expected, got ", DTypeName(p.dtype)));

@@ -1,0 +1,298 @@
+// KV-cache sessions over gRPC: decode steps equal stateless attention over the
+// concatenated K/V, failures leave the cache unchanged, the cache bound holds
+// and recovers, and many sessions decode concurrently.
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "attnserve/v1/attention.grpc.pb.h"
+#include "core/half.h"
+#include "grpcpp/create_channel.h"
+#include "grpcpp/security/credentials.h"
+#include "gtest/gtest.h"
+#include "server/server.h"
+
+namespace attnserve {
+namespace {
+
+constexpr int64_t kHq = 4, kHkv = 2, kD = 32;
+
+// Random F32 values as the bytes of `dtype` (rounded), so both the session and
+// the stateless request see exactly the same numbers.
+std::string RandomBytes(std::mt19937& rng, int64_t n, DType dtype) {
+  std::uniform_real_distribution<float> dist(-1.f, 1.f);
+  std::string s(n * DTypeSize(dtype), '\0');
+  for (int64_t i = 0; i < n; ++i) StoreFloat(s.data(), dtype, i, dist(rng));
+  return s;
+}
+
+v1::Tensor MakeTensor(v1::DType dtype, std::vector<int64_t> shape, std::string data) {
+  v1::Tensor t;
+  t.set_dtype(dtype);
+  for (int64_t d : shape) t.add_shape(d);
+  t.set_data(std::move(data));
+  return t;
+}
+
+class SessionTest : public ::testing::Test {
+ public:
+  void StartServer(ServerOptions options = {}) {
+    options.listen_address = "127.0.0.1:0";
+    options.metrics_listen_address = "";
+    options.backend_threads = 2;
+    auto server = Server::Create(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = *std::move(server);
+    ASSERT_TRUE(server_->Start().ok());
+    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", server_->port()),
+                                   grpc::InsecureChannelCredentials());
+    stub_ = v1::AttentionService::NewStub(channel_);
+  }
+
+  grpc::Status Create(v1::DType dtype, std::string* id, int64_t max_tokens = 0) {
+    grpc::ClientContext ctx;
+    v1::CreateSessionRequest req;
+    req.set_num_kv_heads(kHkv);
+    req.set_head_dim(kD);
+    req.set_dtype(dtype);
+    req.set_max_tokens(max_tokens);
+    v1::CreateSessionResponse resp;
+    grpc::Status s = stub_->CreateSession(&ctx, req, &resp);
+    if (s.ok()) *id = resp.session_id();
+    return s;
+  }
+
+  grpc::Status Decode(const std::string& id, const v1::Tensor& q, const v1::Tensor& k,
+                      const v1::Tensor& v, v1::DecodeResponse* resp) {
+    grpc::ClientContext ctx;
+    v1::DecodeRequest req;
+    req.set_session_id(id);
+    *req.mutable_query() = q;
+    *req.mutable_key() = k;
+    *req.mutable_value() = v;
+    req.mutable_outputs()->set_lse(true);
+    return stub_->Decode(&ctx, req, resp);
+  }
+
+  grpc::Status Close(const std::string& id) {
+    grpc::ClientContext ctx;
+    v1::CloseSessionRequest req;
+    req.set_session_id(id);
+    v1::CloseSessionResponse resp;
+    return stub_->CloseSession(&ctx, req, &resp);
+  }
+
+  std::unique_ptr<Server> server_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+};
+
+// Prefill then single-token steps; each step's output must equal a causal
+// Attend over all K/V so far (bitwise for F32, within rounding for BF16).
+void RunDecodeMatchesAttend(SessionTest* t, v1::DType wire_dtype, DType dtype, bool bitwise,
+                            const std::string& backend) {
+  std::mt19937 rng(7);
+  std::string id;
+  ASSERT_TRUE(t->Create(wire_dtype, &id).ok());
+  std::string k_all, v_all;
+  int64_t total = 0;
+  for (int64_t n : {45, 1, 1, 1, 3, 1, 1}) {
+    std::string q = RandomBytes(rng, n * kHq * kD, dtype);
+    std::string k = RandomBytes(rng, n * kHkv * kD, dtype);
+    std::string v = RandomBytes(rng, n * kHkv * kD, dtype);
+    k_all += k;
+    v_all += v;
+    total += n;
+    v1::DecodeRequest dreq;
+    v1::DecodeResponse dresp;
+    {
+      grpc::ClientContext ctx;
+      dreq.set_session_id(id);
+      dreq.set_backend(backend);
+      *dreq.mutable_query() = MakeTensor(wire_dtype, {n, kHq, kD}, q);
+      *dreq.mutable_key() = MakeTensor(wire_dtype, {n, kHkv, kD}, k);
+      *dreq.mutable_value() = MakeTensor(wire_dtype, {n, kHkv, kD}, v);
+      dreq.mutable_outputs()->set_lse(true);
+      grpc::Status s = t->stub_->Decode(&ctx, dreq, &dresp);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+    }
+    EXPECT_EQ(dresp.context_tokens(), total);
+    v1::AttendRequest areq;
+    areq.set_backend(backend);
+    *areq.mutable_query() = MakeTensor(wire_dtype, {n, kHq, kD}, q);
+    *areq.mutable_key() = MakeTensor(wire_dtype, {total, kHkv, kD}, k_all);
+    *areq.mutable_value() = MakeTensor(wire_dtype, {total, kHkv, kD}, v_all);
+    areq.mutable_options()->set_causal(true);
+    areq.mutable_outputs()->set_lse(true);
+    v1::AttendResponse aresp;
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(t->stub_->Attend(&ctx, areq, &aresp).ok());
+    ASSERT_EQ(dresp.output().data().size(), aresp.output().data().size());
+    if (bitwise) {
+      // Compared as bytes, reported as a count (not a dump).
+      EXPECT_TRUE(dresp.output().data() == aresp.output().data())
+          << "output differs at " << total << " tokens";
+      EXPECT_TRUE(dresp.lse().data() == aresp.lse().data()) << "lse differs at " << total;
+    } else {
+      const int64_t count = n * kHq * kD;
+      for (int64_t i = 0; i < count; ++i) {
+        const float a = LoadFloat(dresp.output().data().data(), dtype, i);
+        const float b = LoadFloat(aresp.output().data().data(), dtype, i);
+        ASSERT_NEAR(a, b, 1e-2f + 1e-2f * std::fabs(b)) << "element " << i;
+      }
+    }
+  }
+  EXPECT_TRUE(t->Close(id).ok());
+}
+
+TEST_F(SessionTest, DecodeStepsEqualStatelessAttendF32) {
+  StartServer();
+  for (const std::string& backend : {"cpu", "reference"}) {
+    SCOPED_TRACE(backend);
+    RunDecodeMatchesAttend(this, v1::F32, DType::kF32, /*bitwise=*/true, backend);
+  }
+}
+
+TEST_F(SessionTest, DecodeStepsMatchStatelessAttendBF16) {
+  StartServer();
+  RunDecodeMatchesAttend(this, v1::BF16, DType::kBF16, /*bitwise=*/false, "");
+}
+
+TEST_F(SessionTest, BackendsWithoutPagedKvSayUnimplemented) {
+  StartServer();
+  std::string id;
+  ASSERT_TRUE(Create(v1::F32, &id).ok());
+  grpc::ClientContext ctx;
+  v1::DecodeRequest req;
+  req.set_session_id(id);
+  req.set_backend("onednn");
+  *req.mutable_query() = MakeTensor(v1::F32, {1, kHq, kD}, std::string(kHq * kD * 4, '\0'));
+  *req.mutable_key() = MakeTensor(v1::F32, {1, kHkv, kD}, std::string(kHkv * kD * 4, '\0'));
+  *req.mutable_value() = MakeTensor(v1::F32, {1, kHkv, kD}, std::string(kHkv * kD * 4, '\0'));
+  v1::DecodeResponse resp;
+  grpc::Status s = stub_->Decode(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED) << s.error_message();
+  EXPECT_EQ(server_->sessions().stats().sessions_active, 1);
+}
+
+TEST_F(SessionTest, F32QueriesOverABF16Cache) {
+  StartServer();
+  std::string id;
+  ASSERT_TRUE(Create(v1::BF16, &id).ok());
+  std::mt19937 rng(3);
+  v1::DecodeResponse resp;
+  grpc::Status s = Decode(id, MakeTensor(v1::F32, {2, kHq, kD}, RandomBytes(rng, 2 * kHq * kD, DType::kF32)),
+                          MakeTensor(v1::F32, {2, kHkv, kD}, RandomBytes(rng, 2 * kHkv * kD, DType::kF32)),
+                          MakeTensor(v1::F32, {2, kHkv, kD}, RandomBytes(rng, 2 * kHkv * kD, DType::kF32)),
+                          &resp);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(resp.output().dtype(), v1::F32);
+  EXPECT_EQ(resp.output().data().size(), 2u * kHq * kD * 4);
+}
+
+TEST_F(SessionTest, FailedStepLeavesTheCacheUnchanged) {
+  StartServer();
+  std::string id;
+  ASSERT_TRUE(Create(v1::F32, &id).ok());
+  std::mt19937 rng(5);
+  auto step = [&](int64_t n, int64_t q_heads, v1::DecodeResponse* resp) {
+    return Decode(id, MakeTensor(v1::F32, {n, q_heads, kD}, RandomBytes(rng, n * q_heads * kD, DType::kF32)),
+                  MakeTensor(v1::F32, {n, kHkv, kD}, RandomBytes(rng, n * kHkv * kD, DType::kF32)),
+                  MakeTensor(v1::F32, {n, kHkv, kD}, RandomBytes(rng, n * kHkv * kD, DType::kF32)), resp);
+  };
+  v1::DecodeResponse resp;
+  ASSERT_TRUE(step(5, kHq, &resp).ok());
+  EXPECT_EQ(resp.context_tokens(), 5);
+  grpc::Status bad = step(2, 3, &resp);  // 3 query heads do not divide over 2 kv heads
+  EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad.error_message().find("key.shape"), std::string::npos) << bad.error_message();
+  ASSERT_TRUE(step(1, kHq, &resp).ok());
+  EXPECT_EQ(resp.context_tokens(), 6);  // the failed step appended nothing
+}
+
+TEST_F(SessionTest, UnknownClosedAndBadRequests) {
+  StartServer();
+  v1::DecodeResponse resp;
+  v1::Tensor q = MakeTensor(v1::F32, {1, kHq, kD}, std::string(kHq * kD * 4, '\0'));
+  v1::Tensor kv = MakeTensor(v1::F32, {1, kHkv, kD}, std::string(kHkv * kD * 4, '\0'));
+  EXPECT_EQ(Decode("0123", q, kv, kv, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  std::string id;
+  ASSERT_TRUE(Create(v1::F16, &id).ok());
+  EXPECT_EQ(id.size(), 32u);
+  ASSERT_TRUE(Decode(id, q, kv, kv, &resp).ok());
+  ASSERT_TRUE(Close(id).ok());
+  EXPECT_EQ(Decode(id, q, kv, kv, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_EQ(Close(id).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  grpc::ClientContext ctx;
+  v1::CreateSessionRequest bad;
+  bad.set_num_kv_heads(0);
+  bad.set_head_dim(kD);
+  v1::CreateSessionResponse created;
+  grpc::Status s = stub_->CreateSession(&ctx, bad, &created);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(s.error_message().find("num_kv_heads"), std::string::npos);
+}
+
+TEST_F(SessionTest, FullCacheIsRejectedThenRecovers) {
+  ServerOptions options;
+  options.sessions.block_tokens = 16;
+  // One block: 16 tokens x 2 heads x (32 + 32) dims x 4 bytes = 8 KiB; room for 4.
+  options.sessions.kv_cache_bytes = 4 * 8192;
+  StartServer(options);
+  std::vector<std::string> ids(4);
+  for (auto& id : ids) ASSERT_TRUE(Create(v1::F32, &id).ok());
+  std::string extra;
+  grpc::Status full = Create(v1::F32, &extra);
+  EXPECT_EQ(full.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(full.error_message().find("kv_cache_bytes"), std::string::npos) << full.error_message();
+
+  v1::GetServerInfoRequest info_req;
+  v1::ServerInfo info;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(stub_->GetServerInfo(&ctx, info_req, &info).ok());
+  EXPECT_EQ(info.sessions().active(), 4);
+  EXPECT_EQ(info.sessions().kv_cache_used_bytes(), 4 * 8192);
+  EXPECT_EQ(info.sessions().kv_cache_capacity_bytes(), 4 * 8192);
+
+  ASSERT_TRUE(Close(ids[0]).ok());
+  EXPECT_TRUE(Create(v1::F32, &extra).ok());
+}
+
+TEST_F(SessionTest, ManySessionsDecodeConcurrently) {
+  ServerOptions options;
+  options.scheduler.max_queue_delay_us = 2000;
+  StartServer(options);
+  constexpr int kSessions = 24, kSteps = 6;
+  std::vector<std::thread> threads;
+  std::atomic<int> ok{0};
+  for (int t = 0; t < kSessions; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      std::string id;
+      if (!Create(v1::BF16, &id).ok()) return;
+      for (int step = 0; step < kSteps; ++step) {
+        const int64_t n = step == 0 ? 20 : 1;
+        v1::DecodeResponse resp;
+        grpc::Status s =
+            Decode(id, MakeTensor(v1::F32, {n, kHq, kD}, RandomBytes(rng, n * kHq * kD, DType::kF32)),
+                   MakeTensor(v1::F32, {n, kHkv, kD}, RandomBytes(rng, n * kHkv * kD, DType::kF32)),
+                   MakeTensor(v1::F32, {n, kHkv, kD}, RandomBytes(rng, n * kHkv * kD, DType::kF32)),
+                   &resp);
+        if (!s.ok() || resp.context_tokens() != 20 + step) return;
+      }
+      if (Close(id).ok()) ok.fetch_add(1);
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(ok.load(), kSessions);
+  EXPECT_EQ(server_->sessions().stats().sessions_active, 0);
+  EXPECT_EQ(server_->sessions().stats().used_bytes, 0);
+}
+
+}  // namespace
+}  // namespace attnserve
