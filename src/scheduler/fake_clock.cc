@@ -48,7 +48,7 @@ void FakeClock::Advance(absl::Duration d) {
   }
 }
 
-void FakeClock::BlockUntilWaiting(absl::Time deadline, int count) {
+bool FakeClock::BlockUntilWaiting(absl::Time deadline, int count, absl::Duration timeout) {
   absl::MutexLock lock(&mu_);
   auto enough = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     int n = 0;
@@ -57,7 +57,7 @@ void FakeClock::BlockUntilWaiting(absl::Time deadline, int count) {
     }
     return n >= count;
   };
-  mu_.Await(absl::Condition(&enough));
+  return mu_.AwaitWithTimeout(absl::Condition(&enough), timeout);
 }
 
 int FakeClock::waiters() {

@@ -38,8 +38,10 @@ class FakeClock : public Clock {
   // Blocks until at least `count` threads are waiting on this clock with
   // exactly `deadline`, each having started its wait after the latest
   // Advance() (so each has seen the current time). An idle waiter waits with
-  // absl::InfiniteFuture(). Never returns if the waits never happen.
-  void BlockUntilWaiting(absl::Time deadline, int count = 1);
+  // absl::InfiniteFuture(). Returns false if that has not happened within
+  // `timeout` of real time, a guard that turns a hang into a test failure.
+  [[nodiscard]] bool BlockUntilWaiting(absl::Time deadline, int count = 1,
+                                       absl::Duration timeout = absl::Seconds(30));
 
   // Threads waiting on this clock now.
   int waiters();

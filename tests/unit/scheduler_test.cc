@@ -149,6 +149,11 @@ class Recorder {
     return mu_.AwaitWithTimeout(absl::Condition(&enough), kHangGuard);
   }
 
+  int admitted() {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int>(admitted_.size());
+  }
+
   Outcome outcome(int id) {
     absl::MutexLock lock(&mu_);
     return outcomes_[id];
@@ -241,7 +246,7 @@ SchedulerOptions Options(int32_t max_batch_size, absl::Duration delay) {
 TEST_F(SchedulerTest, FullBatchRunsAtOnce) {
   Start(Options(4, absl::Seconds(1)));
   for (int id = 1; id <= 3; ++id) ASSERT_TRUE(Submit({.id = id}).ok());
-  clock_.BlockUntilWaiting(start_ + absl::Seconds(1));
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + absl::Seconds(1)));
   EXPECT_THAT(backend_.batches(), IsEmpty());  // three of four: waits to fill
 
   ASSERT_TRUE(Submit({.id = 4}).ok());
@@ -260,10 +265,10 @@ TEST_F(SchedulerTest, PartialBatchFlushesExactlyAtTheDelay) {
   Start(Options(8, delay));
   ASSERT_TRUE(Submit({.id = 1}).ok());
   ASSERT_TRUE(Submit({.id = 2}).ok());
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
 
   clock_.Advance(delay - absl::Microseconds(1));
-  clock_.BlockUntilWaiting(start_ + delay);  // woke, looked, went back to sleep
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));  // woke, looked, went back to sleep
   EXPECT_THAT(backend_.batches(), IsEmpty());
   EXPECT_EQ(scheduler_->queue_depth(), 2);
 
@@ -281,7 +286,7 @@ TEST_F(SchedulerTest, DelayCountsFromTheOldestTask) {
   ASSERT_TRUE(Submit({.id = 1}).ok());
   clock_.Advance(absl::Microseconds(300));
   ASSERT_TRUE(Submit({.id = 2}).ok());
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
   clock_.Advance(absl::Microseconds(200));
   ASSERT_TRUE(recorder_.WaitForDone(2));
   EXPECT_THAT(backend_.batches(), ElementsAre(ElementsAre(1, 2)));
@@ -308,7 +313,7 @@ TEST_F(SchedulerTest, FlopsBudgetSplitsBatches) {
   EXPECT_THAT(backend_.batches(), ElementsAre(ElementsAre(1, 2)));
   EXPECT_EQ(scheduler_->queue_depth(), 1);
 
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
   clock_.Advance(delay);
   ASSERT_TRUE(recorder_.WaitForDone(3));
   EXPECT_THAT(backend_.batches(), ElementsAre(ElementsAre(1, 2), ElementsAre(3)));
@@ -340,7 +345,7 @@ TEST_F(SchedulerTest, IncompatibleTasksAreNotBatchedTogether) {
   ASSERT_TRUE(recorder_.WaitForDone(2));
   EXPECT_THAT(backend_.batches(), ElementsAre(ElementsAre(1, 5)));
 
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
   clock_.Advance(delay);
   ASSERT_TRUE(recorder_.WaitForDone(5));
   EXPECT_THAT(backend_.batches(),
@@ -353,7 +358,7 @@ TEST_F(SchedulerTest, ExpiredTaskIsAnsweredAndNeverComputed) {
   Start(Options(8, delay));
   ASSERT_TRUE(Submit({.id = 1, .deadline = start_ + absl::Microseconds(100)}).ok());
   ASSERT_TRUE(Submit({.id = 2, .deadline = start_ + absl::Seconds(1)}).ok());
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
   clock_.Advance(delay);
   ASSERT_TRUE(recorder_.WaitForDone(2));
   EXPECT_EQ(recorder_.outcome(1).status.code(), absl::StatusCode::kDeadlineExceeded);
@@ -382,7 +387,7 @@ TEST_F(SchedulerTest, CancelledTaskIsAnsweredAndNeverComputed) {
   ASSERT_TRUE(Submit({.id = 1, .is_cancelled = [&] { return cancelled.load(); }}).ok());
   ASSERT_TRUE(Submit({.id = 2, .is_cancelled = [] { return false; }}).ok());
   cancelled = true;
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
   clock_.Advance(delay);
   ASSERT_TRUE(recorder_.WaitForDone(2));
   EXPECT_EQ(recorder_.outcome(1).status.code(), absl::StatusCode::kCancelled);
@@ -428,7 +433,9 @@ TEST_F(SchedulerTest, HighPriorityRunsFirst) {
   ASSERT_TRUE(Submit({.id = 0}).ok());
   ASSERT_TRUE(backend_.WaitUntilRunning(1));  // the only worker is busy
   ASSERT_TRUE(Submit({.id = 1, .priority = 0}).ok());
+  clock_.Advance(absl::Microseconds(1));  // the normal tasks are strictly older
   ASSERT_TRUE(Submit({.id = 2, .priority = 0}).ok());
+  clock_.Advance(absl::Microseconds(1));
   ASSERT_TRUE(Submit({.id = 3, .priority = 1}).ok());
   ASSERT_TRUE(Submit({.id = 4, .priority = 1}).ok());
   backend_.Release();
@@ -496,7 +503,7 @@ TEST_F(SchedulerTest, DrainTimesOutWithABlockedBackend) {
   const absl::Duration timeout = absl::Milliseconds(10);
   absl::Status drained;
   std::thread drainer([&] { drained = scheduler_->Drain(timeout); });
-  clock_.BlockUntilWaiting(start_ + timeout);  // Drain is waiting
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + timeout));  // Drain is waiting
   EXPECT_EQ(Submit({.id = 3}).code(), absl::StatusCode::kUnavailable);
   clock_.Advance(timeout);
   drainer.join();
@@ -543,7 +550,7 @@ TEST_F(SchedulerTest, TimingAndObserverHooks) {
   Start(Options(8, delay), &observer);
   backend_.Hold();
   ASSERT_TRUE(Submit({.id = 1, .flops = 7}).ok());
-  clock_.BlockUntilWaiting(start_ + delay);
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + delay));
   clock_.Advance(delay);
   ASSERT_TRUE(backend_.WaitUntilRunning(1));
   clock_.Advance(absl::Microseconds(300));  // the backend call takes 300us
@@ -636,6 +643,7 @@ TEST(SchedulerStressTest, EveryAdmittedTaskIsAnsweredExactlyOnce) {
   EXPECT_TRUE(scheduler->Drain(absl::InfiniteDuration()).ok());
   EXPECT_EQ(scheduler->in_flight(), 0);
   EXPECT_EQ(scheduler->queue_depth(), 0);
+  EXPECT_GE(recorder.admitted(), options.queue_capacity);
   recorder.ExpectEachAdmittedDoneOnce();
   for (FakeBackend* b : backends) {
     for (const std::vector<int>& batch : b->batches()) {
