@@ -23,6 +23,8 @@ namespace attnserve::client {
 class AttendStream::Reactor
     : public grpc::ClientBidiReactor<v1::AttendRequest, v1::AttendResponse> {
  public:
+  explicit Reactor(InFlightCounter::Guard guard) : guard_(std::move(guard)) {}
+
   void Start(v1::AttentionService::Stub* stub, absl::Duration deadline,
              std::shared_ptr<Reactor> self) {
     self_ = std::move(self);
@@ -36,30 +38,25 @@ class AttendStream::Reactor
     StartCall();
   }
 
-  void Send(const v1::AttendRequest* request, ResponseCallback done) {
-    absl::Status reject;
+  absl::Status Send(const v1::AttendRequest* request, ResponseCallback done) {
     bool start_write = false;
     {
       absl::MutexLock lock(&mu_);
       if (half_closed_) {
-        reject = absl::FailedPreconditionError("AttendStream: Send after Finish");
-      } else if (write_broken_ || done_) {
-        reject = absl::UnavailableError("AttendStream: the stream has ended");
-      } else if (!pending_.try_emplace(request->request_id(), std::move(done)).second) {
-        reject = absl::InvalidArgumentError(absl::StrCat(
+        return absl::FailedPreconditionError("AttendStream: Send after Finish");
+      }
+      if (writes_closed_) return absl::UnavailableError("AttendStream: the stream has ended");
+      if (!pending_.try_emplace(request->request_id(), std::move(done)).second) {
+        return absl::InvalidArgumentError(absl::StrCat(
             "request_id: expected an id unique among outstanding requests, got \"",
             request->request_id(), "\" twice"));
-      } else {
-        write_queue_.push_back(request);
-        start_write = !writing_;
-        writing_ = true;
       }
-    }
-    if (!reject.ok()) {
-      std::move(done)(std::move(reject));
-      return;
+      write_queue_.push_back(request);
+      start_write = !writing_;
+      writing_ = true;
     }
     if (start_write) WriteNext();
+    return absl::OkStatus();
   }
 
   int64_t outstanding() const {
@@ -74,8 +71,8 @@ class AttendStream::Reactor
       absl::MutexLock lock(&mu_);
       if (half_closed_) return;
       half_closed_ = true;
-      // A broken stream has released its hold already.
-      now = !writing_ && !write_broken_;
+      // A stream whose writes closed early has released its hold already.
+      now = !writing_ && !writes_closed_;
       if (now) writing_ = true;  // nothing else may write any more
     }
     if (now) CloseWrites();
@@ -94,15 +91,14 @@ class AttendStream::Reactor
     {
       absl::MutexLock lock(&mu_);
       write_queue_.pop_front();
-      if (!ok) {
-        // The stream is broken; OnDone reports its status to every pending call.
+      if (!ok || read_closed_) {
+        // The stream is over: what is still queued is never sent, and OnDone
+        // reports the final status to every pending call.
         write_queue_.clear();
-        write_broken_ = true;
-      }
-      if (!write_queue_.empty()) {
-        next = Next::kWrite;
-      } else if (write_broken_) {
+        writes_closed_ = true;
         next = Next::kReleaseHold;
+      } else if (!write_queue_.empty()) {
+        next = Next::kWrite;
       } else if (half_closed_) {
         next = Next::kCloseWrites;
       } else {
@@ -126,7 +122,23 @@ class AttendStream::Reactor
   }
 
   void OnReadDone(bool ok) override {
-    if (!ok) return;  // The server closed its side; OnDone follows.
+    if (!ok) {
+      // The server closed its side (it answered everything, or a request
+      // failed and ended the stream). Stop writing and let the RPC finish so
+      // OnDone can report the status, even if the caller never calls Finish.
+      bool release = false;
+      {
+        absl::MutexLock lock(&mu_);
+        read_closed_ = true;
+        if (!writing_ && !writes_closed_) {
+          writing_ = true;  // the write slot is taken for good
+          writes_closed_ = true;
+          release = true;
+        }
+      }
+      if (release) RemoveHold();
+      return;
+    }
     ResponseCallback done;
     {
       absl::MutexLock lock(&mu_);
@@ -178,6 +190,7 @@ class AttendStream::Reactor
     RemoveHold();
   }
 
+  InFlightCounter::Guard guard_;  // first: released after context_ is gone
   grpc::ClientContext context_;
   v1::AttendResponse response_;  // touched only by the read chain
   std::shared_ptr<Reactor> self_;
@@ -186,14 +199,18 @@ class AttendStream::Reactor
   absl::flat_hash_map<std::string, ResponseCallback> pending_ ABSL_GUARDED_BY(mu_);
   std::deque<const v1::AttendRequest*> write_queue_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;  // a write (or writes-done) is in flight
-  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;
-  bool write_broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool half_closed_ ABSL_GUARDED_BY(mu_) = false;   // Finish was called
+  bool read_closed_ ABSL_GUARDED_BY(mu_) = false;   // the server closed its side
+  // No write will ever start again (a write failed or the server closed);
+  // the hold is released.
+  bool writes_closed_ ABSL_GUARDED_BY(mu_) = false;
   bool done_ ABSL_GUARDED_BY(mu_) = false;
   absl::Status final_status_ ABSL_GUARDED_BY(mu_);
 };
 
-AttendStream::AttendStream(v1::AttentionService::Stub* stub, absl::Duration deadline)
-    : reactor_(std::make_shared<Reactor>()) {
+AttendStream::AttendStream(v1::AttentionService::Stub* stub, absl::Duration deadline,
+                           InFlightCounter::Guard guard)
+    : reactor_(std::make_shared<Reactor>(std::move(guard))) {
   reactor_->Start(stub, deadline, reactor_);
 }
 
@@ -205,8 +222,8 @@ AttendStream::~AttendStream() {
   }
 }
 
-void AttendStream::Send(const v1::AttendRequest* request, ResponseCallback done) {
-  reactor_->Send(request, std::move(done));
+absl::Status AttendStream::Send(const v1::AttendRequest* request, ResponseCallback done) {
+  return reactor_->Send(request, std::move(done));
 }
 
 int64_t AttendStream::outstanding() const { return reactor_->outstanding(); }

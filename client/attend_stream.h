@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "attnserve/v1/attention.grpc.pb.h"
+#include "client/in_flight_counter.h"
 
 namespace attnserve::client {
 
@@ -21,8 +22,10 @@ class AttendStream {
   using ResponseCallback = absl::AnyInvocable<void(absl::StatusOr<v1::AttendResponse>) &&>;
 
   // Starts the RPC on `stub` (borrowed; it must outlive the stream).
-  // `deadline` bounds the whole RPC; zero means none.
-  AttendStream(v1::AttentionService::Stub* stub, absl::Duration deadline);
+  // `deadline` bounds the whole RPC; zero means none. `guard` is held until
+  // the RPC's last reference to the channel is gone (see InFlightCounter).
+  AttendStream(v1::AttentionService::Stub* stub, absl::Duration deadline,
+               InFlightCounter::Guard guard = {});
   // Cancels the RPC if Finish was not called, then waits for it to end.
   ~AttendStream();
   AttendStream(const AttendStream&) = delete;
@@ -30,11 +33,14 @@ class AttendStream {
 
   // Queues `request` for sending and returns at once. `request` is borrowed
   // until `done` runs; its request_id must be unique among this stream's
-  // outstanding requests. `done` runs exactly once, on a gRPC thread (or
-  // inline for an immediate error): with the matching response, with
-  // INVALID_ARGUMENT for a duplicate id, FAILED_PRECONDITION after Finish, or
-  // with the stream's status if the stream ends first.
-  void Send(const v1::AttendRequest* request, ResponseCallback done);
+  // outstanding requests. On OK, `done` runs exactly once, on a gRPC thread,
+  // with the matching response or, if the stream ends first, with the
+  // stream's final status. The server ends a stream at the first request that
+  // fails, so one error fails every request outstanding on the stream.
+  // Otherwise `done` is not called and the error says why: INVALID_ARGUMENT
+  // for a duplicate id, FAILED_PRECONDITION after Finish, UNAVAILABLE when
+  // the stream has already ended (open a new one).
+  absl::Status Send(const v1::AttendRequest* request, ResponseCallback done);
 
   // Requests sent whose callback has not run yet.
   int64_t outstanding() const;

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -37,6 +38,15 @@
 
 ABSL_FLAG(std::string, target, "localhost:50051", "server address HOST:PORT");
 ABSL_FLAG(std::string, deadline, "30s", "deadline of each call (e.g. 500ms, 30s)");
+ABSL_FLAG(bool, tls, false, "connect with TLS, verifying the server against the system roots");
+ABSL_FLAG(std::string, tls_ca, "", "PEM CA bundle to verify the server with (implies --tls)");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate for mutual TLS (implies --tls)");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
+ABSL_FLAG(std::string, tls_server_name, "",
+          "name to check the server certificate against instead of the target's host");
+ABSL_FLAG(std::string, token, "",
+          "bearer token sent as 'authorization: Bearer <token>' (servers with "
+          "--auth_tokens_file); default: $ATTNSERVE_TOKEN");
 ABSL_FLAG(bool, json, false, "info, bench: print one JSON line");
 ABSL_FLAG(std::string, service, "", "health: the service to ask about (empty: the server)");
 
@@ -249,6 +259,16 @@ absl::StatusOr<std::unique_ptr<AttnClient>> MakeClient(bool dedicated_connection
   ClientOptions options;
   options.default_deadline = *deadline;
   options.dedicated_connection = dedicated_connection;
+  options.tls = absl::GetFlag(FLAGS_tls);
+  options.tls_ca_file = absl::GetFlag(FLAGS_tls_ca);
+  options.tls_cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls_key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls_server_name = absl::GetFlag(FLAGS_tls_server_name);
+  options.bearer_token = absl::GetFlag(FLAGS_token);
+  // From the environment by default, so the token need not show in `ps`.
+  if (const char* env = std::getenv("ATTNSERVE_TOKEN"); options.bearer_token.empty() && env) {
+    options.bearer_token = env;
+  }
   return AttnClient::Create(absl::GetFlag(FLAGS_target), options);
 }
 

@@ -1,10 +1,15 @@
 #include "client/client.h"
 
+#include <fstream>
+#include <sstream>
+#include <tuple>
 #include <utility>
+#include <vector>
 
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/support/channel_arguments.h>
+#include <grpcpp/support/client_interceptor.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
@@ -17,6 +22,72 @@ using HealthResponse = grpc::health::v1::HealthCheckResponse;
 std::chrono::system_clock::time_point DeadlineFromNow(absl::Duration d) {
   return absl::ToChronoTime(absl::Now() + d);
 }
+
+absl::StatusOr<std::string> ReadFile(absl::string_view option, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  if (in) text << in.rdbuf();
+  if (!in || in.bad()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(option, ": expected a readable PEM file, got '", path, "'"));
+  }
+  return text.str();
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> ChannelCredentials(
+    const ClientOptions& o) {
+  if (o.tls_cert_file.empty() != o.tls_key_file.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tls_cert_file, tls_key_file: expected both or neither, got ",
+        o.tls_cert_file.empty() ? "only tls_key_file" : "only tls_cert_file"));
+  }
+  if (!o.tls && o.tls_ca_file.empty() && o.tls_cert_file.empty()) {
+    return grpc::InsecureChannelCredentials();
+  }
+  grpc::SslCredentialsOptions ssl;
+  for (auto [option, path, dest] :
+       {std::tuple{"tls_ca_file", &o.tls_ca_file, &ssl.pem_root_certs},
+        std::tuple{"tls_cert_file", &o.tls_cert_file, &ssl.pem_cert_chain},
+        std::tuple{"tls_key_file", &o.tls_key_file, &ssl.pem_private_key}}) {
+    if (path->empty()) continue;
+    absl::StatusOr<std::string> text = ReadFile(option, *path);
+    if (!text.ok()) return text.status();
+    *dest = *std::move(text);
+  }
+  return grpc::SslCredentials(ssl);
+}
+
+// Adds "authorization: Bearer <token>" to every call of the channel. An
+// interceptor rather than call credentials, which gRPC sends over TLS only:
+// a server behind a TLS-terminating sidecar is reached in plaintext.
+class BearerTokenInterceptor : public grpc::experimental::Interceptor {
+ public:
+  explicit BearerTokenInterceptor(const std::string* value) : value_(value) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(
+            grpc::experimental::InterceptionHookPoints::PRE_SEND_INITIAL_METADATA)) {
+      methods->GetSendInitialMetadata()->insert({"authorization", *value_});
+    }
+    methods->Proceed();
+  }
+
+ private:
+  const std::string* value_;  // owned by the factory, which the channel keeps
+};
+
+class BearerTokenInterceptorFactory
+    : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit BearerTokenInterceptorFactory(const std::string& token)
+      : value_(absl::StrCat("Bearer ", token)) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(
+      grpc::experimental::ClientRpcInfo* /*info*/) override {
+    return new BearerTokenInterceptor(&value_);
+  }
+
+ private:
+  const std::string value_;
+};
 
 }  // namespace
 
@@ -54,8 +125,18 @@ absl::StatusOr<std::unique_ptr<AttnClient>> AttnClient::Create(std::string targe
   if (!options.load_balancing_policy.empty()) {
     args.SetLoadBalancingPolicyName(options.load_balancing_policy);
   }
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
+  if (!options.tls_server_name.empty()) {
+    args.SetSslTargetNameOverride(options.tls_server_name);
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> credentials =
+      ChannelCredentials(options);
+  if (!credentials.ok()) return credentials.status();
+  std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
+  if (!options.bearer_token.empty()) {
+    interceptors.push_back(std::make_unique<BearerTokenInterceptorFactory>(options.bearer_token));
+  }
+  std::shared_ptr<grpc::Channel> channel = grpc::experimental::CreateCustomChannelWithInterceptors(
+      target, *credentials, args, std::move(interceptors));
   return std::unique_ptr<AttnClient>(
       new AttnClient(std::move(target), std::move(options), std::move(channel)));
 }
@@ -67,6 +148,8 @@ AttnClient::AttnClient(std::string target, ClientOptions options,
       channel_(std::move(channel)),
       stub_(v1::AttentionService::NewStub(channel_)),
       health_stub_(grpc::health::v1::Health::NewStub(channel_)) {}
+
+AttnClient::~AttnClient() { in_flight_->WaitForZero(); }
 
 absl::Duration AttnClient::DeadlineOr(absl::Duration d) const {
   return d > absl::ZeroDuration() ? d : options_.default_deadline;
@@ -149,6 +232,7 @@ namespace {
 // State of one AttendAsync call, alive from the start of the call to its
 // callback.
 struct AsyncAttendCall {
+  InFlightCounter::Guard guard;  // first: released after the context is gone
   grpc::ClientContext context;
   v1::AttendResponse response;
   AttnClient::AttendCallback done;
@@ -159,6 +243,7 @@ struct AsyncAttendCall {
 void AttnClient::AttendAsync(const v1::AttendRequest& request, AttendCallback done,
                              absl::Duration deadline) {
   auto* call = new AsyncAttendCall;
+  call->guard = InFlightCounter::Guard(in_flight_);
   call->done = std::move(done);
   call->context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
   stub_->async()->Attend(&call->context, &request, &call->response,
@@ -174,7 +259,7 @@ void AttnClient::AttendAsync(const v1::AttendRequest& request, AttendCallback do
 }
 
 std::unique_ptr<AttendStream> AttnClient::OpenStream(absl::Duration deadline) {
-  return std::make_unique<AttendStream>(stub_.get(), deadline);
+  return std::make_unique<AttendStream>(stub_.get(), deadline, InFlightCounter::Guard(in_flight_));
 }
 
 }  // namespace attnserve::client

@@ -7,7 +7,8 @@
 //
 // Synchronous calls block the caller until the response or the deadline.
 // AttendAsync and OpenStream never block; their callbacks run on gRPC threads
-// and must not block either.
+// and must not block either. Destroying the client waits for its async calls
+// and streams to be gone, so it must not be destroyed from their callbacks.
 #ifndef ATTNSERVE_CLIENT_CLIENT_H_
 #define ATTNSERVE_CLIENT_CLIENT_H_
 
@@ -23,6 +24,7 @@
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "client/attend_stream.h"
 #include "client/convert.h"
+#include "client/in_flight_counter.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace attnserve::client {
@@ -38,7 +40,20 @@ struct ClientOptions {
   // gRPC load-balancing policy ("round_robin" across a headless service's
   // addresses); empty keeps gRPC's default (pick_first).
   std::string load_balancing_policy;
-  // Transport security is not configured yet: the channel is plaintext.
+  // Transport security. `tls` (implied by any tls_* file) connects with TLS,
+  // verifying the server against tls_ca_file (PEM; empty: the system roots).
+  bool tls = false;
+  std::string tls_ca_file;
+  // PEM client certificate chain and key, for servers that require mutual
+  // TLS (--tls_client_ca); both or neither.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  // Checks the server certificate against this name instead of the target's
+  // host (e.g. when connecting by IP address).
+  std::string tls_server_name;
+  // Sent as "authorization: Bearer <token>" on every call, for servers with
+  // --auth_tokens_file. Empty: none.
+  std::string bearer_token;
 };
 
 enum class ServingStatus { kUnknown, kServing, kNotServing, kServiceUnknown };
@@ -47,9 +62,15 @@ std::string_view ServingStatusName(ServingStatus status);
 class AttnClient {
  public:
   // Creates the channel (connection is lazy). INVALID_ARGUMENT for an empty
-  // target or non-positive limits.
+  // target, non-positive limits, an unreadable TLS file or only one of
+  // tls_cert_file and tls_key_file.
   static absl::StatusOr<std::unique_ptr<AttnClient>> Create(std::string target,
                                                             ClientOptions options = {});
+  // Blocks until every AttendAsync callback has run and every stream is
+  // destroyed.
+  ~AttnClient();
+  AttnClient(const AttnClient&) = delete;
+  AttnClient& operator=(const AttnClient&) = delete;
 
   // One attention computation. Errors are the server's codes (see the proto),
   // or UNAVAILABLE / DEADLINE_EXCEEDED from the transport.
@@ -89,6 +110,7 @@ class AttnClient {
   const std::shared_ptr<grpc::Channel> channel_;
   const std::unique_ptr<v1::AttentionService::Stub> stub_;
   const std::unique_ptr<grpc::health::v1::Health::Stub> health_stub_;
+  const std::shared_ptr<InFlightCounter> in_flight_ = std::make_shared<InFlightCounter>();
 };
 
 }  // namespace attnserve::client

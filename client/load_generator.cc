@@ -51,35 +51,35 @@ class StreamLane {
 
   // Sends a copy of the request; `done` runs once with its outcome.
   void Send(AttendStream::ResponseCallback done) {
-    const v1::AttendRequest* slot;
-    AttendStream* stream;
-    {
-      absl::MutexLock lock(&mu_);
-      if (stream_ended_) {
-        ended_.push_back(std::move(stream_));
-        stream_ = client_->OpenStream(deadline_);
-        stream_ended_ = false;
-      }
-      stream = stream_.get();
-      if (!free_.empty()) {
-        slot = free_.back();
-        free_.pop_back();
-      } else {
-        auto copy = std::make_unique<v1::AttendRequest>(request_);
-        copy->set_request_id(absl::StrCat(slots_.size()));
-        slots_.push_back(std::move(copy));
-        slot = slots_.back().get();
-      }
+    const v1::AttendRequest* slot = AcquireSlot();
+    // The callback is shared between attempts: Send consumes it only when it
+    // accepts the request.
+    auto shared_done = std::make_shared<AttendStream::ResponseCallback>(std::move(done));
+    absl::Status sent;
+    // The stream may have ended before its error callbacks marked it so; it
+    // then refuses at once (UNAVAILABLE) and one fresh stream is tried.
+    AttendStream* refused = nullptr;
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      AttendStream* stream = CurrentStream(refused);
+      sent = stream->Send(slot, [this, stream, slot, shared_done](
+                                    absl::StatusOr<v1::AttendResponse> response) {
+        {
+          absl::MutexLock lock(&mu_);
+          free_.push_back(slot);
+          if (!response.ok() && stream == stream_.get()) stream_ended_ = true;
+        }
+        std::move(*shared_done)(std::move(response));
+      });
+      if (!absl::IsUnavailable(sent)) break;
+      refused = stream;
     }
-    stream->Send(slot, [this, stream, slot, done = std::move(done)](
-                           absl::StatusOr<v1::AttendResponse> response) mutable {
+    if (!sent.ok()) {
       {
         absl::MutexLock lock(&mu_);
         free_.push_back(slot);
-        if (!response.ok() && stream == stream_.get()) stream_ended_ = true;
       }
-      std::move(done)(std::move(response));
-    });
+      std::move(*shared_done)(sent);
+    }
   }
 
   // Half-closes the current stream and waits for every stream to end.
@@ -94,6 +94,31 @@ class StreamLane {
   }
 
  private:
+  const v1::AttendRequest* AcquireSlot() {
+    absl::MutexLock lock(&mu_);
+    if (!free_.empty()) {
+      const v1::AttendRequest* slot = free_.back();
+      free_.pop_back();
+      return slot;
+    }
+    auto copy = std::make_unique<v1::AttendRequest>(request_);
+    copy->set_request_id(absl::StrCat(slots_.size()));
+    slots_.push_back(std::move(copy));
+    return slots_.back().get();
+  }
+
+  // The stream to send on: a new one when the current one has ended or is
+  // `refused`, the one that just refused a request.
+  AttendStream* CurrentStream(const AttendStream* refused) {
+    absl::MutexLock lock(&mu_);
+    if (stream_ended_ || stream_.get() == refused) {
+      ended_.push_back(std::move(stream_));
+      stream_ = client_->OpenStream(deadline_);
+      stream_ended_ = false;
+    }
+    return stream_.get();
+  }
+
   AttnClient* const client_;
   const v1::AttendRequest& request_;
   const absl::Duration deadline_;

@@ -5,6 +5,7 @@ Errors from the server are raised as grpc.RpcError (e.code() is a
 grpc.StatusCode such as INVALID_ARGUMENT, e.details() the message).
 """
 
+import collections
 import dataclasses
 import time
 from typing import Optional
@@ -91,19 +92,79 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     return r
 
 
+def tls_credentials(ca_file=None, cert_file=None, key_file=None):
+    """grpc.ChannelCredentials for a TLS server (Client's `credentials`).
+
+    ca_file: PEM CA bundle the server certificate must chain to (None: the
+    system roots). cert_file, key_file: PEM client certificate and key, for a
+    server that requires mutual TLS (--tls_client_ca); both or neither.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("tls_credentials: cert_file and key_file go together")
+
+    def read(path):
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca_file),
+                                        private_key=read(key_file),
+                                        certificate_chain=read(cert_file))
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor,
+                   grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor):
+    """Adds "authorization: Bearer <token>" to every call. An interceptor
+    rather than grpc.access_token_call_credentials, which gRPC sends over TLS
+    only: a server behind a TLS-terminating sidecar is reached in plaintext."""
+
+    def __init__(self, token):
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details):
+        return _CallDetails(details.method, details.timeout,
+                            list(details.metadata or ()) + [self._entry], details.credentials,
+                            getattr(details, "wait_for_ready", None),
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_token(details), requests)
+
+
+class _CallDetails(
+        collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
 class Client:
     """A connection to one attnserve target ("host:port")."""
 
     def __init__(self, target, *, timeout=30.0, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 credentials=None, options=()):
-        """credentials: grpc.ChannelCredentials for TLS; None is plaintext.
-        timeout: default deadline in seconds of every call."""
+                 credentials=None, token=None, options=()):
+        """credentials: grpc.ChannelCredentials for TLS (see tls_credentials);
+        None is plaintext. token: bearer token sent on every call, for a
+        server with --auth_tokens_file. timeout: default deadline in seconds
+        of every call."""
         channel_options = [("grpc.max_receive_message_length", max_message_bytes),
                            ("grpc.max_send_message_length", max_message_bytes), *options]
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=channel_options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=channel_options)
+        if token:
+            self._channel = grpc.intercept_channel(self._channel, _BearerToken(token))
         self.target = target
         self.timeout = timeout
         self._stub = _pb_grpc.AttentionServiceStub(self._channel)
