@@ -24,6 +24,7 @@
 #include "attention/job.h"
 #include "backends/registry.h"
 #include "core/half.h"
+#include "kvcache/session_store.h"
 #include "machine_peak.h"
 
 ABSL_FLAG(std::string, shape, "P1", "P1, P2, P3, P4, S1, or custom (use --b --hq ... )");
@@ -39,6 +40,10 @@ ABSL_FLAG(std::string, dtype, "f32", "f32, f16 or bf16");
 ABSL_FLAG(int, threads, 0, "backend threads; 0 = one per hardware thread");
 ABSL_FLAG(int, iters, 0, "timed iterations; 0 = as many as fit in --min_time");
 ABSL_FLAG(double, min_time, 1.0, "seconds to time when --iters is 0");
+ABSL_FLAG(bool, paged, false,
+          "keep K/V in KV-cache sessions (one per batch row, paged blocks) and run the batch "
+          "of decode-style jobs as the server's Decode does");
+ABSL_FLAG(int, kv_block_tokens, 16, "tokens per KV-cache block with --paged");
 ABSL_FLAG(bool, json, false, "print one JSON line instead of text");
 ABSL_FLAG(double, peak_gflops, 0,
           "use this FP32 FMA peak (GFLOP/s) instead of measuring it (e.g. under a profiler)");
@@ -142,17 +147,69 @@ int Main() {
   const std::string q = RandomBytes(dtype, int64_t{shape.b} * shape.lq * shape.hq * shape.d, rng);
   const std::string k = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * shape.d, rng);
   const std::string v = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * shape.d, rng);
-  AttentionRequest request;
-  request.query = TensorView{dtype, {shape.b, shape.lq, shape.hq, shape.d}, q};
-  request.key = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, k};
-  request.value = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, v};
-  request.options.causal = shape.causal;
   RequestLimits limits;
   limits.max_output_bytes = int64_t{1} << 34;
-  auto job = PrepareAttention(request, limits);
-  if (!job.ok()) {
-    std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
-    return 1;
+  const bool paged = absl::GetFlag(FLAGS_paged);
+  std::vector<std::unique_ptr<AttentionJob>> jobs;
+  std::unique_ptr<SessionStore> store;
+  std::vector<SessionLease> leases;
+  if (!paged) {
+    AttentionRequest request;
+    request.query = TensorView{dtype, {shape.b, shape.lq, shape.hq, shape.d}, q};
+    request.key = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, k};
+    request.value = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, v};
+    request.options.causal = shape.causal;
+    auto job = PrepareAttention(request, limits);
+    if (!job.ok()) {
+      std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
+      return 1;
+    }
+    jobs.push_back(*std::move(job));
+  } else {
+    // One session per batch row, filled with that row's K/V, as a prefill
+    // would; then one job per session, all in one backend call.
+    SessionStoreOptions so;
+    so.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
+    const int64_t row_bytes = int64_t{shape.hkv} * shape.d * int64_t(DTypeSize(dtype));
+    const int64_t blocks = (int64_t{shape.lk} + so.block_tokens - 1) / so.block_tokens;
+    so.kv_cache_bytes = int64_t{shape.b} * (blocks + 1) * so.block_tokens * 2 * row_bytes;
+    auto created_store = SessionStore::Create(so);
+    if (!created_store.ok()) {
+      std::fprintf(stderr, "SessionStore: %s\n", created_store.status().ToString().c_str());
+      return 1;
+    }
+    store = *std::move(created_store);
+    SessionConfig config{.num_kv_heads = shape.hkv, .head_dim = shape.d, .dtype = dtype};
+    const int64_t kv_row = int64_t{shape.lk} * row_bytes;
+    const int64_t q_row = int64_t{shape.lq} * shape.hq * shape.d * int64_t(DTypeSize(dtype));
+    for (int b = 0; b < shape.b; ++b) {
+      auto created = store->CreateSession(config, "");
+      auto lease = created.ok() ? store->Acquire(created->session_id, "")
+                                : absl::StatusOr<SessionLease>(created.status());
+      absl::Status appended =
+          lease.ok() ? lease->Append(
+                           TensorView{dtype, {shape.lk, shape.hkv, shape.d},
+                                      std::string_view(k).substr(b * kv_row, kv_row)},
+                           TensorView{dtype, {shape.lk, shape.hkv, shape.d},
+                                      std::string_view(v).substr(b * kv_row, kv_row)})
+                     : lease.status();
+      if (!appended.ok()) {
+        std::fprintf(stderr, "session: %s\n", appended.ToString().c_str());
+        return 1;
+      }
+      AttentionRequest request;
+      request.query = TensorView{dtype, {shape.lq, shape.hq, shape.d},
+                                 std::string_view(q).substr(b * q_row, q_row)};
+      request.paged_kv = lease->View();
+      request.options.causal = shape.causal;
+      auto job = PrepareAttention(request, limits);
+      if (!job.ok()) {
+        std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
+        return 1;
+      }
+      jobs.push_back(*std::move(job));
+      leases.push_back(*std::move(lease));
+    }
   }
   const std::string backend_name = absl::GetFlag(FLAGS_backend);
   auto backend = CreateBackend(backend_name, BackendOptions{.threads = threads});
@@ -160,10 +217,17 @@ int Main() {
     std::fprintf(stderr, "CreateBackend: %s\n", backend.status().ToString().c_str());
     return 1;
   }
-  const AttentionParams& params = (*job)->params;
-  if (absl::Status s = (*backend)->Supports(params); !s.ok()) {
-    std::fprintf(stderr, "Supports: %s\n", s.ToString().c_str());
-    return 1;
+  std::vector<AttentionParams> params;
+  double flops = 0;
+  int64_t output_bytes = 0;
+  for (const auto& job : jobs) {
+    if (absl::Status s = (*backend)->Supports(job->params); !s.ok()) {
+      std::fprintf(stderr, "Supports: %s\n", s.ToString().c_str());
+      return 1;
+    }
+    params.push_back(job->params);
+    flops += job->flops;
+    output_bytes += static_cast<int64_t>(job->output.data.size());
   }
 
   using Clock = std::chrono::steady_clock;
@@ -174,7 +238,7 @@ int Main() {
   };
   auto run_once = [&]() -> double {
     const auto start = Clock::now();
-    if (absl::Status s = (*backend)->Run({params}); !s.ok()) {
+    if (absl::Status s = (*backend)->Run(params); !s.ok()) {
       std::fprintf(stderr, "Run: %s\n", s.ToString().c_str());
       std::exit(1);
     }
@@ -198,9 +262,7 @@ int Main() {
   std::sort(times.begin(), times.end());
   const double seconds = times[times.size() / 2];
 
-  const double flops = (*job)->flops;
-  const double bytes = static_cast<double>(q.size() + k.size() + v.size() +
-                                           (*job)->output.data.size());
+  const double bytes = static_cast<double>(q.size() + k.size() + v.size() + output_bytes);
   const double gflops = flops / seconds / 1e9;
   const double gbps = bytes / seconds / 1e9;
   const int64_t peak_rss_bytes = PeakRssBytes();
@@ -213,18 +275,18 @@ int Main() {
         "\"cpu_ms\":%.4f,"
         "\"gflops\":%.2f,\"peak_gflops\":%.2f,\"peak_fraction\":%.4f,\"gbps\":%.3f,"
         "\"peak_gbps\":%.3f,\"bw_fraction\":%.4f,\"workspace_bytes\":%lld,"
-        "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\"}\n",
+        "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\",\"paged\":%s}\n",
         shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, shape.b, shape.hq, shape.hkv, shape.lq,
         shape.lk, shape.d, shape.causal ? "true" : "false", times.size(), seconds * 1e3, cpu_seconds * 1e3, gflops,
         peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, gbps / peak.read_gbps,
         static_cast<long long>(workspace), static_cast<long long>(peak_rss_bytes),
-        peak.isa.c_str());
+        peak.isa.c_str(), paged ? "true" : "false");
   } else {
     std::printf(
-        "%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
+        "%s%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
         "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB\n",
-        shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, seconds * 1e3,
-        cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
+        shape.id.c_str(), paged ? " paged" : "", backend_name.c_str(), dtype_name.c_str(), threads,
+        seconds * 1e3, cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
         100 * gbps / peak.read_gbps, peak.read_gbps, static_cast<long long>(workspace),
         static_cast<long long>(peak_rss_bytes >> 20));
   }
