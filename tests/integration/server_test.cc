@@ -698,13 +698,13 @@ TEST_F(ServerTest, ReflectionListsTheService) {
   EXPECT_TRUE(absl::StrContains(bytes, "grpc.health.v1.Health"));
 }
 
-TEST_F(ServerTest, SessionsAreNotAvailableYet) {
+TEST_F(ServerTest, EmptyCreateSessionNamesTheMissingField) {
   StartServer();
   grpc::ClientContext context;
   v1::CreateSessionResponse response;
   grpc::Status s = stub_->CreateSession(&context, v1::CreateSessionRequest(), &response);
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_EQ(s.error_message(), "sessions are not available yet");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(s.error_message(), "num_kv_heads: expected a value in [1, 1024], got 0");
 }
 
 TEST_F(ServerTest, MetricsDescribeTheTraffic) {

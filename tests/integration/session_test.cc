@@ -259,8 +259,31 @@ TEST_F(SessionTest, FullCacheIsRejectedThenRecovers) {
   EXPECT_EQ(info.sessions().kv_cache_used_bytes(), 4 * 8192);
   EXPECT_EQ(info.sessions().kv_cache_capacity_bytes(), 4 * 8192);
 
+  const std::string metrics = server_->metrics().TextFormat();
+  EXPECT_NE(metrics.find("attnserve_sessions_active 4"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("attnserve_kv_cache_bytes{state=\"used\"} 32768"), std::string::npos);
+  EXPECT_NE(metrics.find("attnserve_kv_cache_bytes{state=\"capacity\"} 32768"), std::string::npos);
+  EXPECT_NE(metrics.find("attnserve_requests_total{code=\"RESOURCE_EXHAUSTED\",method=\"CreateSession\"} 1"),
+            std::string::npos);
+
   ASSERT_TRUE(Close(ids[0]).ok());
   EXPECT_TRUE(Create(v1::F32, &extra).ok());
+}
+
+TEST_F(SessionTest, LruIdleEvictsInsteadOfRejecting) {
+  ServerOptions options;
+  options.sessions.block_tokens = 16;
+  options.sessions.kv_cache_bytes = 2 * 8192;
+  options.sessions.eviction = EvictionPolicy::kLruIdle;
+  StartServer(options);
+  std::string a, b, c;
+  ASSERT_TRUE(Create(v1::F32, &a).ok());
+  ASSERT_TRUE(Create(v1::F32, &b).ok());
+  ASSERT_TRUE(Create(v1::F32, &c).ok());  // evicts a, the least recently used
+  EXPECT_EQ(Close(a).error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_TRUE(Close(b).ok());
+  EXPECT_EQ(server_->sessions().stats().evictions_total, 1);
+  EXPECT_NE(server_->metrics().TextFormat().find("attnserve_kv_evictions_total 1"), std::string::npos);
 }
 
 TEST_F(SessionTest, ManySessionsDecodeConcurrently) {
