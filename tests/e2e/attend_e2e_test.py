@@ -169,6 +169,19 @@ class AttendE2ETest(unittest.TestCase):
                        alibi_slopes=[0.5, 0.25, 0.125, 0.0625])
         self.assertEqual(r.output.dtype, np.float32)
 
+    def test_stream_matches_ids(self):
+        cases = {}
+        for i in range(4):
+            q, k, v = random_qkv(self.rng, 1, 8 + i, 4, 16, 2, 32)
+            cases[f"r{i}"] = (q, k, v)
+        requests = [attnserve_client.build_request(q, k, v, causal=True, request_id=rid)
+                    for rid, (q, k, v) in cases.items()]
+        results = list(self.client.attend_stream(requests, timeout=30))
+        self.assertEqual(sorted(r.request_id for r in results), sorted(cases))
+        for r in results:
+            want, _ = numpy_attention.attention(*cases[r.request_id], causal=True)
+            self.assertLessEqual(rel_error(r.output, want), FP32_RTOL)
+
     # --- errors -----------------------------------------------------------
 
     def test_malformed_request_then_normal(self):
