@@ -38,14 +38,21 @@ absl::StatusOr<std::string> ReadFile(absl::string_view option, const std::string
   return text.str();
 }
 
-absl::StatusOr<std::string> ReadPem(absl::string_view option, const std::string& path) {
+// Reads a PEM file that must hold a block whose BEGIN line contains `kind`
+// ("CERTIFICATE", "PRIVATE KEY"), so a certificate passed for a key (or a
+// file that is no PEM at all) is named here rather than in gRPC's log.
+absl::StatusOr<std::string> ReadPem(absl::string_view option, const std::string& path,
+                                    absl::string_view kind) {
   absl::StatusOr<std::string> text = ReadFile(option, path);
   if (!text.ok()) return text.status();
-  if (!absl::StrContains(*text, "-----BEGIN ")) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(option, ": expected a PEM file (-----BEGIN ...), got '", path, "'"));
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    if (absl::StartsWith(line, "-----BEGIN ") && absl::StrContains(line, kind) &&
+        !absl::StrContains(line, "REQUEST")) {
+      return text;
+    }
   }
-  return text;
+  return absl::InvalidArgumentError(absl::StrCat(
+      option, ": expected a PEM file with a ", kind, " block, got '", path, "' without one"));
 }
 
 absl::string_view SliceView(const grpc_slice& slice) {
@@ -234,12 +241,13 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> CreateServerCredentials
   std::optional<AttnServerCredentials::Pem> pem;
   if (tls) {
     pem.emplace();
-    for (auto [option, path, dest] :
-         {std::tuple{"tls_cert_file", &options.tls_cert_file, &pem->cert_chain},
-          std::tuple{"tls_key_file", &options.tls_key_file, &pem->private_key},
-          std::tuple{"tls_client_ca_file", &options.tls_client_ca_file, &pem->client_ca}}) {
+    for (auto [option, path, kind, dest] :
+         {std::tuple{"tls_cert_file", &options.tls_cert_file, "CERTIFICATE", &pem->cert_chain},
+          std::tuple{"tls_key_file", &options.tls_key_file, "PRIVATE KEY", &pem->private_key},
+          std::tuple{"tls_client_ca_file", &options.tls_client_ca_file, "CERTIFICATE",
+                     &pem->client_ca}}) {
       if (path->empty()) continue;
-      absl::StatusOr<std::string> text = ReadPem(option, *path);
+      absl::StatusOr<std::string> text = ReadPem(option, *path, kind);
       if (!text.ok()) return text.status();
       *dest = *std::move(text);
     }
