@@ -1,13 +1,17 @@
-// Small helpers shared by the RPC handlers: a call's deadline as absl::Time
-// and the error every handler gives while the server drains. Thread-safe.
+// Small pieces shared by the RPC handlers: a call's deadline as absl::Time,
+// the error every handler gives while the server drains, and the reactor of
+// a unary call whose work is queued. Thread-safe.
 #ifndef ATTNSERVE_SERVER_CALL_CONTEXT_H_
 #define ATTNSERVE_SERVER_CALL_CONTEXT_H_
 
+#include <atomic>
 #include <chrono>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "grpcpp/server_context.h"
+#include "grpcpp/support/server_callback.h"
+#include "metrics/metrics.h"
 
 namespace attnserve {
 
@@ -20,6 +24,29 @@ inline absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
 inline absl::Status Draining() {
   return absl::UnavailableError("server is draining for shutdown; retry on another replica");
 }
+
+// A unary call with its own reactor (rather than the context's default one)
+// so that cancellation arrives as OnCancel: queued tasks poll cancelled()
+// instead of the context, and the metrics count cancellations when they
+// happen. Deletes itself when gRPC is done with the call.
+class CancellableUnaryReactor : public grpc::ServerUnaryReactor {
+ public:
+  // `metrics` is not owned; `method` names the call in the metrics.
+  CancellableUnaryReactor(Metrics* metrics, const char* method)
+      : metrics_(metrics), method_(method) {}
+
+  bool cancelled() const { return cancelled_.load(); }
+  void OnCancel() override {
+    cancelled_.store(true);
+    metrics_->RecordCancellation(method_);
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  Metrics* const metrics_;
+  const char* const method_;
+  std::atomic<bool> cancelled_{false};
+};
 
 }  // namespace attnserve
 

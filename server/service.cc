@@ -187,25 +187,6 @@ class AttentionServiceImpl::StreamReactor final
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// One Attend call. Its own reactor (rather than the context's default one) so
-// that cancellation arrives as OnCancel: queued tasks poll an atomic instead
-// of the context, and the metrics count cancellations when they happen.
-class AttentionServiceImpl::AttendReactor final : public grpc::ServerUnaryReactor {
- public:
-  explicit AttendReactor(Metrics* metrics) : metrics_(metrics) {}
-
-  bool cancelled() const { return cancelled_.load(); }
-  void OnCancel() override {
-    cancelled_.store(true);
-    metrics_->RecordCancellation(kAttend);
-  }
-  void OnDone() override { delete this; }
-
- private:
-  Metrics* const metrics_;
-  std::atomic<bool> cancelled_{false};
-};
-
 AttentionServiceImpl::AttentionServiceImpl(Options options) : options_(std::move(options)) {
   for (Backend* backend : options_.backends) backends_by_name_[backend->info().name] = backend;
 }
@@ -285,7 +266,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
                                                        v1::AttendResponse* response) {
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
-  auto* reactor = new AttendReactor(options_.metrics);
+  auto* reactor = new CancellableUnaryReactor(options_.metrics, kAttend);
   absl::Status submitted = Submit(
       *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
       response, [this, reactor, received](absl::Status s) {

@@ -85,7 +85,6 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   bool draining() const { return draining_.load(std::memory_order_acquire); }
 
  private:
-  class AttendReactor;
   class StreamReactor;
   class DecodeReactor;
 

@@ -39,24 +39,13 @@ Tensor ConvertTensor(const Tensor& t, DType dtype) {
 // One Decode call: holds the session lease (released before the call
 // finishes, so the client's next step on the session is not refused) and the
 // query converted to the cache dtype when needed.
-class AttentionServiceImpl::DecodeReactor final : public grpc::ServerUnaryReactor {
+class AttentionServiceImpl::DecodeReactor final : public CancellableUnaryReactor {
  public:
-  explicit DecodeReactor(Metrics* metrics) : metrics_(metrics) {}
-
-  bool cancelled() const { return cancelled_.load(); }
-  void OnCancel() override {
-    cancelled_.store(true);
-    metrics_->RecordCancellation(kDecode);
-  }
-  void OnDone() override { delete this; }
+  explicit DecodeReactor(Metrics* metrics) : CancellableUnaryReactor(metrics, kDecode) {}
 
   std::optional<SessionLease> lease;
   int64_t length_before = 0;  // cache length before this step's append
   std::string query_storage;  // the query in the cache dtype, when converted
-
- private:
-  Metrics* const metrics_;
-  std::atomic<bool> cancelled_{false};
 };
 
 std::string AttentionServiceImpl::CallerOf(const grpc::CallbackServerContext* context) const {
