@@ -6,10 +6,16 @@
 //           [options] [--out=o.npy] [--lse_out=lse.npy] [--weights_out=w.npy] ...
 //   attnctl [--target=HOST:PORT] bench --shape=S1 [--concurrency=N | --rate=QPS] [--stream]
 //           [--duration=10s] [--json]
+//   attnctl [--target=HOST:PORT] bench --sessions=N [--context=T] [--decode_tokens=1]
+//           [--concurrency=C] [--shape=P4 | --hq=32 --hkv=8 --d=128] [--cache_dtype=f32|bf16|f16]
+//           [--duration=10s] [--json]
 //
 // Exit status: 0 success, 1 the server answered an error (or not SERVING),
 // 2 bad usage.
 #include <unistd.h>
+
+#include <atomic>
+#include <csignal>
 
 #include <cstdio>
 #include <cstdlib>
@@ -33,6 +39,7 @@
 #include "absl/time/time.h"
 #include "client/client.h"
 #include "client/load_generator.h"
+#include "client/session_load.h"
 #include "client/shapes.h"
 #include "core/npy.h"
 
@@ -78,7 +85,8 @@ ABSL_FLAG(std::string, top_k_indices_out, "", "attend: write the top-k indices (
 ABSL_FLAG(std::string, top_k_weights_out, "", "attend: write the top-k weights (with --top_k)");
 
 // bench
-ABSL_FLAG(int32_t, concurrency, 1, "bench: calls in flight (closed loop)");
+ABSL_FLAG(int32_t, concurrency, 0,
+          "bench: calls in flight (closed loop); 0: 1, or with --sessions every session");
 ABSL_FLAG(double, rate, 0, "bench: open loop at this many calls per second (Poisson arrivals)");
 ABSL_FLAG(bool, stream, false, "bench: send on AttendStream streams instead of unary calls");
 ABSL_FLAG(int32_t, streams, 1, "bench: streams per connection with --stream");
@@ -86,6 +94,17 @@ ABSL_FLAG(int32_t, channels, 1, "bench: connections to the server");
 ABSL_FLAG(std::string, duration, "10s", "bench: how long to send (e.g. 2s, 1m; a bare number is seconds)");
 ABSL_FLAG(std::string, warmup, "0s", "bench: unmeasured run before the measurement");
 ABSL_FLAG(int64_t, max_in_flight, 100000, "bench: open-loop calls in flight before arrivals are dropped");
+// bench --sessions: decode steps over KV-cache sessions.
+ABSL_FLAG(int32_t, sessions, 0,
+          "bench: decode across this many KV-cache sessions instead of sending Attend calls");
+ABSL_FLAG(int64_t, context, -1,
+          "bench --sessions: tokens prefilled per session (-1: the shape's Lk, 4096 for P4)");
+ABSL_FLAG(int32_t, decode_tokens, 1, "bench --sessions: new tokens per decode step");
+ABSL_FLAG(int32_t, hq, 0, "bench --sessions: query heads (0: the shape's, P4 by default)");
+ABSL_FLAG(int32_t, hkv, 0, "bench --sessions: KV heads (0: the shape's)");
+ABSL_FLAG(int32_t, d, 0, "bench --sessions: head dim (0: the shape's)");
+ABSL_FLAG(std::string, cache_dtype, "f32",
+          "bench --sessions: storage dtype of the sessions' cache: f32, f16 or bf16");
 ABSL_FLAG(bool, progress, false, "bench: print the progress line even when stderr is not a terminal");
 
 namespace attnserve::client {
@@ -375,12 +394,15 @@ std::string ErrorsText(const std::map<std::string, int64_t>& errors) {
   return parts.empty() ? "none" : absl::StrJoin(parts, " ");
 }
 
+int CmdBenchSessions();
+
 int CmdBench() {
+  if (absl::GetFlag(FLAGS_sessions) != 0) return CmdBenchSessions();
   absl::StatusOr<std::unique_ptr<Inputs>> inputs_or = InputsFromFlags();
   if (!inputs_or.ok()) return Fail(inputs_or.status(), kExitUsage);
   const std::unique_ptr<Inputs>& inputs = *inputs_or;
   LoadOptions options;
-  options.concurrency = absl::GetFlag(FLAGS_concurrency);
+  options.concurrency = absl::GetFlag(FLAGS_concurrency) == 0 ? 1 : absl::GetFlag(FLAGS_concurrency);
   options.rate_qps = absl::GetFlag(FLAGS_rate);
   options.stream = absl::GetFlag(FLAGS_stream);
   options.streams = absl::GetFlag(FLAGS_streams);
@@ -465,13 +487,163 @@ int CmdBench() {
   return 0;
 }
 
+std::atomic<bool> g_interrupted{false};
+
+// First Ctrl-C: stop the run and close the sessions; a second one kills.
+extern "C" void OnInterrupt(int /*signal*/) {
+  g_interrupted.store(true);
+  std::signal(SIGINT, SIG_DFL);
+}
+
+// The dims of bench --sessions: --shape (P4 by default), overridden by
+// --hq/--hkv/--d; the context by --context.
+absl::Status SessionDimsFromFlags(SessionLoadOptions* o) {
+  const std::string spec = absl::GetFlag(FLAGS_shape).empty() ? "P4" : absl::GetFlag(FLAGS_shape);
+  absl::StatusOr<AttentionShape> shape = ParseAttentionShape(spec);
+  if (!shape.ok()) return shape.status();
+  o->heads_q = static_cast<int32_t>(shape->heads_q);
+  o->heads_kv = static_cast<int32_t>(shape->heads_kv);
+  o->head_dim = static_cast<int32_t>(shape->head_dim);
+  o->context_tokens = shape->seqlen_k;
+  for (auto [flag, value, dest] : {std::tuple{"hq", absl::GetFlag(FLAGS_hq), &o->heads_q},
+                                   std::tuple{"hkv", absl::GetFlag(FLAGS_hkv), &o->heads_kv},
+                                   std::tuple{"d", absl::GetFlag(FLAGS_d), &o->head_dim}}) {
+    if (value < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": expected >= 1 (0: the shape's), got ", value));
+    }
+    if (value > 0) *dest = value;
+  }
+  if (absl::GetFlag(FLAGS_context) >= 0) o->context_tokens = absl::GetFlag(FLAGS_context);
+  return absl::OkStatus();
+}
+
+int CmdBenchSessions() {
+  SessionLoadOptions options;
+  options.sessions = absl::GetFlag(FLAGS_sessions);
+  options.decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
+  options.concurrency =
+      absl::GetFlag(FLAGS_concurrency) == 0 ? options.sessions : absl::GetFlag(FLAGS_concurrency);
+  options.backend = absl::GetFlag(FLAGS_backend);
+  options.seed = absl::GetFlag(FLAGS_seed);
+  if (absl::Status s = SessionDimsFromFlags(&options); !s.ok()) return Fail(s, kExitUsage);
+  for (auto [flag, value, dest] :
+       {std::tuple{"dtype", absl::GetFlag(FLAGS_dtype), &options.dtype},
+        std::tuple{"cache_dtype", absl::GetFlag(FLAGS_cache_dtype), &options.cache_dtype}}) {
+    if (value.empty()) continue;
+    absl::StatusOr<DType> d = ParseDType(value);
+    if (!d.ok()) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", d.status().message())),
+                  kExitUsage);
+    }
+    *dest = *d;
+  }
+  for (auto [flag, value, dest] :
+       {std::tuple{"duration", absl::GetFlag(FLAGS_duration), &options.duration},
+        std::tuple{"deadline", absl::GetFlag(FLAGS_deadline), &options.call_deadline}}) {
+    absl::StatusOr<absl::Duration> d = ParseDurationFlag(flag, value);
+    if (!d.ok()) return Fail(d.status(), kExitUsage);
+    *dest = *d;
+  }
+  const bool tty = isatty(STDERR_FILENO);
+  if (absl::GetFlag(FLAGS_progress) || tty) options.progress_interval = absl::Seconds(1);
+  if (absl::Status s = ValidateSessionLoadOptions(options); !s.ok()) return Fail(s, kExitUsage);
+  const int channels = absl::GetFlag(FLAGS_channels);
+  if (channels < 1) {
+    return Fail(absl::InvalidArgumentError(
+                    absl::StrCat("--channels: expected >= 1, got ", channels)),
+                kExitUsage);
+  }
+
+  std::vector<std::unique_ptr<AttnClient>> owned;
+  std::vector<AttnClient*> clients;
+  for (int i = 0; i < channels; ++i) {
+    absl::StatusOr<std::unique_ptr<AttnClient>> c = MakeClient(/*dedicated_connection=*/true);
+    if (!c.ok()) return Fail(c.status(), kExitUsage);
+    clients.push_back(c->get());
+    owned.push_back(std::move(*c));
+  }
+  if (absl::Status s = clients[0]->WaitForServing(absl::Seconds(10)); !s.ok()) return Fail(s);
+  absl::StatusOr<v1::ServerInfo> info = clients[0]->GetServerInfo();
+  if (!info.ok()) return Fail(info.status());
+  // Prefill chunks must fit the server's message limit and the client's.
+  options.max_request_bytes = ClientOptions().max_message_bytes;
+  if (info->limits().max_request_bytes() > 0) {
+    options.max_request_bytes =
+        std::min<int64_t>(options.max_request_bytes, info->limits().max_request_bytes());
+  }
+
+  std::function<void(const LoadProgress&)> progress = [tty, &options](const LoadProgress& p) {
+    const LatencySummary& s = p.interval;
+    const double steps = p.interval_s > 0 ? s.ok / p.interval_s : 0.0;
+    const std::string line = absl::StrFormat(
+        "[%5.1fs] %9.1f tok/s  p50 %7.3f ms  p99 %7.3f ms  ok %d  errors %d  in flight %d",
+        p.elapsed_s, steps * options.decode_tokens, s.p50_ms, s.p99_ms, s.ok, s.errors_total,
+        p.in_flight);
+    std::fprintf(stderr, tty ? "\r%s\033[K" : "%s\n", line.c_str());
+    std::fflush(stderr);
+  };
+  options.interrupted = &g_interrupted;
+  std::signal(SIGINT, OnInterrupt);
+  absl::StatusOr<SessionLoadReport> report = RunSessionLoad(clients, options, progress);
+  std::signal(SIGINT, SIG_DFL);
+  if (options.progress_interval > absl::ZeroDuration() && tty) std::fprintf(stderr, "\n");
+  if (!report.ok()) return Fail(report.status());
+
+  const SessionLoadReport& r = *report;
+  const LatencySummary& l = r.latency;
+  const double prefill_tokens_per_s = r.prefill_s > 0 ? r.prefill_tokens / r.prefill_s : 0;
+  const std::string dtype = DTypeName(options.dtype);
+  const std::string cache_dtype = DTypeName(options.cache_dtype);
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << absl::StrFormat(
+        "{\"mode\":\"sessions\",\"sessions\":%d,\"context\":%d,\"decode_tokens\":%d,"
+        "\"concurrency\":%d,\"hq\":%d,\"hkv\":%d,\"d\":%d,\"dtype\":\"%s\",\"cache_dtype\":\"%s\","
+        "\"channels\":%d,\"prefill_s\":%.3f,\"prefill_tokens\":%d,\"prefill_tokens_per_s\":%.1f,"
+        "\"duration_s\":%.3f,\"sent\":%d,\"ok\":%d,\"errors\":%s,\"qps\":%.2f,"
+        "\"tokens_per_s\":%.2f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,"
+        "\"mean_ms\":%.4f,\"max_ms\":%.4f,\"server_queue_us\":%.1f,\"server_compute_us\":%.1f,"
+        "\"server_batch_size\":%.2f,\"context_tokens_max\":%d,\"close_errors\":%d,"
+        "\"interrupted\":%s}\n",
+        options.sessions, options.context_tokens, options.decode_tokens, options.concurrency,
+        options.heads_q, options.heads_kv, options.head_dim, dtype, cache_dtype, channels,
+        r.prefill_s, r.prefill_tokens, prefill_tokens_per_s, r.elapsed_s, r.sent, l.ok,
+        ErrorsJson(l.errors), r.steps_per_s, r.tokens_per_s, l.p50_ms, l.p90_ms, l.p99_ms,
+        l.p999_ms, l.mean_ms, l.max_ms, l.server_queue_us, l.server_compute_us,
+        l.server_batch_size, r.context_tokens_max, r.close_errors,
+        r.interrupted ? "true" : "false");
+  } else {
+    std::cout << absl::StrFormat(
+        "sessions   %d x %d tokens, Hq=%d Hkv=%d D=%d, %s on the wire, %s cache, "
+        "%d new token(s) per step, concurrency %d, %d channel(s)%s\n"
+        "prefill    %.2f s, %d tokens in %d calls (%.0f tokens/s)\n"
+        "decode     %.2f s, %d steps sent, %d ok, longest context %d tokens\n"
+        "throughput %.1f tokens/s (%.1f steps/s)\n"
+        "latency    p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  p99.9 %.3f ms  mean %.3f ms  "
+        "max %.3f ms\n"
+        "server     queue %.0f us  compute %.0f us  batch size %.2f (means)\n"
+        "errors     %s%s\n",
+        options.sessions, options.context_tokens, options.heads_q, options.heads_kv,
+        options.head_dim, dtype, cache_dtype, options.decode_tokens, options.concurrency,
+        channels, r.interrupted ? " (interrupted)" : "", r.prefill_s, r.prefill_tokens,
+        r.prefill_calls, prefill_tokens_per_s, r.elapsed_s, r.sent, l.ok, r.context_tokens_max,
+        r.tokens_per_s, r.steps_per_s, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.mean_ms,
+        l.max_ms, l.server_queue_us, l.server_compute_us, l.server_batch_size,
+        ErrorsText(l.errors),
+        r.close_errors > 0 ? absl::StrFormat(" (%d CloseSession calls failed)", r.close_errors)
+                           : "");
+  }
+  return r.interrupted ? 130 : 0;
+}
+
 int Main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "attnctl [--target=HOST:PORT] info|health|attend|bench [flags]\n"
       "  info    server version, backends, limits\n"
       "  health  grpc.health.v1 status (exit 0 when SERVING)\n"
       "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy\n"
-      "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json");
+      "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json;\n"
+      "          --sessions=N --context=T: decode steps across N KV-cache sessions");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";

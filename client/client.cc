@@ -258,6 +258,74 @@ void AttnClient::AttendAsync(const v1::AttendRequest& request, AttendCallback do
                          });
 }
 
+absl::StatusOr<CreatedSession> AttnClient::CreateSession(const SessionSpec& spec,
+                                                         absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::CreateSessionResponse response;
+  absl::Status status = FromGrpcStatus(stub_->CreateSession(&context, ToProto(spec), &response));
+  if (!status.ok()) return status;
+  return FromProto(response);
+}
+
+absl::StatusOr<DecodeResult> AttnClient::Decode(const std::string& session_id,
+                                                const DecodeStep& step, const CallOptions& call) {
+  absl::StatusOr<v1::DecodeResponse> response =
+      Decode(ToProto(session_id, step, call), call.deadline);
+  if (!response.ok()) return response.status();
+  return FromProto(std::move(*response));
+}
+
+absl::StatusOr<v1::DecodeResponse> AttnClient::Decode(const v1::DecodeRequest& request,
+                                                      absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::DecodeResponse response;
+  absl::Status status = FromGrpcStatus(stub_->Decode(&context, request, &response));
+  if (!status.ok()) return status;
+  return response;
+}
+
+namespace {
+
+// State of one DecodeAsync call, alive from the start of the call to its
+// callback.
+struct AsyncDecodeCall {
+  InFlightCounter::Guard guard;  // first: released after the context is gone
+  grpc::ClientContext context;
+  v1::DecodeResponse response;
+  AttnClient::DecodeCallback done;
+};
+
+}  // namespace
+
+void AttnClient::DecodeAsync(const v1::DecodeRequest& request, DecodeCallback done,
+                             absl::Duration deadline) {
+  auto* call = new AsyncDecodeCall;
+  call->guard = InFlightCounter::Guard(in_flight_);
+  call->done = std::move(done);
+  call->context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  stub_->async()->Decode(&call->context, &request, &call->response,
+                         [call](grpc::Status grpc_status) {
+                           std::unique_ptr<AsyncDecodeCall> owned(call);
+                           absl::Status status = FromGrpcStatus(grpc_status);
+                           if (status.ok()) {
+                             std::move(owned->done)(std::move(owned->response));
+                           } else {
+                             std::move(owned->done)(std::move(status));
+                           }
+                         });
+}
+
+absl::Status AttnClient::CloseSession(const std::string& session_id, absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::CloseSessionRequest request;
+  request.set_session_id(session_id);
+  v1::CloseSessionResponse response;
+  return FromGrpcStatus(stub_->CloseSession(&context, request, &response));
+}
+
 std::unique_ptr<AttendStream> AttnClient::OpenStream(absl::Duration deadline) {
   return std::make_unique<AttendStream>(stub_.get(), deadline, InFlightCounter::Guard(in_flight_));
 }

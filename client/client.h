@@ -94,6 +94,33 @@ class AttnClient {
   void AttendAsync(const v1::AttendRequest& request, AttendCallback done,
                    absl::Duration deadline = absl::ZeroDuration());
 
+  // KV-cache sessions (see DecodeStep in convert.h). Synchronous calls block
+  // until the answer or the deadline; `deadline` zero means the default.
+  //
+  // Opens a session. RESOURCE_EXHAUSTED when the server's cache cannot hold
+  // one more block or it holds its maximum of sessions; INVALID_ARGUMENT for
+  // bad dims or dtype.
+  absl::StatusOr<CreatedSession> CreateSession(const SessionSpec& spec,
+                                               absl::Duration deadline = absl::ZeroDuration());
+  // One step: appends step.key/value to the session and attends step.query
+  // over its whole cache. NOT_FOUND for an unknown, closed, expired, evicted
+  // or foreign session; ABORTED while another step of the session runs;
+  // RESOURCE_EXHAUSTED when the cache is full. A failed step leaves the
+  // session's cache as it was, so it may be retried.
+  absl::StatusOr<DecodeResult> Decode(const std::string& session_id, const DecodeStep& step,
+                                      const CallOptions& call = {});
+  // Same with a ready wire request.
+  absl::StatusOr<v1::DecodeResponse> Decode(const v1::DecodeRequest& request,
+                                            absl::Duration deadline = absl::ZeroDuration());
+  using DecodeCallback = absl::AnyInvocable<void(absl::StatusOr<v1::DecodeResponse>) &&>;
+  // Starts one Decode and returns at once; as AttendAsync (`request` borrowed
+  // until `done` has run, which runs exactly once on a gRPC thread).
+  void DecodeAsync(const v1::DecodeRequest& request, DecodeCallback done,
+                   absl::Duration deadline = absl::ZeroDuration());
+  // Frees the session's cache. NOT_FOUND as for Decode.
+  absl::Status CloseSession(const std::string& session_id,
+                            absl::Duration deadline = absl::ZeroDuration());
+
   // Opens an AttendStream (bidirectional; see attend_stream.h). Never blocks.
   // `deadline` bounds the whole stream; zero means none.
   std::unique_ptr<AttendStream> OpenStream(absl::Duration deadline = absl::ZeroDuration());

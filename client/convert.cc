@@ -94,17 +94,7 @@ absl::StatusOr<Tensor> FromProto(const v1::Tensor& t, absl::string_view field) {
   return out;
 }
 
-v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {
-  v1::AttendRequest out;
-  out.set_request_id(call.request_id);
-  ToProto(request.query, out.mutable_query());
-  ToProto(request.key, out.mutable_key());
-  ToProto(request.value, out.mutable_value());
-  if (request.bias.has_value()) ToProto(*request.bias, out.mutable_bias());
-  out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
-
-  const AttentionOptions& o = request.options;
-  v1::AttentionOptions* po = out.mutable_options();
+void ToProto(const AttentionOptions& o, v1::AttentionOptions* po) {
   po->set_scale(o.scale);
   po->set_causal(o.causal);
   po->set_causal_alignment(o.causal_alignment == CausalAlignment::kTopLeft ? v1::TOP_LEFT
@@ -115,6 +105,18 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
   po->set_softcap(o.softcap);
   po->mutable_alibi_slopes()->Assign(o.alibi_slopes.begin(), o.alibi_slopes.end());
   po->set_variant(o.variant == Variant::kLinear ? v1::LINEAR : v1::SOFTMAX);
+}
+
+v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {
+  v1::AttendRequest out;
+  out.set_request_id(call.request_id);
+  ToProto(request.query, out.mutable_query());
+  ToProto(request.key, out.mutable_key());
+  ToProto(request.value, out.mutable_value());
+  if (request.bias.has_value()) ToProto(*request.bias, out.mutable_bias());
+  out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
+
+  ToProto(request.options, out.mutable_options());
 
   v1::OutputSpec* spec = out.mutable_outputs();
   spec->set_lse(request.outputs.lse);
@@ -154,6 +156,54 @@ absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response) {
     *o.dest = std::move(*t);
   }
 
+  const v1::Timing& timing = response.timing();
+  out.timing = ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
+                            timing.total_us()};
+  return out;
+}
+
+v1::CreateSessionRequest ToProto(const SessionSpec& spec) {
+  v1::CreateSessionRequest out;
+  out.set_num_kv_heads(spec.num_kv_heads);
+  out.set_head_dim(spec.head_dim);
+  out.set_value_dim(spec.value_dim);
+  out.set_dtype(ToProto(spec.cache_dtype));
+  out.set_max_tokens(spec.max_tokens);
+  return out;
+}
+
+CreatedSession FromProto(const v1::CreateSessionResponse& response) {
+  return CreatedSession{response.session_id(), response.capacity_tokens(),
+                        response.block_tokens()};
+}
+
+v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
+                          const CallOptions& call) {
+  v1::DecodeRequest out;
+  out.set_session_id(session_id);
+  out.set_request_id(call.request_id);
+  ToProto(step.query, out.mutable_query());
+  ToProto(step.key, out.mutable_key());
+  ToProto(step.value, out.mutable_value());
+  ToProto(step.options, out.mutable_options());
+  out.mutable_outputs()->set_lse(step.lse);
+  out.set_backend(call.backend);
+  out.set_priority(call.priority);
+  return out;
+}
+
+absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response) {
+  DecodeResult out;
+  out.request_id = response.request_id();
+  out.backend = response.backend();
+  out.context_tokens = response.context_tokens();
+  absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
+  if (!output.ok()) return output.status();
+  out.output = std::move(*output);
+  absl::StatusOr<std::optional<Tensor>> lse =
+      OptionalFromProto(response.has_lse(), response.mutable_lse(), "lse");
+  if (!lse.ok()) return lse.status();
+  out.lse = std::move(*lse);
   const v1::Timing& timing = response.timing();
   out.timing = ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
                             timing.total_us()};

@@ -49,6 +49,43 @@ struct AttendResult {
   std::string backend;
 };
 
+// A KV-cache session to open (CreateSessionRequest).
+struct SessionSpec {
+  int32_t num_kv_heads = 0;  // Hkv
+  int32_t head_dim = 0;      // D
+  int32_t value_dim = 0;     // Dv; 0 = head_dim
+  DType cache_dtype = DType::kF32;  // storage of the cache: F32, F16 or BF16
+  int64_t max_tokens = 0;    // 0 = as many as the server's cache holds
+};
+
+// What CreateSession answered.
+struct CreatedSession {
+  std::string session_id;
+  int64_t capacity_tokens = 0;  // max_tokens, or what the free cache held then
+  int32_t block_tokens = 0;
+};
+
+// One decode step: key/value [Lnew, Hkv, D|Dv] are appended to the session's
+// cache, then query [Lq, Hq, D] attends over the whole cache (causal,
+// bottom-right: the new queries are the last positions). Borrowed views.
+// Of the options, scale, softcap, alibi_slopes and window_left apply.
+struct DecodeStep {
+  TensorView query;
+  TensorView key;
+  TensorView value;
+  AttentionOptions options;
+  bool lse = false;
+};
+
+struct DecodeResult {
+  std::string request_id;
+  Tensor output;            // [Lq, Hq, Dv] (rank as the query), the query's dtype
+  std::optional<Tensor> lse;  // [1, Hq, Lq] F32, when asked
+  int64_t context_tokens = 0;  // tokens in the cache after this step's append
+  ServerTiming timing;
+  std::string backend;
+};
+
 v1::DType ToProto(DType dtype);
 // INVALID_ARGUMENT for DTYPE_UNSPECIFIED or an unknown value.
 absl::StatusOr<DType> FromProto(v1::DType dtype);
@@ -65,6 +102,19 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
 
 // Moves the tensors out of `response` (which is left empty-ish).
 absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response);
+
+// The wire form of the options (-1 windows become unset fields).
+void ToProto(const AttentionOptions& options, v1::AttentionOptions* out);
+
+v1::CreateSessionRequest ToProto(const SessionSpec& spec);
+CreatedSession FromProto(const v1::CreateSessionResponse& response);
+
+// Builds the wire request of one step; not validated (the server does).
+v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
+                          const CallOptions& call);
+
+// Moves the tensors out of `response`.
+absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response);
 
 // The one place a gRPC status becomes an absl::Status (codes share values).
 absl::Status FromGrpcStatus(const grpc::Status& status);

@@ -1,0 +1,92 @@
+// SessionLoad: drives decode steps across KV-cache sessions, the engine of
+// `attnctl bench --sessions`.
+//
+// A run opens `sessions` sessions and prefills each with `context_tokens`
+// tokens of random K/V (in chunks that keep each message under half the
+// server's max_request_bytes), then measures decode: each step appends
+// `decode_tokens` new random tokens to one session and attends their queries
+// over its cache. Steps of one session are sequential (at most one in
+// flight, as in a real generation loop); `concurrency` sessions step at once,
+// closed loop, taking turns round-robin when there are more sessions than
+// that. Steps use DecodeAsync, never a thread per call. At the end, or when
+// `interrupted` is set, the steps in flight finish and every session is
+// closed.
+//
+// The prefill sends only each chunk's last query (Lq = 1): the run measures
+// decode, and a full causal prefill of 16 x 4096 tokens would take minutes on
+// a CPU server.
+//
+// RunSessionLoad blocks its caller for the prefill, the duration and the
+// drain. Not thread-safe: one run at a time.
+#ifndef ATTNSERVE_CLIENT_SESSION_LOAD_H_
+#define ATTNSERVE_CLIENT_SESSION_LOAD_H_
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+#include "client/latency_stats.h"
+#include "client/load_generator.h"
+#include "core/dtype.h"
+
+namespace attnserve::client {
+
+struct SessionLoadOptions {
+  int sessions = 1;
+  int64_t context_tokens = 4096;  // prefilled per session before measuring
+  int decode_tokens = 1;          // new tokens per step
+  int concurrency = 1;            // sessions with a step in flight, <= sessions
+  // Dims of every session (P4's by default): Hq, Hkv, D (= Dv).
+  int32_t heads_q = 32;
+  int32_t heads_kv = 8;
+  int32_t head_dim = 128;
+  DType dtype = DType::kF32;        // q/k/v on the wire
+  DType cache_dtype = DType::kF32;  // the sessions' storage
+  std::string backend;              // empty: the server's default
+  absl::Duration duration = absl::Seconds(10);
+  absl::Duration call_deadline = absl::Seconds(30);
+  // The server's gRPC message limit (ServerInfo.limits.max_request_bytes).
+  int64_t max_request_bytes = int64_t{64} << 20;
+  uint64_t seed = 1;  // random q/k/v
+  // Progress of the decode phase: called about every progress_interval from
+  // the caller's thread with what happened since the previous call; zero
+  // disables it.
+  absl::Duration progress_interval = absl::ZeroDuration();
+  // Polled (every 50 ms at most); once true, the run stops sending, drains
+  // and closes its sessions. Not owned; may be null.
+  const std::atomic<bool>* interrupted = nullptr;
+};
+
+struct SessionLoadReport {
+  double prefill_s = 0;        // opening and prefilling every session
+  int64_t prefill_tokens = 0;  // over all sessions
+  int64_t prefill_calls = 0;   // Decode calls of the prefill
+  double elapsed_s = 0;        // decode: from its start to the last completion
+  int64_t sent = 0;            // decode steps sent
+  double steps_per_s = 0;      // successful steps per second
+  double tokens_per_s = 0;     // decode tokens per second over all sessions
+  int64_t context_tokens_max = 0;  // longest session at the end
+  int64_t close_errors = 0;    // CloseSession calls that failed
+  bool interrupted = false;    // stopped early by `interrupted`
+  LatencySummary latency;      // per step
+};
+
+// INVALID_ARGUMENT naming the option when it is out of range.
+absl::Status ValidateSessionLoadOptions(const SessionLoadOptions& options);
+
+// Runs the load over `clients` (borrowed; sessions are spread round-robin).
+// Returns the validation error; the first error of opening or prefilling a
+// session (after closing those opened), or CANCELLED when interrupted during
+// the prefill; else the report, decode failures counted in it by code.
+absl::StatusOr<SessionLoadReport> RunSessionLoad(
+    const std::vector<AttnClient*>& clients, const SessionLoadOptions& options,
+    const std::function<void(const LoadProgress&)>& progress = {});
+
+}  // namespace attnserve::client
+
+#endif  // ATTNSERVE_CLIENT_SESSION_LOAD_H_
