@@ -11,11 +11,13 @@
         print(r.output.shape, r.lse.shape, r.backend)
 """
 
-from .client import AttendResult, Client, build_request, result_from_proto, tls_credentials
+from .client import (AttendResult, Client, DecodeResult, Session, build_decode_request,
+                     build_request, decode_result_from_proto, result_from_proto, tls_credentials)
 from .tensors import BF16, F16, F32, round_to
 from . import _stubs
 
 attention_pb2, attention_pb2_grpc, health_pb2, health_pb2_grpc = _stubs.load()
 
-__all__ = ["AttendResult", "Client", "build_request", "result_from_proto", "tls_credentials",
+__all__ = ["AttendResult", "Client", "DecodeResult", "Session", "build_decode_request",
+           "build_request", "decode_result_from_proto", "result_from_proto", "tls_credentials",
            "F32", "F16", "BF16", "round_to", "attention_pb2", "attention_pb2_grpc", "health_pb2", "health_pb2_grpc"]

@@ -33,12 +33,79 @@ class AttendResult:
     timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
 
 
+@dataclasses.dataclass
+class Session:
+    """A KV-cache session opened by Client.create_session."""
+    session_id: str
+    capacity_tokens: int = 0  # max_tokens, or what the server's free cache held then
+    block_tokens: int = 0     # tokens per cache block
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    output: np.ndarray                # [Lq, Hq, Dv] (4-D if the query was), the query's dtype
+    lse: Optional[np.ndarray] = None  # [1, Hq, Lq], float32
+    context_tokens: int = 0           # tokens in the session's cache after the append
+    backend: str = ""
+    request_id: str = ""
+    timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
+
+
+def _timing(t):
+    return {"queue_us": t.queue_us, "compute_us": t.compute_us, "batch_size": t.batch_size,
+            "total_us": t.total_us}
+
+
+def decode_result_from_proto(response):
+    """DecodeResponse -> DecodeResult."""
+    return DecodeResult(
+        output=tensors.from_proto(response.output),
+        lse=tensors.from_proto(response.lse) if response.HasField("lse") else None,
+        context_tokens=response.context_tokens,
+        backend=response.backend,
+        request_id=response.request_id,
+        timing=_timing(response.timing))
+
+
+def _session_id(session):
+    return session.session_id if isinstance(session, Session) else str(session)
+
+
+def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left=None,
+                         softcap=0.0, alibi_slopes=None, lse=False, backend="", priority=0,
+                         request_id=""):
+    """Builds a DecodeRequest proto from NumPy arrays.
+
+    session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
+    Hkv, Dv] (or 4-D with batch 1). dtype on the wire as in build_request;
+    the server converts K/V to the session's cache dtype. Attention is causal
+    with bottom-right alignment (the new queries are the last positions).
+    """
+    if dtype is None:
+        dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
+    dtype = tensors.dtype_name(dtype)
+    r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
+                          backend=backend, priority=priority)
+    tensors.to_proto(q, dtype, r.query)
+    tensors.to_proto(k, dtype, r.key)
+    tensors.to_proto(v, dtype, r.value)
+    o = r.options
+    o.scale = float(scale)
+    o.causal = True
+    if window_left is not None and window_left >= 0:
+        o.window_left = int(window_left)
+    o.softcap = float(softcap)
+    if alibi_slopes is not None:
+        o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
+    r.outputs.lse = bool(lse)
+    return r
+
+
 def result_from_proto(response):
     """AttendResponse -> AttendResult."""
     def optional(name):
         return tensors.from_proto(getattr(response, name)) if response.HasField(name) else None
 
-    t = response.timing
     return AttendResult(
         output=tensors.from_proto(response.output),
         lse=optional("lse"),
@@ -47,8 +114,7 @@ def result_from_proto(response):
         top_k_weights=optional("top_k_weights"),
         backend=response.backend,
         request_id=response.request_id,
-        timing={"queue_us": t.queue_us, "compute_us": t.compute_us,
-                "batch_size": t.batch_size, "total_us": t.total_us})
+        timing=_timing(response.timing))
 
 
 def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=False,
@@ -199,6 +265,44 @@ class Client:
         for response in self._stub.AttendStream(iter(requests), timeout=timeout,
                                                 metadata=metadata):
             yield result_from_proto(response)
+
+    # --- KV-cache sessions ---------------------------------------------------
+
+    def create_session(self, num_kv_heads, head_dim, *, value_dim=0, dtype="f32", max_tokens=0,
+                       timeout=None, metadata=None):
+        """Opens a KV-cache session; returns a Session.
+
+        dtype: storage of the cache, 'f32', 'f16' or 'bf16'. max_tokens: bound
+        on the tokens it may hold (0: as many as the server's cache holds).
+        RESOURCE_EXHAUSTED when the server's cache is full.
+        """
+        request = _pb.CreateSessionRequest(
+            num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), value_dim=int(value_dim),
+            dtype=tensors.wire_dtype(dtype), max_tokens=int(max_tokens))
+        response = self._stub.CreateSession(request, timeout=timeout or self.timeout,
+                                            metadata=metadata)
+        return Session(response.session_id, response.capacity_tokens, response.block_tokens)
+
+    def decode(self, session, q, k, v, *, timeout=None, metadata=None, **options):
+        """One decode step: appends k/v to the session's cache and attends q
+        over the whole cache. A prefill is a decode with many tokens. Options
+        as in build_decode_request. Returns a DecodeResult.
+
+        NOT_FOUND for a closed, expired or unknown session; RESOURCE_EXHAUSTED
+        when the cache is full (the session is then unchanged).
+        """
+        return self.decode_proto(build_decode_request(session, q, k, v, **options),
+                                 timeout=timeout, metadata=metadata)
+
+    def decode_proto(self, request, *, timeout=None, metadata=None):
+        """Sends a ready DecodeRequest proto; returns a DecodeResult."""
+        response = self._stub.Decode(request, timeout=timeout or self.timeout, metadata=metadata)
+        return decode_result_from_proto(response)
+
+    def close_session(self, session, *, timeout=None, metadata=None):
+        """Frees the session's cache. NOT_FOUND if it is not open."""
+        self._stub.CloseSession(_pb.CloseSessionRequest(session_id=_session_id(session)),
+                                timeout=timeout or self.timeout, metadata=metadata)
 
     def server_info(self, *, timeout=None):
         """The ServerInfo proto: version, backends, dtypes, limits."""

@@ -32,6 +32,11 @@ def dtype_name(dtype):
     return _NAMES[key]
 
 
+def wire_dtype(dtype):
+    """The attnserve.v1.DType enum value of 'f32', 'f16' or 'bf16'."""
+    return _WIRE[dtype_name(dtype)]
+
+
 def float_to_bf16_bits(a):
     """float32 array -> uint16 bfloat16 bit patterns, round to nearest even."""
     bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
