@@ -1,16 +1,19 @@
 #include "server/auth.h"
 
 #include <fstream>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <tuple>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/mutex.h"
 #include "grpc/grpc.h"
 #include "grpc/grpc_security.h"
 #include "grpc/grpc_security_constants.h"
@@ -20,8 +23,39 @@
 namespace attnserve {
 namespace {
 
-// The auth-context property holding the name of the caller's token.
-constexpr char kCallerProperty[] = "attnserve.caller";
+// The token tables of this process's credentials, for CallerIdentity. The
+// name cannot travel in the call's auth context: gRPC core hands the auth
+// metadata processor the connection's context, shared by every call on the
+// connection (a property added for one call would show in the next, and
+// concurrent calls would write it at once). So the processor only admits or
+// refuses, and CallerIdentity looks the admitted token up again.
+class LiveTokenTables {
+ public:
+  void Add(std::shared_ptr<const TokenTable> table) {
+    absl::MutexLock lock(&mu_);
+    std::erase_if(tables_, [](const auto& t) { return t.expired(); });
+    tables_.push_back(table);
+  }
+  // The name of `token` in a live table; "" if none has it.
+  std::string NameOf(absl::string_view token) const {
+    absl::MutexLock lock(&mu_);
+    for (const auto& weak : tables_) {
+      std::shared_ptr<const TokenTable> table = weak.lock();
+      if (table == nullptr) continue;
+      if (const std::string* name = table->Find(token)) return *name;
+    }
+    return "";
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  std::vector<std::weak_ptr<const TokenTable>> tables_ ABSL_GUARDED_BY(mu_);
+};
+
+LiveTokenTables& LiveTables() {
+  static auto* tables = new LiveTokenTables();
+  return *tables;
+}
 
 absl::StatusOr<std::string> ReadFile(absl::string_view option, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -51,8 +85,8 @@ absl::StatusOr<std::string> ReadPem(absl::string_view option, const std::string&
       return text;
     }
   }
-  return absl::InvalidArgumentError(absl::StrCat(
-      option, ": expected a PEM file with a ", kind, " block, got '", path, "' without one"));
+  return absl::InvalidArgumentError(absl::StrCat(option, ": expected a PEM file with a ", kind,
+                                                 " block, got '", path, "' without one"));
 }
 
 absl::string_view SliceView(const grpc_slice& slice) {
@@ -74,9 +108,9 @@ absl::string_view BearerToken(absl::string_view value) {
 // The bearer-token check, as gRPC core's auth metadata processor: it runs in
 // the server auth filter for every call, before the call reaches a service.
 // Non-blocking (a table look-up), so it answers on the calling thread.
-void ProcessMetadata(void* state, grpc_auth_context* context, const grpc_metadata* md,
+void ProcessMetadata(void* state, grpc_auth_context* /*context*/, const grpc_metadata* md,
                      size_t num_md, grpc_process_auth_metadata_done_cb done, void* user_data) {
-  const TokenTable& tokens = *static_cast<const TokenTable*>(state);
+  const TokenTable& tokens = **static_cast<std::shared_ptr<const TokenTable>*>(state);
   const grpc_metadata* authorization = nullptr;
   absl::string_view path;
   for (size_t i = 0; i < num_md; ++i) {
@@ -96,19 +130,16 @@ void ProcessMetadata(void* state, grpc_auth_context* context, const grpc_metadat
          "missing credentials: expected metadata 'authorization: Bearer <token>'");
     return;
   }
-  const std::string* name = tokens.Find(BearerToken(SliceView(authorization->value)));
-  if (name == nullptr) {
+  if (tokens.Find(BearerToken(SliceView(authorization->value))) == nullptr) {
     done(user_data, nullptr, 0, nullptr, 0, GRPC_STATUS_UNAUTHENTICATED,
          "invalid credentials: the bearer token is not one this server accepts");
     return;
   }
-  grpc_auth_context_add_cstring_property(context, kCallerProperty, name->c_str());
-  grpc_auth_context_set_peer_identity_property_name(context, kCallerProperty);
-  // Consumed: handlers (and anything they log) never see the token.
-  done(user_data, authorization, 1, nullptr, 0, GRPC_STATUS_OK, nullptr);
+  // Not consumed: CallerIdentity reads it to name the caller.
+  done(user_data, nullptr, 0, nullptr, 0, GRPC_STATUS_OK, nullptr);
 }
 
-void DestroyTokens(void* state) { delete static_cast<TokenTable*>(state); }
+void DestroyTokens(void* state) { delete static_cast<std::shared_ptr<const TokenTable>*>(state); }
 
 // Server credentials built with gRPC core's C API, because the C++ API cannot
 // attach an auth metadata processor to plaintext credentials: plaintext or
@@ -120,7 +151,7 @@ class AttnServerCredentials final : public grpc::ServerCredentials {
   struct Pem {
     std::string cert_chain, private_key, client_ca;
   };
-  AttnServerCredentials(std::optional<Pem> tls, std::optional<TokenTable> tokens)
+  AttnServerCredentials(std::optional<Pem> tls, std::shared_ptr<const TokenTable> tokens)
       : tls_(std::move(tls)), tokens_(std::move(tokens)) {}
 
   // Our own check is attached in AddPortToServer; a C++ processor on top
@@ -142,10 +173,10 @@ class AttnServerCredentials final : public grpc::ServerCredentials {
       creds = grpc_insecure_server_credentials_create();
     }
     if (creds == nullptr) return 0;
-    if (tokens_.has_value()) {
+    if (tokens_ != nullptr) {
       grpc_server_credentials_set_auth_metadata_processor(
           creds, grpc_auth_metadata_processor{&ProcessMetadata, &DestroyTokens,
-                                              new TokenTable(*tokens_)});
+                                              new std::shared_ptr<const TokenTable>(tokens_)});
     }
     const int port = grpc_server_add_http2_port(server, address.c_str(), creds);
     grpc_server_credentials_release(creds);
@@ -153,7 +184,7 @@ class AttnServerCredentials final : public grpc::ServerCredentials {
   }
 
   const std::optional<Pem> tls_;
-  const std::optional<TokenTable> tokens_;
+  const std::shared_ptr<const TokenTable> tokens_;  // null: no token check
 };
 
 }  // namespace
@@ -165,18 +196,18 @@ absl::StatusOr<TokenTable> TokenTable::Parse(absl::string_view text, absl::strin
   for (absl::string_view line : absl::StrSplit(text, '\n')) {
     ++line_number;
     if (size_t hash = line.find('#'); hash != absl::string_view::npos) line = line.substr(0, hash);
-    std::vector<absl::string_view> fields = absl::StrSplit(line, absl::ByAnyChar(" \t\r"),
-                                                           absl::SkipEmpty());
+    std::vector<absl::string_view> fields =
+        absl::StrSplit(line, absl::ByAnyChar(" \t\r"), absl::SkipEmpty());
     if (fields.empty()) continue;
     const std::string where = absl::StrCat(source, " line ", line_number);
     if (fields.size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": expected 'name token', got ", fields.size(), " fields"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": expected 'name token', got ", fields.size(), " fields"));
     }
     if (fields[1].size() < kMinTokenLength) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": token of '", fields[0], "' expected at least ", kMinTokenLength,
-          " characters, got ", fields[1].size()));
+      return absl::InvalidArgumentError(absl::StrCat(where, ": token of '", fields[0],
+                                                     "' expected at least ", kMinTokenLength,
+                                                     " characters, got ", fields[1].size()));
     }
     if (!names.insert(std::string(fields[0])).second) {
       return absl::InvalidArgumentError(
@@ -228,9 +259,9 @@ bool IsOpenMethod(absl::string_view method) {
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> CreateServerCredentials(
     const AuthOptions& options) {
   if (options.tls_cert_file.empty() != options.tls_key_file.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tls_cert_file, tls_key_file: expected both or neither, got ",
-        options.tls_cert_file.empty() ? "only tls_key_file" : "only tls_cert_file"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tls_cert_file, tls_key_file: expected both or neither, got ",
+                     options.tls_cert_file.empty() ? "only tls_key_file" : "only tls_cert_file"));
   }
   const bool tls = !options.tls_cert_file.empty();
   if (!tls && !options.tls_client_ca_file.empty()) {
@@ -252,33 +283,39 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> CreateServerCredentials
       *dest = *std::move(text);
     }
   }
-  std::optional<TokenTable> tokens;
+  std::shared_ptr<const TokenTable> tokens;
   if (!options.auth_tokens_file.empty()) {
     absl::StatusOr<TokenTable> table = TokenTable::Load(options.auth_tokens_file);
     if (!table.ok()) return table.status();
-    tokens = *std::move(table);
+    tokens = std::make_shared<const TokenTable>(*std::move(table));
+    LiveTables().Add(tokens);
   }
-  if (!tls && !tokens.has_value()) return grpc::InsecureServerCredentials();
+  if (!tls && tokens == nullptr) return grpc::InsecureServerCredentials();
   return std::shared_ptr<grpc::ServerCredentials>(
       std::make_shared<AttnServerCredentials>(std::move(pem), std::move(tokens)));
 }
 
 std::string DescribeAuth(const AuthOptions& options) {
   std::string transport = options.tls_cert_file.empty()        ? "plaintext"
-                           : options.tls_client_ca_file.empty() ? "TLS"
-                                                                : "mutual TLS";
+                          : options.tls_client_ca_file.empty() ? "TLS"
+                                                               : "mutual TLS";
   if (options.auth_tokens_file.empty()) return absl::StrCat(transport, ", no bearer tokens");
   return absl::StrCat(transport, ", bearer tokens from ", options.auth_tokens_file);
 }
 
 std::string CallerIdentity(const grpc::ServerContextBase& context) {
+  // A call that reached a handler with a bearer token was admitted by the
+  // token check of this server, so the token is in its table.
+  const auto& metadata = context.client_metadata();
+  for (auto [it, end] = metadata.equal_range("authorization"); it != end; ++it) {
+    absl::string_view token = BearerToken(absl::string_view(it->second.data(), it->second.size()));
+    if (token.empty()) continue;
+    if (std::string name = LiveTables().NameOf(token); !name.empty()) return name;
+  }
   std::shared_ptr<const grpc::AuthContext> auth = context.auth_context();
   if (auth == nullptr) return "";
-  for (const char* property : {kCallerProperty, GRPC_X509_CN_PROPERTY_NAME}) {
-    std::vector<grpc::string_ref> values = auth->FindPropertyValues(property);
-    if (!values.empty()) return std::string(values.front().data(), values.front().size());
-  }
-  return "";
+  std::vector<grpc::string_ref> cn = auth->FindPropertyValues(GRPC_X509_CN_PROPERTY_NAME);
+  return cn.empty() ? "" : std::string(cn.front().data(), cn.front().size());
 }
 
 }  // namespace attnserve

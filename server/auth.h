@@ -85,7 +85,10 @@ std::string DescribeAuth(const AuthOptions& options);
 
 // The authenticated caller of the call behind `context`: the name of its
 // bearer token when tokens are on, else the subject common name of its
-// client certificate under mutual TLS, else "".
+// client certificate under mutual TLS, else "". Per call, also when calls of
+// different callers share a connection. (The token is looked up in the token
+// tables of every server in this process; only the server's own can have
+// admitted it, unless two servers here list one token under two names.)
 std::string CallerIdentity(const grpc::ServerContextBase& context);
 
 }  // namespace attnserve
