@@ -20,4 +20,5 @@ attention_pb2, attention_pb2_grpc, health_pb2, health_pb2_grpc = _stubs.load()
 
 __all__ = ["AttendResult", "Client", "DecodeResult", "Session", "build_decode_request",
            "build_request", "decode_result_from_proto", "result_from_proto", "tls_credentials",
-           "F32", "F16", "BF16", "round_to", "attention_pb2", "attention_pb2_grpc", "health_pb2", "health_pb2_grpc"]
+           "F32", "F16", "BF16", "round_to", "attention_pb2", "attention_pb2_grpc", "health_pb2",
+           "health_pb2_grpc"]
