@@ -200,8 +200,10 @@ absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response) {
   absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
   if (!output.ok()) return output.status();
   out.output = std::move(*output);
+  // Asked before mutable_lse(), which would create the field.
+  const bool has_lse = response.has_lse();
   absl::StatusOr<std::optional<Tensor>> lse =
-      OptionalFromProto(response.has_lse(), response.mutable_lse(), "lse");
+      OptionalFromProto(has_lse, response.mutable_lse(), "lse");
   if (!lse.ok()) return lse.status();
   out.lse = std::move(*lse);
   const v1::Timing& timing = response.timing();
