@@ -519,6 +519,12 @@ absl::Status SessionDimsFromFlags(SessionLoadOptions* o) {
 }
 
 int CmdBenchSessions() {
+  if (absl::GetFlag(FLAGS_rate) != 0 || absl::GetFlag(FLAGS_stream)) {
+    return Fail(absl::InvalidArgumentError(
+                    "--sessions: runs closed loop over unary Decode calls; expected neither "
+                    "--rate nor --stream, got one"),
+                kExitUsage);
+  }
   SessionLoadOptions options;
   options.sessions = absl::GetFlag(FLAGS_sessions);
   options.decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
