@@ -12,6 +12,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
 #include "grpcpp/server_builder.h"
+#include "server/auth.h"
 
 namespace attnserve {
 namespace {
@@ -117,6 +118,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   service_options.max_stream_inflight = options.max_stream_inflight;
   service_options.sessions = server->sessions_.get();
   service_options.session_metrics = server->session_metrics_.get();
+  service_options.caller_identity = CallerIdentity;
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
 
   Server* raw = server.get();

@@ -1,6 +1,9 @@
 // KV-cache sessions over gRPC: decode steps equal stateless attention over the
 // concatenated K/V, failures leave the cache unchanged, the cache bound holds
 // and recovers, and many sessions decode concurrently.
+#include <unistd.h>
+
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -268,6 +271,57 @@ TEST_F(SessionTest, FullCacheIsRejectedThenRecovers) {
 
   ASSERT_TRUE(Close(ids[0]).ok());
   EXPECT_TRUE(Create(v1::F32, &extra).ok());
+}
+
+// With bearer tokens on, a session belongs to the token that created it; to
+// any other caller it does not exist.
+TEST_F(SessionTest, SessionsAreBoundToTheirCreator) {
+  char path[] = "/tmp/attnserve_session_tokens_XXXXXX";
+  const int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  const std::string tokens = "alice alice-token-0123456789\nbob bob-token-0123456789ab\n";
+  ASSERT_EQ(write(fd, tokens.data(), tokens.size()), static_cast<ssize_t>(tokens.size()));
+  close(fd);
+  ServerOptions options;
+  options.auth.auth_tokens_file = path;
+  StartServer(options);
+  unlink(path);
+
+  auto call = [&](const char* token, auto rpc, const auto& request, auto* response) {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", std::string("Bearer ") + token);
+    return ((*stub_).*rpc)(&ctx, request, response);
+  };
+  v1::CreateSessionRequest create;
+  create.set_num_kv_heads(kHkv);
+  create.set_head_dim(kD);
+  v1::CreateSessionResponse created;
+  ASSERT_TRUE(call("alice-token-0123456789", &v1::AttentionService::Stub::CreateSession, create,
+                   &created)
+                  .ok());
+  v1::DecodeRequest decode;
+  decode.set_session_id(created.session_id());
+  *decode.mutable_query() = MakeTensor(v1::F32, {1, kHq, kD}, std::string(kHq * kD * 4, '\0'));
+  *decode.mutable_key() = MakeTensor(v1::F32, {1, kHkv, kD}, std::string(kHkv * kD * 4, '\0'));
+  *decode.mutable_value() = *decode.mutable_key();
+  v1::DecodeResponse decoded;
+  EXPECT_EQ(call("bob-token-0123456789ab", &v1::AttentionService::Stub::Decode, decode, &decoded)
+                .error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  v1::CloseSessionRequest close_req;
+  close_req.set_session_id(created.session_id());
+  v1::CloseSessionResponse closed;
+  EXPECT_EQ(call("bob-token-0123456789ab", &v1::AttentionService::Stub::CloseSession, close_req,
+                 &closed)
+                .error_code(),
+            grpc::StatusCode::NOT_FOUND);
+  grpc::Status mine =
+      call("alice-token-0123456789", &v1::AttentionService::Stub::Decode, decode, &decoded);
+  EXPECT_TRUE(mine.ok()) << mine.error_message();
+  EXPECT_EQ(decoded.context_tokens(), 1);
+  EXPECT_TRUE(call("alice-token-0123456789", &v1::AttentionService::Stub::CloseSession, close_req,
+                   &closed)
+                  .ok());
 }
 
 TEST_F(SessionTest, LruIdleEvictsInsteadOfRejecting) {
