@@ -1,5 +1,6 @@
 // attnserve: the attention gRPC service. Parses flags, builds the Server, waits
 // for SIGTERM/SIGINT, then drains gracefully and exits 0.
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 
@@ -68,6 +69,13 @@ ABSL_FLAG(std::string, auth_tokens_file, "",
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("attnserve: attention as a gRPC service. Flags: --helpfull");
   absl::ParseCommandLine(argc, argv);
+
+  // Tensors of 1 MiB and more get their own mappings, returned to the system
+  // when freed. glibc would otherwise raise this threshold after the first
+  // large free and keep later large request buffers in its heap, so a burst
+  // of big requests (a prefill) would stay in the RSS for good; with it, RSS
+  // follows live memory (the KV cache bound plus what is in flight).
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
 
   // Block the shutdown signals before any thread starts, so every thread
   // inherits the mask and only sigwait() below receives them.
