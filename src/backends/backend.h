@@ -25,6 +25,10 @@ struct BackendInfo {
   std::vector<std::string> features;  // "causal", "window", "softcap", "alibi", "bias",
                                       // "key_lengths", "gqa", "linear", "lse", "weights", "top_k"
   int32_t max_head_dim = 0;
+  // False when F32 requests are computed from 16-bit copies of the inputs
+  // (e.g. on tensor cores): results then agree with the reference to 16-bit
+  // tolerances, not F32 ones.
+  bool f32_inputs_exact = true;
 };
 
 struct BackendOptions {

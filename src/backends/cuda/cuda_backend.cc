@@ -145,6 +145,7 @@ class CudaBackend final : public Backend {
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
     info_.features = {"causal", "window", "softcap", "alibi", "bias", "key_lengths", "gqa", "lse"};
     info_.max_head_dim = cuda::kMaxHeadDim;
+    info_.f32_inputs_exact = false;  // F32 runs on tensor cores from F16/BF16 copies
   }
 
   const BackendInfo& info() const override { return info_; }
