@@ -171,6 +171,14 @@ std::vector<Case> Matrix() {
        .dtype = DType::kF16, .options = {.causal = true}});
   add({.name = "decode BF16 split keys", .B = 2, .Lq = 1, .Lk = 3000, .Hq = 4, .Hkv = 1, .D = 128,
        .dtype = DType::kBF16});
+  // 16-bit decode: groups of 9 heads (lanes 4 + 4 + 1 per KV head), a key
+  // count that leaves partial key groups, and rows that end in a half chunk
+  // (48 and 80 are odd multiples of 16).
+  for (DType dt : {DType::kF16, DType::kBF16}) {
+    add({.name = std::string("decode ") + DTypeName(dt) + " groups of 9, odd chunks", .B = 2,
+         .Lq = 1, .Lk = 301, .Hq = 72, .Hkv = 8, .D = 48, .Dv = 80, .dtype = dt,
+         .key_lengths = {301, 7}});
+  }
   add({.name = "weights + top_k", .B = 2, .Lq = 7, .Lk = 40, .Hq = 2, .Hkv = 1, .D = 32,
        .options = {.causal = true}, .outputs = {.lse = true, .weights = true, .top_k = 5}});
   add({.name = "top_k past visible keys", .Lq = 6, .Lk = 12, .Hq = 1, .Hkv = 1, .D = 32,

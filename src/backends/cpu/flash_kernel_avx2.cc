@@ -64,6 +64,29 @@ struct Avx2 {
     return _mm256_blendv_ps(_mm256_set1_ps(kNegInf), s, keep);
   }
 
+  // Decode tiles: 2 keys x up to 4 lanes = 8 score accumulators (of 16 ymm).
+  static constexpr int kDecodeKeys = 2;
+
+  static V LoadF16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static V LoadBf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  // 16 BF16 values: elements 0, 2, .., 14 to *even and 1, 3, .., 15 to *odd.
+  static void LoadBf16Pair(const uint16_t* p, V* even, V* odd) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xFFFF0000u))));
+  }
+
+  template <int kN>
+  [[gnu::always_inline]] static void StoreDots(const V (&acc)[kN][kDecodeKeys], float* s, int64_t M) {
+    for (int i = 0; i < kN; ++i)
+      for (int r = 0; r < kDecodeKeys; ++r) s[r * M + i] = ReduceAdd(acc[i][r]);
+  }
+
   static void Widen16(const uint16_t* src, DType dtype, int64_t n, float* dst) {
     int64_t i = 0;
     if (dtype == DType::kF16) {

@@ -3,9 +3,10 @@
 #include <immintrin.h>
 
 // GCC 12's AVX-512 headers build some intrinsics from an "undefined" vector,
-// which -Wmaybe-uninitialized reports inside the headers; nothing here reads
-// an uninitialised value.
+// which -W(maybe-)uninitialized reports inside the headers (e.g.
+// _mm512_shuffle_f32x4); nothing here reads an uninitialised value.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 #include "backends/cpu/flash_kernel_impl.h"
 
@@ -60,6 +61,57 @@ struct Avx512 {
         _mm512_cmp_epi32_mask(jv, _mm512_loadu_si512(begin), _MM_CMPINT_NLT) &
         _mm512_cmp_epi32_mask(jv, _mm512_loadu_si512(end), _MM_CMPINT_LT);
     return _mm512_mask_blend_ps(keep, _mm512_set1_ps(kNegInf), s);
+  }
+
+  // Decode tiles: 4 keys x up to 4 lanes = 16 score accumulators, 4 K or V
+  // rows in registers per step.
+  static constexpr int kDecodeKeys = 4;
+
+  static V LoadF16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static V LoadBf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  // 32 BF16 values: elements 0, 2, .., 30 to *even and 1, 3, .., 31 to *odd.
+  static void LoadBf16Pair(const uint16_t* p, V* even, V* odd) {
+    const __m512i w = _mm512_loadu_si512(p);
+    *even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    *odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+
+  // s[r * M + i] = the sum of acc[i][r]'s elements for r < 4, i < kN. The 16
+  // sums come out of one transposing tree (each element of every accumulator
+  // goes through the same additions, so a sum does not depend on its slot):
+  // halves, then quarters, then pairs within 128-bit lanes, leaving the sum of
+  // accumulator 4i + r in element 4r + i.
+  template <int kN>
+  [[gnu::always_inline]] static void StoreDots(const V (&acc)[kN][4], float* s, int64_t M) {
+    V x[16];
+    for (int i = 0; i < 4; ++i)
+      for (int r = 0; r < 4; ++r) x[4 * i + r] = i < kN ? acc[i < kN ? i : 0][r] : Zero();
+    V a[8];
+    for (int k = 0; k < 8; ++k) {
+      a[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0x44),
+                           _mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0xEE));
+    }
+    V c[4];
+    for (int k = 0; k < 4; ++k) {
+      c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x88),
+                           _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xDD));
+    }
+    // c[k]'s 128-bit lane q holds 4 partial sums of accumulator 4k + q.
+    V e[2];
+    for (int k = 0; k < 2; ++k) {
+      e[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0x88),
+                           _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0xDD));
+    }
+    const V y = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xDD));
+    constexpr __mmask16 kLanes = (1u << kN) - 1;
+    for (int r = 0; r < 4; ++r) {
+      _mm512_mask_storeu_ps(s + r * M - 4 * r, static_cast<__mmask16>(kLanes << (4 * r)), y);
+    }
   }
 
   static void Widen16(const uint16_t* src, DType dtype, int64_t n, float* dst) {

@@ -6,7 +6,10 @@
 // micro-kernel: kRows rows x kVecs vectors of accumulators), a vector type V,
 // and Zero, Load, Store, Set1, Fma(a, b, c) = a*b + c, Mul, Add, Max, Exp2
 // (for x <= 0; exactly 0 below -126), ZeroIfNegInf, MaskOutside and
-// Widen16 (F16/BF16 -> F32 row conversion).
+// Widen16 (F16/BF16 -> F32 row conversion). For decode tiles also kDecodeKeys
+// (keys per score pass), LoadF16/LoadBf16 (W elements), LoadBf16Pair (2W
+// elements as even and odd vectors) and StoreDots<kN> (reduces kN x
+// kDecodeKeys accumulators into s[r * M + i]).
 //
 // Layout of one tile (M = lanes rounded up to kWidth):
 //   qt[d][lane]    the tile's queries, transposed and pre-scaled
@@ -24,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "attention/params.h"
@@ -169,71 +173,171 @@ void PrefetchRows(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t 
 
 // Decode tiles (DecodeTileApplies): one query row, all lanes of one batch
 // row, possibly several KV heads. Every lane sees the same key range, and the
-// loops walk key j outer, KV head inner, so K and V are read in address order
-// (one token's rows of every head are adjacent): each thread streams one
-// contiguous region and the hardware prefetchers run ahead. Dot products run
-// along D (queries row-major), the scores of a block are kept keys x lanes for
-// the vertical online softmax, and the output accumulates row-major per lane.
+// loops walk keys outer (a few at a time), KV head inner, so K and V are read
+// in address order (one token's rows of every head are adjacent): each thread
+// streams one contiguous region and the hardware prefetchers run ahead. The
+// scores of a block are kept keys x lanes for the vertical online softmax,
+// and the output accumulates row-major per lane.
+//
+// The kernels load each K and V element once per group of up to four query
+// heads of one KV head and reuse it from a register for all of them, so a
+// 16-bit row is widened once, not once per head. The element type is a
+// template parameter: no per-row dispatch or call.
 
-// out[i] = Σ_d k[d] · q[i * D + d] for kN query rows.
-template <class T, int kN>
-void DecodeDots(const float* k, const float* q, int64_t D, float* out) {
+// How decode kernels load K and V rows of type kDt: in chunks of kElems
+// elements, kVecs vectors each. F32 and F16 chunks are one vector in element
+// order. A BF16 chunk is one vector of 2W elements split into its even
+// elements (shifted up: a BF16 is the upper half of an F32) and its odd ones
+// (masked), one load and two integer operations for 2W elements; the queries
+// and the output accumulators are kept in that same order (Position). A row
+// whose length is an odd multiple of W ends with one W-element tail vector.
+template <class T, DType kDt>
+struct RowChunks {
   using V = typename T::V;
-  constexpr int W = T::kWidth;
-  V acc[kN];
-  for (int i = 0; i < kN; ++i) acc[i] = T::Zero();
-  for (int64_t c = 0; c < D; c += W) {
-    const V kv = T::Load(k + c);
-    for (int i = 0; i < kN; ++i) acc[i] = T::Fma(kv, T::Load(q + i * D + c), acc[i]);
+  static constexpr int W = T::kWidth;
+  static constexpr int kVecs = kDt == DType::kBF16 ? 2 : 1;
+  static constexpr int kElems = kVecs * W;
+
+  // Elements of a row of n covered by whole chunks.
+  static int64_t Chunked(int64_t n) { return n / kElems * kElems; }
+
+  static void Load(const void* row, int64_t c, V* out) {
+    if constexpr (kDt == DType::kF32) {
+      out[0] = T::Load(static_cast<const float*>(row) + c);
+    } else if constexpr (kDt == DType::kF16) {
+      out[0] = T::LoadF16(static_cast<const uint16_t*>(row) + c);
+    } else {
+      T::LoadBf16Pair(static_cast<const uint16_t*>(row) + c, &out[0], &out[1]);
+    }
   }
-  for (int i = 0; i < kN; ++i) out[i] = T::ReduceAdd(acc[i]);
+
+  static V LoadTail(const void* row, int64_t c) {
+    if constexpr (kDt == DType::kF32) return T::Load(static_cast<const float*>(row) + c);
+    if constexpr (kDt == DType::kF16) return T::LoadF16(static_cast<const uint16_t*>(row) + c);
+    return T::LoadBf16(static_cast<const uint16_t*>(row) + c);
+  }
+
+  // Where element d of a row of n sits in the kernels' order.
+  static int64_t Position(int64_t d, int64_t n) {
+    if (kVecs == 1 || d >= Chunked(n)) return d;
+    const int64_t k = d % kElems;
+    return d - k + (k % 2) * W + k / 2;
+  }
+};
+
+// s[r * M + i] = Σ_d k[r][d] · q[i * D + d] for T::kDecodeKeys keys and kN <= 4
+// lanes; q in RowChunks order. Each score is its own accumulator reduced by
+// the same tree wherever it sits, so a lane's score does not depend on kN.
+template <class T, DType kDt, int kN>
+[[gnu::always_inline]] inline void DecodeScores(const void* const* k, const float* q, int64_t D, float* s, int64_t M) {
+  using V = typename T::V;
+  using R = RowChunks<T, kDt>;
+  constexpr int W = T::kWidth;
+  constexpr int kR = T::kDecodeKeys;
+  if (D <= 0) __builtin_unreachable();
+  V acc[kN][kR];
+  for (int i = 0; i < kN; ++i)
+    for (int r = 0; r < kR; ++r) acc[i][r] = T::Zero();
+  const int64_t D2 = R::Chunked(D);
+  for (int64_t c = 0; c < D2; c += R::kElems) {
+    for (int r = 0; r < kR; ++r) {
+      V kv[R::kVecs];
+      R::Load(k[r], c, kv);
+      for (int i = 0; i < kN; ++i)
+        for (int u = 0; u < R::kVecs; ++u)
+          acc[i][r] = T::Fma(kv[u], T::Load(q + i * D + c + u * W), acc[i][r]);
+    }
+  }
+  if (D2 < D) {
+    for (int r = 0; r < kR; ++r) {
+      const V kv = R::LoadTail(k[r], D2);
+      for (int i = 0; i < kN; ++i) acc[i][r] = T::Fma(kv, T::Load(q + i * D + D2), acc[i][r]);
+    }
+  }
+  T::template StoreDots<kN>(acc, s, M);
 }
 
-// o[i * Dv + c] += Σ_r w[r][i] · v[r][c] for kN lanes and kR value rows.
-template <class T, int kR>
-void DecodeAccumulate(const float* const* v, const float* w, int64_t w_row, int n, int64_t Dv,
-                      float* o) {
+// o[i * Dv + c] += Σ_r w[r * M + i] · v[r][c] for kR keys and kN <= 4 lanes,
+// keys in order; o in RowChunks order.
+template <class T, DType kDt, int kN, int kR>
+[[gnu::always_inline]] inline void DecodeValues(const void* const* v, const float* w, int64_t M, int64_t Dv, float* o) {
   using V = typename T::V;
+  using R = RowChunks<T, kDt>;
   constexpr int W = T::kWidth;
-  for (int i = 0; i < n; ++i) {
-    V p[kR];
-    for (int r = 0; r < kR; ++r) p[r] = T::Set1(w[r * w_row + i]);
-    float* oi = o + i * Dv;
-    for (int64_t c = 0; c < Dv; c += W) {
-      V acc = T::Load(oi + c);
-      for (int r = 0; r < kR; ++r) acc = T::Fma(p[r], T::Load(v[r] + c), acc);
-      T::Store(oi + c, acc);
+  if (Dv <= 0) __builtin_unreachable();
+  // Local copies: the compiler cannot tell the stores to o from the pointers.
+  const void* vr[kR];
+  for (int r = 0; r < kR; ++r) vr[r] = v[r];
+  V pw[kR][kN];
+  for (int r = 0; r < kR; ++r)
+    for (int i = 0; i < kN; ++i) pw[r][i] = T::Set1(w[r * M + i]);
+  const int64_t D2 = R::Chunked(Dv);
+  for (int64_t c = 0; c < D2; c += R::kElems) {
+    V vv[kR][R::kVecs];
+    for (int r = 0; r < kR; ++r) R::Load(vr[r], c, vv[r]);
+    for (int i = 0; i < kN; ++i) {
+      for (int u = 0; u < R::kVecs; ++u) {
+        float* oc = o + i * Dv + c + u * W;
+        V acc = T::Load(oc);
+        for (int r = 0; r < kR; ++r) acc = T::Fma(pw[r][i], vv[r][u], acc);
+        T::Store(oc, acc);
+      }
+    }
+  }
+  if (D2 < Dv) {
+    V vv[kR];
+    for (int r = 0; r < kR; ++r) vv[r] = R::LoadTail(vr[r], D2);
+    for (int i = 0; i < kN; ++i) {
+      float* oc = o + i * Dv + D2;
+      V acc = T::Load(oc);
+      for (int r = 0; r < kR; ++r) acc = T::Fma(pw[r][i], vv[r], acc);
+      T::Store(oc, acc);
     }
   }
 }
 
-template <class T>
-void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
+// Calls f(std::integral_constant<int, n>) for 1 <= n <= 4.
+template <class F>
+void WithCount(int n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+template <class T, DType kDt>
+void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws) {
   using V = typename T::V;
+  using R = RowChunks<T, kDt>;
   constexpr int W = T::kWidth;
+  constexpr int kR = T::kDecodeKeys;
+  static_assert(kKeyBlock % kR == 0 && kR <= 4);
   const int lanes = t.num_heads;
   const int64_t M = RoundUp(lanes, W);
   const int64_t D = p.head_dim;
   const int64_t Dv = p.value_dim;
   const int64_t b = t.batch;
   const int64_t G = p.group_size;
+  constexpr int64_t es = kDt == DType::kF32 ? 4 : 2;
+  const int64_t k_head_bytes = p.k_head_stride * es;
+  const int64_t v_head_bytes = p.v_head_stride * es;
 
   // The generic tile's workspace layout, reused: q [lanes][D], s [block][M],
-  // o [lanes][Dv], m, l, alpha, then row buffers for widened K and V.
+  // o [lanes][Dv], m, l, alpha.
   float* q = ws;
   float* s = q + RoundUp(D * M, 16);
   float* o = s + RoundUp(int64_t{kKeyBlock} * M, 16);
   float* m = o + RoundUp(Dv * M, 16);
   float* l = m + kMaxTileLanes;
   float* alpha = l + kMaxTileLanes;
-  float* kbuf = alpha + 3 * kMaxTileLanes;
-  float* vbuf = kbuf + RoundUp(int64_t{kKeyBlock} * D, 16);
-  const bool wide = p.dtype == DType::kF32;
 
   for (int lane = 0; lane < lanes; ++lane) {
     const int64_t q0 = b * p.q_batch_stride + t.row_begin * p.q_row_stride +
                        (t.head_begin + lane) * p.q_head_stride;
-    for (int64_t d = 0; d < D; ++d) q[lane * D + d] = LoadFloat(p.q, p.dtype, q0 + d) * p.scale_log2;
+    for (int64_t d = 0; d < D; ++d)
+      q[lane * D + R::Position(d, D)] = LoadFloat(p.q, p.dtype, q0 + d) * p.scale_log2;
   }
   // Padded lanes score 0 throughout and are never written out.
   for (int64_t j = 0; j < kKeyBlock; ++j)
@@ -253,30 +357,33 @@ void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) 
   auto lane_begin = [&](int64_t g) {
     return static_cast<int>(std::clamp<int64_t>(g * G - t.head_begin, 0, lanes));
   };
-  auto key_row = [&](int64_t j, int64_t g) -> const float* {
-    if (wide) return static_cast<const float*>(KeyRow(p, b, j, g));
-    T::Widen16(static_cast<const uint16_t*>(KeyRow(p, b, j, g)), p.dtype, D, kbuf);
-    return kbuf;
-  };
-  auto value_row = [&](int64_t j, int64_t g, int r) -> const float* {
-    if (wide) return static_cast<const float*>(ValueRow(p, b, j, g));
-    T::Widen16(static_cast<const uint16_t*>(ValueRow(p, b, j, g)), p.dtype, Dv, vbuf + r * Dv);
-    return vbuf + r * Dv;
-  };
 
+  // Rows of KV head 0 of the block's keys (paged or not, KeyRow/ValueRow
+  // resolve each token once); head g is g head strides further. The score
+  // pass runs kR keys at a time, so a short last group repeats the last key
+  // and its extra scores (rows past nk of s) are never read.
+  const char* krow[kKeyBlock + 4];
+  const char* vrow[kKeyBlock];
   for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
     j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
-    const int64_t nk = j1 - j0;
+    const int nk = static_cast<int>(j1 - j0);
+    for (int j = 0; j < nk; ++j) {
+      krow[j] = static_cast<const char*>(KeyRow(p, b, j0 + j, 0));
+      vrow[j] = static_cast<const char*>(ValueRow(p, b, j0 + j, 0));
+    }
+    for (int j = nk; j % kR != 0; ++j) krow[j] = krow[nk - 1];
 
-    // S = Q·Kᵀ, key j outer and KV head inner: address order.
-    for (int64_t j = j0; j < j1; ++j) {
-      float* sj = s + (j - j0) * M;
+    // S = Q·Kᵀ, kR keys outer and KV head inner: address order.
+    for (int j = 0; j < nk; j += kR) {
       for (int64_t g = g_first; g <= g_last; ++g) {
-        const float* kr = key_row(j, g);
-        int lane = lane_begin(g);
+        const void* kr[kR];
+        for (int x = 0; x < kR; ++x) kr[x] = krow[j + x] + g * k_head_bytes;
         const int lane_end = lane_begin(g + 1);
-        for (; lane + 4 <= lane_end; lane += 4) DecodeDots<T, 4>(kr, q + lane * D, D, sj + lane);
-        for (; lane < lane_end; ++lane) DecodeDots<T, 1>(kr, q + lane * D, D, sj + lane);
+        for (int lane = lane_begin(g); lane < lane_end; lane += 4) {
+          WithCount(lane_end - lane, [&](auto n) {
+            DecodeScores<T, kDt, decltype(n)::value>(kr, q + lane * D, D, s + j * M + lane, M);
+          });
+        }
       }
     }
 
@@ -303,23 +410,19 @@ void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) 
       const V a = T::Set1(alpha[lane]);
       for (int64_t c = 0; c < Dv; c += W) T::Store(o + lane * Dv + c, T::Mul(T::Load(o + lane * Dv + c), a));
     }
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-      for (int64_t g = g_first; g <= g_last; ++g) {
-        const float* vr[4] = {value_row(j, g, 0), value_row(j + 1, g, 1), value_row(j + 2, g, 2),
-                              value_row(j + 3, g, 3)};
-        const int lb = lane_begin(g);
-        DecodeAccumulate<T, 4>(vr, s + (j - j0) * M + lb, M, lane_begin(g + 1) - lb, Dv,
-                               o + lb * Dv);
-      }
-    }
-    for (; j < j1; ++j) {
-      for (int64_t g = g_first; g <= g_last; ++g) {
-        const float* vr[1] = {value_row(j, g, 0)};
-        const int lb = lane_begin(g);
-        DecodeAccumulate<T, 1>(vr, s + (j - j0) * M + lb, M, lane_begin(g + 1) - lb, Dv,
-                               o + lb * Dv);
-      }
+    for (int j = 0; j < nk; j += 4) {
+      WithCount(nk - j, [&](auto nr) {
+        for (int64_t g = g_first; g <= g_last; ++g) {
+          const void* vr[decltype(nr)::value];
+          for (int x = 0; x < nr; ++x) vr[x] = vrow[j + x] + g * v_head_bytes;
+          const int lane_end = lane_begin(g + 1);
+          for (int lane = lane_begin(g); lane < lane_end; lane += 4) {
+            WithCount(lane_end - lane, [&](auto n) {
+              DecodeValues<T, kDt, decltype(n)::value, decltype(nr)::value>(vr, s + j * M + lane, M, Dv, o + lane * Dv);
+            });
+          }
+        }
+      });
     }
   }
 
@@ -328,7 +431,7 @@ void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) 
       float* out = t.partial + lane * (kPartialHeader + Dv);
       out[0] = m[lane];
       out[1] = l[lane];
-      std::copy(o + lane * Dv, o + (lane + 1) * Dv, out + kPartialHeader);
+      for (int64_t dv = 0; dv < Dv; ++dv) out[kPartialHeader + dv] = o[lane * Dv + R::Position(dv, Dv)];
     }
     return;
   }
@@ -336,7 +439,8 @@ void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) 
     const int64_t h = t.head_begin + lane;
     const float inv = l[lane] > 0.f ? 1.f / l[lane] : 0.f;
     const int64_t o0 = b * p.o_batch_stride + t.row_begin * p.o_row_stride + h * p.o_head_stride;
-    for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, o[lane * Dv + dv] * inv);
+    for (int64_t dv = 0; dv < Dv; ++dv)
+      StoreFloat(p.o, p.dtype, o0 + dv, o[lane * Dv + R::Position(dv, Dv)] * inv);
     if (p.lse != nullptr) {
       p.lse[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] =
           l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
@@ -344,6 +448,14 @@ void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) 
   }
 }
 
+template <class T>
+void RunDecodeTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
+  switch (p.dtype) {
+    case DType::kF32: RunDecodeTileTyped<T, DType::kF32>(p, t, ws); break;
+    case DType::kF16: RunDecodeTileTyped<T, DType::kF16>(p, t, ws); break;
+    default: RunDecodeTileTyped<T, DType::kBF16>(p, t, ws); break;
+  }
+}
 template <class T>
 void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
   if (DecodeTileApplies(p)) {
