@@ -63,6 +63,9 @@ double MeasureRead(int threads) {
     const size_t begin = n * t / threads, end = n * (t + 1) / threads;
     for (size_t i = begin; i < end; ++i) data[i] = i;
   });
+  // A scalar loop is ALU-bound near 12 GB/s per core on machines whose
+  // memory delivers more; the wide loop is not.
+  const bool wide = __builtin_cpu_supports("avx512f");
   double best = 0;
   for (int round = 0; round < 5; ++round) {
     std::vector<uint64_t> sums(threads);
@@ -70,14 +73,18 @@ double MeasureRead(int threads) {
     RunOnThreads(threads, [&](int t) {
       const double start = ThreadCpuSeconds();
       const size_t begin = n * t / threads, end = n * (t + 1) / threads;
-      uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      for (size_t i = begin; i + 4 <= end; i += 4) {
-        a0 += data[i];
-        a1 += data[i + 1];
-        a2 += data[i + 2];
-        a3 += data[i + 3];
+      if (wide) {
+        sums[t] = ReadSumAvx512(data.get() + begin, end - begin);
+      } else {
+        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        for (size_t i = begin; i + 4 <= end; i += 4) {
+          a0 += data[i];
+          a1 += data[i + 1];
+          a2 += data[i + 2];
+          a3 += data[i + 3];
+        }
+        sums[t] = a0 + a1 + a2 + a3;
       }
-      sums[t] = a0 + a1 + a2 + a3;
       cpu[t] = ThreadCpuSeconds() - start;
     });
     volatile uint64_t sink = sums[0];

@@ -6,6 +6,8 @@
 #ifndef ATTNSERVE_BENCH_MACHINE_PEAK_H_
 #define ATTNSERVE_BENCH_MACHINE_PEAK_H_
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace attnserve::bench {
@@ -21,6 +23,8 @@ MachinePeak MeasureMachinePeak(int threads);
 // Per-ISA FMA loops (machine_peak_avx512.cc / machine_peak_avx2.cc): run
 // `iterations` rounds and return the FLOPs done.
 double FmaLoopAvx512(long iterations);
+// Sums n words with 512-bit loads (the read-bandwidth probe on AVX-512).
+uint64_t ReadSumAvx512(const uint64_t* data, size_t n);
 double FmaLoopAvx2(long iterations);
 
 }  // namespace attnserve::bench

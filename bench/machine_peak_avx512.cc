@@ -2,7 +2,26 @@
 // assembly so the accumulators stay in registers whatever the compiler does.
 #include "machine_peak.h"
 
+#include <immintrin.h>
+
 namespace attnserve::bench {
+
+uint64_t ReadSumAvx512(const uint64_t* data, size_t n) {
+  // Four independent 64-byte streams of adds: the loop issues loads as fast
+  // as the memory system takes them, so the rate is bandwidth, not ALU.
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(data + i));
+    a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(data + i + 8));
+    a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(data + i + 16));
+    a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(data + i + 24));
+  }
+  uint64_t sum = _mm512_reduce_add_epi64(
+      _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  for (; i < n; ++i) sum += data[i];
+  return sum;
+}
 
 double FmaLoopAvx512(long iterations) {
   if (iterations <= 0) return 0;
