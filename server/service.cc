@@ -203,6 +203,24 @@ absl::StatusOr<Backend*> AttentionServiceImpl::BackendFor(const std::string& nam
                                           ", got \"", name, "\""));
 }
 
+absl::Status AttentionServiceImpl::CheckRunnable(const AttentionJob& job,
+                                                 const Backend& backend) const {
+  if (options_.max_request_flops > 0 && job.flops > options_.max_request_flops) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("request needs %.4g FLOPs, over the per-request limit of %.4g "
+                        "(--max_request_flops)",
+                        job.flops, options_.max_request_flops));
+  }
+  return backend.Supports(job.params);
+}
+
+void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* out) {
+  out->set_queue_us(absl::ToInt64Microseconds(timing.queue));
+  out->set_compute_us(absl::ToInt64Microseconds(timing.compute));
+  out->set_batch_size(timing.batch_size);
+  out->set_total_us(absl::ToInt64Microseconds(absl::Now() - received));
+}
+
 absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl::Time deadline,
                                           std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
@@ -221,13 +239,7 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   if (!core.ok()) return core.status();
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PrepareAttention(*core, options_.limits);
   if (!job.ok()) return job.status();
-  if (options_.max_request_flops > 0 && (*job)->flops > options_.max_request_flops) {
-    return absl::ResourceExhaustedError(
-        absl::StrFormat("request needs %.4g FLOPs, over the per-request limit of %.4g "
-                        "(--max_request_flops)",
-                        (*job)->flops, options_.max_request_flops));
-  }
-  if (absl::Status s = backend->Supports((*job)->params); !s.ok()) return s;
+  if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
 
   response->set_request_id(request.request_id());
   Task task;
@@ -241,11 +253,7 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
                   const TaskTiming& timing) {
     if (status.ok()) {
       JobToProto(*job, response);
-      v1::Timing* t = response->mutable_timing();
-      t->set_queue_us(absl::ToInt64Microseconds(timing.queue));
-      t->set_compute_us(absl::ToInt64Microseconds(timing.compute));
-      t->set_batch_size(timing.batch_size);
-      t->set_total_us(absl::ToInt64Microseconds(absl::Now() - received));
+      TimingToProto(timing, received, response->mutable_timing());
       response->set_backend(backend->info().name);
     }
     job.reset();

@@ -39,6 +39,9 @@
 
 namespace attnserve {
 
+// Fills a response's timing; total_us runs from `received` to now.
+void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* out);
+
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
  public:
   struct Options {
@@ -87,6 +90,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
  private:
   class StreamReactor;
   class DecodeReactor;
+
+  // RESOURCE_EXHAUSTED over --max_request_flops, else the backend's Supports().
+  absl::Status CheckRunnable(const AttentionJob& job, const Backend& backend) const;
 
   // The backend `name` names; the default for "". NOT_FOUND lists the known ones.
   absl::StatusOr<Backend*> BackendFor(const std::string& name) const;

@@ -190,13 +190,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   core.outputs.lse = request.outputs().lse();
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PrepareAttention(core, options_.limits);
   if (!job.ok()) return job.status();
-  if (options_.max_request_flops > 0 && (*job)->flops > options_.max_request_flops) {
-    return absl::ResourceExhaustedError(
-        absl::StrFormat("request needs %.4g FLOPs, over the per-request limit of %.4g "
-                        "(--max_request_flops)",
-                        (*job)->flops, options_.max_request_flops));
-  }
-  if (absl::Status s = backend->Supports((*job)->params); !s.ok()) return s;
+  if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
 
   response->set_request_id(request.request_id());
   response->set_context_tokens(session.length());
@@ -214,11 +208,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
                                                        : ConvertTensor(job->output, query_dtype);
       TensorToProto(output, response->mutable_output());
       if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
-      v1::Timing* t = response->mutable_timing();
-      t->set_queue_us(absl::ToInt64Microseconds(timing.queue));
-      t->set_compute_us(absl::ToInt64Microseconds(timing.compute));
-      t->set_batch_size(timing.batch_size);
-      t->set_total_us(absl::ToInt64Microseconds(absl::Now() - received));
+      TimingToProto(timing, received, response->mutable_timing());
       response->set_backend(backend->info().name);
     } else {
       reactor->lease->Truncate(reactor->length_before);
