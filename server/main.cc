@@ -29,6 +29,8 @@ ABSL_FLAG(std::string, backend, "",
 ABSL_FLAG(std::vector<std::string>, backends, {},
           "comma-separated backends requests may also name; empty: every available one");
 ABSL_FLAG(int, threads, 0, "threads per backend; 0 = one per core");
+ABSL_FLAG(int64_t, gpu_memory_bytes, 0,
+          "device memory the cuda backend's pool may hold, in bytes; 0 = 90% of free memory");
 ABSL_FLAG(int, workers, kSchedulerDefaults.workers, "scheduler executor threads");
 ABSL_FLAG(int64_t, max_request_bytes, kDefaults.max_request_bytes,
           "largest request message accepted, in bytes");
@@ -91,6 +93,7 @@ int main(int argc, char** argv) {
   options.backend = absl::GetFlag(FLAGS_backend);
   options.backends = absl::GetFlag(FLAGS_backends);
   options.backend_threads = absl::GetFlag(FLAGS_threads);
+  options.gpu_memory_bytes = absl::GetFlag(FLAGS_gpu_memory_bytes);
   options.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   options.max_request_flops = absl::GetFlag(FLAGS_max_request_flops);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);

@@ -42,7 +42,8 @@ absl::StatusOr<std::vector<std::unique_ptr<Backend>>> CreateBackends(const Serve
   const std::vector<std::string> available = AvailableBackends();
   if (available.empty()) return absl::InternalError("no backends are compiled in");
   const std::string default_name = o.backend.empty() ? available.front() : o.backend;
-  const BackendOptions backend_options{.threads = o.backend_threads};
+  const BackendOptions backend_options{.threads = o.backend_threads,
+                                       .gpu_memory_bytes = o.gpu_memory_bytes};
 
   std::vector<std::unique_ptr<Backend>> backends;
   absl::StatusOr<std::unique_ptr<Backend>> first = CreateBackend(default_name, backend_options);

@@ -45,6 +45,7 @@ struct ServerOptions {
   // Named explicitly, a backend that cannot start fails Create().
   std::vector<std::string> backends;
   int backend_threads = 0;  // BackendOptions::threads; 0 = one per core
+  int64_t gpu_memory_bytes = 0;  // BackendOptions::gpu_memory_bytes; 0 = 90% of free device memory
   int64_t max_request_bytes = int64_t{64} << 20;  // gRPC receive limit per message
   double max_request_flops = 1e12;                // per request; 0 = no limit
   int32_t max_stream_inflight = 64;               // per AttendStream call
