@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Serving benchmarks against a local attnserve on loopback (the numbers in the
+# notes of the scheduler and KV-cache work come from here). Each scenario starts
+# its own server on a free-ish port, drives it with attnctl bench and prints one
+# summary line; every server must exit 0 on SIGTERM.
+#
+#   bench/serving_bench.sh [s1|open|overload|sessions|all]     (default: all)
+#
+# BUILD=build (default) picks the binaries. Runs take a few minutes; the
+# machine should be otherwise idle.
+set -u
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${BUILD:-$root/build}"
+S="$build/server/attnserve"
+C="$build/client/attnctl"
+port=50171
+metrics_port=9571
+target="127.0.0.1:$port"
+spid=""
+
+start_server() {
+  "$S" --listen="$target" --metrics_listen="127.0.0.1:$metrics_port" "$@" 2>/tmp/serving_bench.server.log &
+  spid=$!
+  for _ in $(seq 100); do "$C" --target="$target" health >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "server did not start: $(cat /tmp/serving_bench.server.log)" >&2
+  exit 1
+}
+stop_server() {
+  kill -TERM "$spid"
+  wait "$spid"
+  echo "  server exit code $?"
+}
+server_cpu_seconds() { awk '{print ($14 + $15) / 100}' "/proc/$spid/stat"; }
+summary() {
+  /usr/bin/python3 -c '
+import json, sys
+d = json.loads(sys.stdin.read())
+keys = ["qps", "tokens_per_s", "ok", "errors", "p50_ms", "p90_ms", "p99_ms", "p999_ms",
+        "error_p50_ms", "error_p99_ms", "server_batch_size", "server_compute_us"]
+print("  " + " ".join("%s=%s" % (k, round(d[k], 3) if isinstance(d[k], float) else d[k])
+                      for k in keys if k in d))'
+}
+
+s1() {
+  echo "== S1 closed loop, concurrency 64: batching (defaults) vs --max_batch_size=1"
+  for flags in "" "--max_batch_size=1"; do
+    echo "-- server --threads=2 $flags"
+    # shellcheck disable=SC2086
+    start_server --threads=2 $flags
+    cpu0=$(server_cpu_seconds)
+    /usr/bin/time -f "  attnctl cpu: %U user + %S sys seconds" \
+      "$C" --target="$target" bench --shape=S1 --concurrency=64 --duration=10s --json | summary
+    echo "  server cpu: $(/usr/bin/python3 -c "print(round($(server_cpu_seconds) - $cpu0, 2))") seconds"
+    stop_server
+  done
+  echo "-- in process, the same requests batched 32 at a time:"
+  "$build/bench/attn_bench" --shape=custom --b=32 --hq=8 --hkv=8 --lq=128 --lk=128 --d=64 \
+    --threads=2 --json | /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  %.3f ms per 32 requests = %.0f requests/s" % (d["ms"], 32e3 / d["ms"]))'
+}
+
+open_loop() {
+  echo "== S1 open loop at 450 requests/s (about half the closed-loop maximum here)"
+  start_server --threads=2
+  "$C" --target="$target" bench --shape=S1 --rate=450 --duration=15s --json | summary
+  stop_server
+}
+
+overload() {
+  echo "== overload: reference backend, --queue_capacity=64, open loop at 2x its maximum for 30 s"
+  start_server --threads=2 --backend=reference --queue_capacity=64
+  max=$("$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=5s --json |
+        /usr/bin/python3 -c 'import json,sys; print(json.loads(sys.stdin.read())["qps"])')
+  echo "  closed-loop maximum: $max requests/s"
+  rss_log=$(mktemp)
+  (while kill -0 "$spid" 2>/dev/null; do awk '/VmRSS/ {print $2}' "/proc/$spid/status"; sleep 1; done) >"$rss_log" &
+  "$C" --target="$target" bench --shape=S1 --rate="$(/usr/bin/python3 -c "print(int(2 * $max))")" \
+    --duration=30s --json | summary
+  echo "  RSS during overload: $(sort -n "$rss_log" | head -1)-$(sort -n "$rss_log" | tail -1) kB"
+  echo "  afterwards:"
+  "$C" --target="$target" bench --shape=S1 --concurrency=4 --duration=3s --json | summary
+  stop_server
+  rm -f "$rss_log"
+}
+
+sessions() {
+  local kv=$((1024 * 1024 * 1024))
+  for cache in f32 bf16; do
+    echo "== sessions: 16 x 4096 tokens, concurrency 16, cache $cache, --kv_cache_bytes=$kv"
+    start_server --threads=2 --kv_cache_bytes=$kv
+    "$C" --target="$target" bench --sessions=16 --context=4096 --concurrency=16 --duration=10s \
+      --cache_dtype=$cache --json | summary
+    echo "  server VmHWM $(awk '/VmHWM/ {print $2}' "/proc/$spid/status") kB (bound: cache + 256 MiB = $(( (kv >> 10) + 262144 )) kB)"
+    stop_server
+    "$build/bench/attn_bench" --shape=P4 --paged --dtype=$cache --threads=2 --json |
+      /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  kernel alone: %.2f ms per 16-session step = %.0f tokens/s, bw_fraction %.3f" % (d["ms"], 16e3 / d["ms"], d["bw_fraction"]))'
+  done
+  echo "== sessions: the cache full (--kv_cache_bytes=540 MiB, 512 MiB of F32 prefill) under decode load"
+  kv=$((540 * 1024 * 1024))
+  start_server --threads=2 --kv_cache_bytes=$kv
+  "$C" --target="$target" bench --sessions=16 --context=4096 --concurrency=16 --duration=10s --json | summary
+  echo "  server VmHWM $(awk '/VmHWM/ {print $2}' "/proc/$spid/status") kB (bound: cache + 256 MiB = $(( (kv >> 10) + 262144 )) kB)"
+  stop_server
+}
+
+case "${1:-all}" in
+  s1) s1 ;;
+  open) open_loop ;;
+  overload) overload ;;
+  sessions) sessions ;;
+  all) s1; open_loop; overload; sessions ;;
+  *) echo "usage: $0 [s1|open|overload|sessions|all]" >&2; exit 2 ;;
+esac
