@@ -26,6 +26,10 @@ absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::
   return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
 }
 
+absl::Status SessionsDisabled() {
+  return absl::UnimplementedError("sessions are disabled on this server");
+}
+
 // Converts `t` to `dtype` (a copy), keeping its shape.
 Tensor ConvertTensor(const Tensor& t, DType dtype) {
   Tensor out = Tensor::Zeros(dtype, t.shape);
@@ -66,6 +70,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   absl::Status status = [&]() -> absl::Status {
     if (draining()) return Draining();
+    if (options_.sessions == nullptr) return SessionsDisabled();
     SessionConfig config;
     config.num_kv_heads = request->num_kv_heads();
     config.head_dim = request->head_dim();
@@ -96,7 +101,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
   options_.metrics->RequestStarted();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   // Closing stays allowed while draining: it only frees memory.
-  absl::Status status = options_.sessions->Close(request->session_id(), CallerOf(context));
+  absl::Status status = options_.sessions == nullptr
+                            ? SessionsDisabled()
+                            : options_.sessions->Close(request->session_id(), CallerOf(context));
   ReportSessions();
   FinishUnary(reactor, kCloseSession, received, status);
   return reactor;
@@ -122,6 +129,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
                                                 v1::DecodeResponse* response,
                                                 DecodeReactor* reactor, absl::Time received) {
   if (draining()) return Draining();
+  if (options_.sessions == nullptr) return SessionsDisabled();
   absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
@@ -169,6 +177,12 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   reactor->lease.emplace(*std::move(lease));
   SessionLease& session = *reactor->lease;
   reactor->length_before = session.length();
+  if (request.has_expected_context_tokens() &&
+      request.expected_context_tokens() != session.length()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_context_tokens: the session holds ", session.length(), " tokens, the request expected ",
+        request.expected_context_tokens()));
+  }
   if (absl::Status s = session.Append(*key, *value); !s.ok()) return s;
   // From here on a failure truncates the cache back to length_before.
 
@@ -203,6 +217,9 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   task.done = [this, reactor, response, received, backend, query_dtype](
                   absl::Status status, std::unique_ptr<AttentionJob> job,
                   const TaskTiming& timing) {
+    // The caller gave up while the step computed: its answer will not arrive,
+    // so do not keep what it appended (a retry would add it twice).
+    if (status.ok() && reactor->cancelled()) status = absl::CancelledError("the call was cancelled");
     if (status.ok()) {
       Tensor output = job->output.dtype == query_dtype ? std::move(job->output)
                                                        : ConvertTensor(job->output, query_dtype);

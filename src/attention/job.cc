@@ -196,6 +196,15 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
     return Invalid("key.shape", absl::StrCat("batch ", B, " (the query's)"),
                    absl::StrCat(Bk, " in ", ShapeString(request.key.shape)));
   }
+  if (paged != nullptr && D != Dk) {
+    return Invalid("query.shape", absl::StrCat("head_dim ", Dk, " (the session's)"),
+                   absl::StrCat(D, " in ", ShapeString(request.query.shape)));
+  }
+  if (paged != nullptr && Hq % Hkv != 0) {
+    return Invalid("query.shape",
+                   absl::StrCat("a number of heads divisible by the session's ", Hkv, " kv heads"),
+                   absl::StrCat(Hq, " in ", ShapeString(request.query.shape)));
+  }
   if (Dk != D) {
     return Invalid("key.shape", absl::StrCat("head_dim ", D, " (the query's)"),
                    absl::StrCat(Dk, " in ", ShapeString(request.key.shape)));

@@ -66,36 +66,51 @@ inline uint16_t FloatToHalf(float f) {
   return static_cast<uint16_t>(sign | (r >> 13));
 }
 
-// Reads element `i` of a buffer of `dtype` as float (F32/F16/BF16).
+// Reads element `i` of a buffer of `dtype` as float (F32/F16/BF16/I32). The
+// buffer may be unaligned (wire bytes): elements are read with memcpy, which
+// compiles to a plain load.
 inline float LoadFloat(const void* base, DType dtype, int64_t i) {
+  const char* p = static_cast<const char*>(base) + i * static_cast<int64_t>(DTypeSize(dtype));
   switch (dtype) {
-    case DType::kF32:
-      return static_cast<const float*>(base)[i];
+    case DType::kF32: {
+      float f;
+      std::memcpy(&f, p, 4);
+      return f;
+    }
     case DType::kF16:
-      return HalfToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kBF16:
-      return Bf16ToFloat(static_cast<const uint16_t*>(base)[i]);
-    case DType::kI32:
-      return static_cast<float>(static_cast<const int32_t*>(base)[i]);
+    case DType::kBF16: {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return dtype == DType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
+    }
+    case DType::kI32: {
+      int32_t v;
+      std::memcpy(&v, p, 4);
+      return static_cast<float>(v);
+    }
   }
   return 0.f;
 }
 
 // Writes `v` to element `i` of a buffer of `dtype`, rounding to nearest even.
+// The buffer may be unaligned.
 inline void StoreFloat(void* base, DType dtype, int64_t i, float v) {
+  char* p = static_cast<char*>(base) + i * static_cast<int64_t>(DTypeSize(dtype));
   switch (dtype) {
     case DType::kF32:
-      static_cast<float*>(base)[i] = v;
+      std::memcpy(p, &v, 4);
       return;
     case DType::kF16:
-      static_cast<uint16_t*>(base)[i] = FloatToHalf(v);
+    case DType::kBF16: {
+      const uint16_t h = dtype == DType::kF16 ? FloatToHalf(v) : FloatToBf16(v);
+      std::memcpy(p, &h, 2);
       return;
-    case DType::kBF16:
-      static_cast<uint16_t*>(base)[i] = FloatToBf16(v);
+    }
+    case DType::kI32: {
+      const int32_t x = static_cast<int32_t>(v);
+      std::memcpy(p, &x, 4);
       return;
-    case DType::kI32:
-      static_cast<int32_t*>(base)[i] = static_cast<int32_t>(v);
-      return;
+    }
   }
 }
 

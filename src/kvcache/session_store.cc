@@ -2,6 +2,8 @@
 
 #include <sys/random.h>
 
+#include <cerrno>
+
 #include <algorithm>
 #include <cstring>
 #include <utility>
@@ -35,12 +37,16 @@ absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::
 }
 
 // 128 bits from the kernel's CSPRNG, hex-encoded: unguessable session ids.
-std::string NewSessionId() {
+absl::StatusOr<std::string> NewSessionId() {
   unsigned char bytes[16];
   size_t got = 0;
   while (got < sizeof(bytes)) {
     const ssize_t n = getrandom(bytes + got, sizeof(bytes) - got, 0);
-    if (n > 0) got += static_cast<size_t>(n);
+    if (n > 0) {
+      got += static_cast<size_t>(n);
+    } else if (errno != EINTR && errno != EAGAIN) {
+      return absl::InternalError(absl::StrCat("getrandom failed: errno ", errno));
+    }
   }
   return absl::BytesToHexString(
       absl::string_view(reinterpret_cast<const char*>(bytes), sizeof(bytes)));
@@ -118,6 +124,15 @@ absl::Status SessionLease::Append(const TensorView& key, const TensorView& value
   }
   const int64_t new_length = s.length + n;
   const int64_t limit = c.max_tokens > 0 ? c.max_tokens : std::numeric_limits<int32_t>::max();
+  // Under lru_idle, evict nothing for an append that could never fit.
+  const int64_t need_blocks =
+      (new_length + s.block_tokens - 1) / s.block_tokens - static_cast<int64_t>(s.blocks.size());
+  if (need_blocks > 0 && !store_->CouldFit(need_blocks * s.block_bytes, &s)) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "KV cache full: ", need_blocks * s.block_bytes, " more bytes for session ", s.id,
+        " do not fit in --kv_cache_bytes=", store_->options_.kv_cache_bytes,
+        " even after evicting every idle session"));
+  }
   if (new_length > limit) {
     return absl::ResourceExhaustedError(absl::StrCat("session ", s.id, " holds ", s.length,
                                                      " tokens; ", n, " more pass its max_tokens ",
@@ -178,6 +193,9 @@ absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Create(
   if (options.idle_timeout <= absl::ZeroDuration()) {
     return Invalid("session_idle_timeout_s", "> 0", absl::FormatDuration(options.idle_timeout));
   }
+  if (options.min_block_bytes < 0) {
+    return Invalid("min_block_bytes", ">= 0", absl::StrCat(options.min_block_bytes));
+  }
   if (options.max_sessions < 1) {
     return Invalid("max_sessions", ">= 1", absl::StrCat(options.max_sessions));
   }
@@ -208,14 +226,21 @@ absl::StatusOr<SessionStore::Created> SessionStore::CreateSession(const SessionC
                    absl::StrCat(config.value_dim));
   }
   if (!IsInputDType(c.dtype)) return Invalid("dtype", "F32, F16 or BF16", DTypeName(c.dtype));
-  if (c.max_tokens < 0) return Invalid("max_tokens", ">= 0 (0 = unbounded)", absl::StrCat(c.max_tokens));
+  if (c.max_tokens < 0 || c.max_tokens > std::numeric_limits<int32_t>::max()) {
+    return Invalid("max_tokens", "a value in [0, 2147483647] (0 = as many as fit)",
+                   absl::StrCat(c.max_tokens));
+  }
 
   auto s = std::make_shared<Session>();
   s->owner = owner;
   s->config = c;
   s->block_tokens = options_.block_tokens;
-  s->block_bytes = int64_t{options_.block_tokens} * c.num_kv_heads * (c.head_dim + c.value_dim) *
-                   static_cast<int64_t>(DTypeSize(c.dtype));
+  s->block_bytes = std::max<int64_t>(
+      options_.min_block_bytes, int64_t{options_.block_tokens} * c.num_kv_heads *
+                                    (c.head_dim + c.value_dim) *
+                                    static_cast<int64_t>(DTypeSize(c.dtype)));
+  absl::StatusOr<std::string> id = NewSessionId();
+  if (!id.ok()) return id.status();
   {
     absl::MutexLock lock(&mu_);
     if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions &&
@@ -232,9 +257,15 @@ absl::StatusOr<SessionStore::Created> SessionStore::CreateSession(const SessionC
   Created out;
   {
     absl::MutexLock lock(&mu_);
-    do {
-      s->id = NewSessionId();
-    } while (sessions_.contains(s->id));
+    // Checked again: concurrent creates may have filled the table meanwhile.
+    // (A 128-bit id never collides in practice; the check keeps it certain.)
+    if (static_cast<int64_t>(sessions_.size()) >= options_.max_sessions ||
+        sessions_.contains(*id)) {
+      pool_.Free(s->blocks.front(), s->block_bytes);
+      return absl::ResourceExhaustedError(
+          absl::StrCat("sessions: the server holds its maximum of ", options_.max_sessions));
+    }
+    s->id = *std::move(id);
     s->last_used = clock_->Now();
     sessions_[s->id] = s;
     out.session_id = s->id;
@@ -314,6 +345,18 @@ absl::StatusOr<void*> SessionStore::AllocateBlock(int64_t bytes, const Session* 
     absl::MutexLock lock(&mu_);
     if (!EvictOneIdleLocked(requester)) return block.status();
   }
+}
+
+bool SessionStore::CouldFit(int64_t bytes, const Session* requester) {
+  absl::MutexLock lock(&mu_);
+  int64_t pinned = 0;  // bytes no eviction can free; the requester is pinned
+  for (const auto& [id, session] : sessions_) {
+    if (session->pinned) pinned += int64_t(session->blocks.size()) * session->block_bytes;
+  }
+  if (!sessions_.contains(requester->id)) {  // closed while pinned: not in the table
+    pinned += int64_t(requester->blocks.size()) * requester->block_bytes;
+  }
+  return pinned + bytes <= pool_.capacity_bytes();
 }
 
 bool SessionStore::EvictOneIdleLocked(const Session* spare) {

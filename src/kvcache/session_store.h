@@ -37,6 +37,10 @@ struct SessionStoreOptions {
   absl::Duration idle_timeout = absl::Minutes(10);  // idle sessions expire after this
   EvictionPolicy eviction = EvictionPolicy::kReject;
   int64_t max_sessions = 100000;
+  // Blocks smaller than this are allocated (and counted) at this size, so
+  // allocator overhead on tiny blocks (a session of 1 head x 1 dim) cannot
+  // take real memory past kv_cache_bytes. 0 in tests that count exact bytes.
+  int64_t min_block_bytes = 4096;
 };
 
 struct SessionConfig {
@@ -44,7 +48,7 @@ struct SessionConfig {
   int32_t head_dim = 0;
   int32_t value_dim = 0;  // 0 = head_dim
   DType dtype = DType::kF32;
-  int64_t max_tokens = 0;  // 0 = as many as the cache holds
+  int64_t max_tokens = 0;  // 0 = as many as the cache holds (at most 2^31 - 1)
 };
 
 struct SessionStats {
@@ -121,6 +125,9 @@ class SessionStore {
   friend class SessionLease;
   SessionStore(const SessionStoreOptions& options, Clock* clock);
   absl::StatusOr<void*> AllocateBlock(int64_t bytes, const Session* requester);
+  // Whether `bytes` more for `requester` (pinned) could fit if every idle
+  // session were evicted.
+  bool CouldFit(int64_t bytes, const Session* requester);
   bool EvictOneIdleLocked(const Session* spare) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseLocked(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unpin(Session& s);

@@ -212,9 +212,26 @@ TEST_F(SessionTest, FailedStepLeavesTheCacheUnchanged) {
   EXPECT_EQ(resp.context_tokens(), 5);
   grpc::Status bad = step(2, 3, &resp);  // 3 query heads do not divide over 2 kv heads
   EXPECT_EQ(bad.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(bad.error_message().find("key.shape"), std::string::npos) << bad.error_message();
+  EXPECT_NE(bad.error_message().find("query.shape"), std::string::npos) << bad.error_message();
   ASSERT_TRUE(step(1, kHq, &resp).ok());
   EXPECT_EQ(resp.context_tokens(), 6);  // the failed step appended nothing
+
+  // A retry guarded by expected_context_tokens is refused once the step landed.
+  auto guarded = [&](int64_t expected) {
+    grpc::ClientContext ctx;
+    v1::DecodeRequest req;
+    req.set_session_id(id);
+    req.set_expected_context_tokens(expected);
+    *req.mutable_query() = MakeTensor(v1::F32, {1, kHq, kD}, RandomBytes(rng, kHq * kD, DType::kF32));
+    *req.mutable_key() = MakeTensor(v1::F32, {1, kHkv, kD}, RandomBytes(rng, kHkv * kD, DType::kF32));
+    *req.mutable_value() = *req.mutable_key();
+    return stub_->Decode(&ctx, req, &resp);
+  };
+  ASSERT_TRUE(guarded(6).ok());
+  EXPECT_EQ(resp.context_tokens(), 7);
+  grpc::Status again = guarded(6);
+  EXPECT_EQ(again.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(again.error_message().find("holds 7 tokens"), std::string::npos) << again.error_message();
 }
 
 TEST_F(SessionTest, UnknownClosedAndBadRequests) {

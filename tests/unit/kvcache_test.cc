@@ -65,6 +65,7 @@ class SessionStoreTest : public ::testing::Test {
     o.block_tokens = block_tokens;
     o.eviction = policy;
     o.idle_timeout = absl::Seconds(60);
+    o.min_block_bytes = 0;  // the tests count exact block bytes
     auto s = SessionStore::Create(o, &clock_);
     EXPECT_TRUE(s.ok()) << s.status();
     return std::move(*s);
@@ -158,6 +159,33 @@ TEST_F(SessionStoreTest, LruIdleEvictsTheLeastRecentlyUsedIdleSession) {
   EXPECT_EQ(store->stats().evictions_total, 1);
   EXPECT_EQ(store->Acquire(b->session_id, "").status().code(), absl::StatusCode::kNotFound);
   EXPECT_TRUE(store->Acquire(a->session_id, "").ok());
+}
+
+TEST_F(SessionStoreTest, LruIdleEvictsNothingForAnAppendThatCannotFit) {
+  auto store = MakeStore(2048, EvictionPolicy::kLruIdle);  // 4 blocks of 512 bytes
+  auto victim = store->CreateSession(Config(), "");
+  auto big = store->CreateSession(Config(), "");
+  ASSERT_TRUE(victim.ok() && big.ok());
+  auto lease = store->Acquire(big->session_id, "");
+  ASSERT_TRUE(lease.ok());
+  EXPECT_EQ(AppendTokens(*lease, 20, 1).code(), absl::StatusCode::kResourceExhausted);  // 5 blocks
+  EXPECT_EQ(store->stats().evictions_total, 0);
+  EXPECT_TRUE(AppendTokens(*lease, 16, 2).ok());  // 4 blocks: evicts the victim
+  EXPECT_EQ(store->stats().evictions_total, 1);
+}
+
+TEST_F(SessionStoreTest, TinyBlocksAreCountedAtTheMinimumSize) {
+  SessionStoreOptions o;
+  o.kv_cache_bytes = 3 * 4096;
+  o.block_tokens = 1;
+  auto store = *SessionStore::Create(o, &clock_);
+  SessionConfig tiny = Config(1, 1, DType::kF16);  // 4 bytes of K/V per block
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(store->CreateSession(tiny, "").ok());
+  EXPECT_EQ(store->stats().used_bytes, 3 * 4096);
+  EXPECT_EQ(store->CreateSession(tiny, "").status().code(), absl::StatusCode::kResourceExhausted);
+  SessionConfig huge = Config();
+  huge.max_tokens = int64_t{1} << 31;
+  EXPECT_EQ(store->CreateSession(huge, "").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(SessionStoreTest, PinnedSessionsAreNeverEvicted) {
