@@ -5,7 +5,9 @@
 // created it and is invisible (NOT_FOUND) to others.
 //
 // Thread safety: all methods are thread-safe. A SessionLease pins one session
-// for one decode step; a session has at most one lease at a time.
+// for one decode step; a session has at most one lease at a time. Leases must
+// not outlive the store (the server destroys the store only after every
+// scheduled step is done).
 #ifndef ATTNSERVE_KVCACHE_SESSION_STORE_H_
 #define ATTNSERVE_KVCACHE_SESSION_STORE_H_
 
