@@ -291,6 +291,21 @@ absl::StatusOr<std::unique_ptr<AttnClient>> MakeClient(bool dedicated_connection
   return AttnClient::Create(absl::GetFlag(FLAGS_target), options);
 }
 
+// --channels dedicated connections for the load generators.
+absl::StatusOr<std::vector<std::unique_ptr<AttnClient>>> OpenBenchChannels() {
+  const int channels = absl::GetFlag(FLAGS_channels);
+  if (channels < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--channels: expected >= 1, got ", channels));
+  }
+  std::vector<std::unique_ptr<AttnClient>> clients;
+  for (int i = 0; i < channels; ++i) {
+    absl::StatusOr<std::unique_ptr<AttnClient>> c = MakeClient(/*dedicated_connection=*/true);
+    if (!c.ok()) return c.status();
+    clients.push_back(*std::move(c));
+  }
+  return clients;
+}
+
 std::string DTypeList(const google::protobuf::RepeatedField<int>& dtypes) {
   std::vector<std::string> names;
   for (int d : dtypes) names.push_back(v1::DType_Name(static_cast<v1::DType>(d)));
@@ -420,21 +435,11 @@ int CmdBench() {
   const bool tty = isatty(STDERR_FILENO);
   if (show_progress) options.progress_interval = absl::Seconds(1);
   if (absl::Status s = ValidateLoadOptions(options); !s.ok()) return Fail(s, kExitUsage);
-  const int channels = absl::GetFlag(FLAGS_channels);
-  if (channels < 1) {
-    return Fail(absl::InvalidArgumentError(
-                    absl::StrCat("--channels: expected >= 1, got ", channels)),
-                kExitUsage);
-  }
-
-  std::vector<std::unique_ptr<AttnClient>> owned;
+  absl::StatusOr<std::vector<std::unique_ptr<AttnClient>>> owned = OpenBenchChannels();
+  if (!owned.ok()) return Fail(owned.status(), kExitUsage);
   std::vector<AttnClient*> clients;
-  for (int i = 0; i < channels; ++i) {
-    absl::StatusOr<std::unique_ptr<AttnClient>> c = MakeClient(/*dedicated_connection=*/true);
-    if (!c.ok()) return Fail(c.status(), kExitUsage);
-    clients.push_back(c->get());
-    owned.push_back(std::move(*c));
-  }
+  for (const auto& c : *owned) clients.push_back(c.get());
+  const int channels = static_cast<int>(clients.size());
   if (absl::Status s = clients[0]->WaitForServing(absl::Seconds(10)); !s.ok()) return Fail(s);
   const v1::AttendRequest request = ToProto(inputs->request, inputs->call);
 
@@ -554,21 +559,11 @@ int CmdBenchSessions() {
   const bool tty = isatty(STDERR_FILENO);
   if (absl::GetFlag(FLAGS_progress) || tty) options.progress_interval = absl::Seconds(1);
   if (absl::Status s = ValidateSessionLoadOptions(options); !s.ok()) return Fail(s, kExitUsage);
-  const int channels = absl::GetFlag(FLAGS_channels);
-  if (channels < 1) {
-    return Fail(absl::InvalidArgumentError(
-                    absl::StrCat("--channels: expected >= 1, got ", channels)),
-                kExitUsage);
-  }
-
-  std::vector<std::unique_ptr<AttnClient>> owned;
+  absl::StatusOr<std::vector<std::unique_ptr<AttnClient>>> owned = OpenBenchChannels();
+  if (!owned.ok()) return Fail(owned.status(), kExitUsage);
   std::vector<AttnClient*> clients;
-  for (int i = 0; i < channels; ++i) {
-    absl::StatusOr<std::unique_ptr<AttnClient>> c = MakeClient(/*dedicated_connection=*/true);
-    if (!c.ok()) return Fail(c.status(), kExitUsage);
-    clients.push_back(c->get());
-    owned.push_back(std::move(*c));
-  }
+  for (const auto& c : *owned) clients.push_back(c.get());
+  const int channels = static_cast<int>(clients.size());
   if (absl::Status s = clients[0]->WaitForServing(absl::Seconds(10)); !s.ok()) return Fail(s);
   absl::StatusOr<v1::ServerInfo> info = clients[0]->GetServerInfo();
   if (!info.ok()) return Fail(info.status());
