@@ -3,9 +3,6 @@
 // health and metrics. Timing-sensitive cases use a backend gated by the test,
 // so "still computing" and "still queued" are states the test controls rather
 // than guesses about how long something takes.
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -38,6 +35,7 @@
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/security/credentials.h"
 #include "gtest/gtest.h"
+#include "tests/testing/metrics_scrape.h"
 #include "server/convert.h"
 #include "server/server.h"
 
@@ -177,14 +175,8 @@ void ExpectMatchesReference(const v1::AttendRequest& request, const v1::AttendRe
 }
 
 // The value of the sample whose line starts with `series`, or -1.
-double SampleValue(const std::string& text, absl::string_view series) {
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (!absl::ConsumePrefix(&line, series) || !absl::ConsumePrefix(&line, " ")) continue;
-    double value = 0;
-    if (absl::SimpleAtod(line, &value)) return value;
-  }
-  return -1;
-}
+using ::attnserve::test_util::HttpGetMetrics;
+using ::attnserve::test_util::SampleValue;
 
 // Polls `condition` until it holds or 20 s pass (a hung server, not a slow one).
 bool Eventually(const std::function<bool()>& condition) {
@@ -723,19 +715,7 @@ TEST_F(ServerTest, MetricsDescribeTheTraffic) {
   // GET /metrics on the endpoint's ephemeral port.
   const int port = server_->metrics_port();
   ASSERT_GT(port, 0);
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  const std::string get = "GET /metrics HTTP/1.0\r\nConnection: close\r\n\r\n";
-  ASSERT_EQ(write(fd, get.data(), get.size()), static_cast<ssize_t>(get.size()));
-  std::string text;
-  char buf[8192];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) text.append(buf, n);
-  close(fd);
+  const std::string text = HttpGetMetrics(port);
 
   EXPECT_EQ(SampleValue(text, R"(attnserve_requests_total{code="OK",method="Attend"})"), 3);
   EXPECT_EQ(SampleValue(text, R"(attnserve_requests_total{code="INVALID_ARGUMENT",method="Attend"})"),

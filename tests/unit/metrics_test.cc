@@ -1,8 +1,5 @@
 #include "metrics/metrics.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <string>
@@ -12,6 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "gtest/gtest.h"
+#include "tests/testing/metrics_scrape.h"
 #include "metrics/process_collector.h"
 
 namespace attnserve {
@@ -19,14 +17,8 @@ namespace {
 
 // The value of the sample line that starts with `series` ("name{labels}"), or
 // -1 if absent.
-double SampleValue(const std::string& text, absl::string_view series) {
-  for (absl::string_view line : absl::StrSplit(text, '\n')) {
-    if (!absl::ConsumePrefix(&line, series) || !absl::ConsumePrefix(&line, " ")) continue;
-    double value = 0;
-    if (absl::SimpleAtod(line, &value)) return value;
-  }
-  return -1;
-}
+using ::attnserve::test_util::HttpGetMetrics;
+using ::attnserve::test_util::SampleValue;
 
 TEST(ParseProcStatTest, ReadsFieldsAfterACommandWithSpacesAndParens) {
   // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt
@@ -180,19 +172,7 @@ TEST(MetricsTest, ServesHttpOnAnEphemeralPort) {
   const int port = (*m)->http_port();
   ASSERT_GT(port, 0);
 
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  const std::string request = "GET /metrics HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-  ASSERT_EQ(write(fd, request.data(), request.size()), static_cast<ssize_t>(request.size()));
-  std::string response;
-  char buf[4096];
-  for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) response.append(buf, n);
-  close(fd);
+  const std::string response = HttpGetMetrics(port);
 
   EXPECT_TRUE(absl::StartsWith(response, "HTTP/1.1 200")) << response.substr(0, 100);
   EXPECT_TRUE(absl::StrContains(response,
