@@ -1,5 +1,5 @@
 // attn_bench: times one attention shape on one backend and reports it against
-// what this machine can do (DESIGN.md "Benchmark shapes").
+// what this machine can do (docs/ARCHITECTURE.md "Benchmark shapes and FLOPs").
 //
 //   attn_bench --shape=P1 --backend=cpu --dtype=f32 --threads=2 --json
 //

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# DESIGN.md "Benchmark shapes": B, Hq, Hkv, Lq, Lk, D, causal.
+# docs/ARCHITECTURE.md "Benchmark shapes and FLOPs": B, Hq, Hkv, Lq, Lk, D, causal.
 SHAPES = {
     "P1": (4, 12, 12, 512, 512, 64, False),
     "P2": (1, 32, 8, 2048, 2048, 128, True),

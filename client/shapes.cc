@@ -11,7 +11,7 @@
 namespace attnserve::client {
 namespace {
 
-// The benchmark table of DESIGN.md.
+// The benchmark table of docs/ARCHITECTURE.md.
 const AttentionShape kBenchmarkShapes[] = {
     {"P1", 4, 512, 12, 512, 12, 64, false},
     {"P2", 1, 2048, 32, 2048, 8, 128, true},

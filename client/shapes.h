@@ -1,5 +1,5 @@
 // AttentionShape: the dims of one attention request, parsed from a benchmark
-// id of DESIGN.md (P1..P4, S1) or from explicit dims "B,Lq,Hq,Lk,Hkv,D", and
+// id of docs/ARCHITECTURE.md (P1..P4, S1) or from explicit dims "B,Lq,Hq,Lk,Hkv,D", and
 // random inputs of that shape for attnctl's `attend` and `bench`.
 // Value types and pure functions; thread-compatible.
 #ifndef ATTNSERVE_CLIENT_SHAPES_H_
@@ -27,7 +27,7 @@ struct AttentionShape {
 
   std::vector<int64_t> query_shape() const { return {batch, seqlen_q, heads_q, head_dim}; }
   std::vector<int64_t> key_shape() const { return {batch, seqlen_k, heads_kv, head_dim}; }
-  // FLOPs as DESIGN.md counts them: 4·B·Hq·Lq·Lk·D, halved for causal Lq == Lk.
+  // FLOPs as docs/ARCHITECTURE.md counts them: 4·B·Hq·Lq·Lk·D, halved for causal Lq == Lk.
   double flops(bool causal_mask) const;
 };
 

@@ -148,7 +148,7 @@ inline const void* ValueRow(const AttentionParams& p, int64_t b, int64_t j, int6
 }
 
 // Useful FLOPs of one request, 4·B·Hq·Lq·Lk·D, halved for causal self-attention
-// (Lq == Lk), as DESIGN.md defines them for benchmarks and cost budgets.
+// (Lq == Lk), as docs/ARCHITECTURE.md defines them for benchmarks and cost budgets.
 inline double AttentionFlops(const AttentionParams& p) {
   double f = 4.0 * p.batch * p.num_heads_q * double(p.seqlen_q) * p.seqlen_k * p.head_dim;
   if (p.causal && p.seqlen_q == p.seqlen_k) f /= 2;

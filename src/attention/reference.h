@@ -1,5 +1,5 @@
 // The reference attention kernel: exact (double accumulation), simple, slow.
-// It implements the whole semantics table of DESIGN.md and is the oracle every
+// It implements the whole semantics table of docs/ARCHITECTURE.md and is the oracle every
 // other kernel is tested against. Thread-safe (no shared state).
 #ifndef ATTNSERVE_ATTENTION_REFERENCE_H_
 #define ATTNSERVE_ATTENTION_REFERENCE_H_

@@ -1,4 +1,4 @@
-// Metrics: attnserve's Prometheus metrics (names in DESIGN.md) and, when asked,
+// Metrics: attnserve's Prometheus metrics (names in docs/ARCHITECTURE.md) and, when asked,
 // the HTTP endpoint that serves them (GET /metrics). It owns the registry, the
 // process_* collector and the exposer, and it is the scheduler's observer, so
 // queue and batch metrics come from where they happen. No gRPC here: request

@@ -1,4 +1,4 @@
-// SessionMetrics: the KV-cache series of DESIGN.md —
+// SessionMetrics: the KV-cache series of docs/ARCHITECTURE.md —
 // attnserve_kv_cache_bytes{state="used|capacity"}, attnserve_sessions_active,
 // attnserve_kv_evictions_total (plus attnserve_kv_expirations_total) — set
 // from SessionStore::stats() whenever the caller reports them.

@@ -1,4 +1,4 @@
-"""Attention in NumPy (float64), written from the semantics table of DESIGN.md,
+"""Attention in NumPy (float64), written from the semantics table of docs/ARCHITECTURE.md,
 independently of the server's kernels: the oracle of the e2e tests.
 """
 

@@ -5,7 +5,7 @@ rule evaluation every second, a temporary TSDB, deploy/prometheus's rules
 loaded), drives traffic through the Python client in two rounds, and asserts
 through Prometheus' HTTP API that:
 
-- the target is up and the DESIGN.md series exist (process_*, build info,
+- the target is up and the docs/ARCHITECTURE.md series exist (process_*, build info,
   queue capacity, KV cache, ...);
 - counters move by exactly the traffic sent (requests by code, FLOPs);
 - histogram_quantile over attnserve_request_duration_seconds_bucket gives a

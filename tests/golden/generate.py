@@ -5,7 +5,7 @@ Each case is a directory with float32 (or float16) random inputs q/k/v, an
 optional bias, the expected outputs computed by PyTorch in float64, and a
 case.txt with the options. The expected values are computed with explicit
 float64 tensor operations (the mask and every bias built by hand, following
-the semantics table of DESIGN.md); standard softmax cases are cross-checked
+the semantics table of docs/ARCHITECTURE.md); standard softmax cases are cross-checked
 against PyTorch's own scaled-dot-product attention and LINEAR cases against a
 prefix-sum formulation, and the script fails if they disagree.
 

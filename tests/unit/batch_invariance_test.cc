@@ -1,4 +1,4 @@
-// Batch invariance (DESIGN.md, kernel boundary): for every registered backend a
+// Batch invariance (docs/ARCHITECTURE.md, kernel boundary): for every registered backend a
 // request's outputs are bitwise the same whether it runs alone or inside
 // batches of any composition and order, and whatever the backend's thread count.
 #include <cstdint>

@@ -1,5 +1,5 @@
 // flash_kernel_bench: times the cuda backend's flash-attention kernel alone,
-// on inputs already in device memory, for the DESIGN.md benchmark shapes.
+// on inputs already in device memory, for the benchmark shapes of docs/ARCHITECTURE.md.
 // attn_bench --backend=cuda times Backend::Run, which also moves the inputs
 // and outputs across PCIe; this isolates the kernel so it can be compared
 // with PyTorch SDPA on device tensors (bench/sdpa_compare.py --modes=device).
