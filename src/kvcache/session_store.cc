@@ -25,9 +25,13 @@ struct Session {
   bool pinned = false;
   bool closed = false;
   absl::Time last_used;
-  // Touched only by the holder of the lease (or under mu_ when not pinned).
+  // Touched only by the holder of the lease, or under mu_ when not pinned: the
+  // store never reads them while the session is pinned (it counts pinned
+  // sessions' blocks in SessionStore::pinned_bytes_ instead).
   int64_t length = 0;
   std::vector<void*> blocks;
+
+  int64_t held_bytes() const { return static_cast<int64_t>(blocks.size()) * block_bytes; }
 };
 
 namespace {
@@ -127,7 +131,7 @@ absl::Status SessionLease::Append(const TensorView& key, const TensorView& value
   // Under lru_idle, evict nothing for an append that could never fit.
   const int64_t need_blocks =
       (new_length + s.block_tokens - 1) / s.block_tokens - static_cast<int64_t>(s.blocks.size());
-  if (need_blocks > 0 && !store_->CouldFit(need_blocks * s.block_bytes, &s)) {
+  if (need_blocks > 0 && !store_->CouldFit(need_blocks * s.block_bytes)) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "KV cache full: ", need_blocks * s.block_bytes, " more bytes for session ", s.id,
         " do not fit in --kv_cache_bytes=", store_->options_.kv_cache_bytes,
@@ -144,8 +148,7 @@ absl::Status SessionLease::Append(const TensorView& key, const TensorView& value
   while (static_cast<int64_t>(s.blocks.size()) < need) {
     auto block = store_->AllocateBlock(s.block_bytes, &s);
     if (!block.ok()) {
-      for (size_t i = had; i < s.blocks.size(); ++i) store_->pool_.Free(s.blocks[i], s.block_bytes);
-      s.blocks.resize(had);
+      store_->FreeBlocks(s, had);
       return block.status();
     }
     s.blocks.push_back(*block);
@@ -173,10 +176,7 @@ void SessionLease::Truncate(int64_t length) {
   s.length = length;
   // Keep at least one block: a session always owns one (see CreateSession).
   const size_t keep = std::max<size_t>(1, (length + s.block_tokens - 1) / s.block_tokens);
-  while (s.blocks.size() > keep) {
-    store_->pool_.Free(s.blocks.back(), s.block_bytes);
-    s.blocks.pop_back();
-  }
+  if (s.blocks.size() > keep) store_->FreeBlocks(s, keep);
 }
 
 // ---------------------------------------------------------------------------
@@ -290,6 +290,7 @@ absl::StatusOr<SessionLease> SessionStore::Acquire(const std::string& session_id
   }
   s.pinned = true;
   s.last_used = clock_->Now();
+  pinned_bytes_ += s.held_bytes();  // not pinned until now: nobody else changes its blocks
   return SessionLease(this, it->second);
 }
 
@@ -332,8 +333,10 @@ SessionStats SessionStore::stats() const {
     st.sessions_active = static_cast<int64_t>(sessions_.size());
     st.evictions_total = evictions_total_;
     st.expirations_total = expirations_total_;
+    st.pinned_bytes = pinned_bytes_;
+    // Read under mu_ too, so that pinned_bytes <= used_bytes in one snapshot.
+    st.used_bytes = pool_.used_bytes();
   }
-  st.used_bytes = pool_.used_bytes();
   st.capacity_bytes = pool_.capacity_bytes();
   return st;
 }
@@ -341,22 +344,31 @@ SessionStats SessionStore::stats() const {
 absl::StatusOr<void*> SessionStore::AllocateBlock(int64_t bytes, const Session* requester) {
   while (true) {
     auto block = pool_.Allocate(bytes);
-    if (block.ok() || options_.eviction != EvictionPolicy::kLruIdle) return block;
+    if (block.ok()) {
+      if (requester != nullptr) {
+        absl::MutexLock lock(&mu_);
+        pinned_bytes_ += bytes;
+      }
+      return block;
+    }
+    if (options_.eviction != EvictionPolicy::kLruIdle) return block;
     absl::MutexLock lock(&mu_);
     if (!EvictOneIdleLocked(requester)) return block.status();
   }
 }
 
-bool SessionStore::CouldFit(int64_t bytes, const Session* requester) {
+void SessionStore::FreeBlocks(Session& s, size_t keep) {
   absl::MutexLock lock(&mu_);
-  int64_t pinned = 0;  // bytes no eviction can free; the requester is pinned
-  for (const auto& [id, session] : sessions_) {
-    if (session->pinned) pinned += int64_t(session->blocks.size()) * session->block_bytes;
+  while (s.blocks.size() > keep) {
+    pool_.Free(s.blocks.back(), s.block_bytes);
+    pinned_bytes_ -= s.block_bytes;
+    s.blocks.pop_back();
   }
-  if (!sessions_.contains(requester->id)) {  // closed while pinned: not in the table
-    pinned += int64_t(requester->blocks.size()) * requester->block_bytes;
-  }
-  return pinned + bytes <= pool_.capacity_bytes();
+}
+
+bool SessionStore::CouldFit(int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  return pinned_bytes_ + bytes <= pool_.capacity_bytes();
 }
 
 bool SessionStore::EvictOneIdleLocked(const Session* spare) {
@@ -382,6 +394,7 @@ void SessionStore::ReleaseLocked(Session& s) {
 
 void SessionStore::Unpin(Session& s) {
   absl::MutexLock lock(&mu_);
+  pinned_bytes_ -= s.held_bytes();  // the caller holds the lease: nobody else changes them
   s.pinned = false;
   s.last_used = clock_->Now();
   if (s.closed) ReleaseLocked(s);

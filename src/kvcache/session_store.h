@@ -56,6 +56,7 @@ struct SessionConfig {
 struct SessionStats {
   int64_t sessions_active = 0;
   int64_t used_bytes = 0;
+  int64_t pinned_bytes = 0;  // of used_bytes, held by leased sessions: no eviction frees them
   int64_t capacity_bytes = 0;
   int64_t evictions_total = 0;
   int64_t expirations_total = 0;
@@ -126,13 +127,20 @@ class SessionStore {
  private:
   friend class SessionLease;
   SessionStore(const SessionStoreOptions& options, Clock* clock);
-  absl::StatusOr<void*> AllocateBlock(int64_t bytes, const Session* requester);
-  // Whether `bytes` more for `requester` (pinned) could fit if every idle
-  // session were evicted.
-  bool CouldFit(int64_t bytes, const Session* requester);
+  // A block for `requester`, a pinned session (counted in pinned_bytes_), or
+  // for a session not yet in the table (nullptr). Under kLruIdle evicts idle
+  // sessions other than `requester` until the block fits.
+  absl::StatusOr<void*> AllocateBlock(int64_t bytes, const Session* requester)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Returns the blocks of pinned `s` past the first `keep` to the pool. Called
+  // by the holder of the lease on `s`.
+  void FreeBlocks(Session& s, size_t keep) ABSL_LOCKS_EXCLUDED(mu_);
+  // Whether `bytes` more for a pinned session could fit if every idle session
+  // were evicted.
+  bool CouldFit(int64_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
   bool EvictOneIdleLocked(const Session* spare) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void ReleaseLocked(Session& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void Unpin(Session& s);
+  void Unpin(Session& s) ABSL_LOCKS_EXCLUDED(mu_);
 
   const SessionStoreOptions options_;
   Clock* const clock_;
@@ -142,6 +150,10 @@ class SessionStore {
   absl::flat_hash_map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   int64_t evictions_total_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t expirations_total_ ABSL_GUARDED_BY(mu_) = 0;
+  // Bytes held by pinned sessions, closed ones included. A lease holder changes
+  // its session's blocks without mu_, so the store must not read a pinned
+  // session's blocks; the holder reports each block it takes or returns here.
+  int64_t pinned_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace attnserve

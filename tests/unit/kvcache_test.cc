@@ -1,5 +1,6 @@
 // BlockPool bounds, SessionStore lifecycle (ownership, expiry, eviction), and
 // paged decode over a session equal to stateless attention over the same K/V.
+#include <atomic>
 #include <cstring>
 #include <random>
 #include <string>
@@ -174,6 +175,32 @@ TEST_F(SessionStoreTest, LruIdleEvictsNothingForAnAppendThatCannotFit) {
   EXPECT_EQ(store->stats().evictions_total, 1);
 }
 
+// A session closed during its decode step keeps its blocks until the lease
+// ends, so no eviction can free them: an append that needs them evicts nothing.
+TEST_F(SessionStoreTest, LruIdleCountsTheBlocksOfASessionClosedInUse) {
+  auto store = MakeStore(2048, EvictionPolicy::kLruIdle);  // 4 blocks of 512 bytes
+  auto closed = store->CreateSession(Config(), "");
+  auto idle = store->CreateSession(Config(), "");
+  auto big = store->CreateSession(Config(), "");
+  ASSERT_TRUE(closed.ok() && idle.ok() && big.ok());
+  {
+    auto closing = store->Acquire(closed->session_id, "");
+    ASSERT_TRUE(closing.ok());
+    ASSERT_TRUE(AppendTokens(*closing, 8, 1).ok());  // 2 blocks: the cache is full
+    ASSERT_TRUE(store->Close(closed->session_id, "").ok());
+    auto lease = store->Acquire(big->session_id, "");
+    ASSERT_TRUE(lease.ok());
+    // 2 more blocks for `big` make 5 with the closed session's 2.
+    absl::Status s = AppendTokens(*lease, 12, 2);
+    EXPECT_EQ(s.code(), absl::StatusCode::kResourceExhausted);
+    EXPECT_THAT(std::string(s.message()), HasSubstr("even after evicting every idle session"));
+    EXPECT_EQ(store->stats().evictions_total, 0);
+    EXPECT_EQ(lease->length(), 0);
+  }
+  EXPECT_TRUE(store->Acquire(idle->session_id, "").ok());
+  EXPECT_EQ(store->stats().used_bytes, 2 * 512);  // the closed session's blocks are back
+}
+
 TEST_F(SessionStoreTest, TinyBlocksAreCountedAtTheMinimumSize) {
   SessionStoreOptions o;
   o.kv_cache_bytes = 3 * 4096;
@@ -316,6 +343,59 @@ TEST_F(SessionStoreTest, ManySessionsConcurrently) {
   for (auto& th : threads) th.join();
   EXPECT_EQ(store->stats().sessions_active, 0);
   EXPECT_EQ(store->stats().used_bytes, 0);
+}
+
+// One thread grows and truncates a leased session while another appends to a
+// second one under lru_idle (each append asks CouldFit, most evict idle
+// sessions). The store must count pinned bytes without reading the first
+// session's blocks, and the count must stay exact: every append that fits
+// after evicting every idle session succeeds, a snapshot never shows more
+// pinned bytes than used ones, and the count returns to zero.
+TEST_F(SessionStoreTest, PinnedBytesStayExactWhileLeaseHoldersAppend) {
+  constexpr int64_t kBlock = 512;                              // 4 tokens of Config()
+  auto store = MakeStore(64 * kBlock, EvictionPolicy::kLruIdle);
+  auto grower = store->CreateSession(Config(), "");
+  auto appender = store->CreateSession(Config(), "");
+  ASSERT_TRUE(grower.ok() && appender.ok());
+  auto grower_lease = store->Acquire(grower->session_id, "");
+  ASSERT_TRUE(grower_lease.ok());
+  std::atomic<bool> done{false};
+  std::atomic<int> grower_steps{0};
+  std::atomic<int> grower_failures{0};
+  std::thread grow([&, lease = *std::move(grower_lease)]() mutable {
+    for (int i = 0; !done.load(std::memory_order_relaxed); ++i) {
+      // Up to 10 blocks, then back to 1: the blocks vector grows and shrinks.
+      if (!AppendTokens(lease, 1 + i % 40, i).ok()) grower_failures.fetch_add(1);
+      lease.Truncate(0);
+      grower_steps.fetch_add(1);
+    }
+  });
+  while (grower_steps.load() == 0) std::this_thread::yield();  // make sure the two overlap
+  for (int round = 0; round < 300; ++round) {
+    // Idle victims, older than the appender, so eviction takes them first.
+    for (int i = 0; i < 8; ++i) (void)store->CreateSession(Config(), "");
+    clock_.Advance(absl::Seconds(1));
+    auto lease = store->Acquire(appender->session_id, "");
+    ASSERT_TRUE(lease.ok());
+    // 40 blocks: with the grower's at most 10, it always fits after eviction.
+    absl::Status s = AppendTokens(*lease, 160, round);
+    ASSERT_TRUE(s.ok()) << "round " << round << ": " << s;
+    const SessionStats st = store->stats();
+    ASSERT_GE(st.pinned_bytes, 40 * kBlock);
+    ASSERT_LE(st.pinned_bytes, st.used_bytes);
+    ASSERT_LE(st.used_bytes, st.capacity_bytes);
+    lease->Truncate(0);
+    clock_.Advance(absl::Seconds(1));
+  }
+  done = true;
+  grow.join();
+  EXPECT_EQ(grower_failures.load(), 0);
+  EXPECT_GT(store->stats().evictions_total, 0);
+  EXPECT_EQ(store->stats().pinned_bytes, 0);
+  auto a = store->Acquire(grower->session_id, "");
+  auto b = store->Acquire(appender->session_id, "");
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(store->stats().pinned_bytes, 2 * kBlock);  // one block each after Truncate(0)
 }
 
 }  // namespace
