@@ -2,6 +2,7 @@
 
 #include <limits>
 
+#include "absl/base/internal/raw_logging.h"
 #include "absl/strings/str_join.h"
 
 namespace attnserve {
@@ -10,8 +11,13 @@ Tensor Tensor::Zeros(DType dtype, std::vector<int64_t> shape) {
   Tensor t;
   t.dtype = dtype;
   t.shape = std::move(shape);
-  const int64_t n = CheckedElementCount(t.shape);
-  t.data.assign(static_cast<size_t>(n < 0 ? 0 : n) * DTypeSize(dtype), '\0');
+  const int64_t element_bytes = static_cast<int64_t>(DTypeSize(dtype));
+  const int64_t n = CheckedElementCount(t.shape, INT64_MAX / element_bytes);
+  if (n < 0) {
+    ABSL_RAW_LOG(FATAL, "Tensor::Zeros: shape %s x %s has a negative dim or over INT64_MAX bytes",
+                 ShapeString(t.shape).c_str(), DTypeName(dtype));
+  }
+  t.data.assign(static_cast<size_t>(n * element_bytes), '\0');
   return t;
 }
 

@@ -29,8 +29,11 @@ struct Tensor {
   std::vector<int64_t> shape;
   std::string data;
 
-  // Allocates zero-filled storage for `shape`. Element count must not overflow
-  // (callers validate sizes first).
+  // Allocates zero-filled storage for `shape`. Every caller passes a shape it
+  // has validated (PrepareAttention's size limits, or an existing tensor's
+  // shape), so a negative dim or an element or byte count past int64 is a
+  // programmer error: it aborts the process rather than return a tensor whose
+  // data is smaller than its shape says.
   static Tensor Zeros(DType dtype, std::vector<int64_t> shape);
 
   int64_t num_elements() const;
