@@ -267,6 +267,69 @@ TEST(CpuBackendTest, WorkspaceIsIndependentOfSequenceLength) {
   EXPECT_LT(backend->workspace_bytes(), 1 << 20);
 }
 
+// LINEAR by running key sums over long sequences: the sums must stay as exact
+// as the reference's per-row weights (the conformance F32 tolerance), with
+// padded keys, GQA, causal in both alignments, and the rows that bottom-right
+// alignment with a short key_length leaves fully masked (output 0).
+TEST(CpuBackendTest, LinearLongSequencesMatchReference) {
+  const AttentionOptions linear = {.variant = Variant::kLinear};
+  const AttentionOptions causal_br = {.causal = true, .variant = Variant::kLinear};
+  const AttentionOptions causal_tl = {.causal = true,
+                                      .causal_alignment = CausalAlignment::kTopLeft,
+                                      .variant = Variant::kLinear};
+  // Sized for the quadratic reference: about half a second in Release.
+  const std::vector<Case> cases = {
+      {.name = "non-causal", .B = 2, .Lq = 384, .Lk = 384, .Hq = 2, .Hkv = 1, .D = 16,
+       .options = linear, .key_lengths = {384, 200}, .outputs = {}},
+      {.name = "causal bottom-right", .B = 2, .Lq = 768, .Lk = 768, .Hq = 2, .Hkv = 1, .D = 16,
+       .options = causal_br, .key_lengths = {768, 400}, .outputs = {}},
+      {.name = "causal top-left Lq < Lk, Dv != D", .B = 1, .Lq = 256, .Lk = 768, .Hq = 2,
+       .Hkv = 1, .D = 16, .Dv = 24, .options = causal_tl, .outputs = {}},
+  };
+  auto backend = MakeCpu(2);
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    auto in = MakeInputs(c, 4096);
+    auto want = Prepare(*in);
+    auto got = Prepare(*in);
+    ASSERT_TRUE(want && got);
+    RunReferenceAttention(want->params);
+    ASSERT_TRUE(backend->Run({got->params}).ok());
+    ExpectNear("output", got->output, want->output, 1e-5, 1e-5);
+  }
+}
+
+// Longer still, where the reference cannot afford every row: with bottom-right
+// alignment a request of only the last query rows sees the same keys as those
+// rows of the full request, so the reference checks the rows whose running
+// sums cover the most keys (4000 of 4096 here).
+TEST(CpuBackendTest, LinearLastRowsOfLongSequenceMatchReference) {
+  constexpr int kLastRows = 8;
+  for (bool causal : {false, true}) {
+    SCOPED_TRACE(causal ? "causal" : "non-causal");
+    const Case c{.name = "linear 4096", .B = 1, .Lq = 4096, .Lk = 4096, .Hq = 4, .Hkv = 2,
+                 .D = 16, .options = {.causal = causal, .variant = Variant::kLinear},
+                 .key_lengths = {4000}, .outputs = {}};
+    auto in = MakeInputs(c, 77);
+    auto got = Prepare(*in);
+    ASSERT_TRUE(got);
+    ASSERT_TRUE(MakeCpu(2)->Run({got->params}).ok());
+
+    const int64_t row_bytes = int64_t{c.Hq} * c.D * DTypeSize(c.dtype);
+    AttentionRequest last = in->request;
+    last.query = TensorView{c.dtype, {c.B, kLastRows, c.Hq, c.D},
+                            std::string_view(in->q).substr((c.Lq - kLastRows) * row_bytes)};
+    auto want = PrepareAttention(last);
+    ASSERT_TRUE(want.ok()) << want.status();
+    RunReferenceAttention((*want)->params);
+
+    Tensor got_last = (*want)->output;
+    const int64_t out_row_bytes = int64_t{c.Hq} * c.D * DTypeSize(c.dtype);
+    got_last.data = got->output.data.substr((c.Lq - kLastRows) * out_row_bytes);
+    ExpectNear("output", got_last, (*want)->output, 1e-5, 1e-5);
+  }
+}
+
 TEST(CpuBackendTest, InfoAndSupports) {
   auto backend = MakeCpu(2);
   EXPECT_EQ(backend->info().name, "cpu");

@@ -6,6 +6,7 @@
 #include <numeric>
 #include <vector>
 
+#include "absl/base/internal/raw_logging.h"
 #include "core/half.h"
 
 namespace attnserve::cpu {
@@ -18,23 +19,19 @@ double Phi(double x) { return x > 0 ? x + 1 : std::exp(x); }
 
 // Per-row scratch, reused across the rows of one head.
 struct Row {
-  std::vector<double> q;       // [head_dim], φ applied for LINEAR
+  std::vector<double> q;       // [head_dim]
   std::vector<double> weight;  // [seqlen_k], unnormalised, 0 where masked
   std::vector<char> attended;  // [seqlen_k]
   std::vector<int32_t> order;  // top-k candidates
   double log_normaliser = kNegInf;
 };
 
-// Fills row.weight/attended/log_normaliser for query row i; false when the row
-// is fully masked.
+// SOFTMAX: fills row.weight/attended/log_normaliser for query row i; false
+// when the row is fully masked.
 bool Weigh(const AttentionParams& p, int64_t b, int64_t h, int64_t i, Row& row) {
   const int64_t kv = h / p.group_size;
-  const bool linear = p.variant == Variant::kLinear;
   const int64_t q0 = b * p.q_batch_stride + i * p.q_row_stride + h * p.q_head_stride;
-  for (int64_t d = 0; d < p.head_dim; ++d) {
-    const double x = LoadFloat(p.q, p.dtype, q0 + d);
-    row.q[d] = linear ? Phi(x) : x;
-  }
+  for (int64_t d = 0; d < p.head_dim; ++d) row.q[d] = LoadFloat(p.q, p.dtype, q0 + d);
   std::fill(row.weight.begin(), row.weight.end(), 0.0);
   std::fill(row.attended.begin(), row.attended.end(), 0);
   const KeyRange range = VisibleKeyRange(p, b, i);
@@ -42,12 +39,6 @@ bool Weigh(const AttentionParams& p, int64_t b, int64_t h, int64_t i, Row& row) 
   for (int64_t j = range.begin; j < range.end; ++j) {
     const void* krow = KeyRow(p, b, j, kv);
     double dot = 0;
-    if (linear) {
-      for (int64_t d = 0; d < p.head_dim; ++d) dot += row.q[d] * Phi(LoadFloat(krow, p.dtype, d));
-      row.weight[j] = dot;
-      row.attended[j] = 1;
-      continue;
-    }
     for (int64_t d = 0; d < p.head_dim; ++d) dot += row.q[d] * LoadFloat(krow, p.dtype, d);
     double s = dot * p.scale;
     if (p.softcap > 0.f) s = p.softcap * std::tanh(s / p.softcap);
@@ -59,29 +50,81 @@ bool Weigh(const AttentionParams& p, int64_t b, int64_t h, int64_t i, Row& row) 
       max_score = std::max(max_score, s);
     }
   }
-  double sum = 0;
-  if (linear) {
-    for (int64_t j = range.begin; j < range.end; ++j) sum += row.weight[j];
-    if (!(sum > 0)) return false;
-    row.log_normaliser = std::log(sum);
-  } else {
-    if (max_score == kNegInf) {
-      std::fill(row.weight.begin(), row.weight.end(), 0.0);
-      return false;
-    }
-    for (int64_t j = range.begin; j < range.end; ++j) {
-      row.weight[j] = row.attended[j] ? std::exp(row.weight[j] - max_score) : 0.0;
-      sum += row.weight[j];
-    }
-    row.log_normaliser = max_score + std::log(sum);
+  if (max_score == kNegInf) {
+    std::fill(row.weight.begin(), row.weight.end(), 0.0);
+    return false;
   }
+  double sum = 0;
+  for (int64_t j = range.begin; j < range.end; ++j) {
+    row.weight[j] = row.attended[j] ? std::exp(row.weight[j] - max_score) : 0.0;
+    sum += row.weight[j];
+  }
+  row.log_normaliser = max_score + std::log(sum);
   for (int64_t j = range.begin; j < range.end; ++j) row.weight[j] /= sum;
   return true;
 }
 
 }  // namespace
 
+void RunLinearHead(const AttentionParams& p, int64_t b, int64_t h) {
+  // Windows are rejected for LINEAR, so every visible range starts at key 0
+  // and its end never decreases from one query row to the next.
+  ABSL_RAW_CHECK(p.window_left < 0, "LINEAR attention takes no sliding window");
+  const int64_t kv = h / p.group_size;
+  const int64_t dk = p.head_dim;
+  const int64_t dv = p.value_dim;
+  std::vector<double> key_value_sum(dk * dv, 0.0);  // S = Σ_j φ(k_j) v_jᵀ, [dk, dv] row-major
+  std::vector<double> key_sum(dk, 0.0);             // z = Σ_j φ(k_j)
+  std::vector<double> phi(dk);
+  std::vector<double> value(dv);
+  std::vector<double> numerator(dv);
+  int64_t keys_summed = 0;  // S and z cover keys [0, keys_summed)
+  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    const KeyRange range = VisibleKeyRange(p, b, i);
+    for (; keys_summed < range.end; ++keys_summed) {
+      const void* krow = KeyRow(p, b, keys_summed, kv);
+      const void* vrow = ValueRow(p, b, keys_summed, kv);
+      for (int64_t d = 0; d < dk; ++d) {
+        phi[d] = Phi(LoadFloat(krow, p.dtype, d));
+        key_sum[d] += phi[d];
+      }
+      for (int64_t e = 0; e < dv; ++e) value[e] = LoadFloat(vrow, p.dtype, e);
+      for (int64_t d = 0; d < dk; ++d) {
+        double* s = key_value_sum.data() + d * dv;
+        for (int64_t e = 0; e < dv; ++e) s[e] += phi[d] * value[e];
+      }
+    }
+
+    // An empty range leaves S and z at 0 (no key was summed yet), so the
+    // denominator is 0 and the row's output 0, as for a fully masked row.
+    const int64_t q0 = b * p.q_batch_stride + i * p.q_row_stride + h * p.q_head_stride;
+    double denominator = 0;
+    std::fill(numerator.begin(), numerator.end(), 0.0);
+    for (int64_t d = 0; d < dk; ++d) {
+      const double phi_q = Phi(LoadFloat(p.q, p.dtype, q0 + d));
+      denominator += phi_q * key_sum[d];
+      const double* s = key_value_sum.data() + d * dv;
+      for (int64_t e = 0; e < dv; ++e) numerator[e] += phi_q * s[e];
+    }
+    // As in the reference, a row whose φ products all underflow counts as
+    // fully masked.
+    const bool live = denominator > 0;
+    const int64_t o0 = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
+    for (int64_t e = 0; e < dv; ++e) {
+      StoreFloat(p.o, p.dtype, o0 + e, live ? static_cast<float>(numerator[e] / denominator) : 0.f);
+    }
+    if (p.lse != nullptr) {
+      p.lse[(b * p.num_heads_q + h) * p.seqlen_q + i] =
+          live ? static_cast<float>(std::log(denominator)) : -INFINITY;
+    }
+  }
+}
+
 void RunScalarHead(const AttentionParams& p, int64_t b, int64_t h) {
+  if (p.variant == Variant::kLinear) {
+    RunLinearHead(p, b, h);
+    return;
+  }
   const int64_t kv = h / p.group_size;
   Row row;
   row.q.resize(p.head_dim);

@@ -1,8 +1,10 @@
 // The cpu backend's simple path: one (batch row, query head) at a time, all
-// query rows, computing every output the params ask for (output, lse, weights,
-// top_k) for both variants (SOFTMAX and LINEAR). It serves the rarely used
-// outputs and LINEAR, and every request on CPUs without AVX2. Scores are
-// accumulated in double, so it is as exact as the reference kernel.
+// query rows. SOFTMAX computes every output the params ask for (output, lse,
+// weights, top_k) from each row's weights over the keys; LINEAR uses running
+// key sums instead, O((Lq + Lk)·D·Dv) per head rather than O(Lq·Lk·(D + Dv)). It
+// serves the rarely used outputs and LINEAR, and every request on CPUs
+// without AVX2. Sums are accumulated in double, so it is as exact as the
+// reference kernel.
 //
 // Thread-safe: a pure function of its arguments.
 #ifndef ATTNSERVE_BACKENDS_CPU_SCALAR_ATTENTION_H_
@@ -14,8 +16,19 @@
 
 namespace attnserve::cpu {
 
-// Computes query head `head` of batch row `batch`, every query row.
+// Computes query head `head` of batch row `batch`, every query row; LINEAR
+// params go to RunLinearHead.
 void RunScalarHead(const AttentionParams& params, int64_t batch, int64_t head);
+
+// LINEAR (φ = elu + 1) for query head `head` of batch row `batch`: output row i
+// is φ(q_i)ᵀS / φ(q_i)ᵀz, with S = Σ_j φ(k_j) v_jᵀ and z = Σ_j φ(k_j) over the
+// keys row i sees. The rows are walked in order and S, z extended by the keys
+// each row newly sees: once, by all keys of the batch row, without causal; a
+// prefix per row with it. A row that sees no key gets output 0. Writes the
+// output and, if asked, lse = log φ(q_i)ᵀz (-inf for such a row); LINEAR has
+// no weights or top_k (PrepareAttention rejects them). Params must have no
+// window (PrepareAttention rejects one for LINEAR).
+void RunLinearHead(const AttentionParams& params, int64_t batch, int64_t head);
 
 }  // namespace attnserve::cpu
 
