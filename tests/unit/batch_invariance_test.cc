@@ -1,7 +1,11 @@
 // Batch invariance (docs/ARCHITECTURE.md, kernel boundary): for every registered backend a
 // request's outputs are bitwise the same whether it runs alone or inside
 // batches of any composition and order, and whatever the backend's thread count.
+// A case the backend's Supports() refuses is left out of the batches; it is
+// counted and listed, and is a failure when the backend's BackendInfo claims
+// the dtype and every feature the case uses (RefusedCases).
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -13,6 +17,7 @@
 #include "backends/registry.h"
 #include "gtest/gtest.h"
 #include "random_request.h"
+#include "refused_cases.h"
 
 namespace attnserve {
 namespace {
@@ -94,6 +99,8 @@ std::vector<std::string> OutputBytes(const AttentionJob& job) {
 struct Workload {
   std::vector<std::unique_ptr<RandomRequest>> requests;  // one per (spec, dtype)
   std::vector<std::string> names;
+  std::vector<RequestSpec> specs;  // of each request
+  std::vector<DType> dtypes;       // of each request
 };
 
 Workload MakeWorkload(uint64_t seed) {
@@ -103,6 +110,8 @@ Workload MakeWorkload(uint64_t seed) {
     for (size_t i = 0; i < specs.size(); ++i) {
       w.requests.push_back(std::make_unique<RandomRequest>(specs[i], dtype, seed + i));
       w.names.push_back(absl::StrCat(specs[i].name, "/", DTypeName(dtype)));
+      w.specs.push_back(specs[i]);
+      w.dtypes.push_back(dtype);
     }
   }
   return w;
@@ -120,10 +129,30 @@ class BatchInvarianceTest : public ::testing::TestWithParam<std::string> {
     ASSERT_TRUE(two.ok()) << two.status();
     single_thread_ = *std::move(one);
     two_threads_ = *std::move(two);
+    CheckRefusals();
+  }
+
+  // The batches below leave out the requests a backend refuses, so every test
+  // first asks both instances about every (spec, dtype) of the workload:
+  // refusals are counted and printed, and refusing a claimed case fails.
+  void CheckRefusals() {
+    const Workload w = MakeWorkload(0);
+    for (const Backend* backend : {single_thread_.get(), two_threads_.get()}) {
+      RefusedCases refused;
+      for (size_t i = 0; i < w.requests.size(); ++i) {
+        auto job = PrepareAttention(w.requests[i]->request());
+        ASSERT_TRUE(job.ok()) << w.names[i] << ": " << job.status();
+        refused.Check(*backend, w.specs[i], w.dtypes[i], (*job)->params);
+      }
+      std::printf("[ %s, %s ] %zu of %zu cases run, %s\n", GetParam().c_str(),
+                  backend == single_thread_.get() ? "1 thread" : "2 threads",
+                  w.requests.size() - refused.count(), w.requests.size(),
+                  refused.Summary().c_str());
+    }
   }
 
   // Runs `indices` of `w` as one batch; returns the outputs per index (empty
-  // for a request the backend does not support).
+  // for a request the backend refuses; CheckRefusals has judged those).
   std::vector<std::vector<std::string>> RunBatch(Backend& backend, const Workload& w,
                                                  const std::vector<size_t>& indices) {
     std::vector<std::unique_ptr<AttentionJob>> jobs;

@@ -2,8 +2,8 @@
 // (sizes that are not multiples of any tile, every option, every output, all
 // dtypes) in one batch and must match the reference kernel within the
 // tolerances documented in tests/README.md. A case the backend's Supports()
-// refuses is skipped and listed, unless the backend's BackendInfo claims the
-// dtype and every feature the case uses: then the refusal is a failure.
+// refuses is skipped, counted and listed (RefusedCases), and is a failure when
+// the backend's BackendInfo claims the dtype and every feature the case uses.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +22,7 @@
 #include "core/half.h"
 #include "gtest/gtest.h"
 #include "random_request.h"
+#include "refused_cases.h"
 
 namespace attnserve {
 namespace {
@@ -263,19 +264,6 @@ bool Contains(const std::vector<std::string>& v, const std::string& x) {
   return std::find(v.begin(), v.end(), x) != v.end();
 }
 
-// Features (and the dtype) that the case uses but `info` does not claim.
-std::vector<std::string> Unclaimed(const BackendInfo& info, const RequestSpec& spec, DType dtype) {
-  std::vector<std::string> missing;
-  for (const std::string& f : spec.Features()) {
-    if (!Contains(info.features, f)) missing.push_back(f);
-  }
-  if (std::find(info.dtypes.begin(), info.dtypes.end(), dtype) == info.dtypes.end()) {
-    missing.push_back(DTypeName(dtype));
-  }
-  if (std::max(spec.head_dim, spec.value_dim) > info.max_head_dim) missing.push_back("head_dim");
-  return missing;
-}
-
 bool Close(double got, double want, Tolerance tol) {
   if (std::isinf(want) || std::isinf(got)) return got == want;
   return std::fabs(got - want) <= tol.atol + tol.rtol * std::fabs(want);  // false for NaN
@@ -363,21 +351,13 @@ void ConformanceTest::RunMatrix(DType dtype) {
   std::vector<std::unique_ptr<AttentionJob>> jobs;
   std::vector<const RequestSpec*> run_specs;
   std::vector<AttentionParams> batch;
-  std::vector<std::string> refused;
+  RefusedCases refused;
   for (size_t i = 0; i < specs.size(); ++i) {
     const RequestSpec& spec = specs[i];
     auto request = std::make_unique<RandomRequest>(spec, dtype, 1000 + i);
     auto job = PrepareAttention(request->request());
     ASSERT_TRUE(job.ok()) << spec.name << ": " << job.status();
-    const absl::Status supported = backend.Supports((*job)->params);
-    if (!supported.ok()) {
-      const std::vector<std::string> unclaimed = Unclaimed(backend.info(), spec, dtype);
-      EXPECT_FALSE(unclaimed.empty())
-          << name << " refuses " << spec.name << " although it claims every feature it uses: "
-          << supported;
-      refused.push_back(absl::StrCat(spec.name, " (", supported.message(), ")"));
-      continue;
-    }
+    if (!refused.Check(backend, spec, dtype, (*job)->params)) continue;
     batch.push_back((*job)->params);
     run_specs.push_back(&spec);
     requests.push_back(std::move(request));
@@ -402,9 +382,8 @@ void ConformanceTest::RunMatrix(DType dtype) {
     if (spec.outputs.weights) ExpectFloatsClose("weights", got.weights, (*ref)->weights, tol);
     if (spec.outputs.top_k > 0) ExpectTopKClose("top_k", got, **ref, spec.seqlen_k, tol);
   }
-  std::printf("[ %s %s ] %zu cases matched the reference, %zu refused by Supports()%s%s\n",
-              name.c_str(), DTypeName(dtype), jobs.size(), refused.size(),
-              refused.empty() ? "" : ": ", absl::StrJoin(refused, "; ").c_str());
+  std::printf("[ %s %s ] %zu cases matched the reference, %s\n", name.c_str(), DTypeName(dtype),
+              jobs.size(), refused.Summary().c_str());
 }
 
 TEST_P(ConformanceTest, F32) { RunMatrix(DType::kF32); }
