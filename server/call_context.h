@@ -11,6 +11,7 @@
 #include "absl/time/time.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/server_callback.h"
+#include "core/memory_budget.h"
 #include "metrics/metrics.h"
 
 namespace attnserve {
@@ -26,9 +27,10 @@ inline absl::Status Draining() {
 }
 
 // A unary call with its own reactor (rather than the context's default one)
-// so that cancellation arrives as OnCancel: queued tasks poll cancelled()
-// instead of the context, and the metrics count cancellations when they
-// happen. Deletes itself when gRPC is done with the call.
+// so that cancellation arrives as OnCancel: queued and running tasks poll
+// cancelled() instead of the context, and the metrics count cancellations
+// when they happen. It holds the call's memory reservation until the response
+// is sent. Deletes itself when gRPC is done with the call.
 class CancellableUnaryReactor : public grpc::ServerUnaryReactor {
  public:
   // `metrics` is not owned; `method` names the call in the metrics.
@@ -41,6 +43,10 @@ class CancellableUnaryReactor : public grpc::ServerUnaryReactor {
     metrics_->RecordCancellation(method_);
   }
   void OnDone() override { delete this; }
+
+  // The call's bytes from the memory budget, released when gRPC is done with
+  // the response (OnDone). Set once, by the thread that submits the call.
+  MemoryBudget::Reservation reservation;
 
  private:
   Metrics* const metrics_;

@@ -35,7 +35,12 @@ ABSL_FLAG(int, workers, kSchedulerDefaults.workers, "scheduler executor threads"
 ABSL_FLAG(int64_t, max_request_bytes, kDefaults.max_request_bytes,
           "largest request message accepted, in bytes");
 ABSL_FLAG(double, max_request_flops, kDefaults.max_request_flops,
-          "largest request accepted, in useful FLOPs; 0 = no limit");
+          "largest request accepted, in FLOP-equivalents of the cost model (the products' "
+          "FLOPs plus the per-score and output-path work); 0 = no limit");
+ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
+          "memory budget for everything requests hold outside the KV cache (inputs, outputs, "
+          "scratch, responses), in bytes; a request that does not fit gets RESOURCE_EXHAUSTED. "
+          "0 = 85% of the cgroup (or physical) memory minus --kv_cache_bytes minus 256 MiB");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, queue_capacity, kSchedulerDefaults.queue_capacity,
@@ -44,7 +49,7 @@ ABSL_FLAG(int64_t, queue_capacity_bytes, kSchedulerDefaults.queue_capacity_bytes
           "input bytes of the waiting requests; beyond it RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_batch_size, kSchedulerDefaults.max_batch_size, "requests per backend call");
 ABSL_FLAG(double, max_batch_flops, kSchedulerDefaults.max_batch_flops,
-          "useful FLOPs per backend call");
+          "cost per backend call, in FLOP-equivalents (see --max_request_flops)");
 ABSL_FLAG(int64_t, max_queue_delay_us, kSchedulerDefaults.max_queue_delay_us,
           "longest wait for a batch to fill, in microseconds");
 ABSL_FLAG(int64_t, kv_cache_bytes, kSessionDefaults.kv_cache_bytes,
@@ -96,6 +101,7 @@ int main(int argc, char** argv) {
   options.gpu_memory_bytes = absl::GetFlag(FLAGS_gpu_memory_bytes);
   options.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   options.max_request_flops = absl::GetFlag(FLAGS_max_request_flops);
+  options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
   options.scheduler.workers = absl::GetFlag(FLAGS_workers);
   options.scheduler.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
@@ -142,6 +148,11 @@ int main(int argc, char** argv) {
                attnserve::DescribeAuth(options.auth).c_str(), metrics.c_str(),
                absl::StrJoin((*server)->backend_names(), ",").c_str(),
                (*server)->default_backend().c_str(), options.scheduler.workers);
+
+  std::fprintf(stderr, "attnserve: memory budget %s (%lld bytes): %s\n",
+               attnserve::HumanBytes((*server)->memory_budget().limit_bytes()).c_str(),
+               static_cast<long long>((*server)->memory_budget().limit_bytes()),
+               (*server)->memory_limit_derivation().c_str());
 
   int signal_number = 0;
   sigwait(&shutdown_signals, &signal_number);

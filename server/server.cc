@@ -11,6 +11,7 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "grpcpp/security/server_credentials.h"
+#include "grpcpp/resource_quota.h"
 #include "grpcpp/server_builder.h"
 #include "server/auth.h"
 
@@ -30,6 +31,11 @@ absl::Status CheckOptions(const ServerOptions& o) {
   if (o.max_request_flops < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_request_flops: expected >= 0 (0 = no limit), got ", o.max_request_flops));
+  }
+  if (o.memory_limit_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "memory_limit_bytes: expected >= 0 (0 = derived from the machine), got ",
+        o.memory_limit_bytes));
   }
   if (o.drain_timeout_s < 0) {
     return absl::InvalidArgumentError(
@@ -85,6 +91,14 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       CreateServerCredentials(options.auth);
   if (!credentials.ok()) return credentials.status();
+  int64_t memory_limit = options.memory_limit_bytes;
+  std::string derivation = "--memory_limit_bytes";
+  if (memory_limit == 0) {
+    absl::StatusOr<int64_t> derived =
+        DefaultMemoryLimit(DetectSystemMemory(), options.sessions.kv_cache_bytes, &derivation);
+    if (!derived.ok()) return derived.status();
+    memory_limit = *derived;
+  }
   std::unique_ptr<Server> server(new Server(options));
   server->backends_ = std::move(backends);
   server->credentials_ = *std::move(credentials);
@@ -92,10 +106,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
       {.listen_address = options.metrics_listen_address,
        .backends = server->backend_names(),
-       .queue_capacity = options.scheduler.queue_capacity});
+       .queue_capacity = options.scheduler.queue_capacity,
+       .memory_limit_bytes = memory_limit});
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
   for (const auto& backend : server->backends_) server->metrics_->WatchBackend(backend.get());
+  Metrics* metrics_raw = server->metrics_.get();
+  server->memory_budget_ = std::make_unique<MemoryBudget>(
+      memory_limit, [metrics_raw](int64_t reserved) { metrics_raw->SetMemoryReserved(reserved); });
+  server->memory_limit_derivation_ = derivation;
 
   absl::StatusOr<std::unique_ptr<SessionStore>> sessions =
       SessionStore::Create(options.sessions, Clock::Real());
@@ -117,6 +136,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   service_options.max_request_bytes = options.max_request_bytes;
   service_options.max_request_flops = options.max_request_flops;
   service_options.max_stream_inflight = options.max_stream_inflight;
+  service_options.memory_budget = server->memory_budget_.get();
   service_options.sessions = server->sessions_.get();
   service_options.session_metrics = server->session_metrics_.get();
   service_options.caller_identity = CallerIdentity;
@@ -136,6 +156,12 @@ Server::~Server() {
   if (server_ != nullptr) Drain().IgnoreError();
   stop_sweeper_.Notify();
   if (sweeper_.joinable()) sweeper_.join();
+  // The scheduler's workers call into the service (and through it gRPC):
+  // join them first, while both are alive. A timed-out drain has stopped
+  // their running batches (cancel tokens), so this does not wait long.
+  scheduler_.reset();
+  server_.reset();
+  service_.reset();
 }
 
 std::vector<std::string> Server::backend_names() const {
@@ -152,6 +178,13 @@ absl::Status Server::Start() {
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(
       static_cast<int>(std::min<int64_t>(options_.max_request_bytes, INT_MAX)));
+  // gRPC's own buffers (messages being received, responses being sent) are
+  // bounded too: a quarter of the memory budget, at least two messages.
+  const int64_t budget = memory_budget_->limit_bytes();
+  const int64_t transport = std::min(budget, std::max(budget / 4, 2 * options_.max_request_bytes));
+  grpc::ResourceQuota quota("attnserve");
+  quota.Resize(static_cast<size_t>(transport));
+  builder.SetResourceQuota(quota);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {
     server_.reset();

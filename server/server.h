@@ -21,8 +21,9 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "attention/job.h"
-#include "backends/backend.h"
 #include "absl/synchronization/notification.h"
+#include "backends/backend.h"
+#include "core/memory_budget.h"
 #include "grpcpp/server.h"
 #include "kvcache/session_store.h"
 #include "metrics/session_metrics.h"
@@ -47,7 +48,14 @@ struct ServerOptions {
   int backend_threads = 0;  // BackendOptions::threads; 0 = one per core
   int64_t gpu_memory_bytes = 0;  // BackendOptions::gpu_memory_bytes; 0 = 90% of free device memory
   int64_t max_request_bytes = int64_t{64} << 20;  // gRPC receive limit per message
-  double max_request_flops = 1e12;                // per request; 0 = no limit
+  // Cost (FLOP-equivalents, attention/cost.h) per request; 0 = no limit.
+  double max_request_flops = 1e12;
+  // The memory budget every request reserves from (core/memory_budget.h);
+  // 0 = derived from the cgroup or physical memory minus
+  // sessions.kv_cache_bytes (DefaultMemoryLimit). A quarter of it (at least
+  // two max_request_bytes messages) bounds gRPC's transport buffers
+  // (grpc::ResourceQuota).
+  int64_t memory_limit_bytes = 0;
   int32_t max_stream_inflight = 64;               // per AttendStream call
   SchedulerOptions scheduler;
   SessionStoreOptions sessions;  // KV-cache sessions (--kv_cache_bytes, ...)
@@ -88,6 +96,9 @@ class Server {
   int port() const { return port_; }  // the bound gRPC port, after Start()
   int metrics_port() const { return metrics_->http_port(); }  // 0: no endpoint
   SessionStore& sessions() { return *sessions_; }
+  MemoryBudget& memory_budget() { return *memory_budget_; }
+  // How the memory budget was chosen, for the start-up log line.
+  const std::string& memory_limit_derivation() const { return memory_limit_derivation_; }
   const std::string& default_backend() const { return backends_.front()->info().name; }
   std::vector<std::string> backend_names() const;
   Metrics& metrics() { return *metrics_; }
@@ -97,9 +108,12 @@ class Server {
 
   const ServerOptions options_;
   // Declared in dependency order: destroyed from the gRPC server down to the
-  // backends, so nothing is used after it is gone.
+  // backends, so nothing is used after it is gone. The destructor first
+  // joins the scheduler's workers, whose callbacks use the service.
   std::vector<std::unique_ptr<Backend>> backends_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<MemoryBudget> memory_budget_;
+  std::string memory_limit_derivation_;
   std::unique_ptr<SessionStore> sessions_;
   std::unique_ptr<SessionMetrics> session_metrics_;
   std::unique_ptr<Scheduler> scheduler_;

@@ -69,7 +69,7 @@ class AttentionServiceImpl::StreamReactor final
     Item* raw = item.release();
     absl::Status submitted = service_->Submit(
         raw->request, DeadlineOf(context_), [this] { return cancelled_.load(); }, raw->received,
-        &raw->response, [this, raw](absl::Status status) {
+        &raw->response, &raw->reservation, [this, raw](absl::Status status) {
           OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
         });
     std::unique_ptr<Item> rejected;
@@ -116,6 +116,7 @@ class AttentionServiceImpl::StreamReactor final
     v1::AttendRequest request;
     v1::AttendResponse response;
     absl::Time received;
+    MemoryBudget::Reservation reservation;  // released when the item is written or dropped
   };
 
   void OnTaskDone(std::unique_ptr<Item> item, absl::Status status) {
@@ -205,13 +206,35 @@ absl::StatusOr<Backend*> AttentionServiceImpl::BackendFor(const std::string& nam
 
 absl::Status AttentionServiceImpl::CheckRunnable(const AttentionJob& job,
                                                  const Backend& backend) const {
-  if (options_.max_request_flops > 0 && job.flops > options_.max_request_flops) {
-    return absl::ResourceExhaustedError(
-        absl::StrFormat("request needs %.4g FLOPs, over the per-request limit of %.4g "
-                        "(--max_request_flops)",
-                        job.flops, options_.max_request_flops));
+  if (options_.max_request_flops > 0 && job.cost > options_.max_request_flops) {
+    return CountRejection(
+        absl::ResourceExhaustedError(absl::StrFormat(
+            "request costs %.4g FLOP-equivalents (%.4g FLOPs of products plus the per-score and "
+            "output-path work, see the README's cost model), over the per-request limit of %.4g "
+            "(--max_request_flops)",
+            job.cost, job.flops, options_.max_request_flops)),
+        "cost");
   }
-  return backend.Supports(job.params);
+  return backend.Supports(job.planned_params());
+}
+
+absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
+    const AttentionJob& job, const Backend& backend, int64_t message_bytes, int64_t extra_bytes) {
+  if (options_.memory_budget == nullptr) return MemoryBudget::Reservation();
+  const int64_t scratch = backend.ScratchBytes(job.planned_params());
+  const int64_t held = job.output_bytes + job.converted_input_bytes();
+  const int64_t total = message_bytes + extra_bytes + held + scratch;
+  absl::StatusOr<MemoryBudget::Reservation> reservation = options_.memory_budget->Reserve(
+      total, absl::StrCat("this request (message ", message_bytes + extra_bytes, " + outputs ",
+                          held, " + ", backend.info().name, " scratch ", scratch, " bytes)"));
+  if (!reservation.ok()) return CountRejection(reservation.status(), "memory");
+  return reservation;
+}
+
+absl::Status AttentionServiceImpl::CountRejection(absl::Status status,
+                                                  absl::string_view reason) const {
+  if (absl::IsResourceExhausted(status)) options_.metrics->RecordRejection(reason);
+  return status;
 }
 
 void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* out) {
@@ -224,6 +247,7 @@ void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* ou
 absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl::Time deadline,
                                           std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
+                                          MemoryBudget::Reservation* reservation,
                                           std::function<void(absl::Status)> done) {
   if (draining()) return Draining();
 
@@ -237,9 +261,13 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
 
   absl::StatusOr<AttentionRequest> core = RequestFromProto(request);
   if (!core.ok()) return core.status();
-  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PrepareAttention(*core, options_.limits);
-  if (!job.ok()) return job.status();
+  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(*core, options_.limits);
+  if (!job.ok()) return CountRejection(job.status(), "size");
   if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
+  absl::StatusOr<MemoryBudget::Reservation> reserved =
+      ReserveMemory(**job, *backend, static_cast<int64_t>(request.ByteSizeLong()), 0);
+  if (!reserved.ok()) return reserved.status();
+  *reservation = *std::move(reserved);
 
   response->set_request_id(request.request_id());
   Task task;
@@ -259,7 +287,7 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
     job.reset();
     done(std::move(status));
   };
-  return options_.scheduler->Submit(std::move(task));
+  return CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
 }
 
 void AttentionServiceImpl::FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method,
@@ -277,7 +305,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
   auto* reactor = new CancellableUnaryReactor(options_.metrics, kAttend);
   absl::Status submitted = Submit(
       *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
-      response, [this, reactor, received](absl::Status s) {
+      response, &reactor->reservation, [this, reactor, received](absl::Status s) {
         FinishUnary(reactor, kAttend, received, s);
       });
   if (!submitted.ok()) FinishUnary(reactor, kAttend, received, submitted);

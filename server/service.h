@@ -32,6 +32,7 @@
 #include "attention/job.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "backends/backend.h"
+#include "core/memory_budget.h"
 #include "kvcache/session_store.h"
 #include "metrics/metrics.h"
 #include "metrics/session_metrics.h"
@@ -52,6 +53,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     int64_t max_request_bytes = int64_t{64} << 20;  // reported in ServerInfo (gRPC enforces it)
     double max_request_flops = 0;                   // 0: no limit
     int32_t max_stream_inflight = 64;               // requests in flight per AttendStream
+    // Not owned; every request reserves its bytes here before it is queued.
+    // Null: no budget (tests).
+    MemoryBudget* memory_budget = nullptr;
     SessionStore* sessions = nullptr;               // not owned; KV-cache sessions
     SessionMetrics* session_metrics = nullptr;      // not owned; null: not reported
     // The authenticated caller, to bind sessions to their creator; "" when
@@ -94,6 +98,19 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // RESOURCE_EXHAUSTED over --max_request_flops, else the backend's Supports().
   absl::Status CheckRunnable(const AttentionJob& job, const Backend& backend) const;
 
+  // Reserves from the memory budget what the job will hold while queued,
+  // computed and answered: `message_bytes` (the request as received, plus
+  // `extra_bytes` of conversions the handler keeps), the outputs, converted
+  // inputs and the backend's scratch. RESOURCE_EXHAUSTED naming the budget.
+  absl::StatusOr<MemoryBudget::Reservation> ReserveMemory(const AttentionJob& job,
+                                                          const Backend& backend,
+                                                          int64_t message_bytes,
+                                                          int64_t extra_bytes);
+
+  // Counts a refused request in attnserve_rejected_requests_total{reason}
+  // when `status` is RESOURCE_EXHAUSTED; returns it.
+  absl::Status CountRejection(absl::Status status, absl::string_view reason) const;
+
   // The backend `name` names; the default for "". NOT_FOUND lists the known ones.
   absl::StatusOr<Backend*> BackendFor(const std::string& name) const;
 
@@ -112,10 +129,12 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // (draining), NOT_FOUND (backend), INVALID_ARGUMENT, RESOURCE_EXHAUSTED
   // (limits, full queue), UNIMPLEMENTED (the backend cannot run it).
   // `request` must stay alive until `done` runs; `is_cancelled` may be polled
-  // until then.
+  // until then. `*reservation` receives the request's bytes from the memory
+  // budget (before it is queued); keep it until the response is sent.
   absl::Status Submit(const v1::AttendRequest& request, absl::Time deadline,
                       std::function<bool()> is_cancelled, absl::Time received,
-                      v1::AttendResponse* response, std::function<void(absl::Status)> done);
+                      v1::AttendResponse* response, MemoryBudget::Reservation* reservation,
+                      std::function<void(absl::Status)> done);
 
   // Records the call in the metrics and finishes it.
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,

@@ -183,8 +183,12 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
         "expected_context_tokens: the session holds ", session.length(), " tokens, the request expected ",
         request.expected_context_tokens()));
   }
-  if (absl::Status s = session.Append(*key, *value); !s.ok()) return s;
-  // From here on a failure truncates the cache back to length_before.
+  // Everything is checked before the cache changes: the new tokens' shapes,
+  // the step's options against the grown cache, the backend, the cost and the
+  // memory budget. Only then does Append touch the cache (and, under
+  // lru_idle, other sessions).
+  absl::StatusOr<int64_t> new_tokens = session.CheckAppend(*key, *value);
+  if (!new_tokens.ok()) return new_tokens.status();
 
   const DType cache_dtype = session.config().dtype;
   const DType query_dtype = query->dtype;
@@ -199,12 +203,38 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     core.query.dtype = cache_dtype;
     core.query.data = reactor->query_storage;
   }
-  core.paged_kv = session.View();
   core.options = *std::move(options);
   core.outputs.lse = request.outputs().lse();
-  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PrepareAttention(core, options_.limits);
+  {
+    // The step as it will run, over the cache grown by the new tokens; the
+    // blocks are not read here, so the current ones stand in for them.
+    static const void* const kNoBlocks[1] = {nullptr};
+    PagedKvView grown = session.View();
+    grown.length += *new_tokens;
+    if (grown.blocks == nullptr) grown.blocks = kNoBlocks;
+    core.paged_kv = grown;
+    absl::StatusOr<std::unique_ptr<AttentionJob>> planned = PlanAttention(core, options_.limits);
+    if (!planned.ok()) return CountRejection(planned.status(), "size");
+    if (absl::Status s = CheckRunnable(**planned, *backend); !s.ok()) return s;
+    // Held besides the job: the converted query, and the output converted
+    // back to the query's dtype.
+    const int64_t converted =
+        static_cast<int64_t>(reactor->query_storage.size()) +
+        (query_dtype != cache_dtype
+             ? (*planned)->params.seqlen_q * int64_t{(*planned)->params.num_heads_q} *
+                   (*planned)->params.value_dim * int64_t(DTypeSize(query_dtype))
+             : 0);
+    absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
+        **planned, *backend, static_cast<int64_t>(request.ByteSizeLong()), converted);
+    if (!reserved.ok()) return reserved.status();
+    reactor->reservation = *std::move(reserved);
+  }
+
+  if (absl::Status s = session.Append(*key, *value); !s.ok()) return s;
+  // From here on a failure truncates the cache back to length_before.
+  core.paged_kv = session.View();
+  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(core, options_.limits);
   if (!job.ok()) return job.status();
-  if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
 
   response->set_request_id(request.request_id());
   response->set_context_tokens(session.length());
@@ -235,7 +265,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     ReportSessions();
     FinishUnary(reactor, kDecode, received, status);
   };
-  return options_.scheduler->Submit(std::move(task));
+  return CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
 }
 
 }  // namespace attnserve

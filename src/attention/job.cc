@@ -5,12 +5,14 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
+#include "attention/cost.h"
 #include "core/half.h"
 
 namespace attnserve {
@@ -128,16 +130,15 @@ absl::Status CheckBias(const TensorView& bias, DType want_dtype, const std::arra
   return absl::OkStatus();
 }
 
-}  // namespace
+// The dims of a request, as the shape checks found them.
+struct Dims {
+  int64_t B = 0, Lq = 0, Hq = 0, D = 0;  // query
+  int64_t Lk = 0, Hkv = 0, Dv = 0;       // key and value
+};
 
-absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRequest& request,
-                                                               const RequestLimits& limits) {
-  auto job = std::make_unique<AttentionJob>();
-  AttentionParams& p = job->params;
-  const AttentionOptions& opt = request.options;
-  const bool linear = opt.variant == Variant::kLinear;
-
-  // --- Q, K, V shapes -------------------------------------------------------
+// Step 1: dtypes, ranks and dims of Q, K, V (or the session's paged cache),
+// and how they relate (batch, head_dim, GQA ratio, value dims).
+absl::StatusOr<Dims> CheckShapes(const AttentionRequest& request, const RequestLimits& limits) {
   auto q = CheckQkv("query", request.query, "[B, Lq, Hq, D]");
   if (!q.ok()) return q.status();
   const DType dtype = request.query.dtype;
@@ -182,7 +183,6 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   if (paged != nullptr && B != 1) {
     return Invalid("query.shape", "batch 1 for a session", ShapeString(request.query.shape));
   }
-
   if (paged == nullptr && request.key.rank() != request.query.rank()) {
     return Invalid("key.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
                    absl::StrCat("rank ", request.key.rank(), " ", ShapeString(request.key.shape)));
@@ -227,8 +227,12 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
     return Invalid("value.shape", absl::StrCat("value_dim <= ", limits.max_head_dim),
                    absl::StrCat(Dv));
   }
+  return Dims{B, Lq, Hq, D, Lk, Hkv, Dv};
+}
 
-  // --- Options ----------------------------------------------------------------
+// Step 2: the attention options, and what LINEAR rules out.
+absl::Status CheckOptions(const AttentionRequest& request, const Dims& dims) {
+  const AttentionOptions& opt = request.options;
   if (!std::isfinite(opt.scale)) {
     return Invalid("options.scale", "a finite number (0 = 1/sqrt(head_dim))", absl::StrCat(opt.scale));
   }
@@ -246,8 +250,9 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
     return Invalid("options.window_right", "unset, -1 or 0 with causal (causal sees no later keys)",
                    absl::StrCat(opt.window_right));
   }
-  if (!opt.alibi_slopes.empty() && static_cast<int64_t>(opt.alibi_slopes.size()) != Hq) {
-    return Invalid("options.alibi_slopes", absl::StrCat(Hq, " slopes (one per query head) or none"),
+  if (!opt.alibi_slopes.empty() && static_cast<int64_t>(opt.alibi_slopes.size()) != dims.Hq) {
+    return Invalid("options.alibi_slopes",
+                   absl::StrCat(dims.Hq, " slopes (one per query head) or none"),
                    absl::StrCat(opt.alibi_slopes.size()));
   }
   for (float s : opt.alibi_slopes) {
@@ -257,7 +262,7 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
     return Invalid("options.variant", "SOFTMAX or LINEAR",
                    absl::StrCat(static_cast<int>(opt.variant)));
   }
-  if (linear) {
+  if (opt.variant == Variant::kLinear) {
     auto reject = [](absl::string_view field, absl::string_view got) {
       return Invalid(field, "unset with variant LINEAR", got);
     };
@@ -271,26 +276,33 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
     if (request.outputs.weights) return reject("outputs.weights", "true");
     if (request.outputs.top_k != 0) return reject("outputs.top_k", absl::StrCat(request.outputs.top_k));
   }
+  return absl::OkStatus();
+}
 
-  // --- key_lengths --------------------------------------------------------------
-  if (!request.key_lengths.empty()) {
-    if (static_cast<int64_t>(request.key_lengths.size()) != B) {
-      return Invalid("key_lengths", absl::StrCat(B, " lengths (one per batch row) or none"),
-                     absl::StrCat(request.key_lengths.size()));
-    }
-    for (size_t b = 0; b < request.key_lengths.size(); ++b) {
-      const int32_t len = request.key_lengths[b];
-      if (len < 0 || len > Lk) {
-        return Invalid(absl::StrCat("key_lengths[", b, "]"), absl::StrCat("a length in [0, ", Lk, "]"),
-                       absl::StrCat(len));
-      }
-    }
-    job->key_lengths = request.key_lengths;
-    p.key_lengths = job->key_lengths.data();
+// Step 3: key_lengths, one per batch row within [0, Lk].
+absl::Status CheckKeyLengths(const AttentionRequest& request, const Dims& dims) {
+  if (request.key_lengths.empty()) return absl::OkStatus();
+  if (static_cast<int64_t>(request.key_lengths.size()) != dims.B) {
+    return Invalid("key_lengths", absl::StrCat(dims.B, " lengths (one per batch row) or none"),
+                   absl::StrCat(request.key_lengths.size()));
   }
+  for (size_t b = 0; b < request.key_lengths.size(); ++b) {
+    const int32_t len = request.key_lengths[b];
+    if (len < 0 || len > dims.Lk) {
+      return Invalid(absl::StrCat("key_lengths[", b, "]"),
+                     absl::StrCat("a length in [0, ", dims.Lk, "]"), absl::StrCat(len));
+    }
+  }
+  return absl::OkStatus();
+}
 
-  // --- Outputs ------------------------------------------------------------------
+// Step 4: the outputs asked for, against the size limits. Returns the bytes
+// AllocateOutputs will allocate for all of them.
+absl::StatusOr<int64_t> CheckOutputs(const AttentionRequest& request, const Dims& dims,
+                                     const RequestLimits& limits) {
   const OutputSpec& out = request.outputs;
+  const auto [B, Lq, Hq, D, Lk, Hkv, Dv] = dims;
+  const DType dtype = request.query.dtype;
   if (out.top_k < 0 || out.top_k > Lk) {
     return Invalid("outputs.top_k", absl::StrCat("0 (off) to Lk = ", Lk), absl::StrCat(out.top_k));
   }
@@ -306,15 +318,17 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
         "output: [%d, %d, %d, %d] x %s is over the server's limit of %d bytes", B, Lq, Hq, Dv,
         DTypeName(dtype), limits.max_output_bytes));
   }
-  int64_t weights_bytes = 0;
+  int64_t total = out_bytes;
+  if (out.lse) total += B * Hq * Lq * 4;  // <= out_bytes * 4 / Dv: no overflow
   if (out.weights) {
     const int64_t n = CheckedElementCount({B, Hq, Lq, Lk}, kMaxElements);
-    weights_bytes = n < 0 ? -1 : n * 4;
+    const int64_t weights_bytes = n < 0 ? -1 : n * 4;
     if (weights_bytes < 0 || weights_bytes > limits.max_weights_bytes) {
       return absl::ResourceExhaustedError(absl::StrFormat(
           "outputs.weights: [%d, %d, %d, %d] x F32 is over the server's limit of %d bytes", B, Hq,
           Lq, Lk, limits.max_weights_bytes));
     }
+    total += weights_bytes;
   }
   if (out.top_k > 0) {
     const int64_t n = CheckedElementCount({B, Hq, Lq, out.top_k}, kMaxElements);
@@ -324,9 +338,19 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
           "bytes",
           B, Hq, Lq, out.top_k, limits.max_output_bytes));
     }
+    total += n * 8;
   }
+  return total;
+}
 
-  // --- Fill the params ------------------------------------------------------------
+// Step 5: dims, pointers, strides and scalars of the inputs (outputs come in
+// AllocateOutputs).
+void FillParams(const AttentionRequest& request, const Dims& dims, AttentionJob& job) {
+  AttentionParams& p = job.params;
+  const AttentionOptions& opt = request.options;
+  const auto [B, Lq, Hq, D, Lk, Hkv, Dv] = dims;
+  const DType dtype = request.query.dtype;
+  const PagedKvView* paged = request.paged_kv.has_value() ? &*request.paged_kv : nullptr;
   p.dtype = dtype;
   p.variant = opt.variant;
   p.batch = static_cast<int32_t>(B);
@@ -338,14 +362,14 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   p.value_dim = static_cast<int32_t>(Dv);
   p.group_size = static_cast<int32_t>(Hq / Hkv);
 
-  p.q = AlignedData(request.query.data, dtype, job->aligned_copies[0]);
+  p.q = AlignedData(request.query.data, dtype, job.aligned_copies[0]);
   if (paged != nullptr) {
     p.kv_blocks = paged->blocks;
     p.kv_block_tokens = paged->block_tokens;
     p.v_block_offset = int64_t{paged->block_tokens} * Hkv * D;
   } else {
-    p.k = AlignedData(request.key.data, dtype, job->aligned_copies[1]);
-    p.v = AlignedData(request.value.data, dtype, job->aligned_copies[2]);
+    p.k = AlignedData(request.key.data, dtype, job.aligned_copies[1]);
+    p.v = AlignedData(request.value.data, dtype, job.aligned_copies[2]);
   }
   p.q_head_stride = D;
   p.q_row_stride = Hq * D;
@@ -356,8 +380,9 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   p.v_head_stride = Dv;
   p.v_row_stride = Hkv * Dv;
   p.v_batch_stride = paged != nullptr ? 0 : Lk * Hkv * Dv;
-  job->input_bytes = static_cast<int64_t>(request.query.data.size() + request.key.data.size() +
-                                          request.value.data.size());
+  p.o_head_stride = Dv;
+  p.o_row_stride = Hq * Dv;
+  p.o_batch_stride = Lq * Hq * Dv;
 
   p.scale = opt.scale != 0 ? opt.scale : static_cast<float>(1.0 / std::sqrt(double(D)));
   p.scale_log2 = static_cast<float>(double(p.scale) * 1.4426950408889634);
@@ -366,40 +391,109 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRe
   p.bottom_right = opt.causal_alignment == CausalAlignment::kBottomRight;
   p.window_left = opt.window_left;
   p.window_right = opt.causal ? 0 : opt.window_right;
+  p.top_k = request.outputs.top_k;
 
   if (!opt.alibi_slopes.empty()) {
-    job->alibi_slopes = opt.alibi_slopes;
-    p.alibi_slopes = job->alibi_slopes.data();
+    job.alibi_slopes = opt.alibi_slopes;
+    p.alibi_slopes = job.alibi_slopes.data();
   }
+  if (!request.key_lengths.empty()) {
+    job.key_lengths = request.key_lengths;
+    p.key_lengths = job.key_lengths.data();
+  }
+  job.input_bytes = static_cast<int64_t>(request.query.data.size() + request.key.data.size() +
+                                         request.value.data.size());
+}
+
+}  // namespace
+
+int64_t AttentionJob::converted_input_bytes() const {
+  int64_t bytes = static_cast<int64_t>(bias_f32.size() * sizeof(float) +
+                                       alibi_slopes.size() * sizeof(float) +
+                                       key_lengths.size() * sizeof(int32_t));
+  for (const std::string& copy : aligned_copies) bytes += static_cast<int64_t>(copy.size());
+  return bytes;
+}
+
+AttentionParams AttentionJob::planned_params() const {
+  static float placeholder_f32;
+  static int32_t placeholder_i32;
+  AttentionParams p = params;
+  if (p.o == nullptr) p.o = &placeholder_f32;
+  if (outputs.lse && p.lse == nullptr) p.lse = &placeholder_f32;
+  if (outputs.weights && p.weights == nullptr) p.weights = &placeholder_f32;
+  if (outputs.top_k > 0 && p.top_k_indices == nullptr) {
+    p.top_k_indices = &placeholder_i32;
+    p.top_k_weights = &placeholder_f32;
+  }
+  return p;
+}
+
+absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttention(const AttentionRequest& request,
+                                                            const RequestLimits& limits) {
+  absl::StatusOr<Dims> dims = CheckShapes(request, limits);
+  if (!dims.ok()) return dims.status();
+  if (absl::Status s = CheckOptions(request, *dims); !s.ok()) return s;
+  if (absl::Status s = CheckKeyLengths(request, *dims); !s.ok()) return s;
+  absl::StatusOr<int64_t> output_bytes = CheckOutputs(request, *dims, limits);
+  if (!output_bytes.ok()) return output_bytes.status();
+
+  auto job = std::make_unique<AttentionJob>();
+  job->outputs = request.outputs;
+  job->output_bytes = *output_bytes;
+  job->query_3d = request.query.rank() == 3;
+  FillParams(request, *dims, *job);
   if (request.bias.has_value()) {
-    absl::Status s = CheckBias(*request.bias, dtype, {B, Hq, Lq, Lk}, *job);
+    absl::Status s = CheckBias(*request.bias, request.query.dtype,
+                               {dims->B, dims->Hq, dims->Lq, dims->Lk}, *job);
     if (!s.ok()) return s;
   }
+  job->flops = AttentionRealFlops(job->params);
+  job->cost = AttentionCost(job->params, job->outputs);
+  return job;
+}
 
-  // Outputs, shaped like the query (3-D in, 3-D out).
-  std::vector<int64_t> out_shape = {B, Lq, Hq, Dv};
-  if (request.query.rank() == 3) out_shape.erase(out_shape.begin());
-  job->output = Tensor::Zeros(dtype, std::move(out_shape));
-  p.o = job->output.data.data();
-  p.o_head_stride = Dv;
-  p.o_row_stride = Hq * Dv;
-  p.o_batch_stride = Lq * Hq * Dv;
-  if (out.lse) {
-    job->lse = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
-    p.lse = job->lse.mutable_data<float>();
+absl::Status AllocateOutputs(AttentionJob& job) {
+  AttentionParams& p = job.params;
+  const int64_t B = p.batch, Lq = p.seqlen_q, Hq = p.num_heads_q, Lk = p.seqlen_k;
+  const OutputSpec& out = job.outputs;
+  struct {
+    Tensor output, lse, weights, top_k_indices, top_k_weights;
+  } made;
+  try {
+    std::vector<int64_t> out_shape = {B, Lq, Hq, p.value_dim};
+    if (job.query_3d) out_shape.erase(out_shape.begin());
+    made.output = Tensor::Zeros(p.dtype, std::move(out_shape));
+    if (out.lse) made.lse = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
+    if (out.weights) made.weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, Lk});
+    if (out.top_k > 0) {
+      made.top_k_indices = Tensor::Zeros(DType::kI32, {B, Hq, Lq, out.top_k});
+      made.top_k_weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, out.top_k});
+    }
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "out of memory allocating the outputs (", job.output_bytes, " bytes)"));
   }
-  if (out.weights) {
-    job->weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, Lk});
-    p.weights = job->weights.mutable_data<float>();
-  }
+  job.output = std::move(made.output);
+  job.lse = std::move(made.lse);
+  job.weights = std::move(made.weights);
+  job.top_k_indices = std::move(made.top_k_indices);
+  job.top_k_weights = std::move(made.top_k_weights);
+  p.o = job.output.data.data();
+  if (out.lse) p.lse = job.lse.mutable_data<float>();
+  if (out.weights) p.weights = job.weights.mutable_data<float>();
   if (out.top_k > 0) {
-    p.top_k = out.top_k;
-    job->top_k_indices = Tensor::Zeros(DType::kI32, {B, Hq, Lq, out.top_k});
-    job->top_k_weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, out.top_k});
-    p.top_k_indices = job->top_k_indices.mutable_data<int32_t>();
-    p.top_k_weights = job->top_k_weights.mutable_data<float>();
+    p.top_k_indices = job.top_k_indices.mutable_data<int32_t>();
+    p.top_k_weights = job.top_k_weights.mutable_data<float>();
   }
-  job->flops = AttentionFlops(p);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRequest& request,
+                                                               const RequestLimits& limits) {
+  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(request, limits);
+  if (!job.ok()) return job.status();
+  if (absl::Status s = AllocateOutputs(**job); !s.ok()) return s;
   return job;
 }
 

@@ -1,7 +1,9 @@
 // AttentionJob: a validated attention request, ready for a backend. It owns its
 // outputs and any converted inputs (F32 bias, ALiBi slopes) and holds the
 // AttentionParams that point into them and into the caller's request bytes.
-// PrepareAttention is the only place that fills AttentionParams.
+// PlanAttention is the only place that fills AttentionParams; AllocateOutputs
+// adds the output pointers when the job is about to run, so a queued job holds
+// no output memory (its bytes are reserved from the memory budget instead).
 //
 // Thread-compatible: a job is filled by one thread, run by a backend, then read
 // by one thread.
@@ -31,13 +33,26 @@ struct RequestLimits {
 
 struct AttentionJob {
   AttentionParams params;
+  OutputSpec outputs;    // the optional outputs asked for
+  // Empty until AllocateOutputs:
   Tensor output;         // [B, Lq, Hq, Dv], request dtype (3-D when the query was 3-D)
   Tensor lse;            // [B, Hq, Lq] F32, when asked
   Tensor weights;        // [B, Hq, Lq, Lk] F32, when asked
   Tensor top_k_indices;  // [B, Hq, Lq, k] I32, when asked
   Tensor top_k_weights;  // [B, Hq, Lq, k] F32, when asked
-  double flops = 0;      // AttentionFlops(params)
-  int64_t input_bytes = 0;
+  double flops = 0;      // AttentionRealFlops(params): the floating-point work, for metrics
+  double cost = 0;       // AttentionCost(params, outputs): FLOP-equivalents, for limits
+  int64_t input_bytes = 0;   // Q, K, V and bias bytes of the request
+  int64_t output_bytes = 0;  // what AllocateOutputs allocates, all outputs together
+  bool query_3d = false;     // the output is 3-D like the query
+
+  // Bytes the job holds of its own besides the outputs (converted inputs).
+  int64_t converted_input_bytes() const;
+
+  // `params` as they will run, for Backend::Supports before AllocateOutputs:
+  // the output pointers asked for are set to a placeholder (never to be
+  // dereferenced), so a backend sees which outputs are wanted.
+  AttentionParams planned_params() const;
 
   // Storage params points into, when the request's own bytes could not be used.
   std::vector<float> bias_f32;
@@ -46,11 +61,20 @@ struct AttentionJob {
   std::string aligned_copies[3];  // Q, K, V bytes whose address was misaligned
 };
 
-// Validates `request` and builds a job. The request's tensor bytes must outlive
+// Validates `request` and builds a job whose outputs are not allocated yet
+// (params' output pointers are null). The request's tensor bytes must outlive
 // the job (params point into them). Errors:
 //   INVALID_ARGUMENT   malformed: the message names the field ("query.shape"),
 //                      what was expected and what was received;
 //   RESOURCE_EXHAUSTED well formed but over `limits`.
+absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttention(const AttentionRequest& request,
+                                                            const RequestLimits& limits = {});
+
+// Allocates the planned outputs (zeroed) and points params at them.
+// RESOURCE_EXHAUSTED when the allocation fails; the job is then unchanged.
+absl::Status AllocateOutputs(AttentionJob& job);
+
+// PlanAttention then AllocateOutputs: a job ready to run.
 absl::StatusOr<std::unique_ptr<AttentionJob>> PrepareAttention(const AttentionRequest& request,
                                                                const RequestLimits& limits = {});
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "attention/request.h"
+#include "core/cancel_token.h"
 #include "core/dtype.h"
 
 namespace attnserve {
@@ -75,7 +76,15 @@ struct AttentionParams {
   int32_t top_k = 0;
   int32_t* top_k_indices = nullptr;  // [B, Hq, Lq, top_k]; -1 past the visible keys
   float* top_k_weights = nullptr;    // [B, Hq, Lq, top_k]; 0 past the visible keys
+
+  // Polled by backends between work items; null: never stops. Not owned.
+  const CancelToken* cancel = nullptr;
 };
+
+// Whether a backend should skip the rest of this job (see CancelToken).
+inline bool StopRequested(const AttentionParams& p) {
+  return p.cancel != nullptr && p.cancel->StopRequested();
+}
 
 // Keys of batch row b: key_lengths[b] if given, else seqlen_k. It is the row's
 // Lk for alignment and ALiBi too, as in FlashAttention's varlen kernels.

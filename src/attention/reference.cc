@@ -163,7 +163,10 @@ void ComputeRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
 void RunReferenceAttention(const AttentionParams& params) {
   for (int64_t b = 0; b < params.batch; ++b) {
     for (int64_t h = 0; h < params.num_heads_q; ++h) {
-      for (int64_t i = 0; i < params.seqlen_q; ++i) ComputeRow(params, b, h, i);
+      for (int64_t i = 0; i < params.seqlen_q; ++i) {
+        if (StopRequested(params)) return;  // nobody waits for the result any more
+        ComputeRow(params, b, h, i);
+      }
     }
   }
 }

@@ -56,9 +56,18 @@ class Backend {
 
   // Computes every job in `batch` (each already passed Supports), writing the
   // outputs the params point to. Blocks until all are done. Each job's result
-  // is bitwise the same whatever else is in the batch. Returns INTERNAL only on
-  // a backend failure (e.g. a device error); then outputs are unspecified.
+  // is bitwise the same whatever else is in the batch. A job whose
+  // params.cancel asks to stop is cut short between two work items (its
+  // outputs are then unspecified; the token's stopped() tells); the others
+  // are unaffected. Returns INTERNAL only on a backend failure (e.g. a device
+  // error); then outputs are unspecified. May throw std::bad_alloc when host
+  // memory runs out (the caller answers the batch RESOURCE_EXHAUSTED).
   virtual absl::Status Run(absl::Span<const AttentionParams> batch) = 0;
+
+  // The most host memory Run() may allocate for `params` besides its outputs
+  // (workspaces, partial results), in bytes, so admission can reserve it from
+  // the memory budget. Depends on the request's shape only. Cheap.
+  virtual int64_t ScratchBytes(const AttentionParams& /*params*/) const { return 0; }
 
   // Bytes of scratch memory the backend holds now (for metrics).
   virtual int64_t workspace_bytes() const { return 0; }

@@ -22,6 +22,10 @@ class ReferenceBackend final : public Backend {
     for (const AttentionParams& p : batch) RunReferenceAttention(p);
     return absl::OkStatus();
   }
+  // One row of double scores and flags over the keys, and top-k candidates.
+  int64_t ScratchBytes(const AttentionParams& p) const override {
+    return int64_t{p.seqlen_k} * 24 + 4096;
+  }
 
  private:
   BackendInfo info_;

@@ -115,8 +115,9 @@ PagedKvView SessionLease::View() const {
   return v;
 }
 
-absl::Status SessionLease::Append(const TensorView& key, const TensorView& value) {
-  Session& s = *session_;
+absl::StatusOr<int64_t> SessionLease::CheckAppend(const TensorView& key,
+                                                  const TensorView& value) const {
+  const Session& s = *session_;
   const SessionConfig& c = s.config;
   auto kd = TokenDims("key", key, c.num_kv_heads, c.head_dim);
   if (!kd.ok()) return kd.status();
@@ -126,8 +127,22 @@ absl::Status SessionLease::Append(const TensorView& key, const TensorView& value
   if ((*vd)[0] != n) {
     return Invalid("value.shape", absl::StrCat(n, " tokens like the key"), ShapeString(value.shape));
   }
-  const int64_t new_length = s.length + n;
   const int64_t limit = c.max_tokens > 0 ? c.max_tokens : std::numeric_limits<int32_t>::max();
+  if (s.length + n > limit) {
+    return absl::ResourceExhaustedError(absl::StrCat("session ", s.id, " holds ", s.length,
+                                                     " tokens; ", n, " more pass its max_tokens ",
+                                                     limit));
+  }
+  return n;
+}
+
+absl::Status SessionLease::Append(const TensorView& key, const TensorView& value) {
+  Session& s = *session_;
+  const SessionConfig& c = s.config;
+  absl::StatusOr<int64_t> checked = CheckAppend(key, value);
+  if (!checked.ok()) return checked.status();
+  const int64_t n = *checked;
+  const int64_t new_length = s.length + n;
   // Under lru_idle, evict nothing for an append that could never fit.
   const int64_t need_blocks =
       (new_length + s.block_tokens - 1) / s.block_tokens - static_cast<int64_t>(s.blocks.size());
@@ -136,11 +151,6 @@ absl::Status SessionLease::Append(const TensorView& key, const TensorView& value
         "KV cache full: ", need_blocks * s.block_bytes, " more bytes for session ", s.id,
         " do not fit in --kv_cache_bytes=", store_->options_.kv_cache_bytes,
         " even after evicting every idle session"));
-  }
-  if (new_length > limit) {
-    return absl::ResourceExhaustedError(absl::StrCat("session ", s.id, " holds ", s.length,
-                                                     " tokens; ", n, " more pass its max_tokens ",
-                                                     limit));
   }
   // Allocate every block first so a failure leaves the cache unchanged.
   const int64_t need = (new_length + s.block_tokens - 1) / s.block_tokens;

@@ -82,6 +82,11 @@ class SessionLease {
   // (after evicting idle sessions under kLruIdle); the cache is then unchanged.
   absl::Status Append(const TensorView& key, const TensorView& value);
 
+  // Append's checks that need no change to the cache: the shapes of the new
+  // K/V and max_tokens. Returns the number of new tokens. INVALID_ARGUMENT or
+  // RESOURCE_EXHAUSTED as Append.
+  absl::StatusOr<int64_t> CheckAppend(const TensorView& key, const TensorView& value) const;
+
   // Drops tokens past `length` (<= length()), e.g. to undo the append of a
   // decode step that failed, and returns blocks no longer needed.
   void Truncate(int64_t length);

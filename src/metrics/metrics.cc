@@ -114,8 +114,23 @@ Metrics::Metrics()
                    .Add({});
   flops_total_ = &prometheus::BuildCounter()
                       .Name("attnserve_flops_total")
-                      .Help("Useful floating-point operations computed, by backend.")
+                      .Help("Floating-point operations of the attention products computed "
+                            "(2*B*Hq*Lq*Lk*(D+Dv), causal self-attention halved), by backend.")
                       .Register(*registry_);
+  rejected_total_ = &prometheus::BuildCounter()
+                         .Name("attnserve_rejected_requests_total")
+                         .Help("Requests refused with RESOURCE_EXHAUSTED before they were queued, "
+                               "by reason: memory, queue, cost, size.")
+                         .Register(*registry_);
+  for (const char* reason : {"memory", "queue", "cost", "size"}) rejected_total_->Add({{"reason", reason}});
+}
+
+void Metrics::RecordRejection(absl::string_view reason) {
+  rejected_total_->Add({{"reason", std::string(reason)}}).Increment();
+}
+
+void Metrics::SetMemoryReserved(int64_t bytes) {
+  if (memory_reserved_ != nullptr) memory_reserved_->Set(static_cast<double>(bytes));
 }
 
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& options) {
@@ -133,6 +148,20 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& o
         .Register(*metrics->registry_)
         .Add({})
         .Set(static_cast<double>(options.queue_capacity));
+  }
+  if (options.memory_limit_bytes > 0) {
+    prometheus::BuildGauge()
+        .Name("attnserve_memory_limit_bytes")
+        .Help("The memory budget requests reserve from (--memory_limit_bytes).")
+        .Register(*metrics->registry_)
+        .Add({})
+        .Set(static_cast<double>(options.memory_limit_bytes));
+    metrics->memory_reserved_ = &prometheus::BuildGauge()
+                                     .Name("attnserve_memory_reserved_bytes")
+                                     .Help("Bytes of the memory budget reserved by requests in "
+                                           "flight (inputs, outputs, scratch, responses).")
+                                     .Register(*metrics->registry_)
+                                     .Add({});
   }
   if (!options.listen_address.empty()) {
     try {

@@ -44,6 +44,9 @@ struct MetricsOptions {
   // (SchedulerOptions::queue_capacity), the denominator of queue saturation.
   // 0: the gauge is not exported.
   int64_t queue_capacity = 0;
+  // attnserve_memory_limit_bytes: the memory budget (--memory_limit_bytes).
+  // 0: the budget gauges are not exported.
+  int64_t memory_limit_bytes = 0;
 };
 
 // Bucket upper bounds, in seconds, for durations from ~20 µs (a tiny request's
@@ -67,6 +70,16 @@ class Metrics : public SchedulerObserver {
   // its deadline passed, counted when the server learns of it (the call is
   // still answered and recorded by RecordRequest later).
   void RecordCancellation(absl::string_view method);
+
+  // attnserve_rejected_requests_total{reason}: a request refused with
+  // RESOURCE_EXHAUSTED before it was queued. `reason` is one of "memory" (the
+  // memory budget), "queue" (the scheduler queue is full), "cost"
+  // (--max_request_flops) or "size" (an output over the server's limits).
+  void RecordRejection(absl::string_view reason);
+
+  // attnserve_memory_reserved_bytes: bytes reserved from the memory budget
+  // by requests in flight (MemoryBudget's on_change hook).
+  void SetMemoryReserved(int64_t bytes);
 
   // attnserve_inflight_requests: calls received and not yet answered.
   void RequestStarted() { inflight_->Increment(); }
@@ -119,6 +132,8 @@ class Metrics : public SchedulerObserver {
   prometheus::Gauge* queue_depth_ = nullptr;
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Family<prometheus::Counter>* flops_total_ = nullptr;
+  prometheus::Family<prometheus::Counter>* rejected_total_ = nullptr;
+  prometheus::Gauge* memory_reserved_ = nullptr;
 
   struct BackendSeries {
     prometheus::Histogram* compute = nullptr;

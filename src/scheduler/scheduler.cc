@@ -15,9 +15,11 @@
 // 10 ms: a normal task admitted at t=0 runs before a high task admitted at
 // t=12 ms but after one admitted at t=5 ms.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <new>
 #include <memory>
 #include <thread>
 #include <tuple>
@@ -30,6 +32,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "core/cancel_token.h"
 #include "scheduler/scheduler.h"
 
 namespace attnserve {
@@ -86,6 +90,10 @@ SchedulerObserver* NoOpObserver() {
   return observer;
 }
 
+// How long a timed-out Drain waits for running tasks to notice that they
+// were stopped (one work item each) before it returns.
+constexpr absl::Duration kAbortGrace = absl::Seconds(1);
+
 absl::Duration NonNegative(absl::Duration d) { return std::max(d, absl::ZeroDuration()); }
 
 void Answer(QueuedTask& t, absl::Status status, const TaskTiming& timing) {
@@ -138,7 +146,7 @@ class BatchingScheduler final : public Scheduler {
     const Level level = task.priority == 1 ? kHigh : kNormal;
     TaskGroup& group = groups_[GroupKey(task.backend, task.job->params.dtype,
                                         task.job->params.variant)];
-    group.flops += task.job->flops;
+    group.flops += task.job->cost;
     group.levels[level].push_back(
         QueuedTask{std::move(task), now, level == kHigh ? now : now + aging_});
     ++queued_;
@@ -153,7 +161,7 @@ class BatchingScheduler final : public Scheduler {
 
   absl::Status Drain(absl::Duration timeout) override {
     std::vector<QueuedTask> abandoned;
-    int64_t still_running = 0;
+    bool all_done = false;
     {
       absl::MutexLock lock(&mu_);
       if (!draining_) {
@@ -164,7 +172,12 @@ class BatchingScheduler final : public Scheduler {
       while (in_flight_ > 0 && clock_->Now() < deadline) {
         clock_->WaitWithDeadline(idle_cv_, mu_, deadline);
       }
-      if (in_flight_ > 0) {
+      all_done = in_flight_ == 0;
+      if (!all_done) {
+        // Out of time: give up on everything. Queued tasks are answered
+        // below; running ones see aborting_ through their cancel tokens and
+        // stop within one work item.
+        aborting_.store(true, std::memory_order_relaxed);
         for (auto& [key, group] : groups_) {
           for (std::deque<QueuedTask>& level : group.levels) {
             for (QueuedTask& t : level) abandoned.push_back(std::move(t));
@@ -174,23 +187,34 @@ class BatchingScheduler final : public Scheduler {
         queued_ = 0;
         queued_bytes_ = 0;
         observer_->OnQueueDepth(0);
-        still_running = in_flight_ - static_cast<int64_t>(abandoned.size());
       }
     }
-    if (abandoned.empty() && still_running == 0) {
+    if (all_done) {
       JoinWorkers();  // they exit once draining with an empty queue
       return absl::OkStatus();
     }
-    // Workers still computing finish their batches later; the destructor joins them.
     const absl::Time now = clock_->Now();
     for (QueuedTask& t : abandoned) {
       Answer(t, absl::UnavailableError("scheduler drain timed out before the task started"),
              TaskTiming{NonNegative(now - t.admitted), absl::ZeroDuration(), 0});
     }
     FinishTasks(static_cast<int64_t>(abandoned.size()));
+    int64_t still_running = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      const absl::Time deadline = clock_->Now() + kAbortGrace;
+      while (in_flight_ > 0 && clock_->Now() < deadline) {
+        clock_->WaitWithDeadline(idle_cv_, mu_, deadline);
+      }
+      still_running = in_flight_;
+    }
+    // A backend that does not poll its cancel tokens may still be running;
+    // the destructor joins its worker.
+    if (still_running == 0) JoinWorkers();
     return absl::DeadlineExceededError(absl::StrCat(
         "drain timed out after ", absl::FormatDuration(timeout), ": ", abandoned.size(),
-        " queued tasks answered UNAVAILABLE, ", still_running, " still running"));
+        " queued tasks answered UNAVAILABLE, running tasks stopped",
+        still_running == 0 ? "" : absl::StrCat(" (", still_running, " still running)")));
   }
 
   int64_t queue_depth() const override {
@@ -261,7 +285,7 @@ class BatchingScheduler final : public Scheduler {
       std::deque<QueuedTask>* level = group.Next();
       if (level == nullptr) break;
       QueuedTask& t = level->front();
-      const double task_flops = t.task.job->flops;
+      const double task_flops = t.task.job->cost;
       const bool expired = t.task.deadline <= now;
       if (!expired && !batch.run.empty() && flops + task_flops > options_.max_batch_flops) break;
       --queued_;
@@ -280,8 +304,8 @@ class BatchingScheduler final : public Scheduler {
     return batch;
   }
 
-  // Answers expired and cancelled tasks, computes the rest in one backend
-  // call, and answers them. Runs without the lock.
+  // Answers expired and cancelled tasks, allocates the outputs of the rest,
+  // computes them in one backend call, and answers them. Runs without the lock.
   void RunBatch(TakenBatch& batch) {
     const int64_t taken = static_cast<int64_t>(batch.run.size() + batch.expired.size());
     absl::Time now = clock_->Now();
@@ -293,6 +317,8 @@ class BatchingScheduler final : public Scheduler {
       } else if (t.task.is_cancelled && t.task.is_cancelled()) {
         Answer(t, absl::CancelledError("cancelled while queued"),
                TaskTiming{NonNegative(now - t.admitted), absl::ZeroDuration(), 0});
+      } else if (absl::Status s = AllocateOutputs(*t.task.job); !s.ok()) {
+        Answer(t, s, TaskTiming{NonNegative(now - t.admitted), absl::ZeroDuration(), 0});
       } else {
         run.push_back(std::move(t));
       }
@@ -304,25 +330,68 @@ class BatchingScheduler final : public Scheduler {
                  "deadline passed while queued (queued for ", absl::FormatDuration(queued), ")")),
              TaskTiming{queued, absl::ZeroDuration(), 0});
     }
-    if (!run.empty()) {
-      std::vector<AttentionParams> params;
-      params.reserve(run.size());
-      double flops = 0;
-      const absl::Time start = clock_->Now();
-      for (const QueuedTask& t : run) {
-        params.push_back(t.task.job->params);
-        flops += t.task.job->flops;
-        observer_->OnDequeue(NonNegative(start - t.admitted));
-      }
-      const absl::Status status = batch.backend->Run(params);
-      const absl::Time end = clock_->Now();
-      const int32_t batch_size = static_cast<int32_t>(run.size());
-      observer_->OnBatch(batch.backend->info().name, batch_size, flops, end - start);
-      for (QueuedTask& t : run) {
-        Answer(t, status, TaskTiming{NonNegative(start - t.admitted), end - start, batch_size});
+    if (!run.empty()) Compute(batch.backend, run);
+    FinishTasks(taken);
+  }
+
+  // Runs `run` as one backend call and answers every task: OK, or the reason
+  // its work stopped early, or RESOURCE_EXHAUSTED when memory ran out.
+  void Compute(Backend* backend, std::vector<QueuedTask>& run) {
+    // One token per task: the backend polls it between work items, so a task
+    // whose caller left, whose deadline passed or that a timed-out drain gave
+    // up on stops within one work item.
+    std::vector<std::unique_ptr<CancelToken>> tokens;
+    tokens.reserve(run.size());
+    std::vector<AttentionParams> params;
+    params.reserve(run.size());
+    double flops = 0;
+    const absl::Time start = clock_->Now();
+    for (QueuedTask& t : run) {
+      tokens.push_back(std::make_unique<CancelToken>(
+          [this, deadline = t.task.deadline, is_cancelled = &t.task.is_cancelled] {
+            return aborting_.load(std::memory_order_relaxed) || clock_->Now() >= deadline ||
+                   (*is_cancelled && (*is_cancelled)());
+          }));
+      params.push_back(t.task.job->params);
+      params.back().cancel = tokens.back().get();
+      flops += t.task.job->flops;
+      observer_->OnDequeue(NonNegative(start - t.admitted));
+    }
+    std::vector<absl::Status> status(run.size(), RunGuarded(backend, params));
+    if (run.size() > 1 && absl::IsResourceExhausted(status.front())) {
+      // Out of memory for the batch: run each job alone so that only the
+      // ones that cannot fit fail.
+      for (size_t i = 0; i < run.size(); ++i) {
+        status[i] = RunGuarded(backend, absl::MakeConstSpan(&params[i], 1));
       }
     }
-    FinishTasks(taken);
+    const absl::Time end = clock_->Now();
+    const int32_t batch_size = static_cast<int32_t>(run.size());
+    observer_->OnBatch(backend->info().name, batch_size, flops, end - start);
+    for (size_t i = 0; i < run.size(); ++i) {
+      QueuedTask& t = run[i];
+      if (status[i].ok() && tokens[i]->stopped()) status[i] = StoppedStatus(t, end);
+      Answer(t, status[i], TaskTiming{NonNegative(start - t.admitted), end - start, batch_size});
+    }
+  }
+
+  // Backend::Run, with std::bad_alloc turned into RESOURCE_EXHAUSTED.
+  static absl::Status RunGuarded(Backend* backend, absl::Span<const AttentionParams> params) {
+    try {
+      return backend->Run(params);
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat(backend->info().name, " backend: out of memory while computing"));
+    }
+  }
+
+  // Why a task's work stopped before it finished.
+  absl::Status StoppedStatus(const QueuedTask& t, absl::Time now) const {
+    if (aborting_.load(std::memory_order_relaxed)) {
+      return absl::UnavailableError("scheduler drain timed out while the task was computing");
+    }
+    if (now >= t.task.deadline) return absl::DeadlineExceededError("deadline passed while computing");
+    return absl::CancelledError("cancelled while computing");
   }
 
   // Counts `n` answered tasks out of in_flight_.
@@ -357,6 +426,8 @@ class BatchingScheduler final : public Scheduler {
   int64_t queued_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  // Set when a drain times out: every running task's cancel token fires.
+  std::atomic<bool> aborting_{false};
   std::vector<std::thread> workers_ ABSL_GUARDED_BY(mu_);  // emptied by the first join
 };
 

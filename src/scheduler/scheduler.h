@@ -4,9 +4,12 @@
 //
 // Life of a task: Submit() admits it or rejects it at once; a worker takes it
 // into a batch no later than max_queue_delay_us after it was admitted (sooner
-// when a batch fills); tasks whose deadline passed or whose caller cancelled are
-// answered without compute; `done` is called exactly once for every admitted
-// task. Drain() stops admission and finishes what was admitted.
+// when a batch fills), allocates its outputs (AllocateOutputs: a queued job
+// holds none) and runs the batch; tasks whose deadline passed or whose caller
+// cancelled are answered without compute, and a running task whose deadline
+// passes or whose caller cancels stops within one work item (its cancel
+// token, see core/cancel_token.h); `done` is called exactly once for every
+// admitted task. Drain() stops admission and finishes what was admitted.
 //
 // Thread safety: all methods are thread-safe. `done` runs on a worker thread
 // and must not block for long.
@@ -31,7 +34,7 @@ struct SchedulerOptions {
   int64_t queue_capacity = 1024;                     // admitted, not yet started tasks
   int64_t queue_capacity_bytes = int64_t{1} << 30;   // their input bytes
   int32_t max_batch_size = 32;                       // tasks per backend call
-  double max_batch_flops = 2e11;                     // useful FLOPs per backend call
+  double max_batch_flops = 2e11;                     // cost (AttentionCost) per backend call
   int64_t max_queue_delay_us = 500;                  // longest wait for a batch to fill
   int32_t workers = 1;                               // executor threads
   // Priority: a high task goes before a normal one admitted up to this long
@@ -54,7 +57,9 @@ struct Task {
   // Polled before compute; a true answer drops the task with CANCELLED. May be null.
   std::function<bool()> is_cancelled;
   // Called exactly once: OK with the computed job, or DEADLINE_EXCEEDED,
-  // CANCELLED, UNAVAILABLE (drain timed out), or the backend's error.
+  // CANCELLED (before or during compute), UNAVAILABLE (drain timed out),
+  // RESOURCE_EXHAUSTED (out of memory for the outputs or the backend's
+  // scratch; never thrown), or the backend's error.
   std::function<void(absl::Status, std::unique_ptr<AttentionJob>, const TaskTiming&)> done;
 };
 
@@ -86,9 +91,11 @@ class Scheduler {
   virtual absl::Status Submit(Task task) = 0;
 
   // Stops admission and waits until every admitted task is done or `timeout`
-  // passes; tasks still queued then are answered UNAVAILABLE. Returns OK if
-  // all finished in time, DEADLINE_EXCEEDED otherwise. Idempotent. Must not
-  // be called from `done` (it joins the worker threads).
+  // passes; then tasks still queued are answered UNAVAILABLE and running ones
+  // are stopped through their cancel tokens (answered UNAVAILABLE), which
+  // Drain waits for up to one more second. Returns OK if all finished in
+  // time, DEADLINE_EXCEEDED otherwise. Idempotent. Must not be called from
+  // `done` (it joins the worker threads).
   virtual absl::Status Drain(absl::Duration timeout) = 0;
 
   virtual int64_t queue_depth() const = 0;  // admitted, not yet started

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <map>
+#include <new>
 #include <memory>
 #include <string>
 #include <thread>
@@ -15,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "attention/job.h"
 #include "backends/backend.h"
@@ -116,6 +118,7 @@ class Recorder {
     job->params.variant = spec.variant;
     job->params.seqlen_q = spec.id;
     job->flops = spec.flops;
+    job->cost = spec.flops;
     job->input_bytes = spec.bytes;
     Task task;
     task.job = std::move(job);
@@ -506,9 +509,14 @@ TEST_F(SchedulerTest, DrainTimesOutWithABlockedBackend) {
   ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + timeout));  // Drain is waiting
   EXPECT_EQ(Submit({.id = 3}).code(), absl::StatusCode::kUnavailable);
   clock_.Advance(timeout);
+  // This backend never polls its cancel tokens: Drain waits one more second
+  // for the running task to stop, then gives up on it.
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + timeout + absl::Seconds(1)));
+  clock_.Advance(absl::Seconds(1));
   drainer.join();
   EXPECT_EQ(drained.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(drained.message(), HasSubstr("1 queued tasks answered UNAVAILABLE"));
+  EXPECT_THAT(drained.message(), HasSubstr("1 still running"));
   EXPECT_EQ(recorder_.outcome(2).status.code(), absl::StatusCode::kUnavailable);
   EXPECT_EQ(recorder_.outcome(1).calls, 0);  // still computing
   EXPECT_EQ(scheduler_->in_flight(), 1);
@@ -518,6 +526,121 @@ TEST_F(SchedulerTest, DrainTimesOutWithABlockedBackend) {
   EXPECT_TRUE(recorder_.outcome(1).status.ok());
   EXPECT_TRUE(scheduler_->Drain(absl::InfiniteDuration()).ok());  // nothing left to time out
   EXPECT_EQ(scheduler_->in_flight(), 0);
+}
+
+// Computes each job of a batch at once, except those whose id (seqlen_q) is
+// in `spin`: they run until their cancel token asks them to stop, polling it
+// as a real backend does between work items. Throws std::bad_alloc for a
+// batch holding the id in `oom` (as a backend that runs out of memory does).
+class StoppableBackend : public Backend {
+ public:
+  StoppableBackend() { info_.name = "stoppable"; }
+  const BackendInfo& info() const override { return info_; }
+  absl::Status Supports(const AttentionParams&) const override { return absl::OkStatus(); }
+  absl::Status Run(absl::Span<const AttentionParams> batch) override {
+    for (const AttentionParams& p : batch) {
+      if (p.seqlen_q == oom) throw std::bad_alloc();
+    }
+    for (const AttentionParams& p : batch) {
+      if (p.seqlen_q != spin) continue;
+      spinning.store(true);
+      const absl::Time give_up = absl::Now() + kHangGuard;
+      while (!StopRequested(p) && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+    }
+    return absl::OkStatus();
+  }
+  int spin = -1;
+  int oom = -1;
+  std::atomic<bool> spinning{false};
+
+ private:
+  BackendInfo info_;
+};
+
+bool WaitFor(const std::atomic<bool>& flag) {
+  const absl::Time give_up = absl::Now() + kHangGuard;
+  while (!flag.load() && absl::Now() < give_up) absl::SleepFor(absl::Milliseconds(1));
+  return flag.load();
+}
+
+TEST_F(SchedulerTest, RunningTaskStopsWhenItsCallerCancels) {
+  StoppableBackend backend;
+  backend.spin = 1;
+  Start(Options(2, absl::ZeroDuration()));
+  std::atomic<bool> cancelled{false};
+  ASSERT_TRUE(Submit({.id = 1, .backend = &backend, .is_cancelled = [&] { return cancelled.load(); }})
+                  .ok());
+  ASSERT_TRUE(WaitFor(backend.spinning));
+  cancelled.store(true);
+  ASSERT_TRUE(recorder_.WaitForDone(1));
+  EXPECT_EQ(recorder_.outcome(1).status.code(), absl::StatusCode::kCancelled);
+  EXPECT_THAT(recorder_.outcome(1).status.message(), HasSubstr("while computing"));
+}
+
+TEST_F(SchedulerTest, RunningTaskStopsAtItsDeadlineAndTheRestOfTheBatchIsAnswered) {
+  StoppableBackend backend;
+  backend.spin = 1;
+  Start(Options(2, absl::Seconds(1)));
+  ASSERT_TRUE(Submit({.id = 1, .backend = &backend, .deadline = start_ + absl::Seconds(5)}).ok());
+  ASSERT_TRUE(Submit({.id = 2, .backend = &backend}).ok());  // fills the batch
+  ASSERT_TRUE(WaitFor(backend.spinning));
+  clock_.Advance(absl::Seconds(5));
+  ASSERT_TRUE(recorder_.WaitForDone(2));
+  EXPECT_EQ(recorder_.outcome(1).status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(recorder_.outcome(1).status.message(), HasSubstr("while computing"));
+  EXPECT_TRUE(recorder_.outcome(2).status.ok()) << recorder_.outcome(2).status;
+}
+
+TEST_F(SchedulerTest, DrainTimeoutStopsRunningTasks) {
+  StoppableBackend backend;
+  backend.spin = 1;
+  Start(Options(1, absl::ZeroDuration()));
+  ASSERT_TRUE(Submit({.id = 1, .backend = &backend}).ok());
+  ASSERT_TRUE(WaitFor(backend.spinning));
+  const absl::Duration timeout = absl::Milliseconds(10);
+  absl::Status drained;
+  std::thread drainer([&] { drained = scheduler_->Drain(timeout); });
+  ASSERT_TRUE(clock_.BlockUntilWaiting(start_ + timeout));
+  clock_.Advance(timeout);
+  drainer.join();  // the task stops within one poll; no need to advance the grace second
+  EXPECT_EQ(drained.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(drained.message(), HasSubstr("running tasks stopped"));
+  EXPECT_EQ(recorder_.outcome(1).status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(scheduler_->in_flight(), 0);
+}
+
+TEST_F(SchedulerTest, OutOfMemoryFailsOnlyTheTaskThatNeedsIt) {
+  StoppableBackend backend;
+  backend.oom = 2;
+  Start(Options(3, absl::Seconds(1)));
+  for (int id = 1; id <= 3; ++id) ASSERT_TRUE(Submit({.id = id, .backend = &backend}).ok());
+  ASSERT_TRUE(recorder_.WaitForDone(3));
+  EXPECT_TRUE(recorder_.outcome(1).status.ok());
+  EXPECT_EQ(recorder_.outcome(2).status.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(recorder_.outcome(2).status.message(), HasSubstr("out of memory"));
+  EXPECT_TRUE(recorder_.outcome(3).status.ok());
+}
+
+TEST_F(SchedulerTest, OutputsAreAllocatedWhenTheBatchRuns) {
+  Start(Options(1, absl::ZeroDuration()));
+  std::atomic<int64_t> output_bytes_at_submit{-1};
+  std::atomic<int64_t> output_bytes_at_done{-1};
+  Task task = recorder_.MakeTask({.id = 7});
+  task.backend = &backend_;
+  AttentionParams& p = task.job->params;
+  p.batch = 1, p.num_heads_q = 2, p.value_dim = 4;  // Lq comes from the id: 7
+  task.job->outputs.lse = true;
+  output_bytes_at_submit = static_cast<int64_t>(task.job->output.data.size());
+  auto record = std::move(task.done);
+  task.done = [&, record](absl::Status s, std::unique_ptr<AttentionJob> job, const TaskTiming& t) {
+    output_bytes_at_done = static_cast<int64_t>(job->output.data.size() + job->lse.data.size());
+    record(std::move(s), std::move(job), t);
+  };
+  ASSERT_TRUE(scheduler_->Submit(std::move(task)).ok());
+  recorder_.NoteAdmitted(7);
+  ASSERT_TRUE(recorder_.WaitForDone(1));
+  EXPECT_EQ(output_bytes_at_submit.load(), 0);
+  EXPECT_EQ(output_bytes_at_done.load(), 7 * 2 * 4 * 4 + 2 * 7 * 4);  // output F32 + lse
 }
 
 TEST_F(SchedulerTest, WorkersRunBatchesConcurrently) {

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/cost.h"
 #include "attention/job.h"
 #include "core/half.h"
 #include "gmock/gmock.h"
@@ -74,7 +75,38 @@ TEST(ValidationTest, WellFormedRequestFillsParams) {
   EXPECT_EQ((*job)->output.data.size(), 2u * 5 * 4 * 6 * 4);
   EXPECT_EQ(p.window_left, -1);
   EXPECT_EQ(p.window_right, -1);
-  EXPECT_DOUBLE_EQ((*job)->flops, 4.0 * 2 * 4 * 5 * 7 * 8);
+  // The products' FLOPs, 2·B·Hq·Lq·Lk·(D + Dv), and the cost adds the
+  // per-score softmax work (attention/cost.h).
+  EXPECT_DOUBLE_EQ((*job)->flops, 2.0 * 2 * 4 * 5 * 7 * (8 + 6));
+  EXPECT_DOUBLE_EQ((*job)->cost, 2.0 * 2 * 4 * 5 * 7 * (8 + 6) + 2 * 4 * 5 * 7 * kScoreFlops);
+  EXPECT_EQ((*job)->output_bytes, 2 * 5 * 4 * 6 * 4);
+}
+
+TEST(ValidationTest, PlanAllocatesNoOutputsUntilAllocateOutputs) {
+  Fixture f = Basic();
+  f.req.outputs.lse = true;
+  f.req.outputs.top_k = 3;
+  auto job = PlanAttention(f.req);
+  ASSERT_TRUE(job.ok()) << job.status();
+  EXPECT_TRUE((*job)->output.data.empty());
+  EXPECT_EQ((*job)->params.o, nullptr);
+  EXPECT_EQ((*job)->params.lse, nullptr);
+  // Output F32 [2,5,4,6], lse [2,4,5], top-k indices and weights [2,4,5,3].
+  EXPECT_EQ((*job)->output_bytes, 2 * 5 * 4 * 6 * 4 + 2 * 4 * 5 * 4 + 2 * 4 * 5 * 3 * 8);
+  // Backends see which outputs are wanted before they exist.
+  const AttentionParams planned = (*job)->planned_params();
+  EXPECT_NE(planned.lse, nullptr);
+  EXPECT_NE(planned.top_k_indices, nullptr);
+  EXPECT_EQ(planned.weights, nullptr);
+  // The scalar path that computes top-k costs more per score.
+  EXPECT_GT((*job)->cost, kScalarPathFactor * (*job)->flops);
+
+  ASSERT_TRUE(AllocateOutputs(**job).ok());
+  EXPECT_EQ((*job)->output.data.size() + (*job)->lse.data.size() +
+                (*job)->top_k_indices.data.size() + (*job)->top_k_weights.data.size(),
+            static_cast<size_t>((*job)->output_bytes));
+  EXPECT_EQ((*job)->params.o, (*job)->output.data.data());
+  EXPECT_NE((*job)->params.lse, nullptr);
 }
 
 TEST(ValidationTest, ThreeDimensionalRequestIsBatchOne) {

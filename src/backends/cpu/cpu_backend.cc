@@ -27,6 +27,48 @@ using cpu::FlashTile;
 // V at D = 128) per tile set-up.
 constexpr int64_t kSplitKeys = 1024;
 
+// A tile over more keys than this is split into key chunks even when the
+// request has many query tiles, so that no work item runs for long: a stopped
+// request (see CancelToken) frees its thread within one item, a few ms.
+constexpr int64_t kMaxTileKeys = 65536;
+
+// Partial results of one split tile stay under this many bytes: past it the
+// tile gets fewer, longer chunks (a multiple of kSplitKeys keys each). The
+// split is thus a function of the request's shape alone, and the partials
+// buffer never holds more than kPartialBytesPerThread per pool thread
+// (split tiles run in waves that fit), whatever Hq, Lk and Dv are.
+constexpr int64_t kMaxTilePartialBytes = int64_t{8} << 20;
+constexpr int64_t kPartialBytesPerThread = int64_t{8} << 20;
+
+// How a tile's keys are split: `num_chunks` chunks of `chunk_keys` keys (the
+// last one shorter); one chunk means no split.
+struct KeySplit {
+  int32_t num_chunks = 1;
+  int64_t chunk_keys = 0;
+};
+
+KeySplit SplitFor(const AttentionParams& p, int32_t row_tiles, int64_t lanes) {
+  const bool split = (row_tiles == 1 && p.seqlen_k >= 2 * kSplitKeys) || p.seqlen_k > kMaxTileKeys;
+  if (!split) return {1, p.seqlen_k};
+  const int64_t lane_bytes = lanes * (cpu::kPartialHeader + p.value_dim) * int64_t{sizeof(float)};
+  const int64_t max_chunks = std::max<int64_t>(2, kMaxTilePartialBytes / lane_bytes);
+  int64_t chunk_keys = kSplitKeys;
+  if ((p.seqlen_k + chunk_keys - 1) / chunk_keys > max_chunks) {
+    const int64_t blocks = (p.seqlen_k + kSplitKeys - 1) / kSplitKeys;
+    chunk_keys = (blocks + max_chunks - 1) / max_chunks * kSplitKeys;
+  }
+  return {static_cast<int32_t>((p.seqlen_k + chunk_keys - 1) / chunk_keys), chunk_keys};
+}
+
+// Scores per work item of the scalar path (query rows x keys).
+constexpr int64_t kScalarScoresPerItem = int64_t{1} << 20;
+
+// Scalar-path scratch per thread: a row of scores, flags and top-k
+// candidates over the keys, and LINEAR's D x Dv summary, all in double.
+int64_t ScalarScratchBytes(const AttentionParams& p) {
+  return int64_t{p.seqlen_k} * 24 + (int64_t{p.head_dim} + 1) * (p.value_dim + 1) * 8 + 4096;
+}
+
 // 64-byte aligned float scratch that only grows.
 class ScratchBuffer {
  public:
@@ -52,15 +94,17 @@ enum class ItemKind : uint8_t { kFlash, kScalarHead };
 struct WorkItem {
   ItemKind kind;
   int32_t job;
-  FlashTile tile;               // kFlash; kScalarHead uses tile.batch and tile.head_begin
+  FlashTile tile;               // kFlash; kScalarHead uses batch, head_begin and the rows
   int64_t partial_offset = -1;  // floats into the partials buffer; -1: final output
 };
 
-struct Merge {
+// A tile whose keys are split: its chunks run as separate work items into
+// partial results, then MergePartials combines them in chunk order.
+struct SplitTile {
   int32_t job;
   FlashTile tile;
-  int num_chunks;
-  int64_t partial_offset;  // the first chunk's partials
+  KeySplit split;
+  int64_t partial_floats;  // all chunks' partials
 };
 
 bool NeedsScalarPath(const AttentionParams& p) {
@@ -98,49 +142,79 @@ class CpuBackend final : public Backend {
   absl::Status Run(absl::Span<const AttentionParams> batch) override {
     absl::MutexLock lock(&mu_);
     items_.clear();
-    merges_.clear();
-    int64_t partial_floats = 0;
+    splits_.clear();
     int64_t scratch_floats = 0;
     for (int32_t job = 0; job < static_cast<int32_t>(batch.size()); ++job) {
       const AttentionParams& p = batch[job];
       if (tile_fn_ == nullptr || NeedsScalarPath(p)) {
-        for (int32_t b = 0; b < p.batch; ++b) {
-          for (int32_t h = 0; h < p.num_heads_q; ++h) {
-            WorkItem w{ItemKind::kScalarHead, job, {}, -1};
-            w.tile.batch = b;
-            w.tile.head_begin = h;
-            items_.push_back(w);
-          }
-        }
+        PlanScalar(job, p);
         continue;
       }
       scratch_floats = std::max(scratch_floats, cpu::FlashWorkspaceFloats(p));
-      PlanFlash(job, p, &partial_floats);
+      PlanFlash(job, p);
     }
-    if (items_.empty()) return absl::OkStatus();
-
-    float* partials = partials_.Reserve(partial_floats);
-    for (WorkItem& w : items_) {
-      if (w.partial_offset >= 0) w.tile.partial = partials + w.partial_offset;
-    }
-    for (Merge& m : merges_) m.tile.partial = partials + m.partial_offset;
+    if (items_.empty() && splits_.empty()) return absl::OkStatus();
     for (ScratchBuffer& s : thread_scratch_) s.Reserve(scratch_floats);
-    UpdateWorkspaceBytes();
 
-    pool_.ParallelFor(static_cast<int64_t>(items_.size()), [&](int64_t n, int thread) {
-      const WorkItem& w = items_[n];
-      const AttentionParams& p = batch[w.job];
-      if (w.kind == ItemKind::kScalarHead) {
-        cpu::RunScalarHead(p, w.tile.batch, w.tile.head_begin);
-      } else {
-        tile_fn_(p, w.tile, thread_scratch_[thread].Reserve(0));
+    RunItems(batch, items_);
+    // Split tiles in waves whose partials fit the per-thread cap (at least
+    // one tile per wave; SplitFor keeps a tile's partials under its own cap).
+    const int64_t wave_cap_floats =
+        kPartialBytesPerThread / int64_t{sizeof(float)} * pool_.num_threads();
+    for (size_t first = 0; first < splits_.size();) {
+      size_t end = first;
+      int64_t wave_floats = 0;
+      while (end < splits_.size() &&
+             (end == first || wave_floats + splits_[end].partial_floats <= wave_cap_floats)) {
+        wave_floats += splits_[end].partial_floats;
+        ++end;
+      }
+      float* partials = partials_.Reserve(wave_floats);
+      wave_items_.clear();
+      int64_t offset = 0;
+      for (size_t t = first; t < end; ++t) {
+        SplitTile& st = splits_[t];
+        st.tile.partial = partials + offset;
+        const int64_t chunk_floats = st.partial_floats / st.split.num_chunks;
+        for (int32_t c = 0; c < st.split.num_chunks; ++c) {
+          WorkItem w{ItemKind::kFlash, st.job, st.tile, offset + c * chunk_floats};
+          w.tile.key_begin = c * st.split.chunk_keys;
+          w.tile.key_end = std::min<int64_t>(batch[st.job].seqlen_k, (c + 1) * st.split.chunk_keys);
+          w.tile.partial = partials + w.partial_offset;
+          wave_items_.push_back(w);
+        }
+        offset += st.partial_floats;
+      }
+      RunItems(batch, wave_items_);
+      std::atomic<bool> out_of_memory{false};
+      pool_.ParallelFor(static_cast<int64_t>(end - first), [&](int64_t n, int) {
+        const SplitTile& st = splits_[first + n];
+        const AttentionParams& p = batch[st.job];
+        if (StopRequested(p) || out_of_memory.load(std::memory_order_relaxed)) return;
+        try {
+          cpu::MergePartials(p, st.tile, st.tile.partial, st.split.num_chunks);
+        } catch (const std::bad_alloc&) {
+          out_of_memory.store(true, std::memory_order_relaxed);
+        }
+      });
+      if (out_of_memory.load()) throw std::bad_alloc();
+      first = end;
+    }
+    UpdateWorkspaceBytes();
+    return absl::OkStatus();
+  }
+
+  int64_t ScratchBytes(const AttentionParams& p) const override {
+    const int64_t threads = pool_.num_threads();
+    if (tile_fn_ == nullptr || NeedsScalarPath(p)) return threads * ScalarScratchBytes(p);
+    int64_t partial_bytes = 0;
+    ForEachTile(p, [&](const FlashTile&, const KeySplit& split, int64_t lanes) {
+      if (split.num_chunks > 1) {
+        partial_bytes += split.num_chunks * lanes * (cpu::kPartialHeader + p.value_dim) * 4;
       }
     });
-    pool_.ParallelFor(static_cast<int64_t>(merges_.size()), [&](int64_t n, int) {
-      const Merge& m = merges_[n];
-      cpu::MergePartials(batch[m.job], m.tile, m.tile.partial, m.num_chunks);
-    });
-    return absl::OkStatus();
+    return threads * cpu::FlashWorkspaceFloats(p) * int64_t{sizeof(float)} +
+           std::min(partial_bytes, kPartialBytesPerThread * threads);
   }
 
   int64_t workspace_bytes() const override {
@@ -148,10 +222,11 @@ class CpuBackend final : public Backend {
   }
 
  private:
-  // Splits request `job` into tiles. Everything here depends on the request's
-  // shape alone (never on the batch or the thread count).
-  void PlanFlash(int32_t job, const AttentionParams& p, int64_t* partial_floats)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Calls fn(tile, split, lanes) for every tile of request `p`, in the order
+  // work is handed out. Everything here depends on the request's shape alone
+  // (never on the batch or the thread count).
+  template <typename Fn>
+  static void ForEachTile(const AttentionParams& p, Fn fn) {
     // A tile holds up to 64 lanes: the whole GQA group of a KV head (up to 64
     // heads) times as many query rows as fit, so K/V is read once per group.
     // Decode tiles take every head of the batch row instead (up to 64), so a
@@ -160,8 +235,7 @@ class CpuBackend final : public Backend {
         cpu::DecodeTileApplies(p) ? p.num_heads_q : p.group_size, cpu::kMaxTileLanes);
     const int32_t rows = std::max<int32_t>(1, std::min<int32_t>(cpu::kMaxTileLanes / heads, p.seqlen_q));
     const int32_t row_tiles = (p.seqlen_q + rows - 1) / rows;
-    const bool split = row_tiles == 1 && p.seqlen_k >= 2 * kSplitKeys;
-    const int32_t chunks = split ? static_cast<int32_t>((p.seqlen_k + kSplitKeys - 1) / kSplitKeys) : 1;
+    const KeySplit split = SplitFor(p, row_tiles, int64_t{heads} * rows);
     for (int32_t b = 0; b < p.batch; ++b) {
       for (int32_t h0 = 0; h0 < p.num_heads_q; h0 += heads) {
         const int32_t nh = std::min(heads, p.num_heads_q - h0);
@@ -175,23 +249,69 @@ class CpuBackend final : public Backend {
           tile.num_rows = std::min(rows, p.seqlen_q - t * rows);
           tile.key_begin = 0;
           tile.key_end = p.seqlen_k;
-          if (!split) {
-            items_.push_back({ItemKind::kFlash, job, tile});
-            continue;
-          }
-          const int64_t lane_floats =
-              int64_t{tile.num_heads} * tile.num_rows * (cpu::kPartialHeader + p.value_dim);
-          merges_.push_back({job, tile, chunks, *partial_floats});
-          for (int32_t c = 0; c < chunks; ++c) {
-            FlashTile part = tile;
-            part.key_begin = c * kSplitKeys;
-            part.key_end = std::min<int64_t>(p.seqlen_k, (c + 1) * kSplitKeys);
-            items_.push_back({ItemKind::kFlash, job, part, *partial_floats});
-            *partial_floats += lane_floats;
-          }
+          fn(tile, split, int64_t{tile.num_heads} * tile.num_rows);
         }
       }
     }
+  }
+
+  // Splits request `job` into work items (unsplit tiles) and split tiles.
+  void PlanFlash(int32_t job, const AttentionParams& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    ForEachTile(p, [&](const FlashTile& tile, const KeySplit& split, int64_t lanes) {
+      if (split.num_chunks == 1) {
+        items_.push_back({ItemKind::kFlash, job, tile});
+        return;
+      }
+      splits_.push_back({job, tile, split,
+                         split.num_chunks * lanes * (cpu::kPartialHeader + p.value_dim)});
+    });
+  }
+
+  // One item per (batch row, query head) for LINEAR (its prefix sums walk
+  // the rows in order); per (batch row, query head, block of query rows)
+  // otherwise, so that no item runs long and small batches still fill the
+  // threads.
+  void PlanScalar(int32_t job, const AttentionParams& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    const int32_t rows =
+        p.variant == Variant::kLinear
+            ? p.seqlen_q
+            : static_cast<int32_t>(std::clamp<int64_t>(
+                  kScalarScoresPerItem / std::max<int64_t>(p.seqlen_k, 1), 1, p.seqlen_q));
+    for (int32_t b = 0; b < p.batch; ++b) {
+      for (int32_t h = 0; h < p.num_heads_q; ++h) {
+        for (int32_t r = 0; r < p.seqlen_q; r += rows) {
+          WorkItem w{ItemKind::kScalarHead, job, {}, -1};
+          w.tile.batch = b;
+          w.tile.head_begin = h;
+          w.tile.row_begin = r;
+          w.tile.num_rows = std::min(rows, p.seqlen_q - r);
+          items_.push_back(w);
+        }
+      }
+    }
+  }
+
+  // Runs `items` on the pool, skipping those of stopped requests. Throws
+  // std::bad_alloc (on the calling thread) when an item ran out of memory.
+  void RunItems(absl::Span<const AttentionParams> batch, const std::vector<WorkItem>& items)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    std::atomic<bool> out_of_memory{false};
+    pool_.ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t n, int thread) {
+      const WorkItem& w = items[n];
+      const AttentionParams& p = batch[w.job];
+      if (StopRequested(p) || out_of_memory.load(std::memory_order_relaxed)) return;
+      try {
+        if (w.kind == ItemKind::kScalarHead) {
+          cpu::RunScalarHead(p, w.tile.batch, w.tile.head_begin, w.tile.row_begin,
+                             w.tile.row_begin + w.tile.num_rows);
+        } else {
+          tile_fn_(p, w.tile, thread_scratch_[thread].Reserve(0));
+        }
+      } catch (const std::bad_alloc&) {
+        out_of_memory.store(true, std::memory_order_relaxed);  // a pool thread must not throw
+      }
+    });
+    if (out_of_memory.load()) throw std::bad_alloc();
   }
 
   void UpdateWorkspaceBytes() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -207,8 +327,9 @@ class CpuBackend final : public Backend {
   absl::Mutex mu_;
   std::vector<ScratchBuffer> thread_scratch_ ABSL_GUARDED_BY(mu_);  // one per pool thread
   ScratchBuffer partials_ ABSL_GUARDED_BY(mu_);
-  std::vector<WorkItem> items_ ABSL_GUARDED_BY(mu_);
-  std::vector<Merge> merges_ ABSL_GUARDED_BY(mu_);
+  std::vector<WorkItem> items_ ABSL_GUARDED_BY(mu_);       // unsplit tiles, scalar heads
+  std::vector<SplitTile> splits_ ABSL_GUARDED_BY(mu_);      // tiles split over keys
+  std::vector<WorkItem> wave_items_ ABSL_GUARDED_BY(mu_);  // the chunks of one wave
   std::atomic<int64_t> workspace_bytes_{0};
 };
 

@@ -14,6 +14,10 @@ namespace {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// Rows between two polls of the cancel token: a row is Lk keys of work, so a
+// stopped request leaves within a few rows.
+constexpr int64_t kRowsPerStopCheck = 8;
+
 // elu(x) + 1, the LINEAR feature map.
 double Phi(double x) { return x > 0 ? x + 1 : std::exp(x); }
 
@@ -80,8 +84,10 @@ void RunLinearHead(const AttentionParams& p, int64_t b, int64_t h) {
   std::vector<double> numerator(dv);
   int64_t keys_summed = 0;  // S and z cover keys [0, keys_summed)
   for (int64_t i = 0; i < p.seqlen_q; ++i) {
+    if (i % kRowsPerStopCheck == 0 && StopRequested(p)) return;
     const KeyRange range = VisibleKeyRange(p, b, i);
     for (; keys_summed < range.end; ++keys_summed) {
+      if (keys_summed % 1024 == 0 && StopRequested(p)) return;
       const void* krow = KeyRow(p, b, keys_summed, kv);
       const void* vrow = ValueRow(p, b, keys_summed, kv);
       for (int64_t d = 0; d < dk; ++d) {
@@ -120,7 +126,8 @@ void RunLinearHead(const AttentionParams& p, int64_t b, int64_t h) {
   }
 }
 
-void RunScalarHead(const AttentionParams& p, int64_t b, int64_t h) {
+void RunScalarHead(const AttentionParams& p, int64_t b, int64_t h, int64_t row_begin,
+                   int64_t row_end) {
   if (p.variant == Variant::kLinear) {
     RunLinearHead(p, b, h);
     return;
@@ -131,7 +138,9 @@ void RunScalarHead(const AttentionParams& p, int64_t b, int64_t h) {
   row.weight.resize(p.seqlen_k);
   row.attended.resize(p.seqlen_k);
   std::vector<double> acc(p.value_dim);
-  for (int64_t i = 0; i < p.seqlen_q; ++i) {
+  const int64_t end = row_end < 0 ? p.seqlen_q : row_end;
+  for (int64_t i = row_begin; i < end; ++i) {
+    if ((i - row_begin) % kRowsPerStopCheck == 0 && StopRequested(p)) return;
     const bool live = Weigh(p, b, h, i, row);
     std::fill(acc.begin(), acc.end(), 0.0);
     if (live) {

@@ -16,9 +16,11 @@
 
 namespace attnserve::cpu {
 
-// Computes query head `head` of batch row `batch`, every query row; LINEAR
-// params go to RunLinearHead.
-void RunScalarHead(const AttentionParams& params, int64_t batch, int64_t head);
+// Computes query rows [row_begin, row_end) (row_end -1: to the last) of query
+// head `head` of batch row `batch`; LINEAR params go to RunLinearHead, which
+// computes every row. Stops early once StopRequested(params).
+void RunScalarHead(const AttentionParams& params, int64_t batch, int64_t head,
+                   int64_t row_begin = 0, int64_t row_end = -1);
 
 // LINEAR (φ = elu + 1) for query head `head` of batch row `batch`: output row i
 // is φ(q_i)ᵀS / φ(q_i)ᵀz, with S = Σ_j φ(k_j) v_jᵀ and z = Σ_j φ(k_j) over the
@@ -27,7 +29,8 @@ void RunScalarHead(const AttentionParams& params, int64_t batch, int64_t head);
 // prefix per row with it. A row that sees no key gets output 0. Writes the
 // output and, if asked, lse = log φ(q_i)ᵀz (-inf for such a row); LINEAR has
 // no weights or top_k (PrepareAttention rejects them). Params must have no
-// window (PrepareAttention rejects one for LINEAR).
+// window (PrepareAttention rejects one for LINEAR). Stops early once
+// StopRequested(params).
 void RunLinearHead(const AttentionParams& params, int64_t batch, int64_t head);
 
 }  // namespace attnserve::cpu

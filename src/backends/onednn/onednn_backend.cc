@@ -218,6 +218,21 @@ class OnednnBackend final : public Backend {
 
   absl::Status Run(absl::Span<const AttentionParams> batch) override;
 
+  // F32 copies of 16-bit (or LINEAR's φ-mapped) inputs and of a 16-bit
+  // output, plus per thread a work item's score, bias and probability tiles.
+  int64_t ScratchBytes(const AttentionParams& p) const override {
+    const int64_t B = p.batch, Lq = p.seqlen_q, Lk = p.seqlen_k, Hq = p.num_heads_q,
+                  Hkv = p.num_heads_kv, D = p.head_dim, Dv = p.value_dim;
+    int64_t floats = 0;
+    if (p.dtype != DType::kF32 || p.variant == Variant::kLinear) {
+      floats += B * (Lq * Hq * D + Lk * Hkv * (D + Dv));
+    }
+    if (p.dtype != DType::kF32) floats += B * Lq * Hq * Dv;
+    const int64_t tile = std::max(kTileFloats, ChunkRows(p) * p.group_size * std::max<int64_t>(Lk, 1));
+    floats += int64_t{threads_} * 3 * tile;
+    return floats * int64_t{sizeof(float)};
+  }
+
   int64_t workspace_bytes() const override {
     return scratch_bytes_.load(std::memory_order_relaxed) +
            transient_bytes_.load(std::memory_order_relaxed);
@@ -649,12 +664,14 @@ absl::Status OnednnBackend::Run(absl::Span<const AttentionParams> batch) {
 #pragma omp for schedule(dynamic, 1)
     for (size_t w = 0; w < items.size(); ++w) {
       if (stream == nullptr) continue;
+      const F32Request& r = requests[items[w].request];
+      if (StopRequested(*r.p)) continue;  // nobody waits for this request any more
       try {
-        ComputeItem(requests[items[w].request], items[w], ts, *stream);
+        ComputeItem(r, items[w], ts, *stream);
       } catch (const dnnl::error& e) {
         fail(absl::InternalError(absl::StrCat("onednn: primitive failed: ", e.what())));
       } catch (const std::bad_alloc&) {
-        fail(absl::InternalError("onednn: out of memory for the workspace"));
+        fail(absl::ResourceExhaustedError("onednn: out of memory for the workspace"));
       }
     }
 
