@@ -5,6 +5,7 @@
 // than guesses about how long something takes.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -379,7 +380,8 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
   options.max_request_flops = 1e5;
   options.max_request_bytes = 64 << 10;
   StartServer(options);
-  v1::AttendRequest request = MakeRequest(rng_, {});  // 4·1·2·8·8·16 = 8192 FLOPs
+  // Cost 2·2·8·8·32 FLOPs + 128 scores x 24 = 11264 FLOP-equivalents.
+  v1::AttendRequest request = MakeRequest(rng_, {});
   v1::AttendResponse response;
 
   request.set_backend("tpu");
@@ -390,7 +392,7 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
   request.set_backend("reference");
   EXPECT_TRUE(Attend(request, &response).ok());
 
-  v1::AttendRequest costly = MakeRequest(rng_, {.lq = 32, .lk = 64});  // 262144 FLOPs
+  v1::AttendRequest costly = MakeRequest(rng_, {.lq = 32, .lk = 64});  // 360448
   s = Attend(costly, &response);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_TRUE(absl::StrContains(s.error_message(), "1e+05")) << s.error_message();
@@ -735,6 +737,103 @@ TEST_F(ServerTest, MetricsDescribeTheTraffic) {
       1);
   EXPECT_GT(SampleValue(text, "process_resident_memory_bytes"), 0);
   EXPECT_GT(SampleValue(text, "process_open_fds"), 0);
+}
+
+// The memory budget: a request that does not fit is refused at once naming
+// the budget, what is held is released when the response is sent.
+TEST_F(ServerTest, MemoryBudgetRefusesWhatDoesNotFitAndReleasesAfterTheResponse) {
+  ServerOptions options;
+  options.memory_limit_bytes = int64_t{8} << 20;
+  StartServer(options);
+  EXPECT_EQ(Metric("attnserve_memory_limit_bytes"), double(int64_t{8} << 20));
+
+  // A 130-byte message asking for a 16 MiB output.
+  v1::AttendRequest amplifier;
+  *amplifier.mutable_query() = RandomTensor(rng_, v1::F32, {1, 1, 4096, 1});
+  *amplifier.mutable_key() = RandomTensor(rng_, v1::F32, {1, 1, 1, 1});
+  *amplifier.mutable_value() = RandomTensor(rng_, v1::F32, {1, 1, 1, 1024});
+  v1::AttendResponse response;
+  grpc::Status s = Attend(amplifier, &response);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "memory budget")) << s.error_message();
+  EXPECT_TRUE(absl::StrContains(s.error_message(), "--memory_limit_bytes=8388608"))
+      << s.error_message();
+  EXPECT_EQ(Metric(R"(attnserve_rejected_requests_total{reason="memory"})"), 1);
+
+  // A request in flight holds its bytes until its response is sent.
+  grpc::ClientContext blocker_context;
+  v1::AttendResponse blocker_response;
+  absl::Notification blocker_done;
+  v1::AttendRequest blocker = MakeRequest(rng_, {.lq = kGatedLq});
+  stub_->async()->Attend(&blocker_context, &blocker, &blocker_response,
+                         [&](grpc::Status) { blocker_done.Notify(); });
+  gated_->AwaitBlocked(1);
+  EXPECT_GT(server_->memory_budget().reserved_bytes(), 0);
+  EXPECT_GT(Metric("attnserve_memory_reserved_bytes"), 0);
+  gated_->Open();
+  blocker_done.WaitForNotification();
+  ASSERT_TRUE(Eventually([&] { return server_->memory_budget().reserved_bytes() == 0; }));
+  EXPECT_EQ(Metric("attnserve_memory_reserved_bytes"), 0);
+  ASSERT_TRUE(Attend(MakeRequest(rng_, {}), &response).ok());
+}
+
+// An expensive request whose caller gives up stops computing: the next small
+// request does not wait for it. The reference backend would need seconds for
+// it; the call's deadline is 200 ms.
+TEST_F(ServerTest, AbandonedExpensiveRequestFreesItsWorker) {
+  ServerOptions options;
+  options.max_request_flops = 0;  // no cost limit: it must be stopped, not refused
+  StartServer(options);
+  v1::AttendRequest expensive = MakeRequest(rng_, {.lq = 2048, .lk = 2048, .d = 64});
+  expensive.set_backend("reference");
+  v1::AttendResponse response;
+  grpc::Status s = Attend(expensive, &response, absl::Milliseconds(200));
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+
+  v1::AttendRequest small = MakeRequest(rng_, {});
+  small.set_backend("reference");
+  const absl::Time sent = absl::Now();
+  ASSERT_TRUE(Attend(small, &response).ok());
+  // The expensive one needs ~5 s here; the bound only separates "stopped"
+  // from "ran to the end".
+  EXPECT_LT(absl::Now() - sent, absl::Seconds(2));
+  // The server learns of it from its own deadline or from the client's
+  // cancellation, whichever comes first.
+  ASSERT_TRUE(Eventually([&] {
+    // A series that was never used is absent (-1).
+    return std::max(0.0, Metric(R"(attnserve_requests_total{code="DEADLINE_EXCEEDED",method="Attend"})")) +
+               std::max(0.0, Metric(R"(attnserve_requests_total{code="CANCELLED",method="Attend"})")) ==
+           1;
+  }));
+}
+
+// Destroying a server whose drain times out while a batch computes: the
+// batch is stopped, the worker joined before the service it calls back into
+// is destroyed (under ASan a use-after-free otherwise), and the timeout holds.
+TEST_F(ServerTest, ShutdownStopsRunningWorkAndJoinsWorkersFirst) {
+  ServerOptions options;
+  options.max_request_flops = 0;
+  options.drain_timeout_s = 0;
+  StartServer(options);
+  v1::AttendRequest expensive = MakeRequest(rng_, {.lq = 2048, .lk = 2048, .d = 64});
+  expensive.set_backend("reference");
+  grpc::ClientContext context;
+  v1::AttendResponse response;
+  absl::Notification done;
+  grpc::Status status;
+  stub_->async()->Attend(&context, &expensive, &response, [&](grpc::Status s) {
+    status = s;
+    done.Notify();
+  });
+  ASSERT_TRUE(Eventually([&] {
+    return Metric("attnserve_inflight_requests") == 1 && Metric("attnserve_queue_depth") == 0;
+  }));
+  absl::SleepFor(absl::Milliseconds(50));  // into the computation
+  const absl::Time start = absl::Now();
+  server_.reset();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  done.WaitForNotification();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
 }
 
 TEST(ServerCreateTest, RejectsBadOptionsAndUnknownBackends) {

@@ -357,6 +357,46 @@ TEST_F(SessionTest, LruIdleEvictsInsteadOfRejecting) {
   EXPECT_NE(server_->metrics().TextFormat().find("attnserve_kv_evictions_total 1"), std::string::npos);
 }
 
+// A Decode is checked whole before it touches the cache: a bad query or a
+// step over the cost limit must not append, nor evict another caller's idle
+// session to make room under lru_idle.
+TEST_F(SessionTest, DecodeValidatesEverythingBeforeItAppendsOrEvicts) {
+  ServerOptions options;
+  options.sessions.block_tokens = 16;
+  options.sessions.kv_cache_bytes = 2 * 8192;  // two blocks
+  options.sessions.eviction = EvictionPolicy::kLruIdle;
+  options.max_request_flops = 5e4;
+  StartServer(options);
+  std::mt19937 rng(3);
+  std::string idle, busy;
+  ASSERT_TRUE(Create(v1::F32, &idle).ok());
+  ASSERT_TRUE(Create(v1::F32, &busy).ok());
+  auto tokens = [&](int64_t n, int64_t heads, int64_t dim) {
+    return MakeTensor(v1::F32, {n, heads, dim}, RandomBytes(rng, n * heads * dim, DType::kF32));
+  };
+  v1::DecodeResponse resp;
+  ASSERT_TRUE(Decode(idle, tokens(1, kHq, kD), tokens(16, kHkv, kD), tokens(16, kHkv, kD), &resp)
+                  .ok());
+  // 17 tokens need a second block for `busy`: only evicting `idle` frees one.
+  grpc::Status s = Decode(busy, tokens(1, kHq, kD + 1), tokens(17, kHkv, kD),
+                          tokens(17, kHkv, kD), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("query.shape"), std::string::npos) << s.error_message();
+  // 17 causal queries over 17 keys: 2·4·17·17·64 / 2 FLOPs plus 578 scores
+  // x 24 of softmax work = 87856 > 5e4. A single query costs ~1e4.
+  s = Decode(busy, tokens(17, kHq, kD), tokens(17, kHkv, kD), tokens(17, kHkv, kD), &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_NE(s.error_message().find("max_request_flops"), std::string::npos) << s.error_message();
+  EXPECT_EQ(server_->sessions().stats().evictions_total, 0);
+  // Both sessions are as they were: `busy` empty, `idle` with its 16 tokens.
+  ASSERT_TRUE(Decode(busy, tokens(1, kHq, kD), tokens(1, kHkv, kD), tokens(1, kHkv, kD), &resp)
+                  .ok());
+  EXPECT_EQ(resp.context_tokens(), 1);
+  ASSERT_TRUE(Decode(idle, tokens(1, kHq, kD), tokens(1, kHkv, kD), tokens(1, kHkv, kD), &resp)
+                  .ok());
+  EXPECT_EQ(resp.context_tokens(), 17);
+}
+
 TEST_F(SessionTest, ManySessionsDecodeConcurrently) {
   ServerOptions options;
   options.scheduler.max_queue_delay_us = 2000;

@@ -3,6 +3,7 @@
 // bitwise) and bounded workspace.
 #include "backends/cpu/cpu_backend.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -265,6 +266,74 @@ TEST(CpuBackendTest, WorkspaceIsIndependentOfSequenceLength) {
   // A few tiles per thread: far below one Lq x Lk score matrix (16 MiB here).
   EXPECT_GT(backend->workspace_bytes(), 0);
   EXPECT_LT(backend->workspace_bytes(), 1 << 20);
+}
+
+// A stopped request is cut short between work items; the others in its
+// batch are bitwise what they are alone (batch invariance holds with a stop).
+TEST(CpuBackendTest, StoppedRequestLeavesTheRestOfTheBatchUnchanged) {
+  auto backend = MakeCpu(2);
+  const std::vector<Case> cases = {
+      {.name = "prefill", .B = 2, .Lq = 300, .Lk = 300, .Hq = 4, .Hkv = 2, .D = 64},
+      {.name = "decode", .B = 2, .Lq = 1, .Lk = 5000, .Hq = 8, .Hkv = 2, .D = 64},
+      {.name = "top_k", .B = 1, .Lq = 40, .Lk = 500, .Hq = 2, .Hkv = 2, .D = 32,
+       .outputs = {.top_k = 4}},
+  };
+  for (size_t stopped = 0; stopped < cases.size(); ++stopped) {
+    SCOPED_TRACE(cases[stopped].name);
+    std::vector<std::unique_ptr<Inputs>> inputs;
+    std::vector<std::unique_ptr<AttentionJob>> alone, batched;
+    std::vector<AttentionParams> params;
+    for (size_t n = 0; n < cases.size(); ++n) {
+      inputs.push_back(MakeInputs(cases[n], 200 + n));
+      alone.push_back(Prepare(*inputs[n]));
+      ASSERT_TRUE(backend->Run({alone[n]->params}).ok());
+      batched.push_back(Prepare(*inputs[n]));
+      params.push_back(batched[n]->params);
+    }
+    // Stops at its third poll: some of its items ran, the rest are skipped.
+    std::atomic<int> polls{0};
+    CancelToken token([&] { return ++polls >= 3; });
+    params[stopped].cancel = &token;
+    ASSERT_TRUE(backend->Run(params).ok());
+    EXPECT_TRUE(token.stopped());
+    for (size_t n = 0; n < cases.size(); ++n) {
+      if (n == stopped) continue;
+      EXPECT_TRUE(batched[n]->output.data == alone[n]->output.data) << cases[n].name;
+      EXPECT_TRUE(batched[n]->lse.data == alone[n]->lse.data) << cases[n].name;
+    }
+  }
+}
+
+// The split-key partials are capped per thread, whatever Hq, Lk and Dv: a
+// decode-shaped request with 65536 query heads, 16384 keys and Dv = 1024 once
+// needed 4.3 GB of partials. The cap runs split tiles in waves, which must not
+// change any result.
+TEST(CpuBackendTest, SplitKeyPartialsAreCappedPerThread) {
+  auto one = MakeCpu(1);
+  auto two = MakeCpu(2);
+  {
+    const int64_t Hq = 65536, Lk = 16384, Dv = 1024;
+    std::string q(Hq * 2, '\0'), k(Lk * 2, '\0'), v(Lk * Dv * 2, '\0');
+    AttentionRequest r;
+    r.query = TensorView{DType::kF16, {1, 1, Hq, 1}, q};
+    r.key = TensorView{DType::kF16, {1, Lk, 1, 1}, k};
+    r.value = TensorView{DType::kF16, {1, Lk, 1, Dv}, v};
+    auto job = PlanAttention(r);
+    ASSERT_TRUE(job.ok()) << job.status();
+    // 8 MiB of partials per thread plus each thread's tile workspace.
+    EXPECT_LE(two->ScratchBytes((*job)->planned_params()), 2 * ((int64_t{8} << 20) + (1 << 20)));
+  }
+  // Eight 64-head decode tiles of 4 chunks x 1026 floats per lane: 8.4 MB of
+  // partials, so one thread runs them in two waves and two threads in one.
+  Case c{.name = "waves", .Lq = 1, .Lk = 4096, .Hq = 512, .Hkv = 1, .D = 16, .Dv = 1024};
+  auto in = MakeInputs(c, 7);
+  auto a = Prepare(*in);
+  auto b = Prepare(*in);
+  ASSERT_TRUE(one->Run({a->params}).ok());
+  ASSERT_TRUE(two->Run({b->params}).ok());
+  EXPECT_TRUE(a->output.data == b->output.data);
+  EXPECT_TRUE(a->lse.data == b->lse.data);
+  EXPECT_LE(one->workspace_bytes(), (int64_t{8} << 20) + (1 << 20));
 }
 
 // LINEAR by running key sums over long sequences: the sums must stay as exact
