@@ -20,6 +20,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "attention/job.h"
 #include "backends/registry.h"
@@ -35,6 +36,11 @@ ABSL_FLAG(int, lq, 512, "query length (custom shape)");
 ABSL_FLAG(int, lk, 512, "key length (custom shape)");
 ABSL_FLAG(int, d, 64, "head dim (custom shape)");
 ABSL_FLAG(bool, causal, false, "causal (custom shape)");
+ABSL_FLAG(int, dv, 0, "value head dim; 0 = the head dim (any shape)");
+ABSL_FLAG(bool, weights, false, "also compute the weights output (the scalar path)");
+ABSL_FLAG(int, top_k, 0, "also compute the top-k output with this k (the scalar path)");
+ABSL_FLAG(bool, linear, false, "variant LINEAR instead of SOFTMAX");
+ABSL_FLAG(bool, bias, false, "add a [B, Hq, Lq, Lk] bias tensor");
 ABSL_FLAG(std::string, backend, "cpu", "backend name (see the registry)");
 ABSL_FLAG(std::string, dtype, "f32", "f32, f16 or bf16");
 ABSL_FLAG(int, threads, 0, "backend threads; 0 = one per hardware thread");
@@ -143,12 +149,18 @@ int Main() {
   // afresh so it reports the attention run alone.
   ResetPeakRss();
 
+  const int dv = absl::GetFlag(FLAGS_dv) > 0 ? absl::GetFlag(FLAGS_dv) : shape.d;
   std::mt19937 rng(42);
   const std::string q = RandomBytes(dtype, int64_t{shape.b} * shape.lq * shape.hq * shape.d, rng);
   const std::string k = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * shape.d, rng);
-  const std::string v = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * shape.d, rng);
+  const std::string v = RandomBytes(dtype, int64_t{shape.b} * shape.lk * shape.hkv * dv, rng);
+  const std::string bias =
+      absl::GetFlag(FLAGS_bias)
+          ? RandomBytes(dtype, int64_t{shape.b} * shape.hq * shape.lq * shape.lk, rng)
+          : std::string();
   RequestLimits limits;
   limits.max_output_bytes = int64_t{1} << 34;
+  limits.max_weights_bytes = int64_t{1} << 34;
   const bool paged = absl::GetFlag(FLAGS_paged);
   std::vector<std::unique_ptr<AttentionJob>> jobs;
   std::unique_ptr<SessionStore> store;
@@ -157,8 +169,12 @@ int Main() {
     AttentionRequest request;
     request.query = TensorView{dtype, {shape.b, shape.lq, shape.hq, shape.d}, q};
     request.key = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, k};
-    request.value = TensorView{dtype, {shape.b, shape.lk, shape.hkv, shape.d}, v};
+    request.value = TensorView{dtype, {shape.b, shape.lk, shape.hkv, dv}, v};
     request.options.causal = shape.causal;
+    if (absl::GetFlag(FLAGS_linear)) request.options.variant = Variant::kLinear;
+    if (!bias.empty()) request.bias = TensorView{dtype, {shape.b, shape.hq, shape.lq, shape.lk}, bias};
+    request.outputs.weights = absl::GetFlag(FLAGS_weights);
+    request.outputs.top_k = absl::GetFlag(FLAGS_top_k);
     auto job = PrepareAttention(request, limits);
     if (!job.ok()) {
       std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
@@ -166,6 +182,11 @@ int Main() {
     }
     jobs.push_back(*std::move(job));
   } else {
+    if (dv != shape.d || !bias.empty() || absl::GetFlag(FLAGS_linear) ||
+        absl::GetFlag(FLAGS_weights) || absl::GetFlag(FLAGS_top_k) > 0) {
+      std::fprintf(stderr, "--paged takes none of --dv, --bias, --linear, --weights, --top_k\n");
+      return 2;
+    }
     // One session per batch row, filled with that row's K/V, as a prefill
     // would; then one job per session, all in one backend call.
     SessionStoreOptions so;
@@ -219,6 +240,7 @@ int Main() {
   }
   std::vector<AttentionParams> params;
   double flops = 0;
+  double cost = 0;
   int64_t output_bytes = 0;
   for (const auto& job : jobs) {
     if (absl::Status s = (*backend)->Supports(job->params); !s.ok()) {
@@ -227,6 +249,7 @@ int Main() {
     }
     params.push_back(job->params);
     flops += job->flops;
+    cost += job->cost;
     output_bytes += static_cast<int64_t>(job->output.data.size());
   }
 
@@ -264,10 +287,19 @@ int Main() {
 
   const double bytes = static_cast<double>(q.size() + k.size() + v.size() + output_bytes);
   const double gflops = flops / seconds / 1e9;
+  // The cost model's FLOP-equivalents (attention/cost.h) per second: about
+  // the tiled path's GFLOP/s whatever the options, when the model is right.
+  const double cost_gflops = cost / seconds / 1e9;
   const double gbps = bytes / seconds / 1e9;
   const int64_t peak_rss_bytes = PeakRssBytes();
   const int64_t workspace = (*backend)->workspace_bytes();
 
+  std::string options;  // the non-default paths, for the report
+  if (absl::GetFlag(FLAGS_linear)) options += "linear,";
+  if (!bias.empty()) options += "bias,";
+  if (absl::GetFlag(FLAGS_weights)) options += "weights,";
+  if (absl::GetFlag(FLAGS_top_k) > 0) options += absl::StrCat("top_k=", absl::GetFlag(FLAGS_top_k), ",");
+  if (!options.empty()) options.pop_back();
   if (absl::GetFlag(FLAGS_json)) {
     std::printf(
         "{\"shape\":\"%s\",\"backend\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"B\":%d,\"Hq\":%d,"
@@ -275,20 +307,23 @@ int Main() {
         "\"cpu_ms\":%.4f,"
         "\"gflops\":%.2f,\"peak_gflops\":%.2f,\"peak_fraction\":%.4f,\"gbps\":%.3f,"
         "\"peak_gbps\":%.3f,\"bw_fraction\":%.4f,\"workspace_bytes\":%lld,"
-        "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\",\"paged\":%s}\n",
+        "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\",\"paged\":%s,\"Dv\":%d,\"cost\":%.6g,"
+        "\"cost_gflops\":%.2f,\"options\":\"%s\"}\n",
         shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, shape.b, shape.hq, shape.hkv, shape.lq,
         shape.lk, shape.d, shape.causal ? "true" : "false", times.size(), seconds * 1e3, cpu_seconds * 1e3, gflops,
         peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, gbps / peak.read_gbps,
         static_cast<long long>(workspace), static_cast<long long>(peak_rss_bytes),
-        peak.isa.c_str(), paged ? "true" : "false");
+        peak.isa.c_str(), paged ? "true" : "false", dv, cost, cost_gflops, options.c_str());
   } else {
     std::printf(
         "%s%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
-        "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB\n",
+        "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB, "
+        "cost %.4g (%.1f G/s)%s%s\n",
         shape.id.c_str(), paged ? " paged" : "", backend_name.c_str(), dtype_name.c_str(), threads,
         seconds * 1e3, cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
         100 * gbps / peak.read_gbps, peak.read_gbps, static_cast<long long>(workspace),
-        static_cast<long long>(peak_rss_bytes >> 20));
+        static_cast<long long>(peak_rss_bytes >> 20), cost, cost_gflops, options.empty() ? "" : " ",
+        options.c_str());
   }
   return 0;
 }

@@ -17,22 +17,35 @@
 
 namespace attnserve {
 
+// The constants were fitted to one attn_bench run on a 2-core AMD EPYC (Zen 3,
+// AVX2), B 1, Hq 8, threads 2, where the tiled path ran Q·Kᵀ and P·V at about
+// 78 GFLOP/s (a loaded machine; the ratios are what matter):
+//   attn_bench --shape=custom --hq=8 --hkv=8 --lq=2048 --lk=2048 --d=64|16|1 [--bias]
+//   attn_bench --shape=custom --hq=8 --hkv=8 --lq=128 --lk=2048 --d=64|1 --weights|--top_k=64
+//   attn_bench --shape=custom --hq=8 --hkv=8 --lq=8192 --lk=8192 --d=64 --linear
+// The README's cost-model section has the table.
+
 // FLOP-equivalents per visible score on the tiled path besides the dot
-// products: scaling, masking, the running max, exp2 and the rescale. Measured
-// as the time of a D = Dv = 1 request over that of D = Dv = 64 (attn_bench
-// --shape=custom --lq=2048 --lk=2048 --hq=8 --d=1 versus --d=64, see the README).
-inline constexpr double kScoreFlops = 24;
+// products: scaling, masking, the running max, exp2 and the rescale. Per
+// score the tiled path took 0.85 ns at D = 1 and 4.07 ns at D = 64: a line
+// of 0.0128 ns per FLOP plus 0.80 ns, i.e. 62 FLOPs' worth.
+inline constexpr double kScoreFlops = 64;
 
-// How much slower the scalar path (double accumulation, one query row at a
-// time), which computes `weights`, `top_k` and LINEAR, runs per operation than
-// the tiled kernel (attn_bench --weights versus the same shape without).
-inline constexpr double kScalarPathFactor = 24;
+// Per visible score with a bias tensor (one strided F32 read and add): the
+// D = 64 run took 8.5 ns per score with a [B, Hq, Lq, Lk] bias, 4.1 without.
+inline constexpr double kBiasFlopsPerScore = 320;
 
-// Extra FLOP-equivalents per visible score for a bias tensor (one strided
-// F32 read) and for top-k selection (a bounded heap, ~log2(k) compares), on
-// top of the scalar path.
-inline constexpr double kBiasFlopsPerScore = 2;
-inline constexpr double kTopKFlopsPerScorePerLevel = 4;
+// The scalar path (double accumulation, one query row at a time), which
+// computes `weights` and `top_k`: 328 ns per score at D = 64 and 34 ns at
+// D = 1, i.e. 90 times the tiled path's time per FLOP of the products plus
+// 2300 FLOPs' worth per score (softmax in double, the weights row, top-k
+// selection: with k = 64 it cost no more than the weights).
+inline constexpr double kScalarPathFactor = 90;
+inline constexpr double kScalarScoreFlops = 2300;
+
+// LINEAR by running sums (the cpu backend) ran its 4·(Lq + Lk)·D·Dv FLOPs per
+// head at 3.2 GFLOP/s: 24 times slower per FLOP.
+inline constexpr double kLinearFactor = 24;
 
 // Scores a request computes: B·Hq·Lq·Lk, halved for causal self-attention
 // (the same convention as AttentionFlops).
@@ -53,20 +66,19 @@ inline double AttentionRealFlops(const AttentionParams& p) {
   return 2.0 * AttentionScores(p) * (double(p.head_dim) + p.value_dim);
 }
 
-// FLOP-equivalents of the whole request: the products, the per-score softmax
-// work, and the slower paths' factors. `outputs` are the optional outputs
-// asked for (params' output pointers may not be set yet).
+// FLOP-equivalents of the whole request: the products, the per-score work,
+// and the slower paths' factors. `outputs` are the optional outputs asked for
+// (params' output pointers may not be set yet).
 inline double AttentionCost(const AttentionParams& p, const OutputSpec& outputs) {
-  if (p.variant == Variant::kLinear) return AttentionRealFlops(p) * kScalarPathFactor;
+  if (p.variant == Variant::kLinear) return AttentionRealFlops(p) * kLinearFactor;
   const double scores = AttentionScores(p);
-  double cost = AttentionRealFlops(p) + scores * kScoreFlops;
-  if (p.bias != nullptr) cost += scores * kBiasFlopsPerScore;
-  if (outputs.weights || outputs.top_k > 0) cost *= kScalarPathFactor;
-  if (outputs.top_k > 0) {
-    int levels = 1;
-    while ((1 << levels) < outputs.top_k && levels < 31) ++levels;
-    cost += scores * kTopKFlopsPerScorePerLevel * levels * kScalarPathFactor;
+  double cost;
+  if (outputs.weights || outputs.top_k > 0) {
+    cost = AttentionRealFlops(p) * kScalarPathFactor + scores * kScalarScoreFlops;
+  } else {
+    cost = AttentionRealFlops(p) + scores * kScoreFlops;
   }
+  if (p.bias != nullptr) cost += scores * kBiasFlopsPerScore;
   return cost;
 }
 

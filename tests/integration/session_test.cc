@@ -383,7 +383,7 @@ TEST_F(SessionTest, DecodeValidatesEverythingBeforeItAppendsOrEvicts) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_NE(s.error_message().find("query.shape"), std::string::npos) << s.error_message();
   // 17 causal queries over 17 keys: 2·4·17·17·64 / 2 FLOPs plus 578 scores
-  // x 24 of softmax work = 87856 > 5e4. A single query costs ~1e4.
+  // x kScoreFlops (64) = 110976 > 5e4. A single query costs ~1.3e4.
   s = Decode(busy, tokens(17, kHq, kD), tokens(17, kHkv, kD), tokens(17, kHkv, kD), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_NE(s.error_message().find("max_request_flops"), std::string::npos) << s.error_message();
