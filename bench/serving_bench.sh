@@ -4,7 +4,7 @@
 # its own server on a free-ish port, drives it with attnctl bench and prints one
 # summary line; every server must exit 0 on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|all]     (default: all)
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|all]     (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
 # machine should be otherwise idle.
@@ -102,11 +102,33 @@ sessions() {
   stop_server
 }
 
+abuse() {
+  local budget=$((1024 * 1024 * 1024)) kv=$((256 * 1024 * 1024))
+  echo "== abuse: S1 closed loop (concurrency 8) alone, then beside bench/abuse_load.py;"
+  echo "   --memory_limit_bytes=$budget --kv_cache_bytes=$kv --max_request_flops=0 (no cost limit:"
+  echo "   the expensive calls are admitted and must be stopped when their callers give up)"
+  start_server --threads=2 --memory_limit_bytes=$budget --kv_cache_bytes=$kv --max_request_flops=0
+  echo "-- S1 alone:"
+  "$C" --target="$target" bench --shape=S1 --concurrency=8 --duration=10s --json | summary
+  echo "-- S1 beside the abuse:"
+  /usr/bin/python3 "$root/bench/abuse_load.py" --target="$target" --duration=12 --probe=10 \
+    >/tmp/serving_bench.abuse.json &
+  local apid=$!
+  sleep 1
+  "$C" --target="$target" bench --shape=S1 --concurrency=8 --duration=10s --json | summary
+  wait "$apid"
+  echo "  abuse: $(cat /tmp/serving_bench.abuse.json)"
+  echo "  server VmHWM $(awk '/VmHWM/ {print $2}' "/proc/$spid/status") kB" \
+    "(bound: budget + cache + 256 MiB = $(( (budget >> 10) + (kv >> 10) + 262144 )) kB)"
+  stop_server
+}
+
 case "${1:-all}" in
   s1) s1 ;;
   open) open_loop ;;
   overload) overload ;;
   sessions) sessions ;;
-  all) s1; open_loop; overload; sessions ;;
+  abuse) abuse ;;
+  all) s1; open_loop; overload; sessions; abuse ;;
   *) echo "usage: $0 [s1|open|overload|sessions|all]" >&2; exit 2 ;;
 esac

@@ -335,6 +335,9 @@ int CmdInfo() {
       "max_top_k=%d max_head_dim=%d\n",
       l.max_request_bytes(), l.max_output_bytes(), l.max_weights_bytes(), l.max_top_k(),
       l.max_head_dim());
+  std::cout << absl::StrFormat(
+      "budget          max_request_flops=%g memory_limit_bytes=%d memory_reserved_bytes=%d\n",
+      l.max_request_flops(), l.memory_limit_bytes(), l.memory_reserved_bytes());
   for (const v1::BackendDescription& b : info->backends()) {
     std::cout << "backend " << b.name() << ": " << b.description() << "\n"
               << "  dtypes " << DTypeList(b.dtypes()) << ", max_head_dim " << b.max_head_dim()

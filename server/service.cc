@@ -222,11 +222,14 @@ absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
     const AttentionJob& job, const Backend& backend, int64_t message_bytes, int64_t extra_bytes) {
   if (options_.memory_budget == nullptr) return MemoryBudget::Reservation();
   const int64_t scratch = backend.ScratchBytes(job.planned_params());
-  const int64_t held = job.output_bytes + job.converted_input_bytes();
+  // The outputs count twice: the response message holds them while gRPC
+  // writes its serialized copy.
+  const int64_t held = 2 * job.output_bytes + job.converted_input_bytes();
   const int64_t total = message_bytes + extra_bytes + held + scratch;
   absl::StatusOr<MemoryBudget::Reservation> reservation = options_.memory_budget->Reserve(
-      total, absl::StrCat("this request (message ", message_bytes + extra_bytes, " + outputs ",
-                          held, " + ", backend.info().name, " scratch ", scratch, " bytes)"));
+      total, absl::StrCat("this request (message ", message_bytes + extra_bytes,
+                          " + outputs and their serialized copy ", held, " + ",
+                          backend.info().name, " scratch ", scratch, " bytes)"));
   if (!reservation.ok()) return CountRejection(reservation.status(), "memory");
   return reservation;
 }
@@ -341,6 +344,11 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
   limits->set_max_weights_bytes(options_.limits.max_weights_bytes);
   limits->set_max_top_k(options_.limits.max_top_k);
   limits->set_max_head_dim(options_.limits.max_head_dim);
+  limits->set_max_request_flops(options_.max_request_flops);
+  if (options_.memory_budget != nullptr) {
+    limits->set_memory_limit_bytes(options_.memory_budget->limit_bytes());
+    limits->set_memory_reserved_bytes(options_.memory_budget->reserved_bytes());
+  }
   if (options_.sessions != nullptr) {
     const SessionStats stats = options_.sessions->stats();
     const SessionStoreOptions& so = options_.sessions->options();

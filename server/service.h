@@ -100,8 +100,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
   // Reserves from the memory budget what the job will hold while queued,
   // computed and answered: `message_bytes` (the request as received, plus
-  // `extra_bytes` of conversions the handler keeps), the outputs, converted
-  // inputs and the backend's scratch. RESOURCE_EXHAUSTED naming the budget.
+  // `extra_bytes` of conversions the handler keeps), the outputs twice (the
+  // response and gRPC's serialized copy of it), converted inputs and the
+  // backend's scratch. RESOURCE_EXHAUSTED naming the budget.
   absl::StatusOr<MemoryBudget::Reservation> ReserveMemory(const AttentionJob& job,
                                                           const Backend& backend,
                                                           int64_t message_bytes,

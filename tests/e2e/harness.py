@@ -67,6 +67,7 @@ class ServerProcess:
         return self.proc.returncode
 
     def log(self):
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")

@@ -746,6 +746,14 @@ TEST_F(ServerTest, MemoryBudgetRefusesWhatDoesNotFitAndReleasesAfterTheResponse)
   options.memory_limit_bytes = int64_t{8} << 20;
   StartServer(options);
   EXPECT_EQ(Metric("attnserve_memory_limit_bytes"), double(int64_t{8} << 20));
+  {
+    grpc::ClientContext context;
+    v1::ServerInfo info;
+    ASSERT_TRUE(stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info).ok());
+    EXPECT_EQ(info.limits().memory_limit_bytes(), int64_t{8} << 20);
+    EXPECT_EQ(info.limits().memory_reserved_bytes(), 0);
+    EXPECT_EQ(info.limits().max_request_flops(), ServerOptions().max_request_flops);
+  }
 
   // A 130-byte message asking for a 16 MiB output.
   v1::AttendRequest amplifier;
