@@ -380,7 +380,8 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
   options.max_request_flops = 1e5;
   options.max_request_bytes = 64 << 10;
   StartServer(options);
-  // Cost 2·2·8·8·32 FLOPs + 128 scores x 64 = 16384 FLOP-equivalents.
+  // Cost 2·2·8·8·32 FLOPs + 128 scores x 64 + 256 output elements x 160 =
+  // 57344 FLOP-equivalents.
   v1::AttendRequest request = MakeRequest(rng_, {});
   v1::AttendResponse response;
 
@@ -392,7 +393,7 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
   request.set_backend("reference");
   EXPECT_TRUE(Attend(request, &response).ok());
 
-  v1::AttendRequest costly = MakeRequest(rng_, {.lq = 32, .lk = 64});  // 524288
+  v1::AttendRequest costly = MakeRequest(rng_, {.lq = 32, .lk = 64});  // 688128
   s = Attend(costly, &response);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_TRUE(absl::StrContains(s.error_message(), "1e+05")) << s.error_message();

@@ -382,8 +382,8 @@ TEST_F(SessionTest, DecodeValidatesEverythingBeforeItAppendsOrEvicts) {
                           tokens(17, kHkv, kD), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_NE(s.error_message().find("query.shape"), std::string::npos) << s.error_message();
-  // 17 causal queries over 17 keys: 2·4·17·17·64 / 2 FLOPs plus 578 scores
-  // x kScoreFlops (64) = 110976 > 5e4. A single query costs ~1.3e4.
+  // 17 causal queries over 17 keys: 2·4·17·17·64 / 2 FLOPs, 578 scores x 64
+  // and 2176 output elements x 160 = 459136 > 5e4. One query costs ~3.3e4.
   s = Decode(busy, tokens(17, kHq, kD), tokens(17, kHkv, kD), tokens(17, kHkv, kD), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_NE(s.error_message().find("max_request_flops"), std::string::npos) << s.error_message();

@@ -78,7 +78,8 @@ TEST(ValidationTest, WellFormedRequestFillsParams) {
   // The products' FLOPs, 2·B·Hq·Lq·Lk·(D + Dv), and the cost adds the
   // per-score softmax work (attention/cost.h).
   EXPECT_DOUBLE_EQ((*job)->flops, 2.0 * 2 * 4 * 5 * 7 * (8 + 6));
-  EXPECT_DOUBLE_EQ((*job)->cost, 2.0 * 2 * 4 * 5 * 7 * (8 + 6) + 2 * 4 * 5 * 7 * kScoreFlops);
+  EXPECT_DOUBLE_EQ((*job)->cost, 2.0 * 2 * 4 * 5 * 7 * (8 + 6) + 2 * 4 * 5 * 7 * kScoreFlops +
+                                     2 * 5 * 4 * 6 * kOutputFlopsPerElement);
   EXPECT_EQ((*job)->output_bytes, 2 * 5 * 4 * 6 * 4);
 }
 
