@@ -305,6 +305,21 @@ class SessionsFuzz {
     const Input value = MakeInput(value_tokens, c.num_kv_heads, c.value_dim, value_defect);
     const bool valid = key.valid && value.valid && value_tokens == tokens;
 
+    // CheckAppend: Append's checks without the cache, so the same verdict on
+    // shapes and max_tokens, and no change.
+    const int64_t limit = c.max_tokens > 0 ? c.max_tokens : std::numeric_limits<int32_t>::max();
+    const absl::StatusOr<int64_t> checked = s->lease->CheckAppend(key.view, value.view);
+    const bool want_checked = valid && s->length + tokens <= limit;
+    if (!valid) {
+      ExpectCode(checked.status(), {absl::StatusCode::kInvalidArgument}, "CheckAppend(invalid)");
+    } else if (!want_checked) {
+      ExpectCode(checked.status(), {absl::StatusCode::kResourceExhausted}, "CheckAppend(too long)");
+    } else if (!checked.ok() || *checked != tokens) {
+      Fail(absl::StrCat("CheckAppend(", tokens, " tokens): ",
+                        checked.ok() ? absl::StrCat(*checked) : checked.status().ToString()));
+    }
+    CheckContents(*s, "CheckAppend");
+
     const SessionStats before = store_->stats();
     const absl::Status status = s->lease->Append(key.view, value.view);
     const SessionStats after = store_->stats();
@@ -315,7 +330,6 @@ class SessionsFuzz {
       // Documented: RESOURCE_EXHAUSTED past max_tokens, or when the blocks do
       // not fit (after evicting every idle session under lru_idle).
       const int64_t new_length = s->length + tokens;
-      const int64_t limit = c.max_tokens > 0 ? c.max_tokens : std::numeric_limits<int32_t>::max();
       const int64_t need_bytes =
           std::max<int64_t>(0, (new_length + options_.block_tokens - 1) / options_.block_tokens -
                                    Blocks(*s, options_.block_tokens)) *
@@ -456,6 +470,10 @@ class SessionsFuzz {
     }
     if (st.sessions_active > options_.max_sessions) {
       Fail(absl::StrCat("stats: ", st.sessions_active, " sessions, max ", options_.max_sessions));
+    }
+    if (st.pinned_bytes != PinnedBytes() || st.pinned_bytes > st.used_bytes) {
+      Fail(absl::StrCat("stats: pinned_bytes ", st.pinned_bytes, " of used ", st.used_bytes,
+                        ", the model's leased sessions hold ", PinnedBytes()));
     }
     // Every session leaves by Close, eviction or expiry, and is counted once.
     const int64_t losses = st.evictions_total + st.expirations_total;
