@@ -840,6 +840,7 @@ TEST_F(ServerTest, ShutdownStopsRunningWorkAndJoinsWorkersFirst) {
   absl::SleepFor(absl::Milliseconds(50));  // into the computation
   const absl::Time start = absl::Now();
   server_.reset();
+  gated_ = nullptr;  // it went with the server
   EXPECT_LT(absl::Now() - start, absl::Seconds(3));
   done.WaitForNotification();
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
