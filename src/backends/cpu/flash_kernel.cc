@@ -1,5 +1,7 @@
 #include "backends/cpu/flash_kernel.h"
 
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -10,6 +12,13 @@ namespace attnserve::cpu {
 namespace {
 
 constexpr int64_t RoundUp16(int64_t x) { return (x + 15) / 16 * 16; }
+
+// F16C (the 16-bit float conversions), from CPUID leaf 1, ECX bit 29:
+// clang 14's __builtin_cpu_supports does not know "f16c".
+bool HasF16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+}
 
 }  // namespace
 
@@ -35,12 +44,11 @@ bool FlashTileFnForIsa(std::string_view isa, FlashTileFn* fn) {
     *fn = &RunFlashTileAvx512;
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("fma") && HasF16c();
   }
   if (isa == "avx2") {
     *fn = &RunFlashTileAvx2;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-           __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && HasF16c();
   }
   *fn = nullptr;
   return isa == "scalar";
