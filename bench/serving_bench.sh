@@ -105,13 +105,12 @@ sessions() {
 abuse() {
   local budget=$((1024 * 1024 * 1024)) kv=$((256 * 1024 * 1024))
   echo "== abuse: S1 closed loop (concurrency 8) alone, then beside bench/abuse_load.py;"
-  echo "   --memory_limit_bytes=$budget --kv_cache_bytes=$kv --max_request_flops=0 (no cost limit:"
-  echo "   the expensive calls are admitted and must be stopped when their callers give up)"
-  start_server --threads=2 --memory_limit_bytes=$budget --kv_cache_bytes=$kv --max_request_flops=0
+  echo "   --memory_limit_bytes=$budget --kv_cache_bytes=$kv, default cost limit"
+  start_server --threads=2 --memory_limit_bytes=$budget --kv_cache_bytes=$kv
   echo "-- S1 alone:"
   "$C" --target="$target" bench --shape=S1 --concurrency=8 --duration=10s --json | summary
   echo "-- S1 beside the abuse:"
-  /usr/bin/python3 "$root/bench/abuse_load.py" --target="$target" --duration=12 --probe=10 \
+  /usr/bin/python3 "$root/bench/abuse_load.py" --target="$target" --duration=12 \
     >/tmp/serving_bench.abuse.json &
   local apid=$!
   sleep 1
@@ -120,6 +119,11 @@ abuse() {
   echo "  abuse: $(cat /tmp/serving_bench.abuse.json)"
   echo "  server VmHWM $(awk '/VmHWM/ {print $2}' "/proc/$spid/status") kB" \
     "(bound: budget + cache + 256 MiB = $(( (budget >> 10) + (kv >> 10) + 262144 )) kB)"
+  stop_server
+  echo "-- --max_request_flops=0 (no cost limit): expensive calls are admitted, their callers"
+  echo "   give up, and the next small call waits for the worker (queue_us):"
+  start_server --threads=2 --memory_limit_bytes=$budget --kv_cache_bytes=$kv --max_request_flops=0
+  echo "  $(/usr/bin/python3 "$root/bench/abuse_load.py" --target="$target" --duration=0 --probe=20)"
   stop_server
 }
 
