@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "attention/job.h"
+#include "core/cancel_token.h"
 #include "backends/registry.h"
 #include "gtest/gtest.h"
 #include "random_request.h"
@@ -153,8 +154,10 @@ class BatchInvarianceTest : public ::testing::TestWithParam<std::string> {
 
   // Runs `indices` of `w` as one batch; returns the outputs per index (empty
   // for a request the backend refuses; CheckRefusals has judged those).
+  // `stop_first`, if set, is the first request's cancel token.
   std::vector<std::vector<std::string>> RunBatch(Backend& backend, const Workload& w,
-                                                 const std::vector<size_t>& indices) {
+                                                 const std::vector<size_t>& indices,
+                                                 const CancelToken* stop_first = nullptr) {
     std::vector<std::unique_ptr<AttentionJob>> jobs;
     std::vector<AttentionParams> batch;
     std::vector<size_t> ran;
@@ -166,6 +169,7 @@ class BatchInvarianceTest : public ::testing::TestWithParam<std::string> {
       jobs.push_back(*std::move(job));
       ran.push_back(i);
     }
+    if (stop_first != nullptr && !batch.empty()) batch.front().cancel = stop_first;
     EXPECT_TRUE(backend.Run(batch).ok());
     std::vector<std::vector<std::string>> out(w.requests.size());
     for (size_t j = 0; j < jobs.size(); ++j) out[ran[j]] = OutputBytes(*jobs[j]);
@@ -230,6 +234,25 @@ TEST_P(BatchInvarianceTest, AloneEqualsAnyBatchComposition) {
     }
   }
   ExpectSameBytes(w, alone, with_others, "interleaved with other requests");
+}
+
+// A request stopped through its cancel token (its caller left) changes
+// nothing for the others in its batch, and the backend noticed the stop.
+TEST_P(BatchInvarianceTest, StoppedRequestLeavesTheOthersUnchanged) {
+  const Workload w = MakeWorkload(31);
+  std::vector<size_t> all(w.requests.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  const auto full = RunBatch(*two_threads_, w, all);
+  CancelToken stop([] { return true; });
+  auto stopped = RunBatch(*two_threads_, w, all, &stop);
+  EXPECT_TRUE(stop.stopped()) << GetParam() << " never polled the cancel token";
+  // The first request the backend ran was stopped: its outputs are unspecified.
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (full[i].empty()) continue;
+    stopped[i] = full[i];
+    break;
+  }
+  ExpectSameBytes(w, full, stopped, "beside a stopped request");
 }
 
 TEST_P(BatchInvarianceTest, OneThreadEqualsTwoThreads) {

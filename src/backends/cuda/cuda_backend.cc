@@ -180,7 +180,14 @@ class CudaBackend final : public Backend {
     return absl::OkStatus();
   }
 
-  absl::Status Run(absl::Span<const AttentionParams> batch) override {
+  absl::Status Run(absl::Span<const AttentionParams> all) override {
+    // A kernel launch is not interrupted; jobs already stopped are not launched.
+    std::vector<AttentionParams> live;
+    live.reserve(all.size());
+    for (const AttentionParams& p : all) {
+      if (!StopRequested(p)) live.push_back(p);
+    }
+    const absl::Span<const AttentionParams> batch(live);
     if (batch.empty()) return absl::OkStatus();
     const cudaError_t err = cudaSetDevice(device_);
     if (err != cudaSuccess) return CudaError(err, "cudaSetDevice");
