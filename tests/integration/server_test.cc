@@ -226,6 +226,27 @@ class ServerTest : public ::testing::Test {
     return stub_->Attend(&context, request, response);
   }
 
+  // An Attend that blocks in the gated backend, holding the (one) worker
+  // until the gate opens; `done` is notified with its status.
+  struct Blocker {
+    grpc::ClientContext context;
+    v1::AttendRequest request;
+    v1::AttendResponse response;
+    grpc::Status status;
+    absl::Notification done;
+  };
+  std::unique_ptr<Blocker> BlockTheWorker() {
+    auto blocker = std::make_unique<Blocker>();
+    blocker->request = MakeRequest(rng_, {.lq = kGatedLq});
+    Blocker* raw = blocker.get();
+    stub_->async()->Attend(&raw->context, &raw->request, &raw->response, [raw](grpc::Status s) {
+      raw->status = s;
+      raw->done.Notify();
+    });
+    gated_->AwaitBlocked(1);
+    return blocker;
+  }
+
   double Metric(absl::string_view series) {
     return SampleValue(server_->metrics().TextFormat(), series);
   }
@@ -409,16 +430,7 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
 
 TEST_F(ServerTest, ExpiredDeadlineIsAnsweredWithoutCompute) {
   StartServer();  // one worker
-  grpc::ClientContext blocker_context;
-  v1::AttendResponse blocker_response;
-  absl::Notification blocker_done;
-  grpc::Status blocker_status;
-  v1::AttendRequest blocker = MakeRequest(rng_, {.lq = kGatedLq});
-  stub_->async()->Attend(&blocker_context, &blocker, &blocker_response, [&](grpc::Status s) {
-    blocker_status = s;
-    blocker_done.Notify();
-  });
-  gated_->AwaitBlocked(1);
+  std::unique_ptr<Blocker> blocker = BlockTheWorker();
 
   // Queued behind the blocker until its deadline passes.
   constexpr absl::Duration kTimeout = absl::Milliseconds(300);
@@ -441,8 +453,8 @@ TEST_F(ServerTest, ExpiredDeadlineIsAnsweredWithoutCompute) {
   absl::SleepFor(server_deadline_bound - absl::Now());
 
   gated_->Open();
-  blocker_done.WaitForNotification();
-  EXPECT_TRUE(blocker_status.ok()) << blocker_status.error_message();
+  blocker->done.WaitForNotification();
+  EXPECT_TRUE(blocker->status.ok()) << blocker->status.error_message();
   ASSERT_TRUE(Eventually([&] {
     return Metric(R"(attnserve_requests_total{code="DEADLINE_EXCEEDED",method="Attend"})") == 1;
   }));
@@ -451,13 +463,7 @@ TEST_F(ServerTest, ExpiredDeadlineIsAnsweredWithoutCompute) {
 
 TEST_F(ServerTest, CancelledCallIsDroppedBeforeCompute) {
   StartServer();
-  grpc::ClientContext blocker_context;
-  v1::AttendResponse blocker_response;
-  absl::Notification blocker_done;
-  v1::AttendRequest blocker = MakeRequest(rng_, {.lq = kGatedLq});
-  stub_->async()->Attend(&blocker_context, &blocker, &blocker_response,
-                         [&](grpc::Status) { blocker_done.Notify(); });
-  gated_->AwaitBlocked(1);
+  std::unique_ptr<Blocker> blocker = BlockTheWorker();
 
   grpc::ClientContext context;
   v1::AttendRequest request = MakeRequest(rng_, {});
@@ -478,7 +484,7 @@ TEST_F(ServerTest, CancelledCallIsDroppedBeforeCompute) {
       [&] { return Metric(R"(attnserve_cancelled_requests_total{method="Attend"})") == 1; }));
 
   gated_->Open();
-  blocker_done.WaitForNotification();
+  blocker->done.WaitForNotification();
   ASSERT_TRUE(Eventually([&] {
     return Metric(R"(attnserve_requests_total{code="CANCELLED",method="Attend"})") == 1;
   })) << server_->metrics().TextFormat().substr(0, 3000) << " computed " << gated_->computed();
@@ -770,17 +776,11 @@ TEST_F(ServerTest, MemoryBudgetRefusesWhatDoesNotFitAndReleasesAfterTheResponse)
   EXPECT_EQ(Metric(R"(attnserve_rejected_requests_total{reason="memory"})"), 1);
 
   // A request in flight holds its bytes until its response is sent.
-  grpc::ClientContext blocker_context;
-  v1::AttendResponse blocker_response;
-  absl::Notification blocker_done;
-  v1::AttendRequest blocker = MakeRequest(rng_, {.lq = kGatedLq});
-  stub_->async()->Attend(&blocker_context, &blocker, &blocker_response,
-                         [&](grpc::Status) { blocker_done.Notify(); });
-  gated_->AwaitBlocked(1);
+  std::unique_ptr<Blocker> blocker = BlockTheWorker();
   EXPECT_GT(server_->memory_budget().reserved_bytes(), 0);
   EXPECT_GT(Metric("attnserve_memory_reserved_bytes"), 0);
   gated_->Open();
-  blocker_done.WaitForNotification();
+  blocker->done.WaitForNotification();
   ASSERT_TRUE(Eventually([&] { return server_->memory_budget().reserved_bytes() == 0; }));
   EXPECT_EQ(Metric("attnserve_memory_reserved_bytes"), 0);
   ASSERT_TRUE(Attend(MakeRequest(rng_, {}), &response).ok());
