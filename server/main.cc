@@ -149,9 +149,7 @@ int main(int argc, char** argv) {
                absl::StrJoin((*server)->backend_names(), ",").c_str(),
                (*server)->default_backend().c_str(), options.scheduler.workers);
 
-  std::fprintf(stderr, "attnserve: memory budget %s (%lld bytes): %s\n",
-               attnserve::HumanBytes((*server)->memory_budget().limit_bytes()).c_str(),
-               static_cast<long long>((*server)->memory_budget().limit_bytes()),
+  std::fprintf(stderr, "attnserve: memory budget: %s\n",
                (*server)->memory_limit_derivation().c_str());
 
   int signal_number = 0;

@@ -107,14 +107,21 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
       {.listen_address = options.metrics_listen_address,
        .backends = server->backend_names(),
        .queue_capacity = options.scheduler.queue_capacity,
-       .memory_limit_bytes = memory_limit});
+       .memory_limit_bytes = memory_limit - memory_limit / 4});
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
   for (const auto& backend : server->backends_) server->metrics_->WatchBackend(backend.get());
+  // A quarter of the budget bounds gRPC's own buffers (grpc::ResourceQuota,
+  // set in Start); requests reserve from the rest.
+  server->transport_bytes_ = memory_limit / 4;
+  const int64_t for_requests = memory_limit - server->transport_bytes_;
   Metrics* metrics_raw = server->metrics_.get();
   server->memory_budget_ = std::make_unique<MemoryBudget>(
-      memory_limit, [metrics_raw](int64_t reserved) { metrics_raw->SetMemoryReserved(reserved); });
-  server->memory_limit_derivation_ = derivation;
+      for_requests, [metrics_raw](int64_t reserved) { metrics_raw->SetMemoryReserved(reserved); },
+      absl::StrCat("--memory_limit_bytes=", memory_limit, " less a quarter for gRPC's buffers"));
+  server->memory_limit_derivation_ =
+      absl::StrCat(derivation, "; ", HumanBytes(for_requests), " for requests, ",
+                   HumanBytes(server->transport_bytes_), " for gRPC's transport buffers");
 
   absl::StatusOr<std::unique_ptr<SessionStore>> sessions =
       SessionStore::Create(options.sessions, Clock::Real());
@@ -179,11 +186,9 @@ absl::Status Server::Start() {
   builder.SetMaxReceiveMessageSize(
       static_cast<int>(std::min<int64_t>(options_.max_request_bytes, INT_MAX)));
   // gRPC's own buffers (messages being received, responses being sent) are
-  // bounded too: a quarter of the memory budget, at least two messages.
-  const int64_t budget = memory_budget_->limit_bytes();
-  const int64_t transport = std::min(budget, std::max(budget / 4, 2 * options_.max_request_bytes));
+  // bounded too, by their quarter of the memory budget.
   grpc::ResourceQuota quota("attnserve");
-  quota.Resize(static_cast<size_t>(transport));
+  quota.Resize(static_cast<size_t>(transport_bytes_));
   builder.SetResourceQuota(quota);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port_ == 0) {

@@ -52,9 +52,9 @@ struct ServerOptions {
   double max_request_flops = 1e12;
   // The memory budget every request reserves from (core/memory_budget.h);
   // 0 = derived from the cgroup or physical memory minus
-  // sessions.kv_cache_bytes (DefaultMemoryLimit). A quarter of it (at least
-  // two max_request_bytes messages) bounds gRPC's transport buffers
-  // (grpc::ResourceQuota).
+  // sessions.kv_cache_bytes (DefaultMemoryLimit). A quarter of it bounds
+  // gRPC's transport buffers (grpc::ResourceQuota); requests reserve from the
+  // other three quarters.
   int64_t memory_limit_bytes = 0;
   int32_t max_stream_inflight = 64;               // per AttendStream call
   SchedulerOptions scheduler;
@@ -96,8 +96,9 @@ class Server {
   int port() const { return port_; }  // the bound gRPC port, after Start()
   int metrics_port() const { return metrics_->http_port(); }  // 0: no endpoint
   SessionStore& sessions() { return *sessions_; }
+  // What requests reserve from: three quarters of memory_limit_bytes.
   MemoryBudget& memory_budget() { return *memory_budget_; }
-  // How the memory budget was chosen, for the start-up log line.
+  // How the memory budget was chosen and split, for the start-up log line.
   const std::string& memory_limit_derivation() const { return memory_limit_derivation_; }
   const std::string& default_backend() const { return backends_.front()->info().name; }
   std::vector<std::string> backend_names() const;
@@ -112,7 +113,8 @@ class Server {
   // joins the scheduler's workers, whose callbacks use the service.
   std::vector<std::unique_ptr<Backend>> backends_;
   std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<MemoryBudget> memory_budget_;
+  std::unique_ptr<MemoryBudget> memory_budget_;  // for requests
+  int64_t transport_bytes_ = 0;                   // gRPC's ResourceQuota
   std::string memory_limit_derivation_;
   std::unique_ptr<SessionStore> sessions_;
   std::unique_ptr<SessionMetrics> session_metrics_;

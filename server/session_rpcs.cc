@@ -3,6 +3,7 @@
 // and goes through the same scheduler as Attend, so decode steps of many
 // sessions are batched into one backend call. A Decode that fails for any
 // reason leaves the session's cache as it was, so a client may simply retry.
+#include <new>
 #include <optional>
 #include <string>
 #include <utility>
@@ -195,7 +196,11 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   AttentionRequest core;
   core.query = *query;
   if (query_dtype != cache_dtype) {
-    reactor->query_storage.assign(q_count * DTypeSize(cache_dtype), '\0');
+    try {
+      reactor->query_storage.assign(q_count * DTypeSize(cache_dtype), '\0');
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("out of memory converting the query to the cache dtype");
+    }
     for (int64_t i = 0; i < q_count; ++i) {
       StoreFloat(reactor->query_storage.data(), cache_dtype, i,
                  LoadFloat(query->data.data(), query_dtype, i));
@@ -250,9 +255,16 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     // The caller gave up while the step computed: its answer will not arrive,
     // so do not keep what it appended (a retry would add it twice).
     if (status.ok() && reactor->cancelled()) status = absl::CancelledError("the call was cancelled");
+    Tensor output;
     if (status.ok()) {
-      Tensor output = job->output.dtype == query_dtype ? std::move(job->output)
-                                                       : ConvertTensor(job->output, query_dtype);
+      try {
+        output = job->output.dtype == query_dtype ? std::move(job->output)
+                                                  : ConvertTensor(job->output, query_dtype);
+      } catch (const std::bad_alloc&) {
+        status = absl::ResourceExhaustedError("out of memory converting the output");
+      }
+    }
+    if (status.ok()) {
       TensorToProto(output, response->mutable_output());
       if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
       TimingToProto(timing, received, response->mutable_timing());

@@ -415,6 +415,11 @@ int64_t AttentionJob::converted_input_bytes() const {
   return bytes;
 }
 
+namespace {
+absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttentionUnguarded(
+    const AttentionRequest& request, const RequestLimits& limits);
+}  // namespace
+
 AttentionParams AttentionJob::planned_params() const {
   static float placeholder_f32;
   static int32_t placeholder_i32;
@@ -431,6 +436,19 @@ AttentionParams AttentionJob::planned_params() const {
 
 absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttention(const AttentionRequest& request,
                                                             const RequestLimits& limits) {
+  // The converted inputs (F32 bias, aligned copies) are at most twice the
+  // message; if even that cannot be had, refuse the request, not the process.
+  try {
+    return PlanAttentionUnguarded(request, limits);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory converting the request's inputs");
+  }
+}
+
+namespace {
+
+absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttentionUnguarded(
+    const AttentionRequest& request, const RequestLimits& limits) {
   absl::StatusOr<Dims> dims = CheckShapes(request, limits);
   if (!dims.ok()) return dims.status();
   if (absl::Status s = CheckOptions(request, *dims); !s.ok()) return s;
@@ -452,6 +470,8 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttention(const AttentionReque
   job->cost = AttentionCost(job->params, job->outputs);
   return job;
 }
+
+}  // namespace
 
 absl::Status AllocateOutputs(AttentionJob& job) {
   AttentionParams& p = job.params;

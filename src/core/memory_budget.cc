@@ -32,8 +32,11 @@ void MemoryBudget::Reservation::Release() {
   bytes_ = 0;
 }
 
-MemoryBudget::MemoryBudget(int64_t limit_bytes, std::function<void(int64_t)> on_change)
-    : limit_bytes_(limit_bytes), on_change_(std::move(on_change)) {}
+MemoryBudget::MemoryBudget(int64_t limit_bytes, std::function<void(int64_t)> on_change,
+                           std::string origin)
+    : limit_bytes_(limit_bytes),
+      on_change_(std::move(on_change)),
+      origin_(origin.empty() ? absl::StrCat("--memory_limit_bytes=", limit_bytes) : origin) {}
 
 absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(int64_t bytes,
                                                                 absl::string_view what) {
@@ -42,14 +45,12 @@ absl::StatusOr<MemoryBudget::Reservation> MemoryBudget::Reserve(int64_t bytes,
   if (bytes > limit_bytes_) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "memory budget: ", what, " needs ", HumanBytes(bytes), " (", bytes,
-        " bytes), more than the whole budget of ", HumanBytes(limit_bytes_),
-        " (--memory_limit_bytes=", limit_bytes_, ")"));
+        " bytes), more than the whole budget of ", HumanBytes(limit_bytes_), " (", origin_, ")"));
   }
   if (reserved_ + bytes > limit_bytes_) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "memory budget: ", what, " needs ", HumanBytes(bytes), " (", bytes, " bytes) but ",
-        HumanBytes(reserved_), " of the ", HumanBytes(limit_bytes_),
-        " budget (--memory_limit_bytes=", limit_bytes_,
+        HumanBytes(reserved_), " of the ", HumanBytes(limit_bytes_), " budget (", origin_,
         ") are held by requests in flight; retry later"));
   }
   reserved_ += bytes;

@@ -44,8 +44,10 @@ class MemoryBudget {
 
   // `limit_bytes` > 0. `on_change(reserved_bytes)` runs after every change,
   // under the budget's lock (so values arrive in order); it must not call
-  // back into the budget. May be null.
-  explicit MemoryBudget(int64_t limit_bytes, std::function<void(int64_t)> on_change = nullptr);
+  // back into the budget. May be null. `origin` says in refusal messages
+  // where the limit comes from; empty: "--memory_limit_bytes=<limit>".
+  explicit MemoryBudget(int64_t limit_bytes, std::function<void(int64_t)> on_change = nullptr,
+                        std::string origin = "");
 
   // Reserves `bytes` (>= 0) or answers RESOURCE_EXHAUSTED naming the budget,
   // what is reserved and `what` needs them ("the request: 1.2 GiB ..."). Never blocks.
@@ -59,6 +61,7 @@ class MemoryBudget {
 
   const int64_t limit_bytes_;
   const std::function<void(int64_t)> on_change_;
+  const std::string origin_;
   mutable absl::Mutex mu_;
   int64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
 };

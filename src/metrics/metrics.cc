@@ -152,7 +152,8 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& o
   if (options.memory_limit_bytes > 0) {
     prometheus::BuildGauge()
         .Name("attnserve_memory_limit_bytes")
-        .Help("The memory budget requests reserve from (--memory_limit_bytes).")
+        .Help("The memory budget requests reserve from (three quarters of "
+              "--memory_limit_bytes; the rest bounds gRPC's buffers).")
         .Register(*metrics->registry_)
         .Add({})
         .Set(static_cast<double>(options.memory_limit_bytes));

@@ -44,7 +44,8 @@ struct MetricsOptions {
   // (SchedulerOptions::queue_capacity), the denominator of queue saturation.
   // 0: the gauge is not exported.
   int64_t queue_capacity = 0;
-  // attnserve_memory_limit_bytes: the memory budget (--memory_limit_bytes).
+  // attnserve_memory_limit_bytes: what requests may reserve (three quarters
+  // of --memory_limit_bytes).
   // 0: the budget gauges are not exported.
   int64_t memory_limit_bytes = 0;
 };

@@ -312,7 +312,10 @@ class BatchingScheduler final : public Scheduler {
     std::vector<QueuedTask> run;
     run.reserve(batch.run.size());
     for (QueuedTask& t : batch.run) {
-      if (t.task.deadline <= now) {
+      if (aborting_.load(std::memory_order_relaxed)) {
+        Answer(t, absl::UnavailableError("scheduler drain timed out before the task started"),
+               TaskTiming{NonNegative(now - t.admitted), absl::ZeroDuration(), 0});
+      } else if (t.task.deadline <= now) {
         batch.expired.push_back(std::move(t));
       } else if (t.task.is_cancelled && t.task.is_cancelled()) {
         Answer(t, absl::CancelledError("cancelled while queued"),

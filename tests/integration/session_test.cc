@@ -365,7 +365,7 @@ TEST_F(SessionTest, DecodeValidatesEverythingBeforeItAppendsOrEvicts) {
   options.sessions.block_tokens = 16;
   options.sessions.kv_cache_bytes = 2 * 8192;  // two blocks
   options.sessions.eviction = EvictionPolicy::kLruIdle;
-  options.max_request_flops = 5e4;
+  options.max_request_flops = 2e5;
   StartServer(options);
   std::mt19937 rng(3);
   std::string idle, busy;
@@ -382,8 +382,9 @@ TEST_F(SessionTest, DecodeValidatesEverythingBeforeItAppendsOrEvicts) {
                           tokens(17, kHkv, kD), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
   EXPECT_NE(s.error_message().find("query.shape"), std::string::npos) << s.error_message();
-  // 17 causal queries over 17 keys: 2·4·17·17·64 / 2 FLOPs, 578 scores x 64
-  // and 2176 output elements x 160 = 459136 > 5e4. One query costs ~3.3e4.
+  // 17 causal queries over 17 keys: 2·4·17·17·64 / 2 FLOPs, 578 scores x 64,
+  // 2176 output elements x 160 and 2 tiles x 16000 = 491136 > 2e5. One query
+  // costs ~6.5e4.
   s = Decode(busy, tokens(17, kHq, kD), tokens(17, kHkv, kD), tokens(17, kHkv, kD), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_NE(s.error_message().find("max_request_flops"), std::string::npos) << s.error_message();

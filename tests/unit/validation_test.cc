@@ -79,7 +79,8 @@ TEST(ValidationTest, WellFormedRequestFillsParams) {
   // per-score softmax work (attention/cost.h).
   EXPECT_DOUBLE_EQ((*job)->flops, 2.0 * 2 * 4 * 5 * 7 * (8 + 6));
   EXPECT_DOUBLE_EQ((*job)->cost, 2.0 * 2 * 4 * 5 * 7 * (8 + 6) + 2 * 4 * 5 * 7 * kScoreFlops +
-                                     2 * 5 * 4 * 6 * kOutputFlopsPerElement);
+                                     2 * 5 * 4 * 6 * kOutputFlopsPerElement +
+                                     2 * 2 * kTileFlops);  // B x Hkv tiles of 2 x 5 lanes
   EXPECT_EQ((*job)->output_bytes, 2 * 5 * 4 * 6 * 4);
 }
 

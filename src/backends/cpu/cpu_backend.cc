@@ -29,7 +29,8 @@ constexpr int64_t kSplitKeys = 1024;
 
 // A tile over more keys than this is split into key chunks even when the
 // request has many query tiles, so that no work item runs for long: a stopped
-// request (see CancelToken) frees its thread within one item, a few ms.
+// request (see CancelToken) frees its thread within one item: a tile of
+// at most 64 lanes over at most 64K keys (chunks of split tiles are shorter).
 constexpr int64_t kMaxTileKeys = 65536;
 
 // Partial results of one split tile stay under this many bytes: past it the
@@ -37,8 +38,13 @@ constexpr int64_t kMaxTileKeys = 65536;
 // split is thus a function of the request's shape alone, and the partials
 // buffer never holds more than kPartialBytesPerThread per pool thread
 // (split tiles run in waves that fit), whatever Hq, Lk and Dv are.
-constexpr int64_t kMaxTilePartialBytes = int64_t{8} << 20;
-constexpr int64_t kPartialBytesPerThread = int64_t{8} << 20;
+constexpr int64_t kMaxTilePartialBytes = int64_t{2} << 20;
+constexpr int64_t kPartialBytesPerThread = int64_t{2} << 20;
+
+// Work-item lists longer than this are released after a batch rather than
+// kept for the next one (a request of millions of tiny heads would otherwise
+// leave hundreds of MB behind).
+constexpr size_t kKeptItems = size_t{1} << 16;
 
 // How a tile's keys are split: `num_chunks` chunks of `chunk_keys` keys (the
 // last one shorter); one chunk means no split.
@@ -201,20 +207,31 @@ class CpuBackend final : public Backend {
       first = end;
     }
     UpdateWorkspaceBytes();
+    ReleaseLongLists();
     return absl::OkStatus();
   }
 
+  // Per thread: the tile workspace (or the scalar path's rows); the split-key
+  // partials, up to their cap; and the plan: a work item per tile or chunk.
   int64_t ScratchBytes(const AttentionParams& p) const override {
     const int64_t threads = pool_.num_threads();
-    if (tile_fn_ == nullptr || NeedsScalarPath(p)) return threads * ScalarScratchBytes(p);
+    constexpr int64_t kItemBytes = sizeof(WorkItem);
+    if (tile_fn_ == nullptr || NeedsScalarPath(p)) {
+      const int64_t rows = ScalarRowsPerItem(p);
+      const int64_t items = int64_t{p.batch} * p.num_heads_q * ((p.seqlen_q + rows - 1) / rows);
+      return threads * ScalarScratchBytes(p) + items * kItemBytes;
+    }
     int64_t partial_bytes = 0;
+    int64_t items = 0;
     ForEachTile(p, [&](const FlashTile&, const KeySplit& split, int64_t lanes) {
+      items += split.num_chunks;
       if (split.num_chunks > 1) {
         partial_bytes += split.num_chunks * lanes * (cpu::kPartialHeader + p.value_dim) * 4;
       }
     });
     return threads * cpu::FlashWorkspaceFloats(p) * int64_t{sizeof(float)} +
-           std::min(partial_bytes, kPartialBytesPerThread * threads);
+           std::min(partial_bytes, kPartialBytesPerThread * threads) +
+           items * (kItemBytes + int64_t{sizeof(SplitTile)});
   }
 
   int64_t workspace_bytes() const override {
@@ -272,11 +289,7 @@ class CpuBackend final : public Backend {
   // otherwise, so that no item runs long and small batches still fill the
   // threads.
   void PlanScalar(int32_t job, const AttentionParams& p) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    const int32_t rows =
-        p.variant == Variant::kLinear
-            ? p.seqlen_q
-            : static_cast<int32_t>(std::clamp<int64_t>(
-                  kScalarScoresPerItem / std::max<int64_t>(p.seqlen_k, 1), 1, p.seqlen_q));
+    const int32_t rows = ScalarRowsPerItem(p);
     for (int32_t b = 0; b < p.batch; ++b) {
       for (int32_t h = 0; h < p.num_heads_q; ++h) {
         for (int32_t r = 0; r < p.seqlen_q; r += rows) {
@@ -289,6 +302,18 @@ class CpuBackend final : public Backend {
         }
       }
     }
+  }
+
+  static int32_t ScalarRowsPerItem(const AttentionParams& p) {
+    if (p.variant == Variant::kLinear) return p.seqlen_q;
+    return static_cast<int32_t>(std::clamp<int64_t>(
+        kScalarScoresPerItem / std::max<int64_t>(p.seqlen_k, 1), 1, p.seqlen_q));
+  }
+
+  void ReleaseLongLists() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (items_.capacity() > kKeptItems) std::vector<WorkItem>().swap(items_);
+    if (splits_.capacity() > kKeptItems) std::vector<SplitTile>().swap(splits_);
+    if (wave_items_.capacity() > kKeptItems) std::vector<WorkItem>().swap(wave_items_);
   }
 
   // Runs `items` on the pool, skipping those of stopped requests. Throws

@@ -218,6 +218,20 @@ class CudaBackend final : public Backend {
     return status;
   }
 
+  // Pinned host staging: the request's inputs (bias as F32) going up and its
+  // outputs coming down, each rounded up to the staging alignment; the
+  // staging buffer of a slot grows by doubling, hence twice that.
+  int64_t ScratchBytes(const AttentionParams& p) const override {
+    const int64_t elem = static_cast<int64_t>(DTypeSize(p.dtype));
+    const int64_t q_rows = int64_t{p.batch} * p.seqlen_q * p.num_heads_q;
+    const int64_t kv_rows = int64_t{p.batch} * p.seqlen_k * p.num_heads_kv;
+    int64_t bytes = q_rows * (p.head_dim + p.value_dim) * elem +
+                    kv_rows * (p.head_dim + p.value_dim) * elem + (int64_t{64} << 10);
+    if (p.bias != nullptr) bytes += BiasSpan(p) * 4;
+    if (p.lse != nullptr) bytes += int64_t{p.batch} * p.num_heads_q * p.seqlen_q * 4;
+    return 2 * bytes;
+  }
+
   int64_t workspace_bytes() const override {
     return pinned_bytes_.load(std::memory_order_relaxed) + pool_.reserved_bytes();
   }
