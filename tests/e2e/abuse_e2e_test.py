@@ -437,7 +437,8 @@ class AbuseE2ETest(unittest.TestCase):
                            "no normal call overlapped the abuse")
         self.assertGreater(after_burst["rejected"]["memory"], 0,
                            "the output-amplification burst was never refused for memory")
-        self.assertEqual(final["limit"], MEMORY_LIMIT_BYTES)
+        # Requests reserve from three quarters; gRPC's buffers get the rest.
+        self.assertEqual(final["limit"], MEMORY_LIMIT_BYTES - MEMORY_LIMIT_BYTES // 4)
         self.assertEqual(reserved_at_end, 0, "memory still reserved after every call ended")
         self.assertLessEqual(sampler.peak_bytes, RSS_BOUND_BYTES, "sampled VmRSS over the bound")
         self.assertIsNotNone(hwm)

@@ -11,6 +11,7 @@ that is put on sys.path. Where it goes, first match wins:
 If the modules are already importable (on PYTHONPATH), nothing is generated.
 """
 
+import fcntl
 import importlib
 import os
 import pathlib
@@ -71,8 +72,18 @@ def generate(gen_dir=None, protos_root=None):
     if _up_to_date(gen_dir, protos):
         return gen_dir
     gen_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Generate into a scratch directory and move into place, so concurrent
-    # generators (parallel tests) never see half-written modules.
+    # One generator at a time (parallel tests start together): the others wait,
+    # then find the modules up to date.
+    with open(gen_dir.parent / f".{gen_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _up_to_date(gen_dir, protos):
+            _generate_locked(gen_dir, root, protos)
+    return gen_dir
+
+
+def _generate_locked(gen_dir, root, protos):
+    # Generate into a scratch directory and move into place, so processes
+    # importing the modules meanwhile never see half-written ones.
     with tempfile.TemporaryDirectory(dir=gen_dir.parent) as scratch:
         scratch = pathlib.Path(scratch)
         staged = scratch / "proto"
@@ -95,7 +106,6 @@ def generate(gen_dir=None, protos_root=None):
             if target.exists():
                 target.rename(old)
             (out / package).rename(target)
-    return gen_dir
 
 
 def load():
