@@ -19,8 +19,8 @@
 #include <cstdint>
 #include <deque>
 #include <map>
-#include <new>
 #include <memory>
+#include <new>
 #include <thread>
 #include <tuple>
 #include <utility>

@@ -7,8 +7,8 @@
 
 #include <atomic>
 #include <map>
-#include <new>
 #include <memory>
+#include <new>
 #include <string>
 #include <thread>
 #include <utility>
