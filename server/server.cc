@@ -92,14 +92,19 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
       CreateServerCredentials(options.auth);
   if (!credentials.ok()) return credentials.status();
   int64_t memory_limit = options.memory_limit_bytes;
-  std::string derivation = "--memory_limit_bytes";
+  std::string derivation = absl::StrCat("--memory_limit_bytes=", HumanBytes(memory_limit));
   if (memory_limit == 0) {
     absl::StatusOr<int64_t> derived =
         DefaultMemoryLimit(DetectSystemMemory(), options.sessions.kv_cache_bytes, &derivation);
     if (!derived.ok()) return derived.status();
     memory_limit = *derived;
   }
+  // A quarter of the budget bounds gRPC's own buffers (grpc::ResourceQuota,
+  // set in Start); requests reserve from the rest.
+  const int64_t transport = memory_limit / 4;
+  const int64_t for_requests = memory_limit - transport;
   std::unique_ptr<Server> server(new Server(options));
+  server->transport_bytes_ = transport;
   server->backends_ = std::move(backends);
   server->credentials_ = *std::move(credentials);
 
@@ -107,21 +112,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
       {.listen_address = options.metrics_listen_address,
        .backends = server->backend_names(),
        .queue_capacity = options.scheduler.queue_capacity,
-       .memory_limit_bytes = memory_limit - memory_limit / 4});
+       .memory_limit_bytes = for_requests});
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
   for (const auto& backend : server->backends_) server->metrics_->WatchBackend(backend.get());
-  // A quarter of the budget bounds gRPC's own buffers (grpc::ResourceQuota,
-  // set in Start); requests reserve from the rest.
-  server->transport_bytes_ = memory_limit / 4;
-  const int64_t for_requests = memory_limit - server->transport_bytes_;
   Metrics* metrics_raw = server->metrics_.get();
   server->memory_budget_ = std::make_unique<MemoryBudget>(
       for_requests, [metrics_raw](int64_t reserved) { metrics_raw->SetMemoryReserved(reserved); },
       absl::StrCat("--memory_limit_bytes=", memory_limit, " less a quarter for gRPC's buffers"));
   server->memory_limit_derivation_ =
       absl::StrCat(derivation, "; ", HumanBytes(for_requests), " for requests, ",
-                   HumanBytes(server->transport_bytes_), " for gRPC's transport buffers");
+                   HumanBytes(transport), " for gRPC's transport buffers");
 
   absl::StatusOr<std::unique_ptr<SessionStore>> sessions =
       SessionStore::Create(options.sessions, Clock::Real());

@@ -25,9 +25,6 @@ class CancelToken {
   CancelToken(const CancelToken&) = delete;
   CancelToken& operator=(const CancelToken&) = delete;
 
-  // Stops the work from now on, whatever `should_stop` says.
-  void Cancel() { stopped_.store(true, std::memory_order_relaxed); }
-
   // True once the work should stop; latched, so every later call (and
   // stopped()) answers true too.
   bool StopRequested() const {
@@ -39,8 +36,8 @@ class CancelToken {
     return false;
   }
 
-  // Whether StopRequested() ever answered true (or Cancel() was called): the
-  // work may have been cut short and its outputs must not be used.
+  // Whether StopRequested() ever answered true: the work may have been cut
+  // short and its outputs must not be used.
   bool stopped() const { return stopped_.load(std::memory_order_relaxed); }
 
  private:
