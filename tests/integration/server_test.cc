@@ -226,23 +226,40 @@ class ServerTest : public ::testing::Test {
     return stub_->Attend(&context, request, response);
   }
 
-  // An Attend that blocks in the gated backend, holding the (one) worker
-  // until the gate opens; `done` is notified with its status.
-  struct Blocker {
+  // About 5 s of work on the reference backend here (2048 x 2048, D 64).
+  v1::AttendRequest ExpensiveReferenceRequest() {
+    v1::AttendRequest request = MakeRequest(rng_, {.lq = 2048, .lk = 2048, .d = 64});
+    request.set_backend("reference");
+    return request;
+  }
+
+  // An Attend in flight: `done` is notified with its status.
+  struct AsyncCall {
     grpc::ClientContext context;
     v1::AttendRequest request;
     v1::AttendResponse response;
     grpc::Status status;
     absl::Notification done;
   };
-  std::unique_ptr<Blocker> BlockTheWorker() {
-    auto blocker = std::make_unique<Blocker>();
-    blocker->request = MakeRequest(rng_, {.lq = kGatedLq});
-    Blocker* raw = blocker.get();
+  std::unique_ptr<AsyncCall> StartAttend(v1::AttendRequest request,
+                                         absl::Duration timeout = absl::InfiniteDuration()) {
+    auto call = std::make_unique<AsyncCall>();
+    call->request = std::move(request);
+    if (timeout != absl::InfiniteDuration()) {
+      call->context.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    }
+    AsyncCall* raw = call.get();
     stub_->async()->Attend(&raw->context, &raw->request, &raw->response, [raw](grpc::Status s) {
       raw->status = s;
       raw->done.Notify();
     });
+    return call;
+  }
+
+  // An Attend that blocks in the gated backend, holding the (one) worker
+  // until the gate opens.
+  std::unique_ptr<AsyncCall> BlockTheWorker() {
+    std::unique_ptr<AsyncCall> blocker = StartAttend(MakeRequest(rng_, {.lq = kGatedLq}));
     gated_->AwaitBlocked(1);
     return blocker;
   }
@@ -419,6 +436,7 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_TRUE(absl::StrContains(s.error_message(), "1e+05")) << s.error_message();
   EXPECT_TRUE(absl::StrContains(s.error_message(), "max_request_flops")) << s.error_message();
+  EXPECT_EQ(Metric(R"(attnserve_rejected_requests_total{reason="cost"})"), 1);
 
   // Over the receive limit: gRPC refuses the message before the service sees it.
   v1::AttendRequest big = MakeRequest(rng_, {.lq = 8, .lk = 512, .hq = 2, .hkv = 2, .d = 16});
@@ -430,26 +448,17 @@ TEST_F(ServerTest, BackendSelectionAndLimits) {
 
 TEST_F(ServerTest, ExpiredDeadlineIsAnsweredWithoutCompute) {
   StartServer();  // one worker
-  std::unique_ptr<Blocker> blocker = BlockTheWorker();
+  std::unique_ptr<AsyncCall> blocker = BlockTheWorker();
 
   // Queued behind the blocker until its deadline passes.
   constexpr absl::Duration kTimeout = absl::Milliseconds(300);
-  grpc::ClientContext context;
-  context.set_deadline(absl::ToChronoTime(absl::Now() + kTimeout));
-  v1::AttendRequest request = MakeRequest(rng_, {});
-  v1::AttendResponse response;
-  absl::Notification done;
-  grpc::Status status;
-  stub_->async()->Attend(&context, &request, &response, [&](grpc::Status s) {
-    status = s;
-    done.Notify();
-  });
+  std::unique_ptr<AsyncCall> call = StartAttend(MakeRequest(rng_, {}), kTimeout);
   ASSERT_TRUE(Eventually([&] { return Metric("attnserve_queue_depth") == 1; }));
   // The server received the call before now, so its deadline (receipt + the
   // remaining timeout, give or take gRPC's clock conversion) is before this:
   const absl::Time server_deadline_bound = absl::Now() + kTimeout + absl::Milliseconds(20);
-  done.WaitForNotification();
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  call->done.WaitForNotification();
+  EXPECT_EQ(call->status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
   absl::SleepFor(server_deadline_bound - absl::Now());
 
   gated_->Open();
@@ -463,22 +472,14 @@ TEST_F(ServerTest, ExpiredDeadlineIsAnsweredWithoutCompute) {
 
 TEST_F(ServerTest, CancelledCallIsDroppedBeforeCompute) {
   StartServer();
-  std::unique_ptr<Blocker> blocker = BlockTheWorker();
+  std::unique_ptr<AsyncCall> blocker = BlockTheWorker();
 
-  grpc::ClientContext context;
-  v1::AttendRequest request = MakeRequest(rng_, {});
-  v1::AttendResponse response;
-  absl::Notification done;
-  grpc::Status status;
-  stub_->async()->Attend(&context, &request, &response, [&](grpc::Status s) {
-    status = s;
-    done.Notify();
-  });
+  std::unique_ptr<AsyncCall> call = StartAttend(MakeRequest(rng_, {}));
   // Admitted: it waits in the queue behind the blocker.
   ASSERT_TRUE(Eventually([&] { return Metric("attnserve_queue_depth") == 1; }));
-  context.TryCancel();
-  done.WaitForNotification();
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::CANCELLED);
+  call->context.TryCancel();
+  call->done.WaitForNotification();
+  EXPECT_EQ(call->status.error_code(), grpc::StatusCode::CANCELLED);
   // The server learns of it asynchronously; compute must wait until it has.
   ASSERT_TRUE(Eventually(
       [&] { return Metric(R"(attnserve_cancelled_requests_total{method="Attend"})") == 1; }));
@@ -777,7 +778,7 @@ TEST_F(ServerTest, MemoryBudgetRefusesWhatDoesNotFitAndReleasesAfterTheResponse)
   EXPECT_EQ(Metric(R"(attnserve_rejected_requests_total{reason="memory"})"), 1);
 
   // A request in flight holds its bytes until its response is sent.
-  std::unique_ptr<Blocker> blocker = BlockTheWorker();
+  std::unique_ptr<AsyncCall> blocker = BlockTheWorker();
   EXPECT_GT(server_->memory_budget().reserved_bytes(), 0);
   EXPECT_GT(Metric("attnserve_memory_reserved_bytes"), 0);
   gated_->Open();
@@ -794,10 +795,8 @@ TEST_F(ServerTest, AbandonedExpensiveRequestFreesItsWorker) {
   ServerOptions options;
   options.max_request_flops = 0;  // no cost limit: it must be stopped, not refused
   StartServer(options);
-  v1::AttendRequest expensive = MakeRequest(rng_, {.lq = 2048, .lk = 2048, .d = 64});
-  expensive.set_backend("reference");
   v1::AttendResponse response;
-  grpc::Status s = Attend(expensive, &response, absl::Milliseconds(200));
+  grpc::Status s = Attend(ExpensiveReferenceRequest(), &response, absl::Milliseconds(200));
   EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
 
   v1::AttendRequest small = MakeRequest(rng_, {});
@@ -817,6 +816,31 @@ TEST_F(ServerTest, AbandonedExpensiveRequestFreesItsWorker) {
   }));
 }
 
+// The same for AttendStream: cancelling the stream stops the request it has
+// computing, and the worker is free for the next call.
+TEST_F(ServerTest, CancelledStreamStopsItsRunningRequest) {
+  ServerOptions options;
+  options.max_request_flops = 0;
+  StartServer(options);
+  grpc::ClientContext context;
+  auto stream = stub_->AttendStream(&context);
+  ASSERT_TRUE(stream->Write(ExpensiveReferenceRequest()));
+  ASSERT_TRUE(Eventually([&] {
+    return Metric("attnserve_inflight_requests") == 1 && Metric("attnserve_queue_depth") == 0;
+  }));
+  context.TryCancel();
+  EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::CANCELLED);
+
+  v1::AttendRequest small = MakeRequest(rng_, {});
+  small.set_backend("reference");
+  v1::AttendResponse response;
+  const absl::Time sent = absl::Now();
+  ASSERT_TRUE(Attend(small, &response).ok());
+  EXPECT_LT(absl::Now() - sent, absl::Seconds(2));  // not behind ~5 s of work
+  ASSERT_TRUE(Eventually(
+      [&] { return Metric(R"(attnserve_requests_total{code="CANCELLED",method="AttendStream"})") == 1; }));
+}
+
 // Destroying a server whose drain times out while a batch computes: the
 // batch is stopped, the worker joined before the service it calls back into
 // is destroyed (under ASan a use-after-free otherwise), and the timeout holds.
@@ -825,16 +849,7 @@ TEST_F(ServerTest, ShutdownStopsRunningWorkAndJoinsWorkersFirst) {
   options.max_request_flops = 0;
   options.drain_timeout_s = 0;
   StartServer(options);
-  v1::AttendRequest expensive = MakeRequest(rng_, {.lq = 2048, .lk = 2048, .d = 64});
-  expensive.set_backend("reference");
-  grpc::ClientContext context;
-  v1::AttendResponse response;
-  absl::Notification done;
-  grpc::Status status;
-  stub_->async()->Attend(&context, &expensive, &response, [&](grpc::Status s) {
-    status = s;
-    done.Notify();
-  });
+  std::unique_ptr<AsyncCall> call = StartAttend(ExpensiveReferenceRequest());
   ASSERT_TRUE(Eventually([&] {
     return Metric("attnserve_inflight_requests") == 1 && Metric("attnserve_queue_depth") == 0;
   }));
@@ -843,8 +858,9 @@ TEST_F(ServerTest, ShutdownStopsRunningWorkAndJoinsWorkersFirst) {
   server_.reset();
   gated_ = nullptr;  // it went with the server
   EXPECT_LT(absl::Now() - start, absl::Seconds(3));
-  done.WaitForNotification();
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE) << status.error_message();
+  call->done.WaitForNotification();
+  EXPECT_EQ(call->status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << call->status.error_message();
 }
 
 TEST(ServerCreateTest, RejectsBadOptionsAndUnknownBackends) {

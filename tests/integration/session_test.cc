@@ -12,6 +12,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "core/half.h"
 #include "grpcpp/create_channel.h"
@@ -396,6 +398,51 @@ TEST_F(SessionTest, DecodeValidatesEverythingBeforeItAppendsOrEvicts) {
   ASSERT_TRUE(Decode(idle, tokens(1, kHq, kD), tokens(1, kHkv, kD), tokens(1, kHkv, kD), &resp)
                   .ok());
   EXPECT_EQ(resp.context_tokens(), 17);
+}
+
+// A Decode whose caller gives up while it computes stops, and leaves the
+// cache as it was: the next step sees the old length.
+TEST_F(SessionTest, AbandonedDecodeStopsAndLeavesTheCacheAsItWas) {
+  ServerOptions options;
+  options.max_request_flops = 0;  // it must be stopped, not refused
+  StartServer(options);
+  std::mt19937 rng(5);
+  auto tokens = [&](int64_t n, int64_t heads) {
+    return MakeTensor(v1::F32, {n, heads, kD}, RandomBytes(rng, n * heads * kD, DType::kF32));
+  };
+  std::string id;
+  ASSERT_TRUE(Create(v1::F32, &id).ok());
+  v1::DecodeResponse resp;
+  ASSERT_TRUE(Decode(id, tokens(4096, kHq), tokens(4096, kHkv), tokens(4096, kHkv), &resp).ok());
+  ASSERT_EQ(resp.context_tokens(), 4096);
+
+  // 1024 new tokens over 5120 on the reference backend: seconds of work.
+  v1::DecodeRequest step;
+  step.set_session_id(id);
+  step.set_backend("reference");
+  *step.mutable_query() = tokens(1024, kHq);
+  *step.mutable_key() = tokens(1024, kHkv);
+  *step.mutable_value() = tokens(1024, kHkv);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(200)));
+  const grpc::Status s = stub_->Decode(&ctx, step, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED) << s.error_message();
+
+  // The server may still be stopping the step: retry until the lease is free.
+  v1::DecodeRequest next;
+  next.set_session_id(id);
+  next.set_expected_context_tokens(4096);
+  *next.mutable_query() = tokens(1, kHq);
+  *next.mutable_key() = tokens(1, kHkv);
+  *next.mutable_value() = tokens(1, kHkv);
+  const absl::Time give_up = absl::Now() + absl::Seconds(2);  // the step alone needs more
+  grpc::Status last;
+  do {
+    grpc::ClientContext next_ctx;
+    last = stub_->Decode(&next_ctx, next, &resp);
+  } while (last.error_code() == grpc::StatusCode::ABORTED && absl::Now() < give_up);
+  ASSERT_TRUE(last.ok()) << last.error_message();
+  EXPECT_EQ(resp.context_tokens(), 4097);
 }
 
 TEST_F(SessionTest, ManySessionsDecodeConcurrently) {
