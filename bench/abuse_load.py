@@ -8,6 +8,9 @@ patterns the memory budget, the cost model and cancellation bound:
   scratch : 33 MB decode-shaped calls
             (Q [1, 1, 65536, 1], K [1, 16384, 1, 1], V [1, 16384, 1, 1024]);
   compute : L = 100000, D = 1, F16, top_k = 64, abandoned after --give_up_s.
+With --stalled_client N a child process sends N output-amplification calls
+and then stops itself (SIGSTOP) without reading the answers, for
+--stall_s seconds: the server must hold those responses within its budget.
 Prints one JSON line: status codes per pattern. With --probe N it then measures,
 N times, how long a small call, sent as soon as the caller of an expensive one
 gave up, waits in the queue for the worker ("freed_ms": its queue_us).
@@ -16,6 +19,8 @@ gave up, waits in the queue for the worker ("freed_ms": its queue_us).
 import argparse
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -43,6 +48,16 @@ def pattern_args(name, rng):
     return (q, q, q), {"top_k": 64}
 
 
+def stalled_child(args):
+    client = attnserve_client.Client(args.target, max_message_bytes=512 << 20)
+    (q, k, v), _ = pattern_args("output", np.random.default_rng(0))
+    request = attnserve_client.client.build_request(q, k, v)
+    calls = [client._stub.Attend.future(request, timeout=120)  # noqa: F841 (kept in flight)
+             for _ in range(args.stalled_client)]
+    time.sleep(0.5)  # let them reach the server
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
@@ -50,10 +65,23 @@ def main():
     ap.add_argument("--threads", type=int, default=4, help="threads per pattern")
     ap.add_argument("--give_up_s", type=float, default=3.0)
     ap.add_argument("--probe", type=int, default=0)
+    ap.add_argument("--stalled_client", type=int, default=0)
+    ap.add_argument("--stall_s", type=float, default=3.0)
+    ap.add_argument("--as_stalled_child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.as_stalled_child:
+        stalled_child(args)
+        return
 
     client = attnserve_client.Client(args.target, max_message_bytes=256 << 20)
     client.wait_until_serving(timeout=20)
+    if args.stalled_client:
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--target",
+                                  args.target, "--stalled_client", str(args.stalled_client),
+                                  "--as_stalled_child"])
+        time.sleep(1.0 + args.stall_s)
+        child.kill()
+        child.wait()
     codes = {}
     lock = threading.Lock()
     stop = time.monotonic() + args.duration
@@ -73,7 +101,8 @@ def main():
                 codes[name][code] += 1
 
     threads = [threading.Thread(target=run, args=(name, i))
-               for name in ("output", "scratch", "compute") for i in range(args.threads)]
+               for name in ("output", "scratch", "compute") for i in range(args.threads)
+               if args.duration > 0]
     for t in threads:
         t.start()
     for t in threads:

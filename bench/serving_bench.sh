@@ -125,6 +125,13 @@ abuse() {
   start_server --threads=2 --memory_limit_bytes=$budget --kv_cache_bytes=$kv --max_request_flops=0
   echo "  $(/usr/bin/python3 "$root/bench/abuse_load.py" --target="$target" --duration=0 --probe=20)"
   stop_server
+  echo "-- a client that sends 7 output-amplification calls and stops reading (SIGSTOP) for 3 s:"
+  start_server --threads=2 --memory_limit_bytes=$budget --kv_cache_bytes=$kv
+  /usr/bin/python3 "$root/bench/abuse_load.py" --target="$target" --duration=0 --stalled_client=7 \
+    >/dev/null
+  echo "  server VmHWM $(awk '/VmHWM/ {print $2}' "/proc/$spid/status") kB" \
+    "(bound: $(( (budget >> 10) + (kv >> 10) + 262144 )) kB)"
+  stop_server
 }
 
 case "${1:-all}" in
