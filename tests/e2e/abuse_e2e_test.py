@@ -31,7 +31,6 @@ the abuse) is printed for the CI log.
 Usage: abuse_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
 """
 
-import argparse
 import collections
 import concurrent.futures
 import pathlib
@@ -502,17 +501,7 @@ class AbuseE2ETest(unittest.TestCase):
 
 
 def main():
-    global ARGS, attnserve_client, grpc
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--gen_dir", required=True)
-    parser.add_argument("--work_dir", required=True)
-    ARGS, rest = parser.parse_known_args()
-    harness.add_client_to_path(HERE.parents[1], ARGS.gen_dir)
-    import grpc as grpc_module
-    import attnserve_client as client_module
-    grpc, attnserve_client = grpc_module, client_module
-    unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    harness.run_e2e(globals())
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ until grpc.health.v1 says SERVING, and stops it with SIGTERM, returning the
 exit status. Its log goes to a file that is printed when a test fails.
 """
 
+import argparse
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+import unittest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def free_port():
@@ -18,6 +23,24 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_e2e(script_globals, *extra_flags):
+    """The main() of every e2e script: parses --server, --gen_dir, --work_dir and
+    `extra_flags` ((name, argparse keyword arguments) pairs), makes the Python
+    client importable, sets the script's ARGS, grpc and attnserve_client, and
+    runs its unittest cases; unknown arguments go to unittest."""
+    parser = argparse.ArgumentParser()
+    for name in ("--server", "--gen_dir", "--work_dir"):
+        parser.add_argument(name, required=True)
+    for name, options in extra_flags:
+        parser.add_argument(name, **options)
+    args, rest = parser.parse_known_args()
+    add_client_to_path(REPO_ROOT, args.gen_dir)
+    import grpc
+    import attnserve_client
+    script_globals.update(ARGS=args, grpc=grpc, attnserve_client=attnserve_client)
+    unittest.main(module=script_globals["__name__"], argv=[sys.argv[0], *rest], verbosity=2)
 
 
 def add_client_to_path(repo_root, gen_dir):

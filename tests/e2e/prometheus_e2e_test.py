@@ -17,7 +17,6 @@ Usage: prometheus_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
        [--prometheus=/usr/bin/prometheus]
 """
 
-import argparse
 import concurrent.futures
 import json
 import pathlib
@@ -306,18 +305,7 @@ class PrometheusE2ETest(unittest.TestCase):
 
 
 def main():
-    global ARGS, attnserve_client, grpc
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--gen_dir", required=True)
-    parser.add_argument("--work_dir", required=True)
-    parser.add_argument("--prometheus", default="/usr/bin/prometheus")
-    ARGS, rest = parser.parse_known_args()
-    harness.add_client_to_path(REPO, ARGS.gen_dir)
-    import grpc as grpc_module
-    import attnserve_client as client_module
-    grpc, attnserve_client = grpc_module, client_module
-    unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    harness.run_e2e(globals(), ("--prometheus", {"default": "/usr/bin/prometheus"}))
 
 
 if __name__ == "__main__":

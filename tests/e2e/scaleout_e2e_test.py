@@ -14,7 +14,6 @@ deploy/nginx/render from deploy/nginx/attnserve.conf, all on loopback.
 Usage: scaleout_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR [--nginx=nginx]
 """
 
-import argparse
 import collections
 import pathlib
 import re
@@ -212,18 +211,8 @@ class ScaleOutE2ETest(unittest.TestCase):
 
 
 def main():
-    global ARGS, attnserve_client, grpc
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--gen_dir", required=True)
-    parser.add_argument("--work_dir", required=True)
-    parser.add_argument("--nginx", default=shutil.which("nginx") or "/usr/sbin/nginx")
-    ARGS, rest = parser.parse_known_args()
-    harness.add_client_to_path(REPO, ARGS.gen_dir)
-    import grpc as grpc_module
-    import attnserve_client as client_module
-    grpc, attnserve_client = grpc_module, client_module
-    unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    harness.run_e2e(globals(),
+                     ("--nginx", {"default": shutil.which("nginx") or "/usr/sbin/nginx"}))
 
 
 if __name__ == "__main__":

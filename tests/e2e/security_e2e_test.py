@@ -19,7 +19,6 @@ server exit at start with a message naming the flag.
 Usage: security_e2e_test.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
 """
 
-import argparse
 import os
 import pathlib
 import shutil
@@ -294,18 +293,7 @@ class SecurityE2ETest(unittest.TestCase):
 
 
 def main():
-    global ARGS, attnserve_client, grpc
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--attnctl", required=True)
-    parser.add_argument("--gen_dir", required=True)
-    parser.add_argument("--work_dir", required=True)
-    ARGS, rest = parser.parse_known_args()
-    harness.add_client_to_path(HERE.parents[1], ARGS.gen_dir)
-    import grpc as grpc_module
-    import attnserve_client as client_module
-    grpc, attnserve_client = grpc_module, client_module
-    unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    harness.run_e2e(globals(), ("--attnctl", {"required": True}))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ Finally SIGTERM must make the server exit 0.
 Usage: test_sessions.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
 """
 
-import argparse
 import concurrent.futures
 import json
 import pathlib
@@ -259,18 +258,7 @@ class SessionsE2ETest(unittest.TestCase):
 
 
 def main():
-    global ARGS, attnserve_client, grpc
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--server", required=True)
-    parser.add_argument("--attnctl", required=True)
-    parser.add_argument("--gen_dir", required=True)
-    parser.add_argument("--work_dir", required=True)
-    ARGS, rest = parser.parse_known_args()
-    harness.add_client_to_path(HERE.parents[1], ARGS.gen_dir)
-    import grpc as grpc_module
-    import attnserve_client as client_module
-    grpc, attnserve_client = grpc_module, client_module
-    unittest.main(argv=[sys.argv[0], *rest], verbosity=2)
+    harness.run_e2e(globals(), ("--attnctl", {"required": True}))
 
 
 if __name__ == "__main__":
