@@ -8,7 +8,7 @@
 //           [--duration=10s] [--json]
 //   attnctl [--target=HOST:PORT] bench --sessions=N [--context=T] [--decode_tokens=1]
 //           [--concurrency=C] [--shape=P4 | --hq=32 --hkv=8 --d=128] [--cache_dtype=f32|bf16|f16]
-//           [--duration=10s] [--json]
+//           [--layers=L [--batched]] [--duration=10s] [--json]
 //
 // Exit status: 0 success, 1 the server answered an error (or not SERVING),
 // 2 bad usage.
@@ -105,6 +105,12 @@ ABSL_FLAG(int32_t, hkv, 0, "bench --sessions: KV heads (0: the shape's)");
 ABSL_FLAG(int32_t, d, 0, "bench --sessions: head dim (0: the shape's)");
 ABSL_FLAG(std::string, cache_dtype, "f32",
           "bench --sessions: storage dtype of the sessions' cache: f32, f16 or bf16");
+ABSL_FLAG(int32_t, layers, 1,
+          "bench --sessions: model-shaped run when > 1: sessions of this many layers, each "
+          "token stepping every layer in order over all sessions");
+ABSL_FLAG(bool, batched, false,
+          "bench --sessions: model-shaped run where each layer-step is one BatchDecode over "
+          "all sessions instead of one Decode per session");
 ABSL_FLAG(bool, progress, false, "bench: print the progress line even when stderr is not a terminal");
 
 namespace attnserve::client {
@@ -416,6 +422,12 @@ int CmdBenchSessions();
 
 int CmdBench() {
   if (absl::GetFlag(FLAGS_sessions) != 0) return CmdBenchSessions();
+  if (absl::GetFlag(FLAGS_layers) != 1 || absl::GetFlag(FLAGS_batched)) {
+    return Fail(absl::InvalidArgumentError(
+                    "--layers, --batched: expected --sessions=N with them (model-shaped runs "
+                    "step KV-cache sessions), got no --sessions"),
+                kExitUsage);
+  }
   absl::StatusOr<std::unique_ptr<Inputs>> inputs_or = InputsFromFlags();
   if (!inputs_or.ok()) return Fail(inputs_or.status(), kExitUsage);
   const std::unique_ptr<Inputs>& inputs = *inputs_or;
@@ -540,6 +552,8 @@ int CmdBenchSessions() {
       absl::GetFlag(FLAGS_concurrency) == 0 ? options.sessions : absl::GetFlag(FLAGS_concurrency);
   options.backend = absl::GetFlag(FLAGS_backend);
   options.seed = absl::GetFlag(FLAGS_seed);
+  options.layers = absl::GetFlag(FLAGS_layers);
+  options.batched = absl::GetFlag(FLAGS_batched);
   if (absl::Status s = SessionDimsFromFlags(&options); !s.ok()) return Fail(s, kExitUsage);
   for (auto [flag, value, dest] :
        {std::tuple{"dtype", absl::GetFlag(FLAGS_dtype), &options.dtype},
@@ -580,10 +594,12 @@ int CmdBenchSessions() {
   std::function<void(const LoadProgress&)> progress = [tty, &options](const LoadProgress& p) {
     const LatencySummary& s = p.interval;
     const double steps = p.interval_s > 0 ? s.ok / p.interval_s : 0.0;
+    // Model-shaped: a token is one step of every layer.
+    const int layers = options.model_shaped() ? options.layers : 1;
     const std::string line = absl::StrFormat(
         "[%5.1fs] %9.1f tok/s  p50 %7.3f ms  p99 %7.3f ms  ok %d  errors %d  in flight %d",
-        p.elapsed_s, steps * options.decode_tokens, s.p50_ms, s.p99_ms, s.ok, s.errors_total,
-        p.in_flight);
+        p.elapsed_s, steps * options.decode_tokens / layers, s.p50_ms, s.p99_ms, s.ok,
+        s.errors_total, p.in_flight);
     std::fprintf(stderr, tty ? "\r%s\033[K" : "%s\n", line.c_str());
     std::fflush(stderr);
   };
@@ -599,7 +615,16 @@ int CmdBenchSessions() {
   const double prefill_tokens_per_s = r.prefill_s > 0 ? r.prefill_tokens / r.prefill_s : 0;
   const std::string dtype = DTypeName(options.dtype);
   const std::string cache_dtype = DTypeName(options.cache_dtype);
+  const bool model = options.model_shaped();
   if (absl::GetFlag(FLAGS_json)) {
+    // Model-shaped runs add their keys before the closing brace.
+    const std::string model_json =
+        model ? absl::StrFormat(",\"layers\":%d,\"batched\":%s,\"tokens\":%d,\"layer_steps\":%d,"
+                                "\"layer_p50_ms\":%.4f,\"layer_p99_ms\":%.4f,"
+                                "\"sessions_dropped\":%d",
+                                options.layers, options.batched ? "true" : "false", r.tokens,
+                                r.layer_steps, r.layer_p50_ms, r.layer_p99_ms, r.sessions_dropped)
+              : "";
     std::cout << absl::StrFormat(
         "{\"mode\":\"sessions\",\"sessions\":%d,\"context\":%d,\"decode_tokens\":%d,"
         "\"concurrency\":%d,\"hq\":%d,\"hkv\":%d,\"d\":%d,\"dtype\":\"%s\",\"cache_dtype\":\"%s\","
@@ -608,14 +633,14 @@ int CmdBenchSessions() {
         "\"tokens_per_s\":%.2f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,\"p999_ms\":%.4f,"
         "\"mean_ms\":%.4f,\"max_ms\":%.4f,\"server_queue_us\":%.1f,\"server_compute_us\":%.1f,"
         "\"server_batch_size\":%.2f,\"context_tokens_max\":%d,\"close_errors\":%d,"
-        "\"interrupted\":%s}\n",
+        "\"interrupted\":%s%s}\n",
         options.sessions, options.context_tokens, options.decode_tokens, options.concurrency,
         options.heads_q, options.heads_kv, options.head_dim, dtype, cache_dtype, channels,
         r.prefill_s, r.prefill_tokens, prefill_tokens_per_s, r.elapsed_s, r.sent, l.ok,
         ErrorsJson(l.errors), r.steps_per_s, r.tokens_per_s, l.p50_ms, l.p90_ms, l.p99_ms,
         l.p999_ms, l.mean_ms, l.max_ms, l.server_queue_us, l.server_compute_us,
         l.server_batch_size, r.context_tokens_max, r.close_errors,
-        r.interrupted ? "true" : "false");
+        r.interrupted ? "true" : "false", model_json);
   } else {
     std::cout << absl::StrFormat(
         "sessions   %d x %d tokens, Hq=%d Hkv=%d D=%d, %s on the wire, %s cache, "
@@ -626,6 +651,7 @@ int CmdBenchSessions() {
         "latency    p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  p99.9 %.3f ms  mean %.3f ms  "
         "max %.3f ms\n"
         "server     queue %.0f us  compute %.0f us  batch size %.2f (means)\n"
+        "%s"
         "errors     %s%s\n",
         options.sessions, options.context_tokens, options.heads_q, options.heads_kv,
         options.head_dim, dtype, cache_dtype, options.decode_tokens, options.concurrency,
@@ -633,6 +659,17 @@ int CmdBenchSessions() {
         r.prefill_calls, prefill_tokens_per_s, r.elapsed_s, r.sent, l.ok, r.context_tokens_max,
         r.tokens_per_s, r.steps_per_s, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.mean_ms,
         l.max_ms, l.server_queue_us, l.server_compute_us, l.server_batch_size,
+        model ? absl::StrFormat("model      %d layers, %s: %d whole-model tokens, layer-step "
+                                "p50 %.3f ms  p99 %.3f ms (%d layer-steps)%s\n",
+                                options.layers,
+                                options.batched ? "one BatchDecode per layer-step"
+                                                : "one Decode per session and layer",
+                                r.tokens, r.layer_p50_ms, r.layer_p99_ms, r.layer_steps,
+                                r.sessions_dropped > 0
+                                    ? absl::StrFormat(", %d session(s) dropped after an error",
+                                                      r.sessions_dropped)
+                                    : "")
+              : "",
         ErrorsText(l.errors),
         r.close_errors > 0 ? absl::StrFormat(" (%d CloseSession calls failed)", r.close_errors)
                            : "");
@@ -647,7 +684,8 @@ int Main(int argc, char** argv) {
       "  health  grpc.health.v1 status (exit 0 when SERVING)\n"
       "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy\n"
       "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json;\n"
-      "          --sessions=N --context=T: decode steps across N KV-cache sessions");
+      "          --sessions=N --context=T: decode steps across N KV-cache sessions;\n"
+      "          --layers=L [--batched]: model-shaped, every token through L layers");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() != 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";

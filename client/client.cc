@@ -326,6 +326,69 @@ absl::Status AttnClient::CloseSession(const std::string& session_id, absl::Durat
   return FromGrpcStatus(stub_->CloseSession(&context, request, &response));
 }
 
+absl::StatusOr<ForkedSession> AttnClient::ForkSession(const std::string& session_id,
+                                                      int64_t tokens, absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::ForkSessionRequest request;
+  request.set_session_id(session_id);
+  request.set_tokens(tokens);
+  v1::ForkSessionResponse response;
+  absl::Status status = FromGrpcStatus(stub_->ForkSession(&context, request, &response));
+  if (!status.ok()) return status;
+  return FromProto(response);
+}
+
+absl::StatusOr<v1::BatchDecodeResponse> AttnClient::BatchDecode(
+    const v1::BatchDecodeRequest& request, absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::BatchDecodeResponse response;
+  absl::Status status = FromGrpcStatus(stub_->BatchDecode(&context, request, &response));
+  if (!status.ok()) return status;
+  return response;
+}
+
+absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> AttnClient::BatchDecode(
+    int32_t layer, const std::vector<SessionStep>& steps, const CallOptions& call) {
+  absl::StatusOr<v1::BatchDecodeRequest> request = ToProto(layer, steps, call);
+  if (!request.ok()) return request.status();
+  absl::StatusOr<v1::BatchDecodeResponse> response = BatchDecode(*request, call.deadline);
+  if (!response.ok()) return response.status();
+  return FromProto(std::move(*response), steps.size());
+}
+
+namespace {
+
+// State of one BatchDecodeAsync call, alive from the start of the call to
+// its callback.
+struct AsyncBatchDecodeCall {
+  InFlightCounter::Guard guard;  // first: released after the context is gone
+  grpc::ClientContext context;
+  v1::BatchDecodeResponse response;
+  AttnClient::BatchDecodeCallback done;
+};
+
+}  // namespace
+
+void AttnClient::BatchDecodeAsync(const v1::BatchDecodeRequest& request,
+                                  BatchDecodeCallback done, absl::Duration deadline) {
+  auto* call = new AsyncBatchDecodeCall;
+  call->guard = InFlightCounter::Guard(in_flight_);
+  call->done = std::move(done);
+  call->context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  stub_->async()->BatchDecode(&call->context, &request, &call->response,
+                              [call](grpc::Status grpc_status) {
+                                std::unique_ptr<AsyncBatchDecodeCall> owned(call);
+                                absl::Status status = FromGrpcStatus(grpc_status);
+                                if (status.ok()) {
+                                  std::move(owned->done)(std::move(owned->response));
+                                } else {
+                                  std::move(owned->done)(std::move(status));
+                                }
+                              });
+}
+
 std::unique_ptr<AttendStream> AttnClient::OpenStream(absl::Duration deadline) {
   return std::make_unique<AttendStream>(stub_.get(), deadline, InFlightCounter::Guard(in_flight_));
 }

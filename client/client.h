@@ -14,6 +14,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/channel.h>
 
@@ -103,10 +104,12 @@ class AttnClient {
   absl::StatusOr<CreatedSession> CreateSession(const SessionSpec& spec,
                                                absl::Duration deadline = absl::ZeroDuration());
   // One step: appends step.key/value to the session and attends step.query
-  // over its whole cache. NOT_FOUND for an unknown, closed, expired, evicted
-  // or foreign session; ABORTED while another step of the session runs;
-  // RESOURCE_EXHAUSTED when the cache is full. A failed step leaves the
-  // session's cache as it was, so it may be retried.
+  // over its whole cache (of step.layer). NOT_FOUND for an unknown, closed,
+  // expired, evicted or foreign session; ABORTED while another step of the
+  // session runs; RESOURCE_EXHAUSTED when the cache is full;
+  // FAILED_PRECONDITION for a layer out of order or a stale
+  // expected_context_tokens. A failed step leaves the session's cache as it
+  // was, so it may be retried.
   absl::StatusOr<DecodeResult> Decode(const std::string& session_id, const DecodeStep& step,
                                       const CallOptions& call = {});
   // Same with a ready wire request.
@@ -120,6 +123,34 @@ class AttnClient {
   // Frees the session's cache. NOT_FOUND as for Decode.
   absl::Status CloseSession(const std::string& session_id,
                             absl::Duration deadline = absl::ZeroDuration());
+  // Opens a new session sharing the first `tokens` tokens of every layer of
+  // `session_id` (full blocks shared, the partial one copied); it has the
+  // parent's settings and continues at position `tokens`. NOT_FOUND as for
+  // Decode; FAILED_PRECONDITION when tokens > the parent's length or the
+  // parent's sink window has moved; RESOURCE_EXHAUSTED when the cache is full.
+  absl::StatusOr<ForkedSession> ForkSession(const std::string& session_id, int64_t tokens,
+                                            absl::Duration deadline = absl::ZeroDuration());
+
+  // One layer-step for many sessions in one call and one backend call. The
+  // call's status covers the whole batch (deadline, cancellation, queue,
+  // memory budget; then no cache changed); each entry succeeds or fails on
+  // its own (unknown session, bad shape, out-of-order layer...), a failed
+  // entry leaving its cache as it was. Entries must differ in session and
+  // match in Hq, Hkv, D, Dv and query dtype.
+  absl::StatusOr<v1::BatchDecodeResponse> BatchDecode(
+      const v1::BatchDecodeRequest& request, absl::Duration deadline = absl::ZeroDuration());
+  // Same from SessionSteps (see convert.h: the batch's options and lse are
+  // the first step's): one result per step, in order, each the entry's
+  // DecodeResult or its own error. The outer status is the call's, or
+  // INVALID_ARGUMENT for steps that cannot share one request.
+  absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> BatchDecode(
+      int32_t layer, const std::vector<SessionStep>& steps, const CallOptions& call = {});
+  using BatchDecodeCallback =
+      absl::AnyInvocable<void(absl::StatusOr<v1::BatchDecodeResponse>) &&>;
+  // Starts one BatchDecode and returns at once; as DecodeAsync (`request`
+  // borrowed until `done` has run, which runs exactly once on a gRPC thread).
+  void BatchDecodeAsync(const v1::BatchDecodeRequest& request, BatchDecodeCallback done,
+                        absl::Duration deadline = absl::ZeroDuration());
 
   // Opens an AttendStream (bidirectional; see attend_stream.h). Never blocks.
   // `deadline` bounds the whole stream; zero means none.

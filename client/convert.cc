@@ -169,12 +169,21 @@ v1::CreateSessionRequest ToProto(const SessionSpec& spec) {
   out.set_value_dim(spec.value_dim);
   out.set_dtype(ToProto(spec.cache_dtype));
   out.set_max_tokens(spec.max_tokens);
+  out.set_num_layers(spec.num_layers);
+  if (spec.rotary.has_value()) *out.mutable_rotary() = *spec.rotary;
+  out.set_sink_tokens(spec.sink_tokens);
+  out.set_window_tokens(spec.window_tokens);
   return out;
 }
 
 CreatedSession FromProto(const v1::CreateSessionResponse& response) {
   return CreatedSession{response.session_id(), response.capacity_tokens(),
-                        response.block_tokens()};
+                        response.block_tokens(), response.num_layers()};
+}
+
+ForkedSession FromProto(const v1::ForkSessionResponse& response) {
+  return ForkedSession{response.session_id(), response.context_tokens(),
+                       response.shared_tokens()};
 }
 
 v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
@@ -189,6 +198,100 @@ v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
   out.mutable_outputs()->set_lse(step.lse);
   out.set_backend(call.backend);
   out.set_priority(call.priority);
+  out.set_layer(step.layer);
+  if (step.expected_context_tokens.has_value()) {
+    out.set_expected_context_tokens(*step.expected_context_tokens);
+  }
+  return out;
+}
+
+absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
+                                               const std::vector<SessionStep>& steps,
+                                               const CallOptions& call) {
+  if (steps.empty()) {
+    return absl::InvalidArgumentError("steps: expected at least one, got none");
+  }
+  v1::BatchDecodeRequest out;
+  out.set_request_id(call.request_id);
+  out.set_layer(layer);
+  out.set_backend(call.backend);
+  out.set_priority(call.priority);
+  ToProto(steps[0].step.options, out.mutable_options());
+  out.mutable_outputs()->set_lse(steps[0].step.lse);
+  // The wire has one options message per batch: compare each step's wire form.
+  const std::string options = out.options().SerializeAsString();
+  v1::AttentionOptions step_options;
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const DecodeStep& step = steps[i].step;
+    if (i > 0) {
+      step_options.Clear();
+      ToProto(step.options, &step_options);
+      if (step_options.SerializeAsString() != options) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "steps[", i, "].step.options: expected steps[0]'s (one per batch), got ",
+            step_options.ShortDebugString()));
+      }
+      if (step.lse != steps[0].step.lse) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "steps[", i, "].step.lse: expected steps[0]'s (", steps[0].step.lse,
+            ", one per batch), got ", step.lse));
+      }
+    }
+    v1::BatchDecodeEntry* entry = out.add_entries();
+    entry->set_session_id(steps[i].session_id);
+    ToProto(step.query, entry->mutable_query());
+    ToProto(step.key, entry->mutable_key());
+    ToProto(step.value, entry->mutable_value());
+    if (step.expected_context_tokens.has_value()) {
+      entry->set_expected_context_tokens(*step.expected_context_tokens);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> FromProto(
+    v1::BatchDecodeResponse&& response, size_t entries) {
+  if (static_cast<size_t>(response.results_size()) != entries) {
+    return absl::InternalError(absl::StrCat("results: expected ", entries,
+                                            ", one per entry, got ", response.results_size()));
+  }
+  const v1::Timing& timing = response.timing();
+  const ServerTiming server_timing{timing.queue_us(), timing.compute_us(), timing.batch_size(),
+                                   timing.total_us()};
+  std::vector<absl::StatusOr<DecodeResult>> out;
+  out.reserve(entries);
+  for (int i = 0; i < response.results_size(); ++i) {
+    v1::BatchDecodeResult* r = response.mutable_results(i);
+    if (r->code() != 0) {
+      // grpc and absl status codes share their values; an unknown one stays UNKNOWN.
+      const absl::StatusCode code = r->code() > 0 && r->code() <= 16
+                                        ? static_cast<absl::StatusCode>(r->code())
+                                        : absl::StatusCode::kUnknown;
+      out.push_back(absl::Status(code, r->message()));
+      continue;
+    }
+    DecodeResult result;
+    result.request_id = response.request_id();
+    result.backend = response.backend();
+    result.timing = server_timing;
+    result.context_tokens = r->context_tokens();
+    const std::string prefix = absl::StrCat("results[", i, "].");
+    absl::StatusOr<Tensor> output = MoveFromProto(r->mutable_output(), prefix + "output");
+    if (!output.ok()) {
+      out.push_back(output.status());
+      continue;
+    }
+    result.output = std::move(*output);
+    const bool has_lse = r->has_lse();
+    absl::StatusOr<std::optional<Tensor>> lse =
+        OptionalFromProto(has_lse, r->mutable_lse(), prefix + "lse");
+    if (!lse.ok()) {
+      out.push_back(lse.status());
+      continue;
+    }
+    result.lse = std::move(*lse);
+    out.push_back(std::move(result));
+  }
   return out;
 }
 

@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <grpcpp/support/status.h>
 
@@ -55,7 +56,20 @@ struct SessionSpec {
   int32_t head_dim = 0;      // D
   int32_t value_dim = 0;     // Dv; 0 = head_dim
   DType cache_dtype = DType::kF32;  // storage of the cache: F32, F16 or BF16
-  int64_t max_tokens = 0;    // 0 = as many as the server's cache holds
+  int64_t max_tokens = 0;    // per layer; 0 = as many as the server's cache holds
+  // Layers of the model, one paged cache each; steps name the layer and go
+  // in layer order (see the proto). 0 = 1.
+  int32_t num_layers = 1;
+  // If set, the server rotates new queries and keys (RoPE) at the session's
+  // positions, so steps send unrotated ones. The wire message itself: theta,
+  // rotary_dim, style (NEOX | GPTJ), scaling and its factors; zeros are the
+  // server's defaults.
+  std::optional<v1::RotaryEmbedding> rotary;
+  // Attention sinks: with window_tokens > 0 the session keeps its first
+  // sink_tokens and its last window_tokens tokens (rounded up to blocks) and
+  // frees the blocks between. 0 = keep everything.
+  int64_t sink_tokens = 0;
+  int64_t window_tokens = 0;
 };
 
 // What CreateSession answered.
@@ -63,18 +77,41 @@ struct CreatedSession {
   std::string session_id;
   int64_t capacity_tokens = 0;  // max_tokens, or what the free cache held then
   int32_t block_tokens = 0;
+  int32_t num_layers = 0;
+};
+
+// What ForkSession answered: a new session sharing a prefix of another's.
+struct ForkedSession {
+  std::string session_id;
+  int64_t context_tokens = 0;  // tokens the fork starts with (= the tokens asked for)
+  int64_t shared_tokens = 0;   // of them, in blocks shared with the parent (the rest copied)
 };
 
 // One decode step: key/value [Lnew, Hkv, D|Dv] are appended to the session's
-// cache, then query [Lq, Hq, D] attends over the whole cache (causal,
-// bottom-right: the new queries are the last positions). Borrowed views.
-// Of the options, scale, softcap, alibi_slopes and window_left apply.
+// cache of `layer`, then query [Lq, Hq, D] attends over that whole cache
+// (causal, bottom-right: the new queries are the last positions). Borrowed
+// views. Of the options, scale, softcap, alibi_slopes and window_left apply.
 struct DecodeStep {
   TensorView query;
   TensorView key;
   TensorView value;
   AttentionOptions options;
   bool lse = false;
+  int32_t layer = 0;  // in [0, num_layers)
+  // If set: the tokens the caller believes the layer's cache holds before
+  // this step; a mismatch is FAILED_PRECONDITION, so a retried step that
+  // already landed is refused instead of appended twice.
+  std::optional<int64_t> expected_context_tokens;
+};
+
+// One session's part of a BatchDecode: its step's query, key, value and
+// expected_context_tokens become the entry. The wire has one layer, options
+// and lse per batch: the layer is BatchDecode's argument (step.layer is not
+// read), options and lse are the first step's and must be the same in every
+// step.
+struct SessionStep {
+  std::string session_id;
+  DecodeStep step;
 };
 
 struct DecodeResult {
@@ -115,6 +152,24 @@ v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
 
 // Moves the tensors out of `response`.
 absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response);
+
+ForkedSession FromProto(const v1::ForkSessionResponse& response);
+
+// Builds the BatchDecodeRequest of one layer-step of `layer` over `steps`,
+// entries in their order. The batch's options and lse are steps[0]'s; a step
+// whose options or lse differ is INVALID_ARGUMENT naming it, as is an empty
+// `steps`. Tensors are not validated (the server does, per entry).
+absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
+                                               const std::vector<SessionStep>& steps,
+                                               const CallOptions& call);
+
+// The results of a BatchDecode, one per entry in order: the entry's output,
+// lse and context_tokens with the batch's request_id, timing and backend, or
+// the entry's own error (its code and message, which names the entry).
+// Moves the tensors out of `response`. INTERNAL when the response does not
+// hold one result per entry (`entries` were sent).
+absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> FromProto(
+    v1::BatchDecodeResponse&& response, size_t entries);
 
 // The one place a gRPC status becomes an absl::Status (codes share values).
 absl::Status FromGrpcStatus(const grpc::Status& status);

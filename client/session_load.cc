@@ -50,6 +50,9 @@ struct SessionSlot {
   v1::DecodeRequest request;
   int64_t context_tokens = 0;
   int64_t steps = 0;
+  // Model-shaped runs: the tokens of each layer's cache, for
+  // expected_context_tokens.
+  std::vector<int64_t> layer_tokens;
 };
 
 struct StepData {
@@ -77,7 +80,11 @@ class SessionLoadRun {
     }
 
     MakeStepData();
-    DecodeLoop(progress, &report);
+    if (options_.model_shaped()) {
+      ModelLoop(progress, &report);
+    } else {
+      DecodeLoop(progress, &report);
+    }
     report.close_errors = CloseAll();
     for (const SessionSlot& s : slots_) {
       report.context_tokens_max = std::max(report.context_tokens_max, s.context_tokens);
@@ -130,6 +137,7 @@ class SessionLoadRun {
     spec.num_kv_heads = options_.heads_kv;
     spec.head_dim = options_.head_dim;
     spec.cache_dtype = options_.cache_dtype;
+    spec.num_layers = options_.layers;
     absl::StatusOr<CreatedSession> created =
         slot.client->CreateSession(spec, options_.call_deadline);
     if (!created.ok()) {
@@ -144,6 +152,7 @@ class SessionLoadRun {
     SetTensor(request.mutable_query(), options_.dtype, q.shape, q.data);
     const int64_t row_bytes = int64_t{options_.heads_kv} * options_.head_dim *
                               static_cast<int64_t>(DTypeSize(options_.dtype));
+    const bool model = options_.model_shaped();
     for (int64_t done = 0; done < options_.context_tokens && !Interrupted(options_);) {
       const int64_t n = std::min(chunk_tokens_, options_.context_tokens - done);
       // Tokens are the outer dim, so the first n tokens are a prefix.
@@ -151,16 +160,24 @@ class SessionLoadRun {
                 k.data.substr(0, n * row_bytes));
       SetTensor(request.mutable_value(), options_.dtype,
                 {n, options_.heads_kv, options_.head_dim}, v.data.substr(0, n * row_bytes));
-      absl::StatusOr<v1::DecodeResponse> r = slot.client->Decode(request, options_.call_deadline);
-      if (!r.ok()) {
-        return absl::Status(r.status().code(),
-                            absl::StrCat("prefill after ", done, " tokens: ", r.status().message()));
+      // Every layer takes the chunk, in layer order (the server requires it).
+      for (int32_t layer = 0; layer < options_.layers; ++layer) {
+        request.set_layer(layer);
+        if (model) request.set_expected_context_tokens(done);
+        absl::StatusOr<v1::DecodeResponse> r =
+            slot.client->Decode(request, options_.call_deadline);
+        if (!r.ok()) {
+          return absl::Status(r.status().code(),
+                              absl::StrCat("prefill of layer ", layer, " after ", done,
+                                           " tokens: ", r.status().message()));
+        }
+        slot.context_tokens = r->context_tokens();
+        absl::MutexLock lock(&mu_);
+        ++prefill_calls_;
       }
       done += n;
-      slot.context_tokens = r->context_tokens();
       absl::MutexLock lock(&mu_);
       prefill_tokens_ += n;
-      ++prefill_calls_;
     }
     return absl::OkStatus();
   }
@@ -242,6 +259,219 @@ class SessionLoadRun {
       report->steps_per_s = static_cast<double>(report->latency.ok) / report->elapsed_s;
       report->tokens_per_s = report->steps_per_s * options_.decode_tokens;
     }
+  }
+
+  // --- model-shaped decode ---------------------------------------------------
+
+  // Generates tokens until the duration passes: each token steps every layer
+  // in order over the sessions still alive, one layer-step at a time.
+  void ModelLoop(const std::function<void(const LoadProgress&)>& progress,
+                 SessionLoadReport* report) {
+    const bool report_progress = progress && options_.progress_interval > absl::ZeroDuration();
+    std::vector<size_t> alive;
+    for (size_t i = 0; i < slots_.size(); ++i) {
+      slots_[i].layer_tokens.assign(static_cast<size_t>(options_.layers),
+                                    slots_[i].context_tokens);
+      alive.push_back(i);
+    }
+    if (options_.batched) {
+      batch_request_.set_backend(options_.backend);
+    }
+    std::vector<double> layer_ms;
+    start_ = Clock::now();
+    end_ = start_ + ToClock(options_.duration);
+    Clock::time_point last = start_;
+    Clock::time_point previous = start_;
+    Clock::time_point next_report = start_ + ToClock(options_.progress_interval);
+    for (int64_t token = 0; !alive.empty() && Clock::now() < end_; ++token) {
+      bool stopped = false;
+      for (int32_t layer = 0; layer < options_.layers && !alive.empty(); ++layer) {
+        if (Interrupted(options_)) {
+          stopped = true;
+          break;
+        }
+        const Clock::time_point started = Clock::now();
+        std::vector<bool> failed = options_.batched ? BatchLayerStep(layer, token, alive)
+                                                    : DecodeLayerStep(layer, token, alive);
+        const Clock::time_point now = Clock::now();
+        layer_ms.push_back(std::chrono::duration<double, std::milli>(now - started).count());
+        std::vector<size_t> kept;
+        for (size_t j = 0; j < alive.size(); ++j) {
+          if (failed[j]) {
+            ++report->sessions_dropped;
+          } else {
+            kept.push_back(alive[j]);
+          }
+        }
+        alive = std::move(kept);
+        if (report_progress && now >= next_report) {
+          LoadProgress p;
+          p.elapsed_s = SecondsBetween(start_, now);
+          p.interval_s = SecondsBetween(previous, now);
+          p.interval = stats_.SummarizeInterval();
+          progress(p);
+          previous = now;
+          next_report = now + ToClock(options_.progress_interval);
+        }
+      }
+      if (stopped) {
+        report->interrupted = true;
+        break;
+      }
+      // The sessions left have taken this token through every layer.
+      report->tokens += static_cast<int64_t>(alive.size()) * options_.decode_tokens;
+      last = Clock::now();
+    }
+    if (!report->interrupted && Interrupted(options_)) report->interrupted = true;
+    report->elapsed_s = SecondsBetween(start_, last);
+    report->latency = stats_.Summary();
+    report->sent = report->latency.ok + report->latency.errors_total;
+    report->layer_steps = static_cast<int64_t>(layer_ms.size());
+    report->layer_p50_ms = Percentile(layer_ms, 0.50);
+    report->layer_p99_ms = Percentile(layer_ms, 0.99);
+    if (report->elapsed_s > 0) {
+      report->steps_per_s = static_cast<double>(report->latency.ok) / report->elapsed_s;
+      report->tokens_per_s = static_cast<double>(report->tokens) / report->elapsed_s;
+    }
+  }
+
+  const StepData& StepVariant(int64_t token, size_t index) const {
+    return variants_[static_cast<size_t>(token + static_cast<int64_t>(index)) % variants_.size()];
+  }
+
+  // Records one session's layer-step; returns whether it failed.
+  bool RecordLayerStep(size_t index, int32_t layer, double ms,
+                       const absl::StatusOr<int64_t>& context_tokens, const v1::Timing& timing) {
+    if (!context_tokens.ok()) {
+      stats_.RecordError(context_tokens.status().code(), ms);
+      return true;
+    }
+    stats_.RecordOk(ms, timing.queue_us(), timing.compute_us(), timing.batch_size());
+    SessionSlot& s = slots_[index];
+    s.layer_tokens[static_cast<size_t>(layer)] = *context_tokens;
+    s.context_tokens = *context_tokens;
+    return false;
+  }
+
+  // One layer-step as one BatchDecode over the `alive` sessions. Returns
+  // which of them failed.
+  std::vector<bool> BatchLayerStep(int32_t layer, int64_t token, const std::vector<size_t>& alive) {
+    const int64_t n = options_.decode_tokens;
+    batch_request_.set_layer(layer);
+    // Entries are rebuilt only when a session was dropped.
+    if (batch_request_.entries_size() != static_cast<int>(alive.size())) {
+      batch_request_.clear_entries();
+      for (size_t index : alive) {
+        v1::BatchDecodeEntry* e = batch_request_.add_entries();
+        e->set_session_id(slots_[index].id);
+        SetTensor(e->mutable_query(), options_.dtype, {n, options_.heads_q, options_.head_dim}, "");
+        SetTensor(e->mutable_key(), options_.dtype, {n, options_.heads_kv, options_.head_dim}, "");
+        SetTensor(e->mutable_value(), options_.dtype, {n, options_.heads_kv, options_.head_dim},
+                  "");
+      }
+    }
+    for (size_t j = 0; j < alive.size(); ++j) {
+      const StepData& d = StepVariant(token, alive[j]);
+      v1::BatchDecodeEntry* e = batch_request_.mutable_entries(static_cast<int>(j));
+      e->mutable_query()->set_data(d.q);
+      e->mutable_key()->set_data(d.k);
+      e->mutable_value()->set_data(d.v);
+      e->set_expected_context_tokens(slots_[alive[j]].layer_tokens[static_cast<size_t>(layer)]);
+    }
+    const Clock::time_point started = Clock::now();
+    absl::StatusOr<v1::BatchDecodeResponse> response =
+        clients_[0]->BatchDecode(batch_request_, options_.call_deadline);
+    const double ms =
+        std::chrono::duration<double, std::milli>(Clock::now() - started).count();
+    std::vector<bool> failed(alive.size(), false);
+    for (size_t j = 0; j < alive.size(); ++j) {
+      absl::StatusOr<int64_t> tokens = int64_t{0};
+      if (!response.ok()) {
+        tokens = response.status();
+      } else {
+        if (static_cast<size_t>(response->results_size()) != alive.size()) {
+          tokens = absl::InternalError("results: expected one per entry");
+        } else if (const v1::BatchDecodeResult& r = response->results(static_cast<int>(j));
+                   r.code() != 0) {
+          tokens = absl::Status(static_cast<absl::StatusCode>(r.code()), r.message());
+        } else {
+          tokens = r.context_tokens();
+        }
+      }
+      failed[j] = RecordLayerStep(alive[j], layer, ms, tokens,
+                                  response.ok() ? response->timing() : v1::Timing());
+    }
+    return failed;
+  }
+
+  // One layer-step as one Decode per `alive` session, up to `concurrency` in
+  // flight; returns once every one has answered, with which of them failed.
+  std::vector<bool> DecodeLayerStep(int32_t layer, int64_t token,
+                                    const std::vector<size_t>& alive) {
+    for (size_t index : alive) {
+      SessionSlot& s = slots_[index];
+      const StepData& d = StepVariant(token, index);
+      s.request.set_layer(layer);
+      s.request.set_expected_context_tokens(s.layer_tokens[static_cast<size_t>(layer)]);
+      s.request.mutable_query()->set_data(d.q);
+      s.request.mutable_key()->set_data(d.k);
+      s.request.mutable_value()->set_data(d.v);
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      layer_alive_ = &alive;
+      layer_number_ = layer;
+      layer_next_ = 0;
+      layer_done_ = 0;
+      layer_failed_.assign(alive.size(), false);
+    }
+    const size_t first = std::min(alive.size(), static_cast<size_t>(options_.concurrency));
+    for (size_t j = 0; j < first; ++j) IssueLayerCall();
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(this, &SessionLoadRun::LayerStepDone));
+    layer_alive_ = nullptr;
+    return layer_failed_;
+  }
+
+  bool LayerStepDone() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return layer_done_ == layer_alive_->size();
+  }
+
+  // Sends the next Decode of the current layer-step, if one is left.
+  void IssueLayerCall() {
+    size_t j;
+    size_t index;
+    {
+      absl::MutexLock lock(&mu_);
+      if (layer_next_ >= layer_alive_->size()) return;
+      j = layer_next_++;
+      index = (*layer_alive_)[j];
+    }
+    SessionSlot& s = slots_[index];
+    const Clock::time_point started = Clock::now();
+    s.client->DecodeAsync(
+        s.request,
+        [this, j, index, started](absl::StatusOr<v1::DecodeResponse> response) {
+          const double ms =
+              std::chrono::duration<double, std::milli>(Clock::now() - started).count();
+          int32_t layer;
+          {
+            absl::MutexLock lock(&mu_);
+            layer = layer_number_;
+          }
+          absl::StatusOr<int64_t> tokens =
+              response.ok() ? absl::StatusOr<int64_t>(response->context_tokens())
+                            : absl::StatusOr<int64_t>(response.status());
+          const bool failed = RecordLayerStep(index, layer, ms, tokens,
+                                              response.ok() ? response->timing() : v1::Timing());
+          // The next call goes out before this one counts as done, so the
+          // layer-step never looks finished while calls remain.
+          IssueLayerCall();
+          absl::MutexLock lock(&mu_);
+          layer_failed_[j] = failed;
+          ++layer_done_;
+        },
+        options_.call_deadline);
   }
 
   // Sleeps until the end of the run, reporting progress. Returns true when
@@ -340,6 +570,14 @@ class SessionLoadRun {
   int64_t prefill_calls_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<size_t> ready_ ABSL_GUARDED_BY(mu_);  // sessions waiting to step
   int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
+  // Model-shaped runs: the batched layer-step's request (caller's thread
+  // only), and the state of the unbatched layer-step in progress.
+  v1::BatchDecodeRequest batch_request_;
+  const std::vector<size_t>* layer_alive_ ABSL_GUARDED_BY(mu_) = nullptr;
+  int32_t layer_number_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t layer_next_ ABSL_GUARDED_BY(mu_) = 0;  // the next of layer_alive_ to send
+  size_t layer_done_ ABSL_GUARDED_BY(mu_) = 0;  // answered
+  std::vector<bool> layer_failed_ ABSL_GUARDED_BY(mu_);
   int64_t sent_ ABSL_GUARDED_BY(mu_) = 0;
   Clock::time_point last_completion_ ABSL_GUARDED_BY(mu_);
 };
@@ -355,6 +593,7 @@ absl::Status ValidateSessionLoadOptions(const SessionLoadOptions& o) {
   for (auto [name, value] : {std::pair<const char*, int64_t>{"sessions", o.sessions},
                              {"decode_tokens", o.decode_tokens},
                              {"concurrency", o.concurrency},
+                             {"layers", o.layers},
                              {"hq", o.heads_q},
                              {"hkv", o.heads_kv},
                              {"d", o.head_dim},

@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_cat.h"
 #include "client/convert.h"
 #include "client/latency_stats.h"
 #include "client/shapes.h"
@@ -96,6 +97,154 @@ TEST(ClientConvertTest, MalformedResponseTensorNamesTheField) {
   t.set_dtype(v1::F32);
   t.add_shape(-1);
   EXPECT_THAT(FromProto(t, "lse").status().message(), HasSubstr("lse.shape"));
+}
+
+TEST(ClientConvertTest, SessionSpecCarriesLayersRotaryAndSinks) {
+  SessionSpec spec;
+  spec.num_kv_heads = 8;
+  spec.head_dim = 128;
+  spec.cache_dtype = DType::kBF16;
+  spec.num_layers = 32;
+  spec.sink_tokens = 4;
+  spec.window_tokens = 1024;
+  v1::CreateSessionRequest p = ToProto(spec);
+  EXPECT_EQ(p.num_layers(), 32);
+  EXPECT_EQ(p.sink_tokens(), 4);
+  EXPECT_EQ(p.window_tokens(), 1024);
+  EXPECT_EQ(p.dtype(), v1::BF16);
+  EXPECT_FALSE(p.has_rotary()) << "no rotary unless asked";
+
+  v1::RotaryEmbedding rope;
+  rope.set_theta(500000.f);
+  rope.set_rotary_dim(64);
+  rope.set_style(v1::RotaryEmbedding::GPTJ);
+  rope.set_scaling(v1::RotaryEmbedding::LLAMA3);
+  rope.set_factor(8.f);
+  rope.set_original_max_positions(8192);
+  rope.set_low_freq_factor(1.f);
+  rope.set_high_freq_factor(4.f);
+  spec.rotary = rope;
+  p = ToProto(spec);
+  ASSERT_TRUE(p.has_rotary());
+  EXPECT_FLOAT_EQ(p.rotary().theta(), 500000.f);
+  EXPECT_EQ(p.rotary().rotary_dim(), 64);
+  EXPECT_EQ(p.rotary().style(), v1::RotaryEmbedding::GPTJ);
+  EXPECT_EQ(p.rotary().scaling(), v1::RotaryEmbedding::LLAMA3);
+  EXPECT_FLOAT_EQ(p.rotary().factor(), 8.f);
+  EXPECT_EQ(p.rotary().original_max_positions(), 8192);
+  EXPECT_FLOAT_EQ(p.rotary().high_freq_factor(), 4.f);
+
+  v1::CreateSessionResponse response;
+  response.set_session_id("s");
+  response.set_num_layers(32);
+  EXPECT_EQ(FromProto(response).num_layers, 32);
+  v1::ForkSessionResponse forked;
+  forked.set_session_id("f");
+  forked.set_context_tokens(40);
+  forked.set_shared_tokens(32);
+  const ForkedSession f = FromProto(forked);
+  EXPECT_EQ(f.session_id, "f");
+  EXPECT_EQ(f.context_tokens, 40);
+  EXPECT_EQ(f.shared_tokens, 32);
+}
+
+TEST(ClientConvertTest, DecodeStepCarriesLayerAndExpectedTokens) {
+  const Tensor q = RandomTensor(DType::kF32, {1, 4, 8}, 1);
+  const Tensor kv = RandomTensor(DType::kF32, {1, 2, 8}, 2);
+  DecodeStep step{q.view(), kv.view(), kv.view(), {}, true};
+  v1::DecodeRequest p = ToProto("s1", step, {});
+  EXPECT_EQ(p.layer(), 0);
+  EXPECT_FALSE(p.has_expected_context_tokens()) << "unset unless asked";
+  step.layer = 5;
+  step.expected_context_tokens = 0;  // 0 is a value, not "unset"
+  p = ToProto("s1", step, {});
+  EXPECT_EQ(p.layer(), 5);
+  ASSERT_TRUE(p.has_expected_context_tokens());
+  EXPECT_EQ(p.expected_context_tokens(), 0);
+  EXPECT_TRUE(p.outputs().lse());
+}
+
+TEST(ClientConvertTest, BatchDecodeRequestKeepsEntryOrderAndSharesTheOptions) {
+  std::vector<Tensor> qs, kvs;
+  std::vector<SessionStep> steps;
+  for (int i = 0; i < 3; ++i) {
+    qs.push_back(RandomTensor(DType::kBF16, {1, 4, 8}, 10 + i));
+    kvs.push_back(RandomTensor(DType::kBF16, {1, 2, 8}, 20 + i));
+  }
+  for (int i = 0; i < 3; ++i) {
+    DecodeStep step{qs[i].view(), kvs[i].view(), kvs[i].view(), {}, false};
+    step.options.softcap = 30.f;
+    step.options.window_left = 128;
+    step.layer = 99;  // not read: the batch's layer is the argument
+    if (i != 1) step.expected_context_tokens = 100 + i;
+    steps.push_back(SessionStep{absl::StrCat("s", 2 - i), step});
+  }
+  CallOptions call{.request_id = "b1", .backend = "cpu", .priority = 1};
+  absl::StatusOr<v1::BatchDecodeRequest> p = ToProto(3, steps, call);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->request_id(), "b1");
+  EXPECT_EQ(p->backend(), "cpu");
+  EXPECT_EQ(p->priority(), 1);
+  EXPECT_EQ(p->layer(), 3);
+  EXPECT_FLOAT_EQ(p->options().softcap(), 30.f);
+  EXPECT_EQ(p->options().window_left(), 128);
+  EXPECT_FALSE(p->outputs().lse());
+  ASSERT_EQ(p->entries_size(), 3);
+  for (int i = 0; i < 3; ++i) {
+    SCOPED_TRACE(i);
+    const v1::BatchDecodeEntry& e = p->entries(i);
+    EXPECT_EQ(e.session_id(), absl::StrCat("s", 2 - i));
+    EXPECT_EQ(e.query().data(), qs[i].data);
+    EXPECT_EQ(e.query().dtype(), v1::BF16);
+    EXPECT_EQ(e.key().data(), kvs[i].data);
+    EXPECT_EQ(e.value().data(), kvs[i].data);
+    EXPECT_EQ(e.has_expected_context_tokens(), i != 1);
+    if (i != 1) EXPECT_EQ(e.expected_context_tokens(), 100 + i);
+  }
+
+  // One options message and one lse per batch: a step that differs is refused.
+  std::vector<SessionStep> mixed = steps;
+  mixed[2].step.options.softcap = 0.f;
+  EXPECT_THAT(ToProto(0, mixed, {}).status().message(), HasSubstr("steps[2].step.options"));
+  mixed = steps;
+  mixed[1].step.lse = true;
+  EXPECT_THAT(ToProto(0, mixed, {}).status().message(), HasSubstr("steps[1].step.lse"));
+  EXPECT_THAT(ToProto(0, {}, {}).status().message(), HasSubstr("steps: expected at least one"));
+}
+
+TEST(ClientConvertTest, BatchDecodeResultsAreOnePerEntryWithTheirOwnErrors) {
+  const Tensor out = RandomTensor(DType::kF32, {1, 4, 8}, 7);
+  v1::BatchDecodeResponse response;
+  response.set_request_id("b1");
+  response.set_backend("cpu");
+  response.mutable_timing()->set_batch_size(2);
+  v1::BatchDecodeResult* ok = response.add_results();
+  ToProto(out.view(), ok->mutable_output());
+  ok->set_context_tokens(17);
+  v1::BatchDecodeResult* failed = response.add_results();
+  failed->set_code(9);  // FAILED_PRECONDITION
+  failed->set_message("entries[1].layer: expected 2, got 3");
+  v1::BatchDecodeResult* bad = response.add_results();
+  bad->mutable_output()->set_dtype(v1::F32);
+  bad->mutable_output()->add_shape(4);  // no data
+
+  absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> r =
+      FromProto(v1::BatchDecodeResponse(response), 3);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 3u);
+  ASSERT_TRUE((*r)[0].ok()) << (*r)[0].status();
+  EXPECT_EQ((*r)[0]->output.data, out.data);
+  EXPECT_EQ((*r)[0]->context_tokens, 17);
+  EXPECT_EQ((*r)[0]->request_id, "b1");
+  EXPECT_EQ((*r)[0]->backend, "cpu");
+  EXPECT_EQ((*r)[0]->timing.batch_size, 2);
+  EXPECT_FALSE((*r)[0]->lse.has_value());
+  EXPECT_EQ((*r)[1].status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT((*r)[1].status().message(), HasSubstr("entries[1].layer"));
+  EXPECT_THAT((*r)[2].status().message(), HasSubstr("results[2].output.data"));
+
+  EXPECT_EQ(FromProto(v1::BatchDecodeResponse(response), 2).status().code(),
+            absl::StatusCode::kInternal);
 }
 
 TEST(ClientConvertTest, GrpcStatusKeepsCodeAndMessage) {
