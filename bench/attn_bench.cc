@@ -208,7 +208,7 @@ int Main() {
       auto lease = created.ok() ? store->Acquire(created->session_id, "")
                                 : absl::StatusOr<SessionLease>(created.status());
       absl::Status appended =
-          lease.ok() ? lease->Append(
+          lease.ok() ? lease->Append(0, 
                            TensorView{dtype, {shape.lk, shape.hkv, shape.d},
                                       std::string_view(k).substr(b * kv_row, kv_row)},
                            TensorView{dtype, {shape.lk, shape.hkv, shape.d},

@@ -1,10 +1,14 @@
 #include "server/convert.h"
 
+#include <algorithm>
+#include <new>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/half.h"
 
 namespace attnserve {
 namespace {
@@ -15,6 +19,70 @@ absl::Status UnknownEnum(absl::string_view field, absl::string_view expected, in
 }
 
 }  // namespace
+
+absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
+                                         absl::string_view field) {
+  RopeConfig c;
+  c.theta = proto.theta() == 0 ? 10000.0 : proto.theta();
+  c.rotary_dim = proto.rotary_dim();
+  switch (proto.style()) {
+    case v1::RotaryEmbedding::NEOX:
+      c.style = RopeStyle::kNeox;
+      break;
+    case v1::RotaryEmbedding::GPTJ:
+      c.style = RopeStyle::kGptj;
+      break;
+    default:
+      return UnknownEnum(absl::StrCat(field, ".style"), "NEOX (0) or GPTJ (1)", proto.style());
+  }
+  switch (proto.scaling()) {
+    case v1::RotaryEmbedding::NONE:
+      c.scaling = RopeScaling::kNone;
+      break;
+    case v1::RotaryEmbedding::LINEAR:
+      c.scaling = RopeScaling::kLinear;
+      break;
+    case v1::RotaryEmbedding::NTK:
+      c.scaling = RopeScaling::kNtk;
+      break;
+    case v1::RotaryEmbedding::DYNAMIC:
+      c.scaling = RopeScaling::kDynamic;
+      break;
+    case v1::RotaryEmbedding::LLAMA3:
+      c.scaling = RopeScaling::kLlama3;
+      break;
+    default:
+      return UnknownEnum(absl::StrCat(field, ".scaling"), "NONE, LINEAR, NTK, DYNAMIC or LLAMA3",
+                         proto.scaling());
+  }
+  c.factor = proto.factor() == 0 ? 1.0 : proto.factor();
+  c.original_max_positions = proto.original_max_positions();
+  c.low_freq_factor = proto.low_freq_factor();    // <= 0: ValidateRope's default
+  c.high_freq_factor = proto.high_freq_factor();
+  return c;
+}
+
+absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t heads,
+                         int32_t head_dim, absl::Span<const int64_t> positions, DType out_dtype,
+                         std::string* out) {
+  const int64_t row = int64_t{heads} * head_dim;
+  const int64_t tokens = static_cast<int64_t>(positions.size());
+  std::vector<float> x;
+  try {
+    out->assign(tokens * row * DTypeSize(out_dtype), '\0');
+    x.resize(std::min<int64_t>(tokens, 4096) * row);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory for the rotated copy of a tensor");
+  }
+  // In chunks of at most 4096 tokens, so the F32 buffer stays small.
+  for (int64_t first = 0; first < tokens; first += 4096) {
+    const int64_t n = std::min<int64_t>(4096, tokens - first);
+    for (int64_t i = 0; i < n * row; ++i) x[i] = LoadFloat(t.data.data(), t.dtype, first * row + i);
+    RotateRope(config, positions.subspan(first, n), heads, head_dim, x.data());
+    for (int64_t i = 0; i < n * row; ++i) StoreFloat(out->data(), out_dtype, first * row + i, x[i]);
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field) {
   absl::StatusOr<DType> dtype = RequestDTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));

@@ -9,6 +9,7 @@
 #include "absl/strings/string_view.h"
 #include "attention/job.h"
 #include "attention/request.h"
+#include "attention/rope.h"
 #include "attnserve/v1/attention.pb.h"
 #include "backends/backend.h"
 #include "core/dtype.h"
@@ -40,6 +41,20 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
 // Moves the job's output tensors into `response` (the storage is moved, not
 // copied). Optional outputs are set only when the job computed them.
 void JobToProto(AttentionJob& job, v1::AttendResponse* response);
+
+// The rotary settings of `proto` (theta 0 = 10000); INVALID_ARGUMENT naming
+// `field` for an unknown enum value. Checked against the head dim later, by
+// ValidateRope.
+absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
+                                         absl::string_view field = "rotary");
+
+// Rotates `t` ([rows · tokens, heads, head_dim] elements in any input dtype)
+// into `*out` in `out_dtype`, token i of the whole tensor at positions[i].
+// `config` must have passed ValidateRope. RESOURCE_EXHAUSTED when memory for
+// the copy runs out.
+absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t heads,
+                         int32_t head_dim, absl::Span<const int64_t> positions, DType out_dtype,
+                         std::string* out);
 
 void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out);
 

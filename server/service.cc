@@ -17,28 +17,46 @@ namespace {
 
 constexpr char kAttend[] = "Attend";
 constexpr char kAttendStream[] = "AttendStream";
+constexpr char kBatchDecodeStream[] = "BatchDecodeStream";
 
 }  // namespace
 
-// One AttendStream call. Reads requests while fewer than max_stream_inflight
+// What StartDrain needs of an open stream.
+class AttentionServiceImpl::StreamBase {
+ public:
+  virtual ~StreamBase() = default;
+  virtual void BeginDrain() = 0;
+};
+
+// One AttendStream or BatchDecodeStream call (a Request/Response pair and a
+// `submit` that admits one request like Submit). Reads requests while fewer than max_stream_inflight
 // are held (submitted, or computed and waiting to be written), writes
 // responses one at a time in completion order, and finishes once nothing is
 // held and either the client half-closed or the stream is stopping (an error,
 // a cancellation or a drain). Every gRPC operation is started with mu_ held, so
 // the decision and the operation cannot be reordered; gRPC never runs a
 // reaction inline from StartRead/StartWrite/Finish, so that cannot deadlock.
+template <typename Request, typename Response>
 class AttentionServiceImpl::StreamReactor final
-    : public grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse> {
+    : public grpc::ServerBidiReactor<Request, Response>,
+      public AttentionServiceImpl::StreamBase {
  public:
-  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context)
-      : service_(service), context_(context) {
+  // Admits one request; as AttentionServiceImpl::Submit.
+  using SubmitFn = std::function<absl::Status(
+      const Request& request, absl::Time deadline, std::function<bool()> is_cancelled,
+      absl::Time received, Response* response, MemoryBudget::Reservation* reservation,
+      std::function<void(absl::Status)> done)>;
+
+  StreamReactor(AttentionServiceImpl* service, grpc::CallbackServerContext* context,
+                const char* method, SubmitFn submit)
+      : service_(service), context_(context), method_(method), submit_(std::move(submit)) {
     service_->AddStream(this);
     absl::MutexLock lock(&mu_);
     draining_ = service_->draining();
     Advance();
   }
 
-  void BeginDrain() {
+  void BeginDrain() override {
     absl::MutexLock lock(&mu_);
     draining_ = true;
     Advance();
@@ -67,7 +85,7 @@ class AttentionServiceImpl::StreamReactor final
     item->received = absl::Now();
     service_->options_.metrics->RequestStarted();
     Item* raw = item.release();
-    absl::Status submitted = service_->Submit(
+    absl::Status submitted = submit_(
         raw->request, DeadlineOf(context_), [this] { return cancelled_.load(); }, raw->received,
         &raw->response, &raw->reservation, [this, raw](absl::Status status) {
           OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
@@ -98,7 +116,7 @@ class AttentionServiceImpl::StreamReactor final
 
   void OnCancel() override {
     cancelled_.store(true);
-    service_->options_.metrics->RecordCancellation(kAttendStream);
+    service_->options_.metrics->RecordCancellation(method_);
     absl::MutexLock lock(&mu_);
     if (error_.ok()) error_ = absl::CancelledError("the stream was cancelled");
     Advance();
@@ -113,8 +131,8 @@ class AttentionServiceImpl::StreamReactor final
 
  private:
   struct Item {
-    v1::AttendRequest request;
-    v1::AttendResponse response;
+    Request request;
+    Response response;
     absl::Time received;
     MemoryBudget::Reservation reservation;  // released when the item is written or dropped
   };
@@ -133,7 +151,7 @@ class AttentionServiceImpl::StreamReactor final
 
   void Record(const Item& item, const absl::Status& status) {
     Metrics* metrics = service_->options_.metrics;
-    metrics->RecordRequest(kAttendStream, status.code(), absl::Now() - item.received);
+    metrics->RecordRequest(method_, status.code(), absl::Now() - item.received);
     metrics->RequestFinished();
   }
 
@@ -150,7 +168,7 @@ class AttentionServiceImpl::StreamReactor final
     if (writing_ == nullptr && !to_write_.empty()) {
       writing_ = std::move(to_write_.front());
       to_write_.pop_front();
-      StartWrite(&writing_->response);
+      this->StartWrite(&writing_->response);
     }
     const bool stopping = !error_.ok() || draining_;
     const int64_t held =
@@ -159,19 +177,21 @@ class AttentionServiceImpl::StreamReactor final
         held < service_->options_.max_stream_inflight) {
       reading_ = true;
       read_item_ = std::make_unique<Item>();
-      StartRead(&read_item_->request);
+      this->StartRead(&read_item_->request);
     }
     if (held == 0 && !submitting_ && (reads_done_ || stopping)) {
       finished_ = true;
       // A read still pending completes (not ok) after Finish.
       absl::Status status = error_;
       if (status.ok() && !reads_done_) status = Draining();
-      Finish(ToGrpcStatus(status));
+      this->Finish(ToGrpcStatus(status));
     }
   }
 
   AttentionServiceImpl* const service_;
   grpc::CallbackServerContext* const context_;
+  const char* const method_;
+  const SubmitFn submit_;
   std::atomic<bool> cancelled_{false};  // set by OnCancel; polled by queued tasks
 
   absl::Mutex mu_;
@@ -219,12 +239,17 @@ absl::Status AttentionServiceImpl::CheckRunnable(const AttentionJob& job,
 }
 
 absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
-    const AttentionJob& job, const Backend& backend, int64_t message_bytes, int64_t extra_bytes) {
+    absl::Span<const AttentionJob* const> jobs, const Backend& backend, int64_t message_bytes,
+    int64_t extra_bytes) {
   if (options_.memory_budget == nullptr) return MemoryBudget::Reservation();
-  const int64_t scratch = backend.ScratchBytes(job.planned_params());
-  // The outputs count twice: the response message holds them while gRPC
-  // writes its serialized copy.
-  const int64_t held = 2 * job.output_bytes + job.converted_input_bytes();
+  int64_t scratch = 0;
+  int64_t held = 0;
+  for (const AttentionJob* job : jobs) {
+    scratch += backend.ScratchBytes(job->planned_params());
+    // The outputs count twice: the response message holds them while gRPC
+    // writes its serialized copy.
+    held += 2 * job->output_bytes + job->converted_input_bytes();
+  }
   const int64_t total = message_bytes + extra_bytes + held + scratch;
   absl::StatusOr<MemoryBudget::Reservation> reservation = options_.memory_budget->Reserve(
       total, absl::StrCat("this request (message ", message_bytes + extra_bytes,
@@ -267,8 +292,9 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(*core, options_.limits);
   if (!job.ok()) return CountRejection(job.status(), "size");
   if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
-  absl::StatusOr<MemoryBudget::Reservation> reserved =
-      ReserveMemory(**job, *backend, static_cast<int64_t>(request.ByteSizeLong()), 0);
+  const AttentionJob* planned = job->get();
+  absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
+      absl::MakeConstSpan(&planned, 1), *backend, static_cast<int64_t>(request.ByteSizeLong()), 0);
   if (!reserved.ok()) return reserved.status();
   *reservation = *std::move(reserved);
 
@@ -317,7 +343,29 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
 
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>*
 AttentionServiceImpl::AttendStream(grpc::CallbackServerContext* context) {
-  return new StreamReactor(this, context);
+  return new AttendStreamReactor(
+      this, context, kAttendStream,
+      [this](const v1::AttendRequest& request, absl::Time deadline,
+             std::function<bool()> is_cancelled, absl::Time received,
+             v1::AttendResponse* response, MemoryBudget::Reservation* reservation,
+             std::function<void(absl::Status)> done) {
+        return Submit(request, deadline, std::move(is_cancelled), received, response,
+                      reservation, std::move(done));
+      });
+}
+
+grpc::ServerBidiReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>*
+AttentionServiceImpl::BatchDecodeStream(grpc::CallbackServerContext* context) {
+  return new BatchDecodeStreamReactor(
+      this, context, kBatchDecodeStream,
+      [this, caller = CallerOf(context)](
+          const v1::BatchDecodeRequest& request, absl::Time deadline,
+          std::function<bool()> is_cancelled, absl::Time received,
+          v1::BatchDecodeResponse* response, MemoryBudget::Reservation* reservation,
+          std::function<void(absl::Status)> done) {
+        return SubmitBatchDecode(caller, request, deadline, std::move(is_cancelled), received,
+                                 response, reservation, std::move(done));
+      });
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
@@ -358,6 +406,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     sessions->set_kv_cache_capacity_bytes(stats.capacity_bytes);
     sessions->set_block_tokens(so.block_tokens);
     sessions->set_eviction(so.eviction == EvictionPolicy::kLruIdle ? "lru_idle" : "reject");
+    sessions->set_kv_cache_shared_bytes(stats.shared_bytes);
+    sessions->set_kv_blocks_shared(stats.shared_blocks);
   }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   FinishUnary(reactor, "GetServerInfo", received, absl::OkStatus());
@@ -367,15 +417,15 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
 void AttentionServiceImpl::StartDrain() {
   draining_.store(true, std::memory_order_release);
   absl::MutexLock lock(&streams_mu_);
-  for (StreamReactor* stream : streams_) stream->BeginDrain();
+  for (StreamBase* stream : streams_) stream->BeginDrain();
 }
 
-void AttentionServiceImpl::AddStream(StreamReactor* stream) {
+void AttentionServiceImpl::AddStream(StreamBase* stream) {
   absl::MutexLock lock(&streams_mu_);
   streams_.insert(stream);
 }
 
-void AttentionServiceImpl::RemoveStream(StreamReactor* stream) {
+void AttentionServiceImpl::RemoveStream(StreamBase* stream) {
   absl::MutexLock lock(&streams_mu_);
   streams_.erase(stream);
 }

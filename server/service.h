@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,7 @@
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "attention/job.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "backends/backend.h"
@@ -84,6 +86,14 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* context,
                                          const v1::CloseSessionRequest* request,
                                          v1::CloseSessionResponse* response) override;
+  grpc::ServerUnaryReactor* ForkSession(grpc::CallbackServerContext* context,
+                                        const v1::ForkSessionRequest* request,
+                                        v1::ForkSessionResponse* response) override;
+  grpc::ServerUnaryReactor* BatchDecode(grpc::CallbackServerContext* context,
+                                        const v1::BatchDecodeRequest* request,
+                                        v1::BatchDecodeResponse* response) override;
+  grpc::ServerBidiReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>* BatchDecodeStream(
+      grpc::CallbackServerContext* context) override;
 
   // From now on new requests are answered UNAVAILABLE, and open streams finish
   // (UNAVAILABLE) once their in-flight requests are answered. Admitted work is
@@ -92,8 +102,14 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   bool draining() const { return draining_.load(std::memory_order_acquire); }
 
  private:
+  class StreamBase;
+  template <typename Request, typename Response>
   class StreamReactor;
   class DecodeReactor;
+  struct SessionStep;
+  struct BatchDecodeCall;
+  using AttendStreamReactor = StreamReactor<v1::AttendRequest, v1::AttendResponse>;
+  using BatchDecodeStreamReactor = StreamReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>;
 
   // RESOURCE_EXHAUSTED over --max_request_flops, else the backend's Supports().
   absl::Status CheckRunnable(const AttentionJob& job, const Backend& backend) const;
@@ -103,10 +119,10 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // `extra_bytes` of conversions the handler keeps), the outputs twice (the
   // response and gRPC's serialized copy of it), converted inputs and the
   // backend's scratch. RESOURCE_EXHAUSTED naming the budget.
-  absl::StatusOr<MemoryBudget::Reservation> ReserveMemory(const AttentionJob& job,
-                                                          const Backend& backend,
-                                                          int64_t message_bytes,
-                                                          int64_t extra_bytes);
+  // A BatchDecode reserves for all its jobs at once.
+  absl::StatusOr<MemoryBudget::Reservation> ReserveMemory(
+      absl::Span<const AttentionJob* const> jobs, const Backend& backend, int64_t message_bytes,
+      int64_t extra_bytes);
 
   // Counts a refused request in attnserve_rejected_requests_total{reason}
   // when `status` is RESOURCE_EXHAUSTED; returns it.
@@ -121,6 +137,26 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::Status SubmitDecode(grpc::CallbackServerContext* context, const v1::DecodeRequest& request,
                             v1::DecodeResponse* response, DecodeReactor* reactor,
                             absl::Time received);
+  // A session step's checks, with nothing changed yet: pins the session
+  // (into step->lease), checks the layer, the new K/V and
+  // expected_context_tokens, converts (and with RoPE rotates) the query, and
+  // plans the job over the grown cache; the backend's Supports. Errors name
+  // the field. (session_rpcs.cc)
+  absl::Status PlanStep(const std::string& caller, const std::string& session_id, int32_t layer,
+                        const v1::Tensor& query, const v1::Tensor& key, const v1::Tensor& value,
+                        std::optional<int64_t> expected_context_tokens,
+                        const AttentionOptions& options, bool lse, const Backend& backend,
+                        SessionStep* step);
+  // Appends the planned step's K/V and plans its job over the cache.
+  absl::Status AppendStep(SessionStep* step);
+  // Validates a BatchDecode, plans and appends its good entries and admits
+  // them to the scheduler as one gang; as Submit otherwise (`done` runs once,
+  // after `response` was filled, when this returns OK). (session_rpcs.cc)
+  absl::Status SubmitBatchDecode(const std::string& caller, const v1::BatchDecodeRequest& request,
+                                 absl::Time deadline, std::function<bool()> is_cancelled,
+                                 absl::Time received, v1::BatchDecodeResponse* response,
+                                 MemoryBudget::Reservation* reservation,
+                                 std::function<void(absl::Status)> done);
   void ReportSessions();
   std::string CallerOf(const grpc::CallbackServerContext* context) const;
 
@@ -141,8 +177,8 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,
                    const absl::Status& status);
 
-  void AddStream(StreamReactor* stream);
-  void RemoveStream(StreamReactor* stream);
+  void AddStream(StreamBase* stream);
+  void RemoveStream(StreamBase* stream);
 
   // Constant after construction.
   const Options options_;
@@ -151,7 +187,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   std::atomic<bool> draining_{false};
 
   absl::Mutex streams_mu_;
-  absl::flat_hash_set<StreamReactor*> streams_ ABSL_GUARDED_BY(streams_mu_);
+  absl::flat_hash_set<StreamBase*> streams_ ABSL_GUARDED_BY(streams_mu_);
 };
 
 }  // namespace attnserve

@@ -1,13 +1,18 @@
-// The KV-cache session RPCs of AttentionServiceImpl: CreateSession, Decode,
-// CloseSession. A Decode pins its session (SessionLease), appends the new K/V,
-// and goes through the same scheduler as Attend, so decode steps of many
-// sessions are batched into one backend call. A Decode that fails for any
-// reason leaves the session's cache as it was, so a client may simply retry.
+// The KV-cache session RPCs of AttentionServiceImpl: CreateSession,
+// ForkSession, Decode, BatchDecode (its stream form is in service.cc) and
+// CloseSession. A step pins its session (SessionLease), appends the new K/V
+// to one layer, and goes through the same scheduler as Attend: Decode steps
+// of many sessions are batched into one backend call, and a BatchDecode's
+// entries always run in one. A step that fails for any reason leaves the
+// session's cache as it was (SessionLease::Rollback), so a client may simply
+// retry.
 #include <new>
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -20,8 +25,14 @@ namespace attnserve {
 namespace {
 
 constexpr char kCreateSession[] = "CreateSession";
+constexpr char kForkSession[] = "ForkSession";
 constexpr char kDecode[] = "Decode";
+constexpr char kBatchDecode[] = "BatchDecode";
 constexpr char kCloseSession[] = "CloseSession";
+
+// Entries of one BatchDecode; past it, INVALID_ARGUMENT (the memory budget
+// and the cost limit bound a call further).
+constexpr int kMaxBatchEntries = 4096;
 
 absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
@@ -29,6 +40,11 @@ absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::
 
 absl::Status SessionsDisabled() {
   return absl::UnimplementedError("sessions are disabled on this server");
+}
+
+// `status` with its message prefixed by `prefix` (an entry's name).
+absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
 // Converts `t` to `dtype` (a copy), keeping its shape.
@@ -39,18 +55,70 @@ Tensor ConvertTensor(const Tensor& t, DType dtype) {
   return out;
 }
 
+// The options of a session step (Decode or BatchDecode): softmax, causal
+// with bottom-right alignment, lse the only optional output.
+absl::StatusOr<AttentionOptions> StepOptions(const v1::AttentionOptions& proto,
+                                             const v1::OutputSpec& outputs) {
+  absl::StatusOr<AttentionOptions> options = OptionsFromProto(proto);
+  if (!options.ok()) return options.status();
+  if (options->variant != Variant::kSoftmax) {
+    return Invalid("options.variant", "SOFTMAX for a session step", "LINEAR");
+  }
+  if (options->causal_alignment != CausalAlignment::kBottomRight) {
+    return Invalid("options.causal_alignment",
+                   "BOTTOM_RIGHT for a session step (new tokens follow the cache)", "TOP_LEFT");
+  }
+  if (options->window_right > 0) {
+    return Invalid("options.window_right", "unset, -1 or 0 for a session step (it is causal)",
+                   absl::StrCat(options->window_right));
+  }
+  if (outputs.weights()) return Invalid("outputs.weights", "false for a session step", "true");
+  if (outputs.top_k() != 0) {
+    return Invalid("outputs.top_k", "0 for a session step", absl::StrCat(outputs.top_k()));
+  }
+  options->causal = true;
+  return options;
+}
+
 }  // namespace
 
-// One Decode call: holds the session lease (released before the call
-// finishes, so the client's next step on the session is not refused) and the
-// query converted to the cache dtype when needed.
+// One session step, from its checks to its answer: the pinned session, the
+// query as the kernel reads it, and the job.
+struct AttentionServiceImpl::SessionStep {
+  std::optional<SessionLease> lease;
+  int32_t layer = 0;
+  TensorView key;
+  TensorView value;
+  DType query_dtype = DType::kF32;
+  std::string query_storage;  // the query converted to the cache dtype and/or rotated
+  AttentionRequest core;
+  // Planned over the cache as it will be (PlanStep), then over the cache
+  // after the append (AppendStep).
+  std::unique_ptr<AttentionJob> job;
+  int64_t extra_bytes = 0;  // held besides the job: query copy, rotated keys, output conversion
+  bool appended = false;
+
+  // Undoes the append (if any) and unpins the session.
+  void Abandon() {
+    if (lease.has_value() && appended) lease->Rollback();
+    job.reset();  // it points into the session's blocks: drop it before the lease
+    lease.reset();
+    appended = false;
+  }
+};
+
+// One Decode call: its step, released before the call finishes so the
+// client's next step on the session is not refused.
 class AttentionServiceImpl::DecodeReactor final : public CancellableUnaryReactor {
  public:
   explicit DecodeReactor(Metrics* metrics) : CancellableUnaryReactor(metrics, kDecode) {}
+  SessionStep step;
+};
 
-  std::optional<SessionLease> lease;
-  int64_t length_before = 0;  // cache length before this step's append
-  std::string query_storage;  // the query in the cache dtype, when converted
+// One BatchDecode message: a step per entry, and each entry's status.
+struct AttentionServiceImpl::BatchDecodeCall {
+  std::vector<SessionStep> steps;
+  std::vector<absl::Status> status;
 };
 
 std::string AttentionServiceImpl::CallerOf(const grpc::CallbackServerContext* context) const {
@@ -77,10 +145,18 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
     config.head_dim = request->head_dim();
     config.value_dim = request->value_dim();
     config.max_tokens = request->max_tokens();
+    config.num_layers = request->num_layers();
+    config.sink_tokens = request->sink_tokens();
+    config.window_tokens = request->window_tokens();
     if (request->dtype() != v1::DTYPE_UNSPECIFIED) {
       absl::StatusOr<DType> dtype = RequestDTypeFromProto(request->dtype(), "dtype");
       if (!dtype.ok()) return dtype.status();
       config.dtype = *dtype;
+    }
+    if (request->has_rotary()) {
+      absl::StatusOr<RopeConfig> rope = RopeFromProto(request->rotary());
+      if (!rope.ok()) return rope.status();
+      config.rope = *rope;
     }
     absl::StatusOr<SessionStore::Created> created =
         options_.sessions->CreateSession(config, CallerOf(context));
@@ -88,10 +164,33 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
     response->set_session_id(created->session_id);
     response->set_capacity_tokens(created->capacity_tokens);
     response->set_block_tokens(options_.sessions->options().block_tokens);
+    response->set_num_layers(config.num_layers == 0 ? 1 : config.num_layers);
     return absl::OkStatus();
   }();
   ReportSessions();
   FinishUnary(reactor, kCreateSession, received, status);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
+    grpc::CallbackServerContext* context, const v1::ForkSessionRequest* request,
+    v1::ForkSessionResponse* response) {
+  const absl::Time received = absl::Now();
+  options_.metrics->RequestStarted();
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Status status = [&]() -> absl::Status {
+    if (draining()) return Draining();
+    if (options_.sessions == nullptr) return SessionsDisabled();
+    absl::StatusOr<SessionStore::Forked> forked =
+        options_.sessions->Fork(request->session_id(), request->tokens(), CallerOf(context));
+    if (!forked.ok()) return forked.status();
+    response->set_session_id(forked->session_id);
+    response->set_context_tokens(request->tokens());
+    response->set_shared_tokens(forked->shared_tokens);
+    return absl::OkStatus();
+  }();
+  ReportSessions();
+  FinishUnary(reactor, kForkSession, received, status);
   return reactor;
 }
 
@@ -110,6 +209,140 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
   return reactor;
 }
 
+absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
+                                            const std::string& session_id, int32_t layer,
+                                            const v1::Tensor& query_proto,
+                                            const v1::Tensor& key_proto,
+                                            const v1::Tensor& value_proto,
+                                            std::optional<int64_t> expected_context_tokens,
+                                            const AttentionOptions& options, bool lse,
+                                            const Backend& backend, SessionStep* step) {
+  // Wire checks that need no session first.
+  absl::StatusOr<TensorView> query = ViewFromProto(query_proto, "query");
+  if (!query.ok()) return query.status();
+  absl::StatusOr<TensorView> key = ViewFromProto(key_proto, "key");
+  if (!key.ok()) return key.status();
+  absl::StatusOr<TensorView> value = ViewFromProto(value_proto, "value");
+  if (!value.ok()) return value.status();
+  const int64_t q_count = CheckedElementCount(query->shape, int64_t{1} << 40);
+  if (q_count < 0 ||
+      static_cast<int64_t>(query->data.size()) != q_count * int64_t(DTypeSize(query->dtype))) {
+    return Invalid("query.data",
+                   absl::StrCat(q_count < 0 ? 0 : q_count * int64_t(DTypeSize(query->dtype)),
+                                " bytes for shape ", ShapeString(query->shape)),
+                   absl::StrCat(query->data.size(), " bytes"));
+  }
+
+  absl::StatusOr<SessionLease> lease = options_.sessions->Acquire(session_id, caller);
+  if (!lease.ok()) return lease.status();
+  step->lease.emplace(*std::move(lease));
+  SessionLease& session = *step->lease;
+  const SessionConfig& config = session.config();
+  if (layer < 0 || layer >= config.num_layers) {
+    return Invalid("layer", absl::StrCat("a value in [0, ", config.num_layers, ") (num_layers)"),
+                   absl::StrCat(layer));
+  }
+  step->layer = layer;
+  step->key = *key;
+  step->value = *value;
+  step->query_dtype = query->dtype;
+  if (expected_context_tokens.has_value() && *expected_context_tokens != session.length(layer)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_context_tokens: layer ", layer, " of the session holds ", session.length(layer),
+        " tokens, the request expected ", *expected_context_tokens));
+  }
+  // Everything is checked before the cache changes: the layer, the new
+  // tokens' shapes, the step's options against the grown cache and the
+  // backend. Only then does Append touch the cache (and, under lru_idle,
+  // other sessions).
+  absl::StatusOr<int64_t> new_tokens = session.CheckAppend(layer, *key, *value);
+  if (!new_tokens.ok()) return new_tokens.status();
+
+  const DType cache_dtype = config.dtype;
+  step->core.query = *query;
+  if (config.rope.has_value()) {
+    // Query token i sits at the position of new token i + n - Lq (the
+    // queries end with the new tokens, as the causal alignment has it).
+    std::vector<int64_t> s = query->shape;
+    if (s.size() == 4 && s[0] == 1) s.erase(s.begin());
+    if (s.size() != 3 || s[2] != config.head_dim) {
+      return Invalid("query.shape", absl::StrCat("[Lq, Hq, ", config.head_dim, "] (or with a leading batch of 1)"),
+                     ShapeString(query->shape));
+    }
+    const int64_t lq = s[0];
+    const int64_t last = session.position(layer) + *new_tokens - 1;
+    std::vector<int64_t> positions(lq);
+    for (int64_t i = 0; i < lq; ++i) positions[i] = std::max<int64_t>(0, last - (lq - 1 - i));
+    if (absl::Status st = RotatedCopy(*config.rope, *query, static_cast<int32_t>(s[1]),
+                                      config.head_dim, positions, cache_dtype,
+                                      &step->query_storage);
+        !st.ok()) {
+      return st;
+    }
+    step->extra_bytes += *new_tokens * config.num_kv_heads * config.head_dim * int64_t{4};
+  } else if (query->dtype != cache_dtype) {
+    try {
+      step->query_storage.assign(q_count * DTypeSize(cache_dtype), '\0');
+    } catch (const std::bad_alloc&) {
+      return absl::ResourceExhaustedError("out of memory converting the query to the cache dtype");
+    }
+    for (int64_t i = 0; i < q_count; ++i) {
+      StoreFloat(step->query_storage.data(), cache_dtype, i,
+                 LoadFloat(query->data.data(), query->dtype, i));
+    }
+  }
+  if (!step->query_storage.empty()) {
+    step->core.query.dtype = cache_dtype;
+    step->core.query.data = step->query_storage;
+  }
+  step->core.options = options;
+  step->core.outputs.lse = lse;
+  // The step as it will run, over the cache grown by the new tokens; the
+  // blocks are not read here, so the current ones stand in for them.
+  static const void* const kNoBlocks[1] = {nullptr};
+  PagedKvView grown = session.View(layer);
+  grown.length += *new_tokens;
+  if (grown.blocks == nullptr) grown.blocks = kNoBlocks;
+  step->core.paged_kv = grown;
+  absl::StatusOr<std::unique_ptr<AttentionJob>> planned =
+      PlanAttention(step->core, options_.limits);
+  if (!planned.ok()) return CountRejection(planned.status(), "size");
+  step->job = *std::move(planned);
+  if (absl::Status s = backend.Supports(step->job->planned_params()); !s.ok()) return s;
+  // Held besides the job: the converted query, and the output converted
+  // back to the query's dtype.
+  step->extra_bytes += static_cast<int64_t>(step->query_storage.size());
+  if (query->dtype != cache_dtype) {
+    const AttentionParams& p = step->job->params;
+    step->extra_bytes +=
+        p.seqlen_q * int64_t{p.num_heads_q} * p.value_dim * int64_t(DTypeSize(query->dtype));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AttentionServiceImpl::AppendStep(SessionStep* step) {
+  SessionLease& session = *step->lease;
+  step->job.reset();
+  if (absl::Status s = session.Append(step->layer, step->key, step->value); !s.ok()) return s;
+  step->appended = true;
+  step->core.paged_kv = session.View(step->layer);
+  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(step->core, options_.limits);
+  if (!job.ok()) return job.status();
+  step->job = *std::move(job);
+  return absl::OkStatus();
+}
+
+// The step's output in the query's dtype. RESOURCE_EXHAUSTED when memory
+// for the conversion runs out.
+static absl::StatusOr<Tensor> StepOutput(AttentionJob& job, DType query_dtype) {
+  if (job.output.dtype == query_dtype) return std::move(job.output);
+  try {
+    return ConvertTensor(job.output, query_dtype);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory converting the output");
+  }
+}
+
 grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
                                                        const v1::DecodeRequest* request,
                                                        v1::DecodeResponse* response) {
@@ -118,8 +351,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerConte
   auto* reactor = new DecodeReactor(options_.metrics);
   absl::Status submitted = SubmitDecode(context, *request, response, reactor, received);
   if (!submitted.ok()) {
-    if (reactor->lease.has_value()) reactor->lease->Truncate(reactor->length_before);
-    reactor->lease.reset();
+    reactor->step.Abandon();
     FinishUnary(reactor, kDecode, received, submitted);
   }
   return reactor;
@@ -137,147 +369,241 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   if (request.priority() != 0 && request.priority() != 1) {
     return Invalid("priority", "0 (normal) or 1 (high)", absl::StrCat(request.priority()));
   }
-
-  // Wire checks that need no session first.
-  absl::StatusOr<TensorView> query = ViewFromProto(request.query(), "query");
-  if (!query.ok()) return query.status();
-  absl::StatusOr<TensorView> key = ViewFromProto(request.key(), "key");
-  if (!key.ok()) return key.status();
-  absl::StatusOr<TensorView> value = ViewFromProto(request.value(), "value");
-  if (!value.ok()) return value.status();
-  absl::StatusOr<AttentionOptions> options = OptionsFromProto(request.options());
+  absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), request.outputs());
   if (!options.ok()) return options.status();
-  if (options->variant != Variant::kSoftmax) {
-    return Invalid("options.variant", "SOFTMAX for Decode", "LINEAR");
+  SessionStep& step = reactor->step;
+  std::optional<int64_t> expected;
+  if (request.has_expected_context_tokens()) expected = request.expected_context_tokens();
+  if (absl::Status s = PlanStep(CallerOf(context), request.session_id(), request.layer(),
+                                request.query(), request.key(), request.value(), expected,
+                                *options, request.outputs().lse(), *backend, &step);
+      !s.ok()) {
+    return s;
   }
-  if (options->causal_alignment != CausalAlignment::kBottomRight) {
-    return Invalid("options.causal_alignment",
-                   "BOTTOM_RIGHT for Decode (new tokens follow the cache)", "TOP_LEFT");
-  }
-  if (options->window_right > 0) {
-    return Invalid("options.window_right", "unset, -1 or 0 for Decode (it is causal)",
-                   absl::StrCat(options->window_right));
-  }
-  if (request.outputs().weights()) return Invalid("outputs.weights", "false for Decode", "true");
-  if (request.outputs().top_k() != 0) {
-    return Invalid("outputs.top_k", "0 for Decode", absl::StrCat(request.outputs().top_k()));
-  }
-  options->causal = true;
-  const int64_t q_count = CheckedElementCount(query->shape, int64_t{1} << 40);
-  if (q_count < 0 ||
-      static_cast<int64_t>(query->data.size()) != q_count * int64_t(DTypeSize(query->dtype))) {
-    return Invalid("query.data",
-                   absl::StrCat(q_count < 0 ? 0 : q_count * int64_t(DTypeSize(query->dtype)),
-                                " bytes for shape ", ShapeString(query->shape)),
-                   absl::StrCat(query->data.size(), " bytes"));
-  }
-
-  absl::StatusOr<SessionLease> lease =
-      options_.sessions->Acquire(request.session_id(), CallerOf(context));
-  if (!lease.ok()) return lease.status();
-  reactor->lease.emplace(*std::move(lease));
-  SessionLease& session = *reactor->lease;
-  reactor->length_before = session.length();
-  if (request.has_expected_context_tokens() &&
-      request.expected_context_tokens() != session.length()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "expected_context_tokens: the session holds ", session.length(), " tokens, the request expected ",
-        request.expected_context_tokens()));
-  }
-  // Everything is checked before the cache changes: the new tokens' shapes,
-  // the step's options against the grown cache, the backend, the cost and the
-  // memory budget. Only then does Append touch the cache (and, under
-  // lru_idle, other sessions).
-  absl::StatusOr<int64_t> new_tokens = session.CheckAppend(*key, *value);
-  if (!new_tokens.ok()) return new_tokens.status();
-
-  const DType cache_dtype = session.config().dtype;
-  const DType query_dtype = query->dtype;
-  AttentionRequest core;
-  core.query = *query;
-  if (query_dtype != cache_dtype) {
-    try {
-      reactor->query_storage.assign(q_count * DTypeSize(cache_dtype), '\0');
-    } catch (const std::bad_alloc&) {
-      return absl::ResourceExhaustedError("out of memory converting the query to the cache dtype");
-    }
-    for (int64_t i = 0; i < q_count; ++i) {
-      StoreFloat(reactor->query_storage.data(), cache_dtype, i,
-                 LoadFloat(query->data.data(), query_dtype, i));
-    }
-    core.query.dtype = cache_dtype;
-    core.query.data = reactor->query_storage;
-  }
-  core.options = *std::move(options);
-  core.outputs.lse = request.outputs().lse();
-  {
-    // The step as it will run, over the cache grown by the new tokens; the
-    // blocks are not read here, so the current ones stand in for them.
-    static const void* const kNoBlocks[1] = {nullptr};
-    PagedKvView grown = session.View();
-    grown.length += *new_tokens;
-    if (grown.blocks == nullptr) grown.blocks = kNoBlocks;
-    core.paged_kv = grown;
-    absl::StatusOr<std::unique_ptr<AttentionJob>> planned = PlanAttention(core, options_.limits);
-    if (!planned.ok()) return CountRejection(planned.status(), "size");
-    if (absl::Status s = CheckRunnable(**planned, *backend); !s.ok()) return s;
-    // Held besides the job: the converted query, and the output converted
-    // back to the query's dtype.
-    const int64_t converted =
-        static_cast<int64_t>(reactor->query_storage.size()) +
-        (query_dtype != cache_dtype
-             ? (*planned)->params.seqlen_q * int64_t{(*planned)->params.num_heads_q} *
-                   (*planned)->params.value_dim * int64_t(DTypeSize(query_dtype))
-             : 0);
-    absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
-        **planned, *backend, static_cast<int64_t>(request.ByteSizeLong()), converted);
-    if (!reserved.ok()) return reserved.status();
-    reactor->reservation = *std::move(reserved);
-  }
-
-  if (absl::Status s = session.Append(*key, *value); !s.ok()) return s;
-  // From here on a failure truncates the cache back to length_before.
-  core.paged_kv = session.View();
-  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(core, options_.limits);
-  if (!job.ok()) return job.status();
+  if (absl::Status s = CheckRunnable(*step.job, *backend); !s.ok()) return s;
+  const AttentionJob* planned = step.job.get();
+  absl::StatusOr<MemoryBudget::Reservation> reserved =
+      ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
+                    static_cast<int64_t>(request.ByteSizeLong()), step.extra_bytes);
+  if (!reserved.ok()) return reserved.status();
+  reactor->reservation = *std::move(reserved);
+  if (absl::Status s = AppendStep(&step); !s.ok()) return s;
+  // From here on a failure rolls the cache back (SessionStep::Abandon).
 
   response->set_request_id(request.request_id());
-  response->set_context_tokens(session.length());
+  response->set_context_tokens(step.lease->length(step.layer));
   Task task;
-  task.job = *std::move(job);
+  task.job = std::move(step.job);
   task.backend = backend;
   task.priority = request.priority();
   task.deadline = DeadlineOf(context);
   task.is_cancelled = [reactor] { return reactor->cancelled(); };
-  task.done = [this, reactor, response, received, backend, query_dtype](
+  task.done = [this, reactor, response, received, backend](
                   absl::Status status, std::unique_ptr<AttentionJob> job,
                   const TaskTiming& timing) {
+    SessionStep& step = reactor->step;
     // The caller gave up while the step computed: its answer will not arrive,
     // so do not keep what it appended (a retry would add it twice).
     if (status.ok() && reactor->cancelled()) status = absl::CancelledError("the call was cancelled");
-    Tensor output;
     if (status.ok()) {
-      try {
-        output = job->output.dtype == query_dtype ? std::move(job->output)
-                                                  : ConvertTensor(job->output, query_dtype);
-      } catch (const std::bad_alloc&) {
-        status = absl::ResourceExhaustedError("out of memory converting the output");
+      absl::StatusOr<Tensor> output = StepOutput(*job, step.query_dtype);
+      if (output.ok()) {
+        TensorToProto(*output, response->mutable_output());
+        if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
+        TimingToProto(timing, received, response->mutable_timing());
+        response->set_backend(backend->info().name);
       }
-    }
-    if (status.ok()) {
-      TensorToProto(output, response->mutable_output());
-      if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
-      TimingToProto(timing, received, response->mutable_timing());
-      response->set_backend(backend->info().name);
-    } else {
-      reactor->lease->Truncate(reactor->length_before);
+      status = output.status();
     }
     job.reset();  // it points into the session's blocks: drop it before the lease
-    reactor->lease.reset();
+    if (status.ok()) step.appended = false;  // keep the append
+    step.Abandon();
     ReportSessions();
     FinishUnary(reactor, kDecode, received, status);
   };
-  return CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
+  absl::Status submitted = CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
+  return submitted;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::BatchDecode(
+    grpc::CallbackServerContext* context, const v1::BatchDecodeRequest* request,
+    v1::BatchDecodeResponse* response) {
+  const absl::Time received = absl::Now();
+  options_.metrics->RequestStarted();
+  auto* reactor = new CancellableUnaryReactor(options_.metrics, kBatchDecode);
+  absl::Status submitted = SubmitBatchDecode(
+      CallerOf(context), *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); },
+      received, response, &reactor->reservation, [this, reactor, received](absl::Status s) {
+        FinishUnary(reactor, kBatchDecode, received, s);
+      });
+  if (!submitted.ok()) FinishUnary(reactor, kBatchDecode, received, submitted);
+  return reactor;
+}
+
+absl::Status AttentionServiceImpl::SubmitBatchDecode(
+    const std::string& caller, const v1::BatchDecodeRequest& request, absl::Time deadline,
+    std::function<bool()> is_cancelled, absl::Time received, v1::BatchDecodeResponse* response,
+    MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done) {
+  if (draining()) return Draining();
+  if (options_.sessions == nullptr) return SessionsDisabled();
+  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  if (!chosen.ok()) return chosen.status();
+  Backend* backend = *chosen;
+  if (request.priority() != 0 && request.priority() != 1) {
+    return Invalid("priority", "0 (normal) or 1 (high)", absl::StrCat(request.priority()));
+  }
+  absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), request.outputs());
+  if (!options.ok()) return options.status();
+  const int entries = request.entries_size();
+  if (entries < 1 || entries > kMaxBatchEntries) {
+    return Invalid("entries", absl::StrCat("1 to ", kMaxBatchEntries, " entries"),
+                   absl::StrCat(entries));
+  }
+  options_.metrics->RecordBatchDecodeEntries(entries);
+
+  // Every entry is checked and planned before any cache changes; a bad entry
+  // fails alone.
+  auto call = std::make_shared<BatchDecodeCall>();
+  call->steps.resize(entries);
+  call->status.resize(entries);
+  absl::flat_hash_map<std::string, int> seen;  // session id -> its first entry
+  int first_ok = -1;
+  for (int i = 0; i < entries; ++i) {
+    const v1::BatchDecodeEntry& e = request.entries(i);
+    SessionStep& step = call->steps[i];
+    const std::string prefix = absl::StrCat("entries[", i, "].");
+    absl::Status& status = call->status[i];
+    if (auto [it, inserted] = seen.try_emplace(e.session_id(), i); !inserted) {
+      status = Invalid(absl::StrCat(prefix, "session_id"), "each session once per call",
+                       absl::StrCat("the session of entries[", it->second, "] again"));
+      continue;
+    }
+    std::optional<int64_t> expected;
+    if (e.has_expected_context_tokens()) expected = e.expected_context_tokens();
+    status = PlanStep(caller, e.session_id(), request.layer(), e.query(), e.key(), e.value(),
+                      expected, *options, request.outputs().lse(), *backend, &step);
+    if (status.ok() && first_ok >= 0) {
+      // The entries share one call: the same heads, dims and dtypes.
+      const AttentionParams& p = step.job->params;
+      const AttentionParams& f = call->steps[first_ok].job->params;
+      if (p.num_heads_q != f.num_heads_q || p.num_heads_kv != f.num_heads_kv ||
+          p.head_dim != f.head_dim || p.value_dim != f.value_dim || p.dtype != f.dtype ||
+          step.query_dtype != call->steps[first_ok].query_dtype) {
+        status = Invalid(
+            "query",
+            absl::StrFormat("Hq %d, Hkv %d, D %d, Dv %d and dtype %s like entries[%d]",
+                            f.num_heads_q, f.num_heads_kv, f.head_dim, f.value_dim,
+                            DTypeName(call->steps[first_ok].query_dtype), first_ok),
+            absl::StrFormat("Hq %d, Hkv %d, D %d, Dv %d and dtype %s", p.num_heads_q,
+                            p.num_heads_kv, p.head_dim, p.value_dim, DTypeName(step.query_dtype)));
+      }
+    }
+    if (!status.ok()) {
+      status = Prefixed(prefix, status);
+      step.Abandon();
+      continue;
+    }
+    if (first_ok < 0) first_ok = i;
+  }
+
+  // The call's cost and memory, over the entries that will run.
+  std::vector<const AttentionJob*> planned;
+  int64_t extra_bytes = 0;
+  for (int i = 0; i < entries; ++i) {
+    if (!call->status[i].ok()) continue;
+    planned.push_back(call->steps[i].job.get());
+    extra_bytes += call->steps[i].extra_bytes;
+  }
+  auto abandon_all = [call] {
+    for (SessionStep& step : call->steps) step.Abandon();
+  };
+  if (!planned.empty()) {
+    double cost = 0;
+    for (const AttentionJob* j : planned) cost += j->cost;
+    if (options_.max_request_flops > 0 && cost > options_.max_request_flops) {
+      abandon_all();
+      return CountRejection(
+          absl::ResourceExhaustedError(absl::StrFormat(
+              "this BatchDecode costs %.4g FLOP-equivalents over its %d entries, over the "
+              "per-request limit of %.4g (--max_request_flops); send fewer entries per call",
+              cost, planned.size(), options_.max_request_flops)),
+          "cost");
+    }
+    absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
+        planned, *backend, static_cast<int64_t>(request.ByteSizeLong()), extra_bytes);
+    if (!reserved.ok()) {
+      abandon_all();
+      return reserved.status();
+    }
+    *reservation = *std::move(reserved);
+  }
+
+  Task task;
+  for (int i = 0; i < entries; ++i) {
+    if (!call->status[i].ok()) continue;
+    SessionStep& step = call->steps[i];
+    if (absl::Status s = AppendStep(&step); !s.ok()) {
+      call->status[i] = Prefixed(absl::StrCat("entries[", i, "]: "), s);
+      step.Abandon();
+      continue;
+    }
+    task.gang.push_back(step.job.get());
+  }
+
+  response->set_request_id(request.request_id());
+  // Fills the results; the steps that ran keep their appends when `status`
+  // is OK and roll back otherwise.
+  auto answer = [this, call, response, received, backend](absl::Status status,
+                                                         const TaskTiming& timing) {
+    for (size_t i = 0; i < call->steps.size(); ++i) {
+      SessionStep& step = call->steps[i];
+      v1::BatchDecodeResult* result = response->add_results();
+      absl::Status entry = call->status[i];
+      if (entry.ok() && status.ok()) {
+        absl::StatusOr<Tensor> output = StepOutput(*step.job, step.query_dtype);
+        if (output.ok()) {
+          TensorToProto(*output, result->mutable_output());
+          if (step.job->params.lse != nullptr) TensorToProto(step.job->lse, result->mutable_lse());
+          result->set_context_tokens(step.lease->length(step.layer));
+          step.appended = false;  // keep the append
+        }
+        entry = output.status();
+      } else if (entry.ok()) {
+        entry = status;
+      }
+      result->set_code(static_cast<int>(entry.code()));
+      result->set_message(std::string(entry.message()));
+      step.Abandon();
+    }
+    if (status.ok()) {
+      TimingToProto(timing, received, response->mutable_timing());
+      response->set_backend(backend->info().name);
+    }
+    ReportSessions();
+  };
+  if (task.gang.empty()) {
+    // Nothing to compute: every entry failed its checks.
+    answer(absl::OkStatus(), TaskTiming{});
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  }
+  task.backend = backend;
+  task.priority = request.priority();
+  task.deadline = deadline;
+  task.is_cancelled = is_cancelled;
+  task.done = [call, answer, is_cancelled, done](absl::Status status,
+                                                 std::unique_ptr<AttentionJob> /*job*/,
+                                                 const TaskTiming& timing) {
+    // The caller gave up while the steps computed: do not keep their appends.
+    if (status.ok() && is_cancelled && is_cancelled()) {
+      status = absl::CancelledError("the call was cancelled");
+    }
+    answer(status, timing);
+    done(status);
+  };
+  absl::Status submitted = CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
+  if (!submitted.ok()) abandon_all();
+  return submitted;
 }
 
 }  // namespace attnserve

@@ -50,9 +50,45 @@ absl::StatusOr<void*> BlockPool::Allocate(int64_t bytes) {
 
 void BlockPool::Free(void* block, int64_t bytes) {
   absl::MutexLock lock(&mu_);
+  if (auto it = refs_.find(block); it != refs_.end()) {
+    if (--it->second >= 1) {
+      if (it->second == 1) {
+        --shared_blocks_;
+        shared_bytes_ -= bytes;
+      }
+      return;
+    }
+    refs_.erase(it);
+    ever_shared_bytes_ -= bytes;
+  }
   used_ -= bytes;
   cached_ += bytes;
   free_[bytes].push_back(block);
+}
+
+void BlockPool::Share(void* block, int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  auto [it, inserted] = refs_.try_emplace(block, 1);
+  if (inserted) ever_shared_bytes_ += bytes;
+  if (++it->second == 2) {
+    ++shared_blocks_;
+    shared_bytes_ += bytes;
+  }
+}
+
+int64_t BlockPool::shared_blocks() const {
+  absl::MutexLock lock(&mu_);
+  return shared_blocks_;
+}
+
+int64_t BlockPool::shared_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return shared_bytes_;
+}
+
+int64_t BlockPool::ever_shared_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return ever_shared_bytes_;
 }
 
 int64_t BlockPool::used_bytes() const {

@@ -102,6 +102,11 @@ Metrics::Metrics()
                      .Help("Requests per backend call.")
                      .Register(*registry_)
                      .Add({}, BatchSizeBuckets());
+  batch_decode_entries_ = &prometheus::BuildHistogram()
+                               .Name("attnserve_batch_decode_entries")
+                               .Help("Entries (sessions) per BatchDecode message.")
+                               .Register(*registry_)
+                               .Add({}, BatchSizeBuckets());
   queue_depth_ = &prometheus::BuildGauge()
                       .Name("attnserve_queue_depth")
                       .Help("Requests admitted to the scheduler and not yet started.")
@@ -127,6 +132,10 @@ Metrics::Metrics()
 
 void Metrics::RecordRejection(absl::string_view reason) {
   rejected_total_->Add({{"reason", std::string(reason)}}).Increment();
+}
+
+void Metrics::RecordBatchDecodeEntries(int64_t entries) {
+  batch_decode_entries_->Observe(static_cast<double>(entries));
 }
 
 void Metrics::SetMemoryReserved(int64_t bytes) {

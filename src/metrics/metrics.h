@@ -78,6 +78,9 @@ class Metrics : public SchedulerObserver {
   // (--max_request_flops) or "size" (an output over the server's limits).
   void RecordRejection(absl::string_view reason);
 
+  // attnserve_batch_decode_entries: entries of one BatchDecode message.
+  void RecordBatchDecodeEntries(int64_t entries);
+
   // attnserve_memory_reserved_bytes: bytes reserved from the memory budget
   // by requests in flight (MemoryBudget's on_change hook).
   void SetMemoryReserved(int64_t bytes);
@@ -130,6 +133,7 @@ class Metrics : public SchedulerObserver {
   prometheus::Histogram* queue_duration_ = nullptr;
   prometheus::Family<prometheus::Histogram>* compute_duration_ = nullptr;
   prometheus::Histogram* batch_size_ = nullptr;
+  prometheus::Histogram* batch_decode_entries_ = nullptr;
   prometheus::Gauge* queue_depth_ = nullptr;
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Family<prometheus::Counter>* flops_total_ = nullptr;

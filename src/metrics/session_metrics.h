@@ -1,7 +1,9 @@
 // SessionMetrics: the KV-cache series of docs/ARCHITECTURE.md —
-// attnserve_kv_cache_bytes{state="used|capacity"}, attnserve_sessions_active,
-// attnserve_kv_evictions_total (plus attnserve_kv_expirations_total) — set
-// from SessionStore::stats() whenever the caller reports them.
+// attnserve_kv_cache_bytes{state="used|capacity|shared"},
+// attnserve_kv_blocks_shared, attnserve_sessions_active,
+// attnserve_session_forks_total, attnserve_kv_evictions_total{reason} (plus
+// attnserve_kv_expirations_total) — set from SessionStore::stats() whenever
+// the caller reports them.
 // Thread-safe.
 #ifndef ATTNSERVE_METRICS_SESSION_METRICS_H_
 #define ATTNSERVE_METRICS_SESSION_METRICS_H_
@@ -28,13 +30,17 @@ class SessionMetrics {
  private:
   prometheus::Gauge* used_bytes_;
   prometheus::Gauge* capacity_bytes_;
+  prometheus::Gauge* shared_bytes_;
+  prometheus::Gauge* shared_blocks_;
   prometheus::Gauge* sessions_active_;
-  prometheus::Counter* evictions_;
+  prometheus::Counter* forks_;
+  prometheus::Counter* evicted_lru_;      // {reason="lru_idle"}
+  prometheus::Counter* evicted_expired_;  // {reason="expired"}
+  prometheus::Counter* evicted_window_;   // {reason="window"}
   prometheus::Counter* expirations_;
 
   absl::Mutex mu_;
-  int64_t evictions_seen_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t expirations_seen_ ABSL_GUARDED_BY(mu_) = 0;
+  SessionStats seen_ ABSL_GUARDED_BY(mu_);  // the counters as last reported
 };
 
 }  // namespace attnserve

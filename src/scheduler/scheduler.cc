@@ -85,6 +85,51 @@ struct TakenBatch {
   std::vector<QueuedTask> expired;
 };
 
+// A task's jobs: its one job, or its gang.
+std::vector<AttentionJob*> JobsOf(Task& t) {
+  if (t.job != nullptr) return {t.job.get()};
+  return t.gang;
+}
+
+const AttentionJob& FirstJob(const Task& t) { return t.job != nullptr ? *t.job : *t.gang.front(); }
+
+int64_t JobCount(const Task& t) {
+  return t.job != nullptr ? 1 : static_cast<int64_t>(t.gang.size());
+}
+
+double CostOf(const Task& t) {
+  if (t.job != nullptr) return t.job->cost;
+  double cost = 0;
+  for (const AttentionJob* j : t.gang) cost += j->cost;
+  return cost;
+}
+
+int64_t InputBytesOf(const Task& t) {
+  if (t.job != nullptr) return std::max<int64_t>(t.job->input_bytes, 0);
+  int64_t bytes = 0;
+  for (const AttentionJob* j : t.gang) bytes += std::max<int64_t>(j->input_bytes, 0);
+  return bytes;
+}
+
+absl::Status CheckJobs(const Task& t) {
+  if (t.job == nullptr && t.gang.empty()) {
+    return absl::InvalidArgumentError("task.job: expected a job or a gang, got none");
+  }
+  if (t.job != nullptr && !t.gang.empty()) {
+    return absl::InvalidArgumentError("task.gang: expected empty with a job, got jobs");
+  }
+  for (size_t i = 0; i < t.gang.size(); ++i) {
+    const AttentionJob* j = t.gang[i];
+    if (j == nullptr) return absl::InvalidArgumentError(absl::StrCat("task.gang[", i, "]: null"));
+    if (j->params.dtype != t.gang[0]->params.dtype ||
+        j->params.variant != t.gang[0]->params.variant) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("task.gang[", i, "]: expected the dtype and variant of task.gang[0]"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 SchedulerObserver* NoOpObserver() {
   static SchedulerObserver* const observer = new SchedulerObserver;
   return observer;
@@ -120,7 +165,7 @@ class BatchingScheduler final : public Scheduler {
   }
 
   absl::Status Submit(Task task) override {
-    if (task.job == nullptr) return absl::InvalidArgumentError("task.job: expected a job, got null");
+    if (absl::Status s = CheckJobs(task); !s.ok()) return s;
     if (task.backend == nullptr) {
       return absl::InvalidArgumentError("task.backend: expected a backend, got null");
     }
@@ -129,7 +174,7 @@ class BatchingScheduler final : public Scheduler {
       return absl::InvalidArgumentError(
           absl::StrCat("task.priority: expected 0 or 1, got ", task.priority));
     }
-    const int64_t bytes = std::max<int64_t>(task.job->input_bytes, 0);
+    const int64_t bytes = InputBytesOf(task);
     absl::MutexLock lock(&mu_);
     if (draining_) return absl::UnavailableError("scheduler is draining; not admitting tasks");
     if (queued_ >= options_.queue_capacity) {
@@ -144,9 +189,9 @@ class BatchingScheduler final : public Scheduler {
     }
     const absl::Time now = clock_->Now();
     const Level level = task.priority == 1 ? kHigh : kNormal;
-    TaskGroup& group = groups_[GroupKey(task.backend, task.job->params.dtype,
-                                        task.job->params.variant)];
-    group.flops += task.job->cost;
+    const AttentionJob& first = FirstJob(task);
+    TaskGroup& group = groups_[GroupKey(task.backend, first.params.dtype, first.params.variant)];
+    group.flops += CostOf(task);
     group.levels[level].push_back(
         QueuedTask{std::move(task), now, level == kHigh ? now : now + aging_});
     ++queued_;
@@ -281,20 +326,27 @@ class BatchingScheduler final : public Scheduler {
     TakenBatch batch;
     batch.backend = std::get<0>(it->first);
     double flops = 0;
-    while (static_cast<int64_t>(batch.run.size()) < options_.max_batch_size) {
+    int64_t jobs = 0;
+    while (jobs < options_.max_batch_size) {
       std::deque<QueuedTask>* level = group.Next();
       if (level == nullptr) break;
       QueuedTask& t = level->front();
-      const double task_flops = t.task.job->cost;
+      const double task_flops = CostOf(t.task);
+      const int64_t task_jobs = JobCount(t.task);
       const bool expired = t.task.deadline <= now;
-      if (!expired && !batch.run.empty() && flops + task_flops > options_.max_batch_flops) break;
+      if (!expired && !batch.run.empty() &&
+          (flops + task_flops > options_.max_batch_flops ||
+           jobs + task_jobs > options_.max_batch_size)) {
+        break;
+      }
       --queued_;
-      queued_bytes_ -= std::max<int64_t>(t.task.job->input_bytes, 0);
+      queued_bytes_ -= InputBytesOf(t.task);
       group.flops -= task_flops;
       if (expired) {
         batch.expired.push_back(std::move(t));
       } else {
         flops += task_flops;
+        jobs += task_jobs;
         batch.run.push_back(std::move(t));
       }
       level->pop_front();
@@ -320,7 +372,7 @@ class BatchingScheduler final : public Scheduler {
       } else if (t.task.is_cancelled && t.task.is_cancelled()) {
         Answer(t, absl::CancelledError("cancelled while queued"),
                TaskTiming{NonNegative(now - t.admitted), absl::ZeroDuration(), 0});
-      } else if (absl::Status s = AllocateOutputs(*t.task.job); !s.ok()) {
+      } else if (absl::Status s = AllocateAll(t.task); !s.ok()) {
         Answer(t, s, TaskTiming{NonNegative(now - t.admitted), absl::ZeroDuration(), 0});
       } else {
         run.push_back(std::move(t));
@@ -337,6 +389,14 @@ class BatchingScheduler final : public Scheduler {
     FinishTasks(taken);
   }
 
+  // AllocateOutputs for every job of `task`; the first failure.
+  static absl::Status AllocateAll(Task& task) {
+    for (AttentionJob* job : JobsOf(task)) {
+      if (absl::Status s = AllocateOutputs(*job); !s.ok()) return s;
+    }
+    return absl::OkStatus();
+  }
+
   // Runs `run` as one backend call and answers every task: OK, or the reason
   // its work stopped early, or RESOURCE_EXHAUSTED when memory ran out.
   void Compute(Backend* backend, std::vector<QueuedTask>& run) {
@@ -346,7 +406,8 @@ class BatchingScheduler final : public Scheduler {
     std::vector<std::unique_ptr<CancelToken>> tokens;
     tokens.reserve(run.size());
     std::vector<AttentionParams> params;
-    params.reserve(run.size());
+    std::vector<size_t> first_param;  // per task, where its params start
+    first_param.reserve(run.size() + 1);
     double flops = 0;
     const absl::Time start = clock_->Now();
     for (QueuedTask& t : run) {
@@ -355,21 +416,26 @@ class BatchingScheduler final : public Scheduler {
             return aborting_.load(std::memory_order_relaxed) || clock_->Now() >= deadline ||
                    (*is_cancelled && (*is_cancelled)());
           }));
-      params.push_back(t.task.job->params);
-      params.back().cancel = tokens.back().get();
-      flops += t.task.job->flops;
+      first_param.push_back(params.size());
+      for (AttentionJob* job : JobsOf(t.task)) {
+        params.push_back(job->params);
+        params.back().cancel = tokens.back().get();
+        flops += job->flops;
+      }
       observer_->OnDequeue(NonNegative(start - t.admitted));
     }
+    first_param.push_back(params.size());
     std::vector<absl::Status> status(run.size(), RunGuarded(backend, params));
     if (run.size() > 1 && absl::IsResourceExhausted(status.front())) {
-      // Out of memory for the batch: run each job alone so that only the
+      // Out of memory for the batch: run each task alone so that only the
       // ones that cannot fit fail.
       for (size_t i = 0; i < run.size(); ++i) {
-        status[i] = RunGuarded(backend, absl::MakeConstSpan(&params[i], 1));
+        status[i] = RunGuarded(backend, absl::MakeConstSpan(params).subspan(
+                                            first_param[i], first_param[i + 1] - first_param[i]));
       }
     }
     const absl::Time end = clock_->Now();
-    const int32_t batch_size = static_cast<int32_t>(run.size());
+    const int32_t batch_size = static_cast<int32_t>(params.size());
     observer_->OnBatch(backend->info().name, batch_size, flops, end - start);
     for (size_t i = 0; i < run.size(); ++i) {
       QueuedTask& t = run[i];

@@ -20,6 +20,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -51,6 +52,10 @@ struct TaskTiming {
 
 struct Task {
   std::unique_ptr<AttentionJob> job;
+  // Instead of `job`: jobs computed together in one backend call, all or
+  // nothing (one BatchDecode). Not owned: they must live until `done` runs,
+  // which then receives a null job. All the same dtype and variant.
+  std::vector<AttentionJob*> gang;
   Backend* backend = nullptr;  // not owned; must outlive the scheduler
   int32_t priority = 0;        // 0 normal, 1 high
   absl::Time deadline = absl::InfiniteFuture();
@@ -86,8 +91,10 @@ class Scheduler {
 
   // Admits `task` without blocking. OK: `task.done` will be called exactly
   // once. RESOURCE_EXHAUSTED: the queue is full by count or bytes. UNAVAILABLE:
-  // draining. INVALID_ARGUMENT: no job, backend or done, or a priority other
-  // than 0 or 1. On error `done` is not called.
+  // draining. INVALID_ARGUMENT: no job (or both a job and a gang, or a gang of
+  // mixed dtypes), backend or done, or a priority other than 0 or 1. On error
+  // `done` is not called. A gang counts as one task in the queue and as its
+  // jobs in a batch (max_batch_size), and is never split across batches.
   virtual absl::Status Submit(Task task) = 0;
 
   // Stops admission and waits until every admitted task is done or `timeout`

@@ -308,7 +308,7 @@ class SessionsFuzz {
     // CheckAppend: Append's checks without the cache, so the same verdict on
     // shapes and max_tokens, and no change.
     const int64_t limit = c.max_tokens > 0 ? c.max_tokens : std::numeric_limits<int32_t>::max();
-    const absl::StatusOr<int64_t> checked = s->lease->CheckAppend(key.view, value.view);
+    const absl::StatusOr<int64_t> checked = s->lease->CheckAppend(0, key.view, value.view);
     const bool want_checked = valid && s->length + tokens <= limit;
     if (!valid) {
       ExpectCode(checked.status(), {absl::StatusCode::kInvalidArgument}, "CheckAppend(invalid)");
@@ -321,7 +321,7 @@ class SessionsFuzz {
     CheckContents(*s, "CheckAppend");
 
     const SessionStats before = store_->stats();
-    const absl::Status status = s->lease->Append(key.view, value.view);
+    const absl::Status status = s->lease->Append(0, key.view, value.view);
     const SessionStats after = store_->stats();
     const std::string where = absl::StrCat("Append(", tokens, " tokens to ", s->length, ")");
     if (!valid) {
@@ -371,7 +371,7 @@ class SessionsFuzz {
     ModelSession* s = PickLeased();
     if (s == nullptr) return;
     const int64_t length = in_.ConsumeIntegralInRange<int64_t>(-1, s->length + 1);
-    s->lease->Truncate(length);
+    s->lease->Truncate(0, length);
     if (length >= 0 && length < s->length) {
       s->length = length;
       s->keys.resize(length * s->key_row_bytes());

@@ -9,7 +9,15 @@ the semantics table of docs/ARCHITECTURE.md); standard softmax cases are cross-c
 against PyTorch's own scaled-dot-product attention and LINEAR cases against a
 prefix-sum formulation, and the script fails if they disagree.
 
-Usage: /usr/bin/python3 tests/golden/generate.py [--out DIR]
+It also generates the rotary position embedding (RoPE) cases under
+tests/golden/rope/: random float32 [T, H, D] inputs, int64 positions and the
+rotated values computed in float64 from the definitions (NeoX with Hugging
+Face's rotate_half, GPT-J as complex multiplication of interleaved pairs, and
+the NONE, LINEAR, NTK, DYNAMIC and LLAMA3 frequency scalings); NeoX is
+cross-checked against the complex form on the two halves and GPT-J against
+NeoX on de-interleaved dims, and the script fails if they disagree.
+
+Usage: /usr/bin/python3 tests/golden/generate.py [--out DIR] [--rope_out DIR]
 (needs python3-torch and python3-numpy; see README.md).
 """
 
@@ -350,19 +358,191 @@ def write_case(c, root):
             f.write(f"{key}={value}\n")
 
 
+# ---------------------------------------------------------------------------
+# Rotary position embedding (RoPE)
+# ---------------------------------------------------------------------------
+
+
+class RopeCase:
+    """One RoPE case: x [T, H, D] rotated at `positions` with the given config."""
+
+    def __init__(self, name, *, H=2, D=8, positions, theta=10000.0, rotary_dim=0, style="neox",
+                 scaling="none", factor=1.0, original_max_positions=0, low_freq_factor=1.0,
+                 high_freq_factor=4.0):
+        self.name = name
+        self.H, self.D = H, D
+        self.positions = list(positions)
+        self.T = len(self.positions)
+        self.theta = theta
+        self.rotary_dim = rotary_dim            # 0 = D, as on the wire
+        self.style = style                      # neox | gptj
+        self.scaling = scaling                  # none | linear | ntk | dynamic | llama3
+        self.factor = factor
+        self.original_max_positions = original_max_positions
+        self.low_freq_factor = low_freq_factor
+        self.high_freq_factor = high_freq_factor
+
+
+ROPE_CASES = [
+    RopeCase("neox_full_default_dim", H=2, D=8, positions=range(8)),
+    RopeCase("neox_partial", H=2, D=64, rotary_dim=32,
+             positions=[5, 0, 100000, 3, 3, 77, 4096, 1]),
+    RopeCase("neox_decode_far", H=3, D=16, positions=[123456]),
+    RopeCase("gptj", H=3, D=16, style="gptj", positions=[9, 2, 0, 100000, 31, 30, 65535]),
+    RopeCase("gptj_partial", H=2, D=16, rotary_dim=8, style="gptj",
+             positions=[0, 1, 2, 50000, 7, 6]),
+    RopeCase("linear", H=2, D=16, scaling="linear", factor=4.0,
+             positions=[3, 100000, 0, 17, 16, 8191]),
+    RopeCase("ntk", H=2, D=16, scaling="ntk", factor=2.0, positions=[0, 12, 4000, 100000, 5]),
+    # n = 201 > 64: the base grows with the call's last position.
+    RopeCase("dynamic_past_original", H=2, D=16, scaling="dynamic", factor=2.0,
+             original_max_positions=64, positions=[10, 200, 0, 63, 64, 150]),
+    # n = 64 = original_max_positions: unscaled (the boundary).
+    RopeCase("dynamic_below_original", H=2, D=16, scaling="dynamic", factor=2.0,
+             original_max_positions=64, positions=[63, 0, 40, 7, 62]),
+    # Llama 3.1's settings: head_dim 64, theta 500000, all three bands in use.
+    RopeCase("llama3", H=2, D=64, theta=500000.0, scaling="llama3", factor=8.0,
+             original_max_positions=8192, low_freq_factor=1.0, high_freq_factor=4.0,
+             positions=[0, 1, 8191, 100000, 131071, 42, 9000, 2]),
+    RopeCase("llama3_gptj_partial", H=3, D=16, rotary_dim=12, style="gptj", scaling="llama3",
+             factor=4.0, original_max_positions=64, low_freq_factor=1.5, high_freq_factor=3.0,
+             positions=[100, 0, 64, 1000, 15, 16, 100000]),
+]
+
+
+def rope_inverse_frequencies(c, rd, positions):
+    """The rd/2 inverse frequencies theta^(-2i/rd), scaled as `c.scaling` says
+    (LINEAR is applied to the positions instead, in rope_angles)."""
+    theta, factor = f32(c.theta), f32(c.factor)
+    exponents = torch.arange(0, rd, 2, dtype=F64) / rd
+    if c.scaling == "ntk":
+        theta = theta * factor ** (rd / (rd - 2))
+    elif c.scaling == "dynamic":
+        # Hugging Face "dynamic": the sequence length is the last position + 1,
+        # never taken below the trained context (where the base is unchanged).
+        omp = c.original_max_positions
+        seq_len = max(int(positions.max()) + 1, omp)
+        theta = theta * ((factor * seq_len / omp) - (factor - 1)) ** (rd / (rd - 2))
+    inv_freq = 1.0 / theta ** exponents
+    if c.scaling == "llama3":
+        omp = c.original_max_positions
+        low, high = f32(c.low_freq_factor), f32(c.high_freq_factor)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > omp / low, inv_freq / factor, inv_freq)
+        smooth = (omp / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= omp / high) & (wavelen <= omp / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def rope_angles(c, rd, positions):
+    """[T, rd/2] float64 angles position·inv_freq."""
+    pos = positions.to(F64)
+    if c.scaling == "linear":
+        pos = pos / f32(c.factor)               # position interpolation
+    return pos[:, None] * rope_inverse_frequencies(c, rd, positions)[None, :]
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_neox(x, angles):
+    """Hugging Face's apply_rotary_pos_emb on x [T, H, rd]: halves paired."""
+    emb = torch.cat((angles, angles), dim=-1)[:, None, :]     # [T, 1, rd]
+    return x * emb.cos() + rotate_half(x) * emb.sin()
+
+
+def rope_neox_complex(x, angles):
+    """The same rotation as complex numbers x[i] + j·x[i + rd/2]."""
+    half = x.shape[-1] // 2
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(
+        torch.ones_like(angles), angles)[:, None, :]
+    return torch.cat((z.real, z.imag), dim=-1)
+
+
+def rope_gptj(x, angles):
+    """Interleaved pairs (2i, 2i + 1) as complex numbers, times e^(j·angle)."""
+    z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2).contiguous())
+    z = z * torch.polar(torch.ones_like(angles), angles)[:, None, :]
+    return torch.view_as_real(z).reshape(x.shape)
+
+
+def rope_reference(c, x, positions):
+    """x [T, H, D] float64 -> rotated copy; dims past rotary_dim unchanged."""
+    rd = c.rotary_dim or c.D
+    assert rd % 2 == 0 and 2 <= rd <= c.D, c.name
+    angles = rope_angles(c, rd, positions)
+    head, tail = x[..., :rd], x[..., rd:]
+    if c.style == "neox":
+        out = rope_neox(head, angles)
+        err = (out - rope_neox_complex(head, angles)).abs().max().item()
+        assert err < 1e-12, f"{c.name}: rotate_half and complex NeoX differ by {err}"
+    else:
+        out = rope_gptj(head, angles)
+        # GPT-J is NeoX on de-interleaved dims: evens as the first half.
+        perm = torch.cat((torch.arange(0, rd, 2), torch.arange(1, rd, 2)))
+        via_neox = torch.empty_like(head)
+        via_neox[..., perm] = rope_neox(head[..., perm], angles)
+        err = (out - via_neox).abs().max().item()
+        assert err < 1e-12, f"{c.name}: complex GPT-J and de-interleaved NeoX differ by {err}"
+    return torch.cat((out, tail), dim=-1)
+
+
+def write_rope_case(c, root):
+    gen = torch.Generator().manual_seed(sum(map(ord, c.name)))
+    x = torch.randn(c.T, c.H, c.D, generator=gen, dtype=torch.float32).numpy()
+    positions = np.array(c.positions, dtype=np.int64)
+    out = rope_reference(c, torch.from_numpy(x.astype(np.float64)), torch.from_numpy(positions))
+
+    d = root / c.name
+    d.mkdir(parents=True)
+    np.save(d / "x.npy", x)
+    np.save(d / "positions.npy", positions)
+    np.save(d / "out.npy", out.numpy().astype(np.float64))
+    options = {
+        "theta": repr(f32(c.theta)),
+        "rotary_dim": c.rotary_dim,
+        "style": c.style,
+        "scaling": c.scaling,
+        "factor": repr(f32(c.factor)),
+        "original_max_positions": c.original_max_positions,
+        "low_freq_factor": repr(f32(c.low_freq_factor)),
+        "high_freq_factor": repr(f32(c.high_freq_factor)),
+    }
+    with open(d / "case.txt", "w") as f:
+        for key, value in options.items():
+            f.write(f"{key}={value}\n")
+
+
+def fresh_dir(path):
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
 def main():
+    here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "cases")
+    parser.add_argument("--out", type=Path, default=here / "cases")
+    parser.add_argument("--rope_out", type=Path, default=here / "rope")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
+    fresh_dir(args.out)
     names = [c.name for c in CASES]
     assert len(names) == len(set(names)), "duplicate case names"
     for c in CASES:
         write_case(c, args.out)
     print(f"wrote {len(CASES)} cases to {args.out}")
+
+    fresh_dir(args.rope_out)
+    names = [c.name for c in ROPE_CASES]
+    assert len(names) == len(set(names)), "duplicate RoPE case names"
+    for c in ROPE_CASES:
+        write_rope_case(c, args.rope_out)
+    print(f"wrote {len(ROPE_CASES)} RoPE cases to {args.rope_out}")
 
 
 if __name__ == "__main__":

@@ -356,7 +356,7 @@ TEST_F(SessionTest, LruIdleEvictsInsteadOfRejecting) {
   EXPECT_EQ(Close(a).error_code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_TRUE(Close(b).ok());
   EXPECT_EQ(server_->sessions().stats().evictions_total, 1);
-  EXPECT_NE(server_->metrics().TextFormat().find("attnserve_kv_evictions_total 1"), std::string::npos);
+  EXPECT_NE(server_->metrics().TextFormat().find("attnserve_kv_evictions_total{reason=\"lru_idle\"} 1"), std::string::npos);
 }
 
 // A Decode is checked whole before it touches the cache: a bad query or a

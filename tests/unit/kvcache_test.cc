@@ -87,7 +87,7 @@ absl::Status AppendTokens(SessionLease& lease, int64_t n, uint32_t seed) {
   const SessionConfig& c = lease.config();
   std::string k = RandomBytes(n * c.num_kv_heads * c.head_dim, seed);
   std::string v = RandomBytes(n * c.num_kv_heads * c.value_dim, seed + 1);
-  return lease.Append(TensorView{DType::kF32, {n, c.num_kv_heads, c.head_dim}, k},
+  return lease.Append(0, TensorView{DType::kF32, {n, c.num_kv_heads, c.head_dim}, k},
                       TensorView{DType::kF32, {n, c.num_kv_heads, c.value_dim}, v});
 }
 
@@ -254,7 +254,7 @@ TEST_F(SessionStoreTest, MaxTokensAndBadShapes) {
   ASSERT_TRUE(AppendTokens(*lease, 5, 3).ok());
   EXPECT_EQ(AppendTokens(*lease, 1, 4).code(), absl::StatusCode::kResourceExhausted);
   std::string k(4 * 3 * 8, '\0');
-  absl::Status s = lease->Append(TensorView{DType::kF32, {1, 3, 8}, k},
+  absl::Status s = lease->Append(0, TensorView{DType::kF32, {1, 3, 8}, k},
                                  TensorView{DType::kF32, {1, 3, 8}, k});
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.message()), HasSubstr("key.shape: expected [n, 2, 8]"));
@@ -292,7 +292,7 @@ void CheckDecodeMatchesStateless(DType cache_dtype) {
     auto lease = store->Acquire(created->session_id, "");
     ASSERT_TRUE(lease.ok());
     const int64_t kb = hkv * d * 4, qb = hq * d * 4;
-    ASSERT_TRUE(lease->Append(TensorView{DType::kF32, {n, hkv, d}, std::string_view(k_all).substr(done * kb, n * kb)},
+    ASSERT_TRUE(lease->Append(0, TensorView{DType::kF32, {n, hkv, d}, std::string_view(k_all).substr(done * kb, n * kb)},
                               TensorView{DType::kF32, {n, hkv, d}, std::string_view(v_all).substr(done * kb, n * kb)})
                     .ok());
     std::string q = to_cache(q_all.substr(done * qb, n * qb), n * hq * d);
@@ -366,7 +366,7 @@ TEST_F(SessionStoreTest, PinnedBytesStayExactWhileLeaseHoldersAppend) {
     for (int i = 0; !done.load(std::memory_order_relaxed); ++i) {
       // Up to 10 blocks, then back to 1: the blocks vector grows and shrinks.
       if (!AppendTokens(lease, 1 + i % 40, i).ok()) grower_failures.fetch_add(1);
-      lease.Truncate(0);
+      lease.Truncate(0, 0);
       grower_steps.fetch_add(1);
     }
   });
@@ -384,7 +384,7 @@ TEST_F(SessionStoreTest, PinnedBytesStayExactWhileLeaseHoldersAppend) {
     ASSERT_GE(st.pinned_bytes, 40 * kBlock);
     ASSERT_LE(st.pinned_bytes, st.used_bytes);
     ASSERT_LE(st.used_bytes, st.capacity_bytes);
-    lease->Truncate(0);
+    lease->Truncate(0, 0);
     clock_.Advance(absl::Seconds(1));
   }
   done = true;
