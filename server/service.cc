@@ -2,6 +2,9 @@
 
 #include <chrono>
 #include <deque>
+#include <limits>
+#include <string>
+#include <vector>
 #include <memory>
 #include <utility>
 
@@ -19,7 +22,74 @@ constexpr char kAttend[] = "Attend";
 constexpr char kAttendStream[] = "AttendStream";
 constexpr char kBatchDecodeStream[] = "BatchDecodeStream";
 
+// Positions for `tokens` tokens of each of `batch` rows from `given` (empty:
+// first + i; one per token, shared by the rows; or one per row and token).
+absl::StatusOr<std::vector<int64_t>> ExpandPositions(
+    const google::protobuf::RepeatedField<int64_t>& given, absl::string_view field, int64_t batch,
+    int64_t tokens, int64_t first) {
+  const int64_t n = given.size();
+  if (n != 0 && n != tokens && n != batch * tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ": expected 0, ", tokens, " (one per token) or ", batch * tokens,
+        " (batch × tokens) values, got ", n));
+  }
+  std::vector<int64_t> out(batch * tokens);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < tokens; ++i) {
+      const int64_t p = n == 0 ? std::max<int64_t>(0, first + i)
+                               : given[n == tokens ? i : b * tokens + i];
+      if (p < 0 || p > std::numeric_limits<int32_t>::max()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            field, "[", n == tokens ? i : b * tokens + i, "]: expected a position in [0, 2^31), got ",
+            p));
+      }
+      out[b * tokens + i] = p;
+    }
+  }
+  return out;
+}
+
 }  // namespace
+
+// The rotated copies of an Attend's query and key (RoPE on a stateless call).
+struct AttentionServiceImpl::RotatedInputs {
+  std::string query;
+  std::string key;
+  int64_t bytes() const { return static_cast<int64_t>(query.size() + key.size()); }
+};
+
+absl::StatusOr<std::shared_ptr<AttentionServiceImpl::RotatedInputs>>
+AttentionServiceImpl::RotateInputs(const v1::AttendRequest& request, const AttentionJob& job,
+                                   AttentionRequest* core) {
+  if (!request.has_rotary()) {
+    return absl::InvalidArgumentError(
+        "rotary: expected rotary settings with query_positions or key_positions, got none");
+  }
+  absl::StatusOr<RopeConfig> rope = RopeFromProto(request.rotary());
+  if (!rope.ok()) return rope.status();
+  const AttentionParams& p = job.params;
+  if (absl::Status s = ValidateRope(*rope, p.head_dim, "rotary"); !s.ok()) return s;
+  absl::StatusOr<std::vector<int64_t>> q_pos = ExpandPositions(
+      request.query_positions(), "query_positions", p.batch, p.seqlen_q, p.seqlen_k - p.seqlen_q);
+  if (!q_pos.ok()) return q_pos.status();
+  absl::StatusOr<std::vector<int64_t>> k_pos =
+      ExpandPositions(request.key_positions(), "key_positions", p.batch, p.seqlen_k, 0);
+  if (!k_pos.ok()) return k_pos.status();
+  auto rotated = std::make_shared<RotatedInputs>();
+  if (absl::Status s = RotatedCopy(*rope, core->query, p.num_heads_q, p.head_dim, *q_pos,
+                                   core->query.dtype, &rotated->query);
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = RotatedCopy(*rope, core->key, p.num_heads_kv, p.head_dim, *k_pos,
+                                   core->key.dtype, &rotated->key);
+      !s.ok()) {
+    return s;
+  }
+  core->query.data = rotated->query;
+  core->key.data = rotated->key;
+  return rotated;
+}
 
 // What StartDrain needs of an open stream.
 class AttentionServiceImpl::StreamBase {
@@ -291,10 +361,22 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   if (!core.ok()) return core.status();
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(*core, options_.limits);
   if (!job.ok()) return CountRejection(job.status(), "size");
+  // With rotary settings the job runs on rotated copies of Q and K, which
+  // live as long as the task.
+  std::shared_ptr<RotatedInputs> rotated;
+  if (request.has_rotary() || request.query_positions_size() > 0 ||
+      request.key_positions_size() > 0) {
+    absl::StatusOr<std::shared_ptr<RotatedInputs>> made = RotateInputs(request, **job, &*core);
+    if (!made.ok()) return made.status();
+    rotated = *std::move(made);
+    job = PlanAttention(*core, options_.limits);
+    if (!job.ok()) return job.status();
+  }
   if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
   const AttentionJob* planned = job->get();
   absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
-      absl::MakeConstSpan(&planned, 1), *backend, static_cast<int64_t>(request.ByteSizeLong()), 0);
+      absl::MakeConstSpan(&planned, 1), *backend, static_cast<int64_t>(request.ByteSizeLong()),
+      rotated != nullptr ? rotated->bytes() : 0);
   if (!reserved.ok()) return reserved.status();
   *reservation = *std::move(reserved);
 
@@ -305,7 +387,7 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   task.priority = request.priority();
   task.deadline = deadline;
   task.is_cancelled = std::move(is_cancelled);
-  task.done = [response, received, backend, done = std::move(done)](
+  task.done = [response, received, backend, rotated, done = std::move(done)](
                   absl::Status status, std::unique_ptr<AttentionJob> job,
                   const TaskTiming& timing) {
     if (status.ok()) {

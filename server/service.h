@@ -20,6 +20,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -108,6 +109,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   class DecodeReactor;
   struct SessionStep;
   struct BatchDecodeCall;
+  struct RotatedInputs;
   using AttendStreamReactor = StreamReactor<v1::AttendRequest, v1::AttendResponse>;
   using BatchDecodeStreamReactor = StreamReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>;
 
@@ -172,6 +174,13 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                       std::function<bool()> is_cancelled, absl::Time received,
                       v1::AttendResponse* response, MemoryBudget::Reservation* reservation,
                       std::function<void(absl::Status)> done);
+
+  // RoPE on a stateless Attend: rotated copies of the query and key (at the
+  // request's positions, see the proto) that `core` is pointed at. `job` is
+  // the request planned unrotated (its dims). INVALID_ARGUMENT naming the field.
+  absl::StatusOr<std::shared_ptr<RotatedInputs>> RotateInputs(const v1::AttendRequest& request,
+                                                              const AttentionJob& job,
+                                                              AttentionRequest* core);
 
   // Records the call in the metrics and finishes it.
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,
