@@ -2,7 +2,9 @@
 
 One Client holds one gRPC channel; it is thread-safe and meant to be reused.
 Errors from the server are raised as grpc.RpcError (e.code() is a
-grpc.StatusCode such as INVALID_ARGUMENT, e.details() the message).
+grpc.StatusCode such as INVALID_ARGUMENT, e.details() the message). The
+entries of a BatchDecode fail one by one: a failed entry's result is a
+BatchDecodeError, itself a grpc.RpcError with code() and details().
 """
 
 import collections
@@ -39,6 +41,16 @@ class Session:
     session_id: str
     capacity_tokens: int = 0  # max_tokens, or what the server's free cache held then
     block_tokens: int = 0     # tokens per cache block
+    num_layers: int = 1       # layers of the model, one paged cache each
+
+
+@dataclasses.dataclass
+class ForkedSession(Session):
+    """A session opened by Client.fork_session: it shares its parent's first
+    context_tokens tokens (shared_tokens of them in shared blocks, the rest
+    copied) and has the parent's settings. Usable wherever a Session is."""
+    context_tokens: int = 0
+    shared_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -49,6 +61,47 @@ class DecodeResult:
     backend: str = ""
     request_id: str = ""
     timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
+
+
+class BatchDecodeError(grpc.RpcError):
+    """A BatchDecode entry that failed on its own (the others may have
+    succeeded). Like the grpc.RpcError of a whole call: code() is a
+    grpc.StatusCode, details() the server's message (naming entries[i]).
+    index is the entry's place in the batch, session_id its session."""
+
+    def __init__(self, code, message, index, session_id=""):
+        super().__init__(f"entries[{index}] ({session_id}): {code.name}: {message}")
+        self._code = code
+        self._message = message
+        self.index = index
+        self.session_id = session_id
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._message
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """One BatchDecode response, as Client.batch_decode_stream yields them."""
+    request_id: str
+    results: list  # per entry, in order: a DecodeResult or a BatchDecodeError
+    backend: str = ""
+    timing: dict = dataclasses.field(default_factory=dict)
+
+
+def raise_first_error(results):
+    """Raises the first BatchDecodeError of a batch_decode result list;
+    returns the list (all DecodeResults) when there is none."""
+    for r in results:
+        if isinstance(r, BatchDecodeError):
+            raise r
+    return results
+
+
+_STATUS_BY_CODE = {c.value[0]: c for c in grpc.StatusCode}
 
 
 def _timing(t):
@@ -67,29 +120,77 @@ def decode_result_from_proto(response):
         timing=_timing(response.timing))
 
 
+def batch_results_from_proto(response, session_ids=()):
+    """BatchDecodeResponse -> list, one per entry in order: a DecodeResult
+    (with the batch's backend, request_id and timing) or a BatchDecodeError.
+    session_ids (the entries', optional) name the sessions in the errors."""
+    timing = _timing(response.timing)
+    out = []
+    for i, r in enumerate(response.results):
+        sid = session_ids[i] if i < len(session_ids) else ""
+        if r.code != 0:
+            code = _STATUS_BY_CODE.get(r.code, grpc.StatusCode.UNKNOWN)
+            out.append(BatchDecodeError(code, r.message, i, sid))
+            continue
+        out.append(DecodeResult(
+            output=tensors.from_proto(r.output),
+            lse=tensors.from_proto(r.lse) if r.HasField("lse") else None,
+            context_tokens=r.context_tokens,
+            backend=response.backend,
+            request_id=response.request_id,
+            timing=dict(timing)))
+    return out
+
+
 def _session_id(session):
     return session.session_id if isinstance(session, Session) else str(session)
 
 
-def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left=None,
-                         softcap=0.0, alibi_slopes=None, lse=False, backend="", priority=0,
-                         request_id=""):
-    """Builds a DecodeRequest proto from NumPy arrays.
+_ROTARY_STYLES = {"neox": "NEOX", "gptj": "GPTJ"}
+_ROTARY_SCALINGS = {"none": "NONE", "linear": "LINEAR", "ntk": "NTK", "dynamic": "DYNAMIC",
+                    "llama3": "LLAMA3"}
+_ROTARY_KEYS = ("theta", "rotary_dim", "style", "scaling", "factor", "original_max_positions",
+                "low_freq_factor", "high_freq_factor")
 
-    session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
-    Hkv, Dv] (or 4-D with batch 1). dtype on the wire as in build_request;
-    the server converts K/V to the session's cache dtype. Attention is causal
-    with bottom-right alignment (the new queries are the last positions).
-    """
-    if dtype is None:
-        dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
-    dtype = tensors.dtype_name(dtype)
-    r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
-                          backend=backend, priority=priority)
-    tensors.to_proto(q, dtype, r.query)
-    tensors.to_proto(k, dtype, r.key)
-    tensors.to_proto(v, dtype, r.value)
-    o = r.options
+
+def _rotary_enum(field, value, names, enum):
+    if isinstance(value, str):
+        key = value.lower()
+        if key not in names:
+            raise ValueError(f"rotary.{field}: expected one of {', '.join(names)}, got {value!r}")
+        return enum.Value(names[key])
+    return int(value)
+
+
+def rotary_to_proto(rotary, out=None):
+    """Fills (or returns a new) RotaryEmbedding from a dict of its settings
+    (theta, rotary_dim, style 'neox'|'gptj', scaling 'none'|'linear'|'ntk'|
+    'dynamic'|'llama3', factor, original_max_positions, low_freq_factor,
+    high_freq_factor; unset ones take the server's defaults) or a
+    RotaryEmbedding proto."""
+    r = out if out is not None else _pb.RotaryEmbedding()
+    if isinstance(rotary, _pb.RotaryEmbedding):
+        r.CopyFrom(rotary)
+        return r
+    unknown = sorted(set(rotary) - set(_ROTARY_KEYS))
+    if unknown:
+        raise ValueError(f"rotary: expected keys among {', '.join(_ROTARY_KEYS)}, "
+                         f"got {', '.join(unknown)}")
+    for key, value in rotary.items():
+        if key == "style":
+            r.style = _rotary_enum(key, value, _ROTARY_STYLES, _pb.RotaryEmbedding.Style)
+        elif key == "scaling":
+            r.scaling = _rotary_enum(key, value, _ROTARY_SCALINGS, _pb.RotaryEmbedding.Scaling)
+        elif key in ("rotary_dim", "original_max_positions"):
+            setattr(r, key, int(value))
+        else:
+            setattr(r, key, float(value))
+    # Present even when every setting is the default: rotary={} asks for RoPE.
+    r.SetInParent()
+    return r
+
+
+def _decode_options(o, scale, window_left, softcap, alibi_slopes):
     o.scale = float(scale)
     o.causal = True
     if window_left is not None and window_left >= 0:
@@ -97,6 +198,68 @@ def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left
     o.softcap = float(softcap)
     if alibi_slopes is not None:
         o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
+
+
+def _wire_dtype_for(q, dtype):
+    if dtype is None:
+        dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
+    return tensors.dtype_name(dtype)
+
+
+def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left=None,
+                         softcap=0.0, alibi_slopes=None, lse=False, backend="", priority=0,
+                         request_id="", layer=0, expected_context_tokens=None):
+    """Builds a DecodeRequest proto from NumPy arrays.
+
+    session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
+    Hkv, Dv] (or 4-D with batch 1). dtype on the wire as in build_request;
+    the server converts K/V to the session's cache dtype. Attention is causal
+    with bottom-right alignment (the new queries are the last positions).
+    layer: the layer whose cache the step appends to (layers step in order).
+    expected_context_tokens: if not None, the tokens the caller believes the
+    layer's cache holds before the step; a mismatch is FAILED_PRECONDITION
+    (so a retried step that landed is not appended twice).
+    """
+    dtype = _wire_dtype_for(q, dtype)
+    r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
+                          backend=backend, priority=priority, layer=int(layer))
+    tensors.to_proto(q, dtype, r.query)
+    tensors.to_proto(k, dtype, r.key)
+    tensors.to_proto(v, dtype, r.value)
+    _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
+    r.outputs.lse = bool(lse)
+    if expected_context_tokens is not None:
+        r.expected_context_tokens = int(expected_context_tokens)
+    return r
+
+
+def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_left=None,
+                               softcap=0.0, alibi_slopes=None, lse=False, backend="",
+                               priority=0, request_id=""):
+    """Builds a BatchDecodeRequest proto: one layer-step for many sessions.
+
+    entries: (session, q, k, v) or (session, q, k, v, expected_context_tokens)
+    tuples, in the order the results come back; shapes as in
+    build_decode_request, the same Hq, Hkv, D, Dv for every entry. The
+    options are the batch's. dtype on the wire: default from the first q.
+    """
+    entries = list(entries)
+    if not entries:
+        raise ValueError("entries: expected at least one, got none")
+    dtype = _wire_dtype_for(entries[0][1], dtype)
+    r = _pb.BatchDecodeRequest(request_id=request_id, layer=int(layer), backend=backend,
+                               priority=priority)
+    for i, entry in enumerate(entries):
+        if len(entry) not in (4, 5):
+            raise ValueError(f"entries[{i}]: expected (session, q, k, v[, "
+                             f"expected_context_tokens]), got {len(entry)} items")
+        e = r.entries.add(session_id=_session_id(entry[0]))
+        tensors.to_proto(entry[1], dtype, e.query)
+        tensors.to_proto(entry[2], dtype, e.key)
+        tensors.to_proto(entry[3], dtype, e.value)
+        if len(entry) == 5 and entry[4] is not None:
+            e.expected_context_tokens = int(entry[4])
+    _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
     return r
 
@@ -120,14 +283,18 @@ def result_from_proto(response):
 def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=False,
                   window_left=None, window_right=None, softcap=0.0, alibi_slopes=None,
                   linear=False, bias=None, key_lengths=None, lse=False, weights=False,
-                  top_k=0, backend="", priority=0, request_id=""):
+                  top_k=0, backend="", priority=0, request_id="", rotary=None,
+                  query_positions=None, key_positions=None):
     """Builds an AttendRequest proto from NumPy arrays.
 
     q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (or 3-D, batch 1).
     dtype: 'f32', 'f16' or 'bf16' on the wire; default f16 for float16 queries,
     else f32. window_left/right: None (or -1) is unbounded. bias is sent in the
-    request dtype. Nothing is validated here: the server answers
-    INVALID_ARGUMENT naming the field.
+    request dtype. rotary: RoPE settings (see rotary_to_proto) the server
+    applies to q and k, at query_positions / key_positions (each None, one
+    per token, or B x tokens; default: keys 0..Lk-1, queries the last Lq of
+    them). Nothing is validated here: the server answers INVALID_ARGUMENT
+    naming the field.
     """
     if dtype is None:
         dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
@@ -155,6 +322,12 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     r.outputs.lse = bool(lse)
     r.outputs.weights = bool(weights)
     r.outputs.top_k = int(top_k)
+    if rotary is not None:
+        rotary_to_proto(rotary, r.rotary)
+    if query_positions is not None:
+        r.query_positions[:] = [int(p) for p in np.asarray(query_positions).reshape(-1)]
+    if key_positions is not None:
+        r.key_positions[:] = [int(p) for p in np.asarray(key_positions).reshape(-1)]
     return r
 
 
@@ -269,27 +442,60 @@ class Client:
     # --- KV-cache sessions ---------------------------------------------------
 
     def create_session(self, num_kv_heads, head_dim, *, value_dim=0, dtype="f32", max_tokens=0,
+                       num_layers=1, rotary=None, sink_tokens=0, window_tokens=0,
                        timeout=None, metadata=None):
         """Opens a KV-cache session; returns a Session.
 
         dtype: storage of the cache, 'f32', 'f16' or 'bf16'. max_tokens: bound
-        on the tokens it may hold (0: as many as the server's cache holds).
+        on the tokens it may hold per layer (0: as many as the server's cache
+        holds). num_layers: one paged cache per model layer; decode names the
+        layer, and layers step in order. rotary: RoPE settings (a dict, see
+        rotary_to_proto, or a RotaryEmbedding proto): the server rotates new
+        queries and keys at the session's positions, so callers send
+        unrotated ones. sink_tokens, window_tokens: with window_tokens > 0
+        the session keeps its first sink_tokens and last window_tokens tokens
+        (rounded up to blocks) and frees the rest (attention sinks).
         RESOURCE_EXHAUSTED when the server's cache is full.
         """
         request = _pb.CreateSessionRequest(
             num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), value_dim=int(value_dim),
-            dtype=tensors.wire_dtype(dtype), max_tokens=int(max_tokens))
+            dtype=tensors.wire_dtype(dtype), max_tokens=int(max_tokens),
+            num_layers=int(num_layers), sink_tokens=int(sink_tokens),
+            window_tokens=int(window_tokens))
+        if rotary is not None:
+            rotary_to_proto(rotary, request.rotary)
         response = self._stub.CreateSession(request, timeout=timeout or self.timeout,
                                             metadata=metadata)
-        return Session(response.session_id, response.capacity_tokens, response.block_tokens)
+        return Session(response.session_id, response.capacity_tokens, response.block_tokens,
+                       response.num_layers or int(num_layers))
+
+    def fork_session(self, session, tokens, *, timeout=None, metadata=None):
+        """Opens a session sharing the first `tokens` tokens of every layer
+        of `session` (full blocks shared, the partial one copied), with its
+        settings; it continues at position `tokens`. Returns a ForkedSession.
+        FAILED_PRECONDITION when tokens exceed the parent's length or the
+        parent's sink window has moved; NOT_FOUND as for decode.
+        """
+        response = self._stub.ForkSession(
+            _pb.ForkSessionRequest(session_id=_session_id(session), tokens=int(tokens)),
+            timeout=timeout or self.timeout, metadata=metadata)
+        parent = session if isinstance(session, Session) else None
+        return ForkedSession(response.session_id,
+                             capacity_tokens=parent.capacity_tokens if parent else 0,
+                             block_tokens=parent.block_tokens if parent else 0,
+                             num_layers=parent.num_layers if parent else 1,
+                             context_tokens=response.context_tokens,
+                             shared_tokens=response.shared_tokens)
 
     def decode(self, session, q, k, v, *, timeout=None, metadata=None, **options):
-        """One decode step: appends k/v to the session's cache and attends q
-        over the whole cache. A prefill is a decode with many tokens. Options
-        as in build_decode_request. Returns a DecodeResult.
+        """One decode step: appends k/v to the session's cache of `layer`
+        (default 0) and attends q over that whole cache. A prefill is a
+        decode with many tokens. Options as in build_decode_request (layer,
+        expected_context_tokens, scale, ...). Returns a DecodeResult.
 
         NOT_FOUND for a closed, expired or unknown session; RESOURCE_EXHAUSTED
-        when the cache is full (the session is then unchanged).
+        when the cache is full; FAILED_PRECONDITION for a layer out of order
+        or a stale expected_context_tokens (the session is then unchanged).
         """
         return self.decode_proto(build_decode_request(session, q, k, v, **options),
                                  timeout=timeout, metadata=metadata)
@@ -298,6 +504,52 @@ class Client:
         """Sends a ready DecodeRequest proto; returns a DecodeResult."""
         response = self._stub.Decode(request, timeout=timeout or self.timeout, metadata=metadata)
         return decode_result_from_proto(response)
+
+    def batch_decode(self, layer, entries, *, timeout=None, metadata=None, **options):
+        """One layer-step for many sessions in one call (one backend call).
+
+        entries: (session, q, k, v) or (session, q, k, v,
+        expected_context_tokens) tuples; options as in
+        build_batch_decode_request, for the whole batch. Returns a list, one
+        item per entry in order: a DecodeResult, or a BatchDecodeError for an
+        entry that failed on its own (its cache is unchanged; the others
+        went ahead). raise_first_error(results) raises the first of those.
+        A failure of the whole call (deadline, queue, memory budget) is
+        raised as grpc.RpcError, and then no entry's cache changed.
+        """
+        entries = list(entries)
+        request = build_batch_decode_request(layer, entries, **options)
+        return self.batch_decode_proto(request, timeout=timeout, metadata=metadata)
+
+    def batch_decode_proto(self, request, *, timeout=None, metadata=None):
+        """Sends a ready BatchDecodeRequest proto; returns the list of
+        batch_decode."""
+        response = self._stub.BatchDecode(request, timeout=timeout or self.timeout,
+                                          metadata=metadata)
+        return batch_results_from_proto(response, [e.session_id for e in request.entries])
+
+    def batch_decode_stream(self, requests, *, timeout=None, metadata=None):
+        """Sends BatchDecodeRequest protos (build_batch_decode_request; give
+        each a request_id) on one BatchDecodeStream, so layer-steps of
+        independent micro-batches overlap; yields a BatchResult per request
+        as they complete (possibly out of order: match on request_id). Entry
+        failures are in the results; a failure of a whole request ends the
+        stream with grpc.RpcError.
+        """
+        sent = {}
+
+        def remember():
+            for r in requests:
+                sent[r.request_id] = [e.session_id for e in r.entries]
+                yield r
+
+        for response in self._stub.BatchDecodeStream(remember(), timeout=timeout,
+                                                     metadata=metadata):
+            yield BatchResult(
+                request_id=response.request_id,
+                results=batch_results_from_proto(response, sent.pop(response.request_id, ())),
+                backend=response.backend,
+                timing=_timing(response.timing))
 
     def close_session(self, session, *, timeout=None, metadata=None):
         """Frees the session's cache. NOT_FOUND if it is not open."""
@@ -329,3 +581,106 @@ class Client:
                 last = e.code()
             time.sleep(0.05)
         raise TimeoutError(f"{self.target} not SERVING after {timeout} s (last: {last})")
+
+
+class ModelSession:
+    """The KV caches of the sequences of a multi-layer model on one Client:
+    one session (with num_layers layers) per sequence, stepped one layer at a
+    time for every sequence in ONE batch_decode call.
+
+        with ModelSession(client, 4, num_kv_heads=8, head_dim=128,
+                          num_layers=32, dtype="bf16") as m:
+            for layer in range(32):
+                outs = m.step_layer(layer, qs, ks, vs)  # one array per sequence
+
+    Layers step in order (layer l of a token after layer l-1; layer 0 after
+    the last layer of the previous token): the server refuses others with
+    FAILED_PRECONDITION. Each entry carries the tokens its layer's cache
+    holds (tokens[i][layer]) as expected_context_tokens, so a retried step
+    that already landed is refused, not appended twice. Not thread-safe.
+    """
+
+    def __init__(self, client, n_sequences, num_kv_heads, head_dim, *, num_layers=1,
+                 **session_options):
+        """Opens n_sequences sessions; session_options as in
+        Client.create_session (dtype, rotary, sink_tokens, ...). On a
+        failure closes those opened and re-raises."""
+        if n_sequences < 1:
+            raise ValueError(f"n_sequences: expected >= 1, got {n_sequences}")
+        self.client = client
+        self.sessions = []
+        self.tokens = []  # per sequence, per layer: tokens in that layer's cache
+        try:
+            for _ in range(n_sequences):
+                s = client.create_session(num_kv_heads, head_dim, num_layers=num_layers,
+                                          **session_options)
+                self.sessions.append(s)
+                self.tokens.append([0] * s.num_layers)
+        except BaseException:
+            self.close()
+            raise
+        self.num_layers = self.sessions[0].num_layers
+
+    @property
+    def num_sequences(self):
+        return len(self.sessions)
+
+    def fork(self, index, tokens):
+        """Adds a sequence sharing the first `tokens` tokens of every layer
+        of sequence `index` (Client.fork_session); returns its index."""
+        if not 0 <= index < len(self.sessions):
+            raise IndexError(f"index: expected in [0, {len(self.sessions)}), got {index}")
+        forked = self.client.fork_session(self.sessions[index], tokens)
+        self.sessions.append(forked)
+        self.tokens.append([forked.context_tokens] * self.num_layers)
+        return len(self.sessions) - 1
+
+    def step_layer(self, layer, qs, ks, vs, **options):
+        """One layer-step of every sequence in one batch_decode: qs[i], ks[i],
+        vs[i] are sequence i's q [Lq, Hq, D] and new k/v [Lnew, Hkv, D|Dv].
+        Returns the outputs [Lq, Hq, Dv], one per sequence. Options as in
+        Client.batch_decode. If entries fail, raises the first one's
+        BatchDecodeError, its message naming the sequence; the entries that
+        succeeded went ahead (and their token counts with them).
+        """
+        n = len(self.sessions)
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected in [0, {self.num_layers}), got {layer}")
+        if not len(qs) == len(ks) == len(vs) == n:
+            raise ValueError(f"qs, ks, vs: expected one per sequence ({n}), got "
+                             f"{len(qs)}, {len(ks)}, {len(vs)}")
+        entries = [(self.sessions[i], qs[i], ks[i], vs[i], self.tokens[i][layer])
+                   for i in range(n)]
+        results = self.client.batch_decode(layer, entries, **options)
+        first_error = None
+        outputs = []
+        for i, r in enumerate(results):
+            if isinstance(r, BatchDecodeError):
+                if first_error is None:
+                    first_error = BatchDecodeError(
+                        r.code(), f"sequence {i} (session {r.session_id}): {r.details()}",
+                        i, r.session_id)
+                outputs.append(None)
+                continue
+            self.tokens[i][layer] = r.context_tokens
+            outputs.append(r.output)
+        if first_error is not None:
+            raise first_error
+        return outputs
+
+    def close(self):
+        """Closes every sequence's session (errors of sessions already gone
+        are ignored); the ModelSession then holds none."""
+        for s in self.sessions:
+            try:
+                self.client.close_session(s)
+            except grpc.RpcError:
+                pass
+        self.sessions = []
+        self.tokens = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
