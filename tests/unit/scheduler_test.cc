@@ -779,5 +779,61 @@ TEST(SchedulerStressTest, EveryAdmittedTaskIsAnsweredExactlyOnce) {
   }
 }
 
+// A gang (one BatchDecode) is never split across backend calls, counts as its
+// jobs in max_batch_size, and is answered once with a null job.
+TEST(SchedulerGangTest, RunsInOneBackendCallAndIsAnsweredOnce) {
+  FakeClock clock;
+  FakeBackend backend("fake");
+  SchedulerOptions o = Options(4, absl::Milliseconds(1));
+  o.max_queue_delay_us = 0;
+  auto scheduler = *Scheduler::Create(o, &clock);
+  std::vector<std::unique_ptr<AttentionJob>> jobs;
+  Task gang;
+  for (int id = 10; id < 16; ++id) {  // six jobs: more than max_batch_size
+    jobs.push_back(std::make_unique<AttentionJob>());
+    jobs.back()->params.seqlen_q = id;
+    jobs.back()->cost = 1;
+    gang.gang.push_back(jobs.back().get());
+  }
+  absl::Mutex mu;
+  int calls = 0;
+  bool null_job = false;
+  int32_t batch_size = 0;
+  gang.backend = &backend;
+  gang.done = [&](absl::Status status, std::unique_ptr<AttentionJob> job, const TaskTiming& t) {
+    absl::MutexLock lock(&mu);
+    EXPECT_TRUE(status.ok()) << status;
+    ++calls;
+    null_job = job == nullptr;
+    batch_size = t.batch_size;
+  };
+  ASSERT_TRUE(scheduler->Submit(std::move(gang)).ok());
+  ASSERT_TRUE(scheduler->Drain(kHangGuard).ok());
+  EXPECT_THAT(backend.batches(), ElementsAre(ElementsAre(10, 11, 12, 13, 14, 15)));
+  absl::MutexLock lock(&mu);
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(null_job);
+  EXPECT_EQ(batch_size, 6);
+}
+
+TEST(SchedulerGangTest, RejectsAJobWithAGangAndMixedDtypes) {
+  FakeClock clock;
+  FakeBackend backend("fake");
+  auto scheduler = *Scheduler::Create(Options(4, absl::Milliseconds(1)), &clock);
+  AttentionJob a, b;
+  b.params.dtype = DType::kBF16;
+  Task mixed;
+  mixed.backend = &backend;
+  mixed.done = [](absl::Status, std::unique_ptr<AttentionJob>, const TaskTiming&) {};
+  mixed.gang = {&a, &b};
+  EXPECT_THAT(scheduler->Submit(std::move(mixed)).message(), HasSubstr("task.gang[1]"));
+  Task both;
+  both.backend = &backend;
+  both.done = [](absl::Status, std::unique_ptr<AttentionJob>, const TaskTiming&) {};
+  both.job = std::make_unique<AttentionJob>();
+  both.gang = {&a};
+  EXPECT_EQ(scheduler->Submit(std::move(both)).code(), absl::StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace attnserve
