@@ -6,6 +6,13 @@
 // Inputs are random and go through PrepareAttention like a served request;
 // backends are created by name. FLOPs are AttentionFlops (4·B·Hq·Lq·Lk·D,
 // halved for causal Lq == Lk); bytes count Q, K, V and the output once.
+//
+//   attn_bench --shape=P4 --paged --layers=8 --sessions=16 --context=1024 --dtype=bf16 --json
+//
+// times the kernel of one model layer-step, the batch of
+// `attnctl bench --sessions=16 --context=1024 --layers=8 --batched`: every
+// sequence keeps one paged cache per layer, and a layer-step is one backend
+// call over the batch's decode jobs of one layer, the layers taken in turn.
 #include <sys/resource.h>
 #include <time.h>
 
@@ -50,6 +57,16 @@ ABSL_FLAG(bool, paged, false,
           "keep K/V in KV-cache sessions (one per batch row, paged blocks) and run the batch "
           "of decode-style jobs as the server's Decode does");
 ABSL_FLAG(int, kv_block_tokens, 16, "tokens per KV-cache block with --paged");
+ABSL_FLAG(int, layers, 1,
+          "with --paged: model layers, each with its own paged cache per batch row; an "
+          "iteration is one layer-step (one backend call over the batch's jobs of one layer), "
+          "cycling through the layers so their caches are not all hot");
+ABSL_FLAG(int, sessions, 0,
+          "batch rows (sequences), overriding the shape's B (0: the shape's); as attnctl bench "
+          "--sessions");
+ABSL_FLAG(int64_t, context, 0,
+          "keys per batch row, overriding the shape's Lk (0: the shape's); as attnctl bench "
+          "--context");
 ABSL_FLAG(bool, json, false, "print one JSON line instead of text");
 ABSL_FLAG(double, peak_gflops, 0,
           "use this FP32 FMA peak (GFLOP/s) instead of measuring it (e.g. under a profiler)");
@@ -122,6 +139,21 @@ int Main() {
     }
     shape = *found;
   }
+  if (absl::GetFlag(FLAGS_sessions) < 0 || absl::GetFlag(FLAGS_context) < 0 ||
+      absl::GetFlag(FLAGS_context) > INT32_MAX) {
+    std::fprintf(stderr, "--sessions, --context: expected >= 0 (0: the shape's), got %d, %lld\n",
+                 absl::GetFlag(FLAGS_sessions),
+                 static_cast<long long>(absl::GetFlag(FLAGS_context)));
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_sessions) > 0) shape.b = absl::GetFlag(FLAGS_sessions);
+  if (absl::GetFlag(FLAGS_context) > 0) shape.lk = static_cast<int>(absl::GetFlag(FLAGS_context));
+  const int layers = absl::GetFlag(FLAGS_layers);
+  if (layers < 1 || (layers > 1 && !absl::GetFlag(FLAGS_paged))) {
+    std::fprintf(stderr, "--layers: expected >= 1, and > 1 only with --paged, got %d%s\n", layers,
+                 absl::GetFlag(FLAGS_paged) ? "" : " without --paged");
+    return 2;
+  }
   const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
   DType dtype;
   if (dtype_name == "f32") {
@@ -162,7 +194,8 @@ int Main() {
   limits.max_output_bytes = int64_t{1} << 34;
   limits.max_weights_bytes = int64_t{1} << 34;
   const bool paged = absl::GetFlag(FLAGS_paged);
-  std::vector<std::unique_ptr<AttentionJob>> jobs;
+  // The jobs of one backend call; with --paged, one such batch per layer.
+  std::vector<std::vector<std::unique_ptr<AttentionJob>>> layer_jobs(layers);
   std::unique_ptr<SessionStore> store;
   std::vector<SessionLease> leases;
   if (!paged) {
@@ -180,55 +213,67 @@ int Main() {
       std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
       return 1;
     }
-    jobs.push_back(*std::move(job));
+    layer_jobs[0].push_back(*std::move(job));
   } else {
     if (dv != shape.d || !bias.empty() || absl::GetFlag(FLAGS_linear) ||
         absl::GetFlag(FLAGS_weights) || absl::GetFlag(FLAGS_top_k) > 0) {
       std::fprintf(stderr, "--paged takes none of --dv, --bias, --linear, --weights, --top_k\n");
       return 2;
     }
-    // One session per batch row, filled with that row's K/V, as a prefill
-    // would; then one job per session, all in one backend call.
+    // One session per batch row with one paged cache per layer, each layer
+    // filled with that row's K/V, as a prefill would; then per layer one job
+    // per session, a layer's jobs all in one backend call.
     SessionStoreOptions so;
     so.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
     const int64_t row_bytes = int64_t{shape.hkv} * shape.d * int64_t(DTypeSize(dtype));
     const int64_t blocks = (int64_t{shape.lk} + so.block_tokens - 1) / so.block_tokens;
-    so.kv_cache_bytes = int64_t{shape.b} * (blocks + 1) * so.block_tokens * 2 * row_bytes;
+    const int64_t block_bytes =
+        std::max<int64_t>(so.block_tokens * 2 * row_bytes, so.min_block_bytes);
+    so.kv_cache_bytes = int64_t{shape.b} * layers * (blocks + 1) * block_bytes;
     auto created_store = SessionStore::Create(so);
     if (!created_store.ok()) {
       std::fprintf(stderr, "SessionStore: %s\n", created_store.status().ToString().c_str());
       return 1;
     }
     store = *std::move(created_store);
-    SessionConfig config{.num_kv_heads = shape.hkv, .head_dim = shape.d, .dtype = dtype};
+    SessionConfig config;
+    config.num_kv_heads = shape.hkv;
+    config.head_dim = shape.d;
+    config.dtype = dtype;
+    config.num_layers = layers;
     const int64_t kv_row = int64_t{shape.lk} * row_bytes;
     const int64_t q_row = int64_t{shape.lq} * shape.hq * shape.d * int64_t(DTypeSize(dtype));
     for (int b = 0; b < shape.b; ++b) {
       auto created = store->CreateSession(config, "");
       auto lease = created.ok() ? store->Acquire(created->session_id, "")
                                 : absl::StatusOr<SessionLease>(created.status());
-      absl::Status appended =
-          lease.ok() ? lease->Append(0, 
-                           TensorView{dtype, {shape.lk, shape.hkv, shape.d},
-                                      std::string_view(k).substr(b * kv_row, kv_row)},
-                           TensorView{dtype, {shape.lk, shape.hkv, shape.d},
-                                      std::string_view(v).substr(b * kv_row, kv_row)})
-                     : lease.status();
+      // Layers in order, as the store requires; every layer gets the same
+      // K/V bytes but its own blocks.
+      absl::Status appended = lease.status();
+      for (int layer = 0; layer < layers && appended.ok(); ++layer) {
+        appended = lease->Append(layer,
+                                 TensorView{dtype, {shape.lk, shape.hkv, shape.d},
+                                            std::string_view(k).substr(b * kv_row, kv_row)},
+                                 TensorView{dtype, {shape.lk, shape.hkv, shape.d},
+                                            std::string_view(v).substr(b * kv_row, kv_row)});
+      }
       if (!appended.ok()) {
         std::fprintf(stderr, "session: %s\n", appended.ToString().c_str());
         return 1;
       }
-      AttentionRequest request;
-      request.query = TensorView{dtype, {shape.lq, shape.hq, shape.d},
-                                 std::string_view(q).substr(b * q_row, q_row)};
-      request.paged_kv = lease->View();
-      request.options.causal = shape.causal;
-      auto job = PrepareAttention(request, limits);
-      if (!job.ok()) {
-        std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
-        return 1;
+      for (int layer = 0; layer < layers; ++layer) {
+        AttentionRequest request;
+        request.query = TensorView{dtype, {shape.lq, shape.hq, shape.d},
+                                   std::string_view(q).substr(b * q_row, q_row)};
+        request.paged_kv = lease->View(layer);
+        request.options.causal = shape.causal;
+        auto job = PrepareAttention(request, limits);
+        if (!job.ok()) {
+          std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
+          return 1;
+        }
+        layer_jobs[layer].push_back(*std::move(job));
       }
-      jobs.push_back(*std::move(job));
       leases.push_back(*std::move(lease));
     }
   }
@@ -238,19 +283,24 @@ int Main() {
     std::fprintf(stderr, "CreateBackend: %s\n", backend.status().ToString().c_str());
     return 1;
   }
-  std::vector<AttentionParams> params;
+  // One backend call's params per layer; flops, cost and bytes are one
+  // call's (every layer's batch has the same shape).
+  std::vector<std::vector<AttentionParams>> layer_params(layers);
   double flops = 0;
   double cost = 0;
   int64_t output_bytes = 0;
-  for (const auto& job : jobs) {
-    if (absl::Status s = (*backend)->Supports(job->params); !s.ok()) {
-      std::fprintf(stderr, "Supports: %s\n", s.ToString().c_str());
-      return 1;
+  for (int layer = 0; layer < layers; ++layer) {
+    for (const auto& job : layer_jobs[layer]) {
+      if (absl::Status s = (*backend)->Supports(job->params); !s.ok()) {
+        std::fprintf(stderr, "Supports: %s\n", s.ToString().c_str());
+        return 1;
+      }
+      layer_params[layer].push_back(job->params);
+      if (layer > 0) continue;
+      flops += job->flops;
+      cost += job->cost;
+      output_bytes += static_cast<int64_t>(job->output.data.size());
     }
-    params.push_back(job->params);
-    flops += job->flops;
-    cost += job->cost;
-    output_bytes += static_cast<int64_t>(job->output.data.size());
   }
 
   using Clock = std::chrono::steady_clock;
@@ -259,7 +309,11 @@ int Main() {
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
   };
+  // Runs the next layer's batch (the layers in turn).
+  int next_layer = 0;
   auto run_once = [&]() -> double {
+    const std::vector<AttentionParams>& params = layer_params[next_layer];
+    next_layer = (next_layer + 1) % layers;
     const auto start = Clock::now();
     if (absl::Status s = (*backend)->Run(params); !s.ok()) {
       std::fprintf(stderr, "Run: %s\n", s.ToString().c_str());
@@ -267,7 +321,8 @@ int Main() {
     }
     return std::chrono::duration<double>(Clock::now() - start).count();
   };
-  run_once();  // warm-up: workspace, page faults, caches
+  // Warm-up, every layer once: workspace, page faults, caches.
+  for (int layer = 0; layer < layers; ++layer) run_once();
   const int fixed_iters = absl::GetFlag(FLAGS_iters);
   const double min_time = absl::GetFlag(FLAGS_min_time);
   std::vector<double> times;
@@ -300,6 +355,17 @@ int Main() {
   if (absl::GetFlag(FLAGS_weights)) options += "weights,";
   if (absl::GetFlag(FLAGS_top_k) > 0) options += absl::StrCat("top_k=", absl::GetFlag(FLAGS_top_k), ",");
   if (!options.empty()) options.pop_back();
+  // --paged: an iteration is one layer-step, which moves every batch row's
+  // Lq tokens through one layer; a whole-model token takes `layers` of them.
+  const double tokens_per_s = static_cast<double>(shape.b) * shape.lq / (seconds * layers);
+  const std::string paged_json =
+      paged ? absl::StrFormat(",\"layers\":%d,\"layer_step_ms\":%.4f,\"tokens_per_s\":%.2f",
+                              layers, seconds * 1e3, tokens_per_s)
+            : "";
+  const std::string paged_text =
+      paged ? absl::StrFormat(", %d layer(s): %.3f ms per layer-step, %.1f whole-model tokens/s",
+                              layers, seconds * 1e3, tokens_per_s)
+            : "";
   if (absl::GetFlag(FLAGS_json)) {
     std::printf(
         "{\"shape\":\"%s\",\"backend\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"B\":%d,\"Hq\":%d,"
@@ -308,22 +374,23 @@ int Main() {
         "\"gflops\":%.2f,\"peak_gflops\":%.2f,\"peak_fraction\":%.4f,\"gbps\":%.3f,"
         "\"peak_gbps\":%.3f,\"bw_fraction\":%.4f,\"workspace_bytes\":%lld,"
         "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\",\"paged\":%s,\"Dv\":%d,\"cost\":%.6g,"
-        "\"cost_gflops\":%.2f,\"options\":\"%s\"}\n",
+        "\"cost_gflops\":%.2f,\"options\":\"%s\"%s}\n",
         shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, shape.b, shape.hq, shape.hkv, shape.lq,
         shape.lk, shape.d, shape.causal ? "true" : "false", times.size(), seconds * 1e3, cpu_seconds * 1e3, gflops,
         peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, gbps / peak.read_gbps,
         static_cast<long long>(workspace), static_cast<long long>(peak_rss_bytes),
-        peak.isa.c_str(), paged ? "true" : "false", dv, cost, cost_gflops, options.c_str());
+        peak.isa.c_str(), paged ? "true" : "false", dv, cost, cost_gflops, options.c_str(),
+        paged_json.c_str());
   } else {
     std::printf(
         "%s%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
         "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB, "
-        "cost %.4g (%.1f G/s)%s%s\n",
+        "cost %.4g (%.1f G/s)%s%s%s\n",
         shape.id.c_str(), paged ? " paged" : "", backend_name.c_str(), dtype_name.c_str(), threads,
         seconds * 1e3, cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
         100 * gbps / peak.read_gbps, peak.read_gbps, static_cast<long long>(workspace),
         static_cast<long long>(peak_rss_bytes >> 20), cost, cost_gflops, options.empty() ? "" : " ",
-        options.c_str());
+        options.c_str(), paged_text.c_str());
   }
   return 0;
 }
