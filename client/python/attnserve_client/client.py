@@ -534,7 +534,10 @@ class Client:
         independent micro-batches overlap; yields a BatchResult per request
         as they complete (possibly out of order: match on request_id). Entry
         failures are in the results; a failure of a whole request ends the
-        stream with grpc.RpcError.
+        stream with grpc.RpcError. Requests in flight together may run in any
+        order: a session's next layer-step belongs on the stream only after
+        its previous one has answered (else FAILED_PRECONDITION), so
+        pipeline different micro-batches, not the layers of one.
         """
         sent = {}
 
