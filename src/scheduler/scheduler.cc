@@ -53,6 +53,7 @@ using GroupKey = std::tuple<Backend*, DType, Variant>;
 struct TaskGroup {
   std::deque<QueuedTask> levels[kNumLevels];  // each in admission order
   double flops = 0;                           // sum over the queued tasks
+  int64_t gangs = 0;                          // queued tasks that are gangs
 
   int64_t size() const {
     return static_cast<int64_t>(levels[kNormal].size() + levels[kHigh].size());
@@ -192,6 +193,7 @@ class BatchingScheduler final : public Scheduler {
     const AttentionJob& first = FirstJob(task);
     TaskGroup& group = groups_[GroupKey(task.backend, first.params.dtype, first.params.variant)];
     group.flops += CostOf(task);
+    if (!task.gang.empty()) ++group.gangs;
     group.levels[level].push_back(
         QueuedTask{std::move(task), now, level == kHigh ? now : now + aging_});
     ++queued_;
@@ -301,8 +303,9 @@ class BatchingScheduler final : public Scheduler {
     absl::Time best_key = absl::InfiniteFuture();
     for (auto it = groups_.begin(); it != groups_.end(); ++it) {
       TaskGroup& group = it->second;
-      const bool full =
-          group.size() >= options_.max_batch_size || group.flops >= options_.max_batch_flops;
+      // A gang is a batch already: it does not wait for one to fill.
+      const bool full = group.size() >= options_.max_batch_size ||
+                        group.flops >= options_.max_batch_flops || group.gangs > 0;
       const absl::Time flush_at = group.oldest_admitted() + max_queue_delay_;
       if (!draining_ && !full && flush_at > now) {
         *next_flush = std::min(*next_flush, flush_at);
@@ -342,6 +345,7 @@ class BatchingScheduler final : public Scheduler {
       --queued_;
       queued_bytes_ -= InputBytesOf(t.task);
       group.flops -= task_flops;
+      if (!t.task.gang.empty()) --group.gangs;
       if (expired) {
         batch.expired.push_back(std::move(t));
       } else {

@@ -94,7 +94,9 @@ class Scheduler {
   // draining. INVALID_ARGUMENT: no job (or both a job and a gang, or a gang of
   // mixed dtypes), backend or done, or a priority other than 0 or 1. On error
   // `done` is not called. A gang counts as one task in the queue and as its
-  // jobs in a batch (max_batch_size), and is never split across batches.
+  // jobs in a batch (max_batch_size), is never split across batches, and
+  // does not wait max_queue_delay_us for a batch to fill: its group runs as
+  // soon as a worker is free (with the tasks queued beside it that fit).
   virtual absl::Status Submit(Task task) = 0;
 
   // Stops admission and waits until every admitted task is done or `timeout`

@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "attention/job.h"
@@ -780,13 +781,13 @@ TEST(SchedulerStressTest, EveryAdmittedTaskIsAnsweredExactlyOnce) {
 }
 
 // A gang (one BatchDecode) is never split across backend calls, counts as its
-// jobs in max_batch_size, and is answered once with a null job.
-TEST(SchedulerGangTest, RunsInOneBackendCallAndIsAnsweredOnce) {
-  FakeClock clock;
+// jobs in max_batch_size, runs without waiting for a batch to fill, and is
+// answered once with a null job.
+TEST(SchedulerGangTest, RunsAtOnceInOneBackendCallAndIsAnsweredOnce) {
+  FakeClock clock;  // never advances: a gang that waited would not run
   FakeBackend backend("fake");
-  SchedulerOptions o = Options(4, absl::Milliseconds(1));
-  o.max_queue_delay_us = 0;
-  auto scheduler = *Scheduler::Create(o, &clock);
+  auto scheduler = *Scheduler::Create(Options(4, absl::Hours(1)), &clock);
+  absl::Notification answered;
   std::vector<std::unique_ptr<AttentionJob>> jobs;
   Task gang;
   for (int id = 10; id < 16; ++id) {  // six jobs: more than max_batch_size
@@ -806,8 +807,10 @@ TEST(SchedulerGangTest, RunsInOneBackendCallAndIsAnsweredOnce) {
     ++calls;
     null_job = job == nullptr;
     batch_size = t.batch_size;
+    answered.Notify();
   };
   ASSERT_TRUE(scheduler->Submit(std::move(gang)).ok());
+  ASSERT_TRUE(answered.WaitForNotificationWithTimeout(kHangGuard));
   ASSERT_TRUE(scheduler->Drain(kHangGuard).ok());
   EXPECT_THAT(backend.batches(), ElementsAre(ElementsAre(10, 11, 12, 13, 14, 15)));
   absl::MutexLock lock(&mu);
