@@ -4,7 +4,7 @@
 # its own server on a free-ish port, drives it with attnctl bench and prints one
 # summary line; every server must exit 0 on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|all]     (default: all)
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|all]     (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
 # machine should be otherwise idle.
@@ -134,12 +134,35 @@ abuse() {
   stop_server
 }
 
+tier() {
+  echo "== T1 tier decode: 8 layers x 16 sessions x 1024 context, Hq 32, Hkv 8, D 128, BF16 cache"
+  start_server --kv_cache_bytes=8589934592
+  for batched in --batched ""; do
+    echo "-- attnctl bench --layers=8 ${batched:-(one Decode per session)}"
+    # shellcheck disable=SC2086
+    "$C" --target="$target" bench --sessions=16 --context=1024 --layers=8 $batched --hq=32 \
+      --hkv=8 --d=128 --cache_dtype=bf16 --dtype=bf16 --duration=10s --json |
+      /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  tokens_per_s=%.1f layer_p50_ms=%.3f layer_p99_ms=%.3f server_compute_us=%.0f server_queue_us=%.0f context_tokens_max=%d" % (d["tokens_per_s"], d["layer_p50_ms"], d["layer_p99_ms"], d["server_compute_us"], d["server_queue_us"], d["context_tokens_max"]))'
+  done
+  echo "-- in process, the same batch (attn_bench --paged --layers=8) at 1024 and 1126 (the runs' mean) tokens"
+  for ctx in 1024 1126; do
+    "$build/bench/attn_bench" --shape=P4 --paged --layers=8 --sessions=16 --context=$ctx \
+      --dtype=bf16 --threads=2 --json |
+      /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  context=%d layer_step_ms=%.3f tokens_per_s=%.1f isa=%s" % (d["Lk"], d["layer_step_ms"], d["tokens_per_s"], d["peak_isa"]))'
+  done
+  echo "-- the server's time per BatchDecode layer call beyond queue and kernel; forks; sinks"
+  /usr/bin/python3 "$root/bench/tier_load.py" --target="$target" --pid="$spid" --overhead --forks \
+    --sinks=100000
+  stop_server
+}
+
 case "${1:-all}" in
   s1) s1 ;;
+  tier) tier ;;
   open) open_loop ;;
   overload) overload ;;
   sessions) sessions ;;
   abuse) abuse ;;
-  all) s1; open_loop; overload; sessions; abuse ;;
-  *) echo "usage: $0 [s1|open|overload|sessions|all]" >&2; exit 2 ;;
+  all) s1; open_loop; overload; sessions; abuse; tier ;;
+  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|all]" >&2; exit 2 ;;
 esac

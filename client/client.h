@@ -127,7 +127,8 @@ class AttnClient {
   // `session_id` (full blocks shared, the partial one copied); it has the
   // parent's settings and continues at position `tokens`. NOT_FOUND as for
   // Decode; FAILED_PRECONDITION when tokens > the parent's length or the
-  // parent's sink window has moved; RESOURCE_EXHAUSTED when the cache is full.
+  // parent has window_tokens (sinks sessions are not forked);
+  // RESOURCE_EXHAUSTED when the cache is full.
   absl::StatusOr<ForkedSession> ForkSession(const std::string& session_id, int64_t tokens,
                                             absl::Duration deadline = absl::ZeroDuration());
 

@@ -322,10 +322,18 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
 
 absl::Status AttentionServiceImpl::AppendStep(SessionStep* step) {
   SessionLease& session = *step->lease;
-  step->job.reset();
   if (absl::Status s = session.Append(step->layer, step->key, step->value); !s.ok()) return s;
   step->appended = true;
-  step->core.paged_kv = session.View(step->layer);
+  const PagedKvView view = session.View(step->layer);
+  if (view.length == step->core.paged_kv->length) {
+    // The cache is what the job was planned over: only the blocks are real now.
+    step->core.paged_kv = view;
+    step->job->params.kv_blocks = view.blocks;
+    return absl::OkStatus();
+  }
+  // A window moved: plan over the cache as it is.
+  step->job.reset();
+  step->core.paged_kv = view;
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(step->core, options_.limits);
   if (!job.ok()) return job.status();
   step->job = *std::move(job);
@@ -466,15 +474,15 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
   auto call = std::make_shared<BatchDecodeCall>();
   call->steps.resize(entries);
   call->status.resize(entries);
-  absl::flat_hash_map<std::string, int> seen;  // session id -> its first entry
+  absl::flat_hash_map<absl::string_view, int> seen;  // session id -> its first entry
+  seen.reserve(entries);
   int first_ok = -1;
   for (int i = 0; i < entries; ++i) {
     const v1::BatchDecodeEntry& e = request.entries(i);
     SessionStep& step = call->steps[i];
-    const std::string prefix = absl::StrCat("entries[", i, "].");
     absl::Status& status = call->status[i];
     if (auto [it, inserted] = seen.try_emplace(e.session_id(), i); !inserted) {
-      status = Invalid(absl::StrCat(prefix, "session_id"), "each session once per call",
+      status = Invalid(absl::StrCat("entries[", i, "].session_id"), "each session once per call",
                        absl::StrCat("the session of entries[", it->second, "] again"));
       continue;
     }
@@ -499,7 +507,7 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
       }
     }
     if (!status.ok()) {
-      status = Prefixed(prefix, status);
+      status = Prefixed(absl::StrCat("entries[", i, "]."), status);
       step.Abandon();
       continue;
     }

@@ -184,7 +184,7 @@ class SessionStore {
   // `tokens` tokens of each of its layers: full blocks shared, the partial
   // block copied. NOT_FOUND as for Acquire; ABORTED while a step holds the
   // parent; INVALID_ARGUMENT for tokens < 1; FAILED_PRECONDITION when tokens
-  // pass a layer's length or the parent's window has moved;
+  // pass a layer's length or the parent has window_tokens;
   // RESOURCE_EXHAUSTED for the copies or max_sessions.
   absl::StatusOr<Forked> Fork(const std::string& session_id, int64_t tokens,
                               const std::string& owner);

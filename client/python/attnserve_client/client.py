@@ -474,7 +474,8 @@ class Client:
         of `session` (full blocks shared, the partial one copied), with its
         settings; it continues at position `tokens`. Returns a ForkedSession.
         FAILED_PRECONDITION when tokens exceed the parent's length or the
-        parent's sink window has moved; NOT_FOUND as for decode.
+        parent has window_tokens (sinks sessions are not forked); NOT_FOUND
+        as for decode.
         """
         response = self._stub.ForkSession(
             _pb.ForkSessionRequest(session_id=_session_id(session), tokens=int(tokens)),
