@@ -139,6 +139,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::Status SubmitDecode(grpc::CallbackServerContext* context, const v1::DecodeRequest& request,
                             v1::DecodeResponse* response, DecodeReactor* reactor,
                             absl::Time received);
+  // The checks every session step call starts with: draining, sessions on,
+  // the priority; then the backend it names. (session_rpcs.cc)
+  absl::StatusOr<Backend*> StepBackend(const std::string& name, int32_t priority) const;
   // A session step's checks, with nothing changed yet: pins the session
   // (into step->lease), checks the layer, the new K/V and
   // expected_context_tokens, converts (and with RoPE rotates) the query, and

@@ -209,6 +209,16 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
   return reactor;
 }
 
+absl::StatusOr<Backend*> AttentionServiceImpl::StepBackend(const std::string& name,
+                                                          int32_t priority) const {
+  if (draining()) return Draining();
+  if (options_.sessions == nullptr) return SessionsDisabled();
+  if (priority != 0 && priority != 1) {
+    return Invalid("priority", "0 (normal) or 1 (high)", absl::StrCat(priority));
+  }
+  return BackendFor(name);
+}
+
 absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
                                             const std::string& session_id, int32_t layer,
                                             const v1::Tensor& query_proto,
@@ -369,14 +379,9 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
                                                 const v1::DecodeRequest& request,
                                                 v1::DecodeResponse* response,
                                                 DecodeReactor* reactor, absl::Time received) {
-  if (draining()) return Draining();
-  if (options_.sessions == nullptr) return SessionsDisabled();
-  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  absl::StatusOr<Backend*> chosen = StepBackend(request.backend(), request.priority());
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
-  if (request.priority() != 0 && request.priority() != 1) {
-    return Invalid("priority", "0 (normal) or 1 (high)", absl::StrCat(request.priority()));
-  }
   absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), request.outputs());
   if (!options.ok()) return options.status();
   SessionStep& step = reactor->step;
@@ -452,14 +457,9 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     const std::string& caller, const v1::BatchDecodeRequest& request, absl::Time deadline,
     std::function<bool()> is_cancelled, absl::Time received, v1::BatchDecodeResponse* response,
     MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done) {
-  if (draining()) return Draining();
-  if (options_.sessions == nullptr) return SessionsDisabled();
-  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  absl::StatusOr<Backend*> chosen = StepBackend(request.backend(), request.priority());
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
-  if (request.priority() != 0 && request.priority() != 1) {
-    return Invalid("priority", "0 (normal) or 1 (high)", absl::StrCat(request.priority()));
-  }
   absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), request.outputs());
   if (!options.ok()) return options.status();
   const int entries = request.entries_size();

@@ -63,8 +63,17 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_serving(self, client, timeout=20.0):
-        """Polls health through `client` (an attnserve_client.Client)."""
+        """Waits until the gRPC port accepts connections (a client whose
+        first connection is refused backs off for seconds before it tries
+        again), then polls health through `client` (an
+        attnserve_client.Client)."""
         give_up = time.monotonic() + timeout
+        while time.monotonic() < give_up and self.proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
         while time.monotonic() < give_up:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"attnserve exited with {self.proc.returncode}:\n{self.log()}")
@@ -88,6 +97,13 @@ class ServerProcess:
                 raise
         self._log.close()
         return self.proc.returncode
+
+    def stop_and_check(self):
+        """stop(), raising AssertionError unless the server exited 0."""
+        code = self.stop()
+        if code != 0:
+            raise AssertionError(f"attnserve exited {code} after SIGTERM, expected 0:\n"
+                                 f"{self.log()}")
 
     def log(self):
         if not self._log.closed:

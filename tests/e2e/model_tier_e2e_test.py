@@ -35,7 +35,6 @@ Usage: model_tier_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
 import pathlib
 import queue
 import re
-import socket
 import sys
 import time
 import unittest
@@ -205,7 +204,6 @@ class ModelTierE2ETest(unittest.TestCase):
             ARGS.server, work / "attnserve.log",
             [f"--kv_cache_bytes={KV_CACHE_BYTES}", f"--kv_block_tokens={BLOCK_TOKENS}"])
         try:
-            cls.wait_listening()
             cls.client = attnserve_client.Client(cls.server.target, timeout=30)
             cls.server.wait_serving(cls.client)
         except Exception:
@@ -213,25 +211,9 @@ class ModelTierE2ETest(unittest.TestCase):
             raise
 
     @classmethod
-    def wait_listening(cls, timeout=20.0):
-        """Waits until the gRPC port accepts connections, so the client's
-        first connection succeeds (a refused one puts its channel in
-        reconnect backoff for seconds)."""
-        give_up = time.monotonic() + timeout
-        while time.monotonic() < give_up and cls.server.proc.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", cls.server.port), timeout=1).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-
-    @classmethod
     def tearDownClass(cls):
         cls.client.close()
-        code = cls.server.stop()
-        if code != 0:
-            raise AssertionError(f"attnserve exited {code} after SIGTERM, expected 0:\n"
-                                 f"{cls.server.log()}")
+        cls.server.stop_and_check()
 
     # --- helpers ------------------------------------------------------------
 

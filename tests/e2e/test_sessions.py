@@ -93,10 +93,7 @@ class SessionsE2ETest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.client.close()
-        code = cls.server.stop()
-        if code != 0:
-            raise AssertionError(f"attnserve exited {code} after SIGTERM, expected 0:\n"
-                                 f"{cls.server.log()}")
+        cls.server.stop_and_check()
 
     # --- helpers ------------------------------------------------------------
 

@@ -20,6 +20,7 @@
 #include "core/half.h"
 #include "core/npy.h"
 #include "gtest/gtest.h"
+#include "tests/unit/golden_files.h"
 
 namespace attnserve {
 namespace {
@@ -30,17 +31,13 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Golden cases
 // ---------------------------------------------------------------------------
 
-std::filesystem::path CasesDir() { return std::filesystem::path(ATTNSERVE_GOLDEN_DIR) / "cases"; }
+using golden::MustRead;
+using golden::ReadOptions;
+using golden::ToDouble;
+using golden::ToInt;
 
-std::vector<std::string> CaseNames() {
-  std::vector<std::string> names;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(CasesDir(), ec)) {
-    if (entry.is_directory()) names.push_back(entry.path().filename().string());
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
+std::filesystem::path CasesDir() { return golden::Dir("cases"); }
+std::vector<std::string> CaseNames() { return golden::CaseNames("cases"); }
 
 // A golden case: inputs, options and expected outputs, as read from disk.
 struct GoldenCase {
@@ -49,39 +46,6 @@ struct GoldenCase {
   std::optional<Tensor> bias;
   std::map<std::string, Tensor> expected;  // file stem -> tensor
 };
-
-std::map<std::string, std::string> ReadOptions(const std::filesystem::path& path) {
-  std::map<std::string, std::string> options;
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "cannot open " << path;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    const size_t eq = line.find('=');
-    EXPECT_NE(eq, std::string::npos) << path << ": line without '=': " << line;
-    if (eq == std::string::npos) continue;
-    options[line.substr(0, eq)] = line.substr(eq + 1);
-  }
-  return options;
-}
-
-Tensor MustRead(const std::filesystem::path& path) {
-  absl::StatusOr<Tensor> t = ReadNpy(path.string());
-  EXPECT_TRUE(t.ok()) << t.status();
-  return t.ok() ? *std::move(t) : Tensor{};
-}
-
-double ToDouble(const std::string& s) {
-  double d = 0;
-  EXPECT_TRUE(absl::SimpleAtod(s, &d)) << "not a number: '" << s << "'";
-  return d;
-}
-
-int ToInt(const std::string& s) {
-  int i = 0;
-  EXPECT_TRUE(absl::SimpleAtoi(s, &i)) << "not an integer: '" << s << "'";
-  return i;
-}
 
 template <typename T>
 std::vector<T> ToList(const std::string& s) {

@@ -24,6 +24,7 @@
 #include "core/tensor.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/unit/golden_files.h"
 
 namespace attnserve {
 namespace {
@@ -34,50 +35,13 @@ using ::testing::HasSubstr;
 // Golden cases
 // ---------------------------------------------------------------------------
 
-std::filesystem::path RopeDir() { return std::filesystem::path(ATTNSERVE_GOLDEN_DIR) / "rope"; }
+using golden::MustRead;
+using golden::ReadOptions;
+using golden::ToDouble;
+using golden::ToInt;
 
-std::vector<std::string> RopeCaseNames() {
-  std::vector<std::string> names;
-  std::error_code ec;
-  for (const auto& entry : std::filesystem::directory_iterator(RopeDir(), ec)) {
-    if (entry.is_directory()) names.push_back(entry.path().filename().string());
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-std::map<std::string, std::string> ReadOptions(const std::filesystem::path& path) {
-  std::map<std::string, std::string> options;
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "cannot open " << path;
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty()) continue;
-    const size_t eq = line.find('=');
-    EXPECT_NE(eq, std::string::npos) << path << ": line without '=': " << line;
-    if (eq == std::string::npos) continue;
-    options[line.substr(0, eq)] = line.substr(eq + 1);
-  }
-  return options;
-}
-
-double ToDouble(const std::string& s) {
-  double d = 0;
-  EXPECT_TRUE(absl::SimpleAtod(s, &d)) << "not a number: '" << s << "'";
-  return d;
-}
-
-int32_t ToInt(const std::string& s) {
-  int32_t i = 0;
-  EXPECT_TRUE(absl::SimpleAtoi(s, &i)) << "not an integer: '" << s << "'";
-  return i;
-}
-
-Tensor MustRead(const std::filesystem::path& path) {
-  absl::StatusOr<Tensor> t = ReadNpy(path.string());
-  EXPECT_TRUE(t.ok()) << t.status();
-  return t.ok() ? *std::move(t) : Tensor{};
-}
+std::filesystem::path RopeDir() { return golden::Dir("rope"); }
+std::vector<std::string> RopeCaseNames() { return golden::CaseNames("rope"); }
 
 // core/npy has no int64 dtype, so positions.npy (1-D <i8) is parsed here:
 // the magic, a version 1 (uint16 header length) or 2/3 (uint32) header, then
