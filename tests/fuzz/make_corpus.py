@@ -4,8 +4,10 @@
 attend/: small valid AttendRequest messages (serialized protos), one per
 feature: plain, 3-D, causal in both alignments, sliding window, softcap, ALiBi,
 GQA/MQA, bias broadcasts with -inf, key_lengths, LINEAR, lse/weights/top_k,
-F16/BF16. sessions/: byte strings for sessions_fuzzer's FuzzedDataProvider
-decoding, from a fixed seed.
+F16/BF16. sessions/: inputs for sessions_fuzzer's FuzzedDataProvider decoding,
+one scripted scenario per feature (layers stepping in order, Rollback, forks
+sharing blocks, eviction with shared blocks, sinks windows, RoPE, expiry) and a
+few random byte strings, from a fixed seed.
 
 Deterministic: rerunning it rewrites the same files. Needs python3-protobuf and
 protoc (scripts/install-deps installs both).
@@ -129,11 +131,356 @@ def attend_cases(pb):
     return cases
 
 
+class SessionsInput:
+    """Writes a sessions_fuzzer input operation by operation.
+
+    FuzzedDataProvider reads integers from the end of the input (the first
+    byte read is the most significant) and tensor bytes from the front, so the
+    two are kept apart and joined at the end. Each method mirrors one operation
+    of sessions_fuzzer.cc, reading what it reads in the same order; the caller
+    says what the fuzzer's model will do (ok=), and this keeps just enough of
+    it to index sessions and leases and to size tensors.
+    """
+
+    SCALINGS = ["none", "linear", "ntk", "dynamic"]
+    LAYERS = [1, 1, 2, 3, 3, 0, -1, 1025]
+    MIN_BLOCK_BYTES = [0, 0, 64, 4096, -1]
+
+    def __init__(self, rng, kv_cache_bytes=1 << 16, block_tokens=4, idle_timeout_s=5,
+                 lru=True, max_sessions=6, min_block_bytes=0):
+        self.rng = rng
+        self.front = bytearray()
+        self.tail = bytearray()  # in reading order
+        self.sessions = []  # per fuzzer session: row sizes, layers' positions, last append
+        self.leased = set()
+        self.timeout = idle_timeout_s
+        self.int(kv_cache_bytes, -1, 1 << 16)
+        self.int(block_tokens, 0, 17)
+        self.int(idle_timeout_s, -1, 10)
+        self.boolean(lru)
+        self.int(max_sessions, 0, 6)
+        self.int(self.MIN_BLOCK_BYTES.index(min_block_bytes), 0, 4)
+
+    # FuzzedDataProvider's encoding.
+    def int(self, value, lo, hi):
+        assert lo <= value <= hi, (value, lo, hi)
+        span, n = hi - lo, 0
+        while n < 8 and span >> (8 * n) > 0:
+            n += 1
+        self.tail += (value - lo).to_bytes(n, "big")
+
+    def byte(self, value):
+        self.int(value, 0, 255)
+
+    def boolean(self, value):
+        self.byte(1 if value else 0)
+
+    def data(self):
+        return bytes(self.front) + bytes(reversed(self.tail))
+
+    def op(self, code):
+        self.int(code, 0, 10)
+
+    def owner(self, stranger):
+        self.int(0 if stranger else 1, 0, 7)
+
+    def leased_index(self, session):
+        return sorted(self.leased).index(session)
+
+    # Operations. A session is its index in the fuzzer's list (creations and
+    # forks that succeeded, in order).
+    def create(self, heads=1, head_dim=2, value_dim=0, dtype=1, max_tokens=0, layers=1,
+               window=None, sinks=0, rope=None, ok=True):
+        """dtype 1 F32, 2 F16, 3 BF16. rope: (style "neox" or "gptj",
+        scaling, then indices into rotary_dim {0, 2, 3, 4}, theta {1e4, 0,
+        0.5, 5e5} and factor {1, 2, 0.5})."""
+        self.op(0)
+        self.int(heads, -1, 4)
+        self.int(head_dim, -1, 9)
+        self.int(value_dim, -1, 9)
+        self.int(dtype - 1, 0, 3)
+        self.int(max_tokens, -1, 41)
+        self.int(self.LAYERS.index(layers), 0, 7)
+        if window is None:
+            self.int(0, 0, 7)
+        else:
+            self.int(6, 0, 7)
+            self.int(window, -1, 25)
+            self.int(sinks, -1, 21)
+        if rope is None:
+            self.int(0, 0, 7)
+        else:
+            style, scaling, rotary, theta, factor = rope
+            self.int(5, 0, 7)
+            self.boolean(style == "gptj")
+            self.int(self.SCALINGS.index(scaling), 0, 3)
+            self.int(rotary, 0, 3)
+            self.int(theta, 0, 3)
+            self.int(factor, 0, 2)
+        if ok:
+            self.sessions.append({"k": heads * head_dim, "v": heads * (value_dim or head_dim),
+                                  "pos": [0] * max(layers, 1), "undo": None})
+
+    def acquire(self, session, stranger=False, ok=True):
+        self.op(1)
+        self.byte(session)
+        self.owner(stranger)
+        if ok:
+            self.leased.add(session)
+            self.sessions[session]["undo"] = None
+
+    def append(self, session, tokens, layer=None, in_dtype=1, ok=True):
+        """layer None: the layer the fuzzer steps next (past layer 0 it
+        appends what that layer lags, which `tokens` must be); else that
+        layer (-1 and num_layers are out of range)."""
+        s = self.sessions[session]
+        self.op(2)
+        self.byte(self.leased_index(session))
+        self.byte(self.rng.randrange(192) if layer is None else 192 + layer + 1)
+        self.int(tokens, 0, 40)
+        self.int(0, 0, 15)  # key well formed
+        self.int(0, 0, 15)  # value well formed
+        self.int(1, 0, 15)  # as many values as keys
+        for row in (s["k"], s["v"]):
+            self.int(in_dtype - 1, 0, 2)
+            self.front += tensor_bytes(self.rng, in_dtype, tokens * row)
+        if ok:
+            pos = s["pos"]
+            if layer is None:
+                layer = next((i for i in range(1, len(pos)) if pos[i] != pos[i - 1]), 0)
+                assert layer == 0 or pos[layer - 1] - pos[layer] == tokens
+            s["undo"] = (layer, pos[layer])
+            pos[layer] += tokens
+
+    def step(self, session, tokens, in_dtype=1):
+        """`tokens` on every layer, in order."""
+        for _ in self.sessions[session]["pos"]:
+            self.append(session, tokens, in_dtype=in_dtype)
+
+    def truncate(self, session, layer, length):
+        self.op(4)
+        self.byte(self.leased_index(session))
+        self.byte(layer)
+        self.byte(length + 1)
+        s = self.sessions[session]
+        s["pos"][layer] = min(s["pos"][layer], length)
+        s["undo"] = None
+
+    def release(self, session):
+        self.op(5)
+        self.byte(self.leased_index(session))
+        self.leased.discard(session)
+
+    def close(self, session, stranger=False):
+        self.op(6)
+        self.byte(session)
+        self.owner(stranger)
+
+    def advance(self, seconds):
+        self.op(7)
+        self.boolean(False)
+        self.int(seconds, 0, 2 * self.timeout)
+
+    def advance_to(self, session, seconds):
+        """The clock to `session`'s last use plus `seconds`."""
+        self.op(7)
+        self.boolean(True)
+        self.byte(session)
+        self.int(seconds, 0, 2 * self.timeout)
+
+    def expire(self):
+        self.op(8)
+
+    def rollback(self, session):
+        self.op(9)
+        self.byte(self.leased_index(session))
+        s = self.sessions[session]
+        if s["undo"] is not None:
+            layer, pos = s["undo"]
+            s["pos"][layer] = pos
+            s["undo"] = None
+
+    def fork(self, session, tokens, stranger=False, ok=True):
+        """tokens in [-1, the parent's shortest layer + 1]."""
+        self.op(10)
+        self.byte(session)
+        self.owner(stranger)
+        self.byte(tokens + 1)
+        if ok:
+            parent = self.sessions[session]
+            self.sessions.append({"k": parent["k"], "v": parent["v"],
+                                  "pos": [tokens] * len(parent["pos"]), "undo": None})
+
+
+def session_scripts(rng):
+    """(name, SessionsInput) pairs: one scripted scenario per feature."""
+    scripts = []
+
+    # Three layers stepping in order; a layer out of order (FAILED_PRECONDITION)
+    # and out of range (INVALID_ARGUMENT); Rollback of the last append; F16 and
+    # BF16 inputs into an F16 cache; Truncate.
+    x = SessionsInput(rng)
+    x.create(heads=2, head_dim=4, value_dim=3, dtype=2, layers=3)
+    x.acquire(0)
+    x.step(0, 3)
+    x.append(0, 5)
+    x.append(0, 5)
+    x.append(0, 2, layer=0, ok=False)
+    x.append(0, 5, layer=3, ok=False)
+    x.append(0, 5, layer=-1, ok=False)
+    x.rollback(0)
+    x.append(0, 5, in_dtype=3)
+    x.append(0, 5)
+    x.step(0, 7, in_dtype=2)
+    x.rollback(0)
+    x.rollback(0)
+    x.release(0)
+    x.acquire(0)
+    x.truncate(0, 2, 4)
+    x.append(0, 2, layer=2, ok=False)
+    x.release(0)
+    x.close(0)
+    scripts.append(("layers_rollback", x))
+
+    # Forks share full blocks (counted once) and copy the partial block;
+    # forks of forks (three holders); FAILED_PRECONDITION past the length,
+    # INVALID_ARGUMENT below 1, ABORTED while leased, NOT_FOUND for a stranger.
+    x = SessionsInput(rng, block_tokens=4)
+    x.create(heads=1, head_dim=2, dtype=2, layers=2)
+    x.acquire(0)
+    x.step(0, 6)
+    x.step(0, 5)
+    x.fork(0, 4, ok=False)  # leased: ABORTED
+    x.release(0)
+    x.fork(0, 8)
+    x.fork(0, 10)
+    x.fork(2, 9)
+    x.fork(0, 12, ok=False)
+    x.fork(0, 0, ok=False)
+    x.fork(0, 4, stranger=True, ok=False)
+    x.acquire(3)
+    x.step(3, 4)
+    x.release(3)
+    x.close(0)
+    x.acquire(1)
+    x.step(1, 2)
+    x.rollback(1)
+    x.release(1)
+    x.close(2)
+    x.fork(3, 13)
+    scripts.append(("fork_share", x))
+
+    # A small cache under lru_idle with shared blocks: an append that would fit
+    # only by evicting sessions whose blocks were shared is refused without
+    # evicting (CouldFit counts ever-shared blocks as staying); new sessions
+    # evict the least recently used idle ones, freeing only unshared blocks.
+    x = SessionsInput(rng, kv_cache_bytes=640, block_tokens=4, max_sessions=4)
+    x.create()  # F32, 1 x 2 dims: 64-byte blocks, 10 fit
+    x.acquire(0)
+    x.append(0, 16)
+    x.release(0)
+    x.fork(0, 16)
+    x.create()
+    x.acquire(2)
+    x.append(2, 16)
+    x.append(2, 12, ok=False)
+    x.append(2, 4)
+    x.append(2, 8, ok=False)
+    x.close(1)
+    x.append(2, 8, ok=False)
+    x.release(2)
+    x.create()
+    x.create()
+    x.fork(2, 6)
+    x.acquire(4)
+    x.append(4, 30)
+    x.release(4)
+    scripts.append(("fork_evict", x))
+
+    # A sinks window (two sink blocks, a window of 5) on two layers: blocks
+    # between the sinks and the window are dropped and freed, Rollback puts
+    # them back, Fork refuses the session, max_tokens counts what is kept.
+    x = SessionsInput(rng, block_tokens=2)
+    x.create(heads=2, head_dim=3, dtype=3, layers=2, window=5, sinks=3, max_tokens=12)
+    x.acquire(0)
+    for tokens in (3, 2, 4, 1, 6):
+        x.step(0, tokens)
+    x.rollback(0)
+    x.append(0, 6)
+    x.append(0, 6)
+    x.rollback(0)
+    x.rollback(0)
+    x.append(0, 6)
+    x.release(0)
+    x.fork(0, 2, ok=False)
+    x.acquire(0)
+    x.append(0, 6)
+    x.step(0, 20)
+    x.release(0)
+    scripts.append(("window", x))
+
+    # A window in a full cache (reject): an append past the bound fails after
+    # freeing the blocks the previous append's window moved past; Rollback
+    # then (known store bug 1 in sessions_fuzzer.cc, which it steers around).
+    x = SessionsInput(rng, kv_cache_bytes=160, block_tokens=2, lru=False)
+    x.create(window=2)
+    x.acquire(0)
+    x.append(0, 3)
+    x.append(0, 3)
+    x.append(0, 12, ok=False)
+    x.rollback(0)
+    x.append(0, 1)
+    x.rollback(0)
+    x.release(0)
+    scripts.append(("window_full", x))
+
+    # RoPE: keys rotated at their positions; with sinks and a window the sink
+    # keys are rewritten at position + dropped; Rollback across a window move.
+    x = SessionsInput(rng, block_tokens=2)
+    x.create(heads=1, head_dim=4, dtype=1, window=4, sinks=2, rope=("neox", "none", 0, 0, 0))
+    x.create(heads=2, head_dim=6, value_dim=2, dtype=2, layers=2,
+             rope=("gptj", "dynamic", 3, 3, 1))
+    x.acquire(0)
+    x.acquire(1)
+    for tokens in (2, 3, 3, 5):
+        x.append(0, tokens)
+        x.step(1, tokens)
+    x.rollback(0)
+    x.append(0, 7)
+    x.release(0)
+    x.release(1)
+    x.fork(1, 9)
+    x.acquire(2)
+    x.step(2, 3)
+    x.release(2)
+    scripts.append(("rope_window", x))
+
+    # Expiry at exactly idle_timeout (kept) and just past it (expired); a
+    # leased session never expires; the reject policy; max_sessions.
+    x = SessionsInput(rng, block_tokens=3, idle_timeout_s=3, lru=False, max_sessions=2)
+    x.create(layers=2)
+    x.create(dtype=2)
+    x.create(ok=False)
+    x.acquire(1)
+    x.advance_to(0, 3)
+    x.expire()
+    x.advance(1)
+    x.expire()
+    x.create()
+    x.release(1)
+    x.close(1, stranger=True)
+    scripts.append(("expire_reject", x))
+    return scripts
+
+
 def session_cases():
-    """Byte strings for sessions_fuzzer, which reads its operations from them."""
+    """Byte strings for sessions_fuzzer: the scripted scenarios, and random
+    bytes from a fixed seed."""
     rng = random.Random(7)
-    return [(f"random_{n}_{i}", bytes(rng.randrange(256) for _ in range(n)))
-            for i, n in enumerate([64, 128, 256, 512, 512, 1024, 1024, 2048])]
+    cases = [(name, x.data()) for name, x in session_scripts(rng)]
+    cases += [(f"random_{n}_{i}", bytes(rng.randrange(256) for _ in range(n)))
+              for i, n in enumerate([256, 1024, 2048])]
+    return cases
 
 
 def write(out_dir, cases):
@@ -147,12 +494,12 @@ def write(out_dir, cases):
 
 def main():
     out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "corpus"
+    write(out / "sessions", session_cases())  # needs no protobuf
     scratch = pathlib.Path(tempfile.mkdtemp())
     try:
         pb = load_pb2(scratch)
         write(out / "attend", [(n, r.SerializeToString(deterministic=True))
                                for n, r in attend_cases(pb)])
-        write(out / "sessions", session_cases())
     finally:
         shutil.rmtree(scratch)
 
