@@ -239,13 +239,19 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
   const SessionConfig& c = s.config;
   absl::StatusOr<int64_t> checked = CheckAppend(layer, key, value);
   if (!checked.ok()) return checked.status();
-  ReleaseDropped();  // the previous append of this lease is kept
+  // The previous append of this lease is kept: from here on it cannot be undone.
+  ReleaseDropped();
+  undo_.layer = -1;
   const int64_t n = *checked;
   LayerCache& l = s.layers[layer];
   const int64_t new_length = l.length + n;
+  // The new rows must not go into a block another session holds (a Truncate
+  // can leave one as the last block): it is copied first.
+  const size_t first = static_cast<size_t>(l.length / s.block_tokens);
+  const bool copy_first = first < l.blocks.size() && l.shared[first];
   // Under lru_idle, evict nothing for an append that could never fit.
-  const int64_t need =
-      (new_length + s.block_tokens - 1) / s.block_tokens - static_cast<int64_t>(l.blocks.size());
+  const int64_t need = (new_length + s.block_tokens - 1) / s.block_tokens -
+                       static_cast<int64_t>(l.blocks.size()) + (copy_first ? 1 : 0);
   if (need > 0 && store_->options_.eviction == EvictionPolicy::kLruIdle &&
       !store_->CouldFit(need * s.block_bytes)) {
     return absl::ResourceExhaustedError(absl::StrCat(
@@ -275,15 +281,29 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
     RotateRope(*c.rope, positions, c.num_kv_heads, c.head_dim, rotated.data());
   }
   // Allocate every block first so a failure leaves the cache unchanged.
+  void* copy = nullptr;
+  if (copy_first) {
+    auto block = store_->AllocateBlock(s.block_bytes, &s);
+    if (!block.ok()) return block.status();
+    copy = *block;
+  }
   const size_t had = l.blocks.size();
   while (static_cast<int64_t>(l.blocks.size()) * s.block_tokens < new_length) {
     auto block = store_->AllocateBlock(s.block_bytes, &s);
     if (!block.ok()) {
       store_->FreeBlocks(s, layer, had);
+      if (copy != nullptr) store_->FreeUnheld(copy, s.block_bytes);
       return block.status();
     }
     l.blocks.push_back(*block);
     l.shared.push_back(0);
+    ++s.own_blocks;
+  }
+  if (copy != nullptr) {
+    std::memcpy(copy, l.blocks[first], static_cast<size_t>(s.block_bytes));
+    store_->pool_.Free(l.blocks[first], s.block_bytes);  // one holder fewer
+    l.blocks[first] = copy;
+    l.shared[first] = 0;
     ++s.own_blocks;
   }
   undo_.layer = layer;
@@ -690,6 +710,12 @@ void SessionStore::FreeBlocks(Session& s, int32_t layer, size_t keep) {
     l.blocks.pop_back();
     l.shared.pop_back();
   }
+}
+
+void SessionStore::FreeUnheld(void* block, int64_t bytes) {
+  absl::MutexLock lock(&mu_);
+  pool_.Free(block, bytes);
+  pinned_bytes_ -= bytes;
 }
 
 void SessionStore::FreeDetached(Session& s, const std::vector<void*>& blocks) {

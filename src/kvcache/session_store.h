@@ -126,12 +126,14 @@ class SessionLease {
   absl::StatusOr<int64_t> CheckAppend(int32_t layer, const TensorView& key,
                                       const TensorView& value) const;
 
-  // Undoes the last Append of this lease (a step that failed): the layer's
-  // cache is as it was before it. No-op when there is none.
+  // Undoes the last Append of this lease (a step that failed) when it
+  // succeeded and no other Append passed its checks since: the layer's cache
+  // is as it was before it. No-op otherwise.
   void Rollback();
 
   // Drops tokens of `layer` past `length` (<= length(layer)) and returns
   // blocks no longer needed. Not for windowed sessions whose window moved.
+  // A shared block left partly filled is copied by the next Append.
   void Truncate(int32_t layer, int64_t length);
 
   // The layer's cache, for AttentionRequest::paged_kv.
@@ -206,6 +208,8 @@ class SessionStore {
   // Returns the blocks of `layer` of pinned `s` past the first `keep` to the
   // pool. Called by the holder of the lease on `s`.
   void FreeBlocks(Session& s, int32_t layer, size_t keep) ABSL_LOCKS_EXCLUDED(mu_);
+  // Frees a block AllocateBlock gave a pinned session that never held it.
+  void FreeUnheld(void* block, int64_t bytes) ABSL_LOCKS_EXCLUDED(mu_);
   // Frees blocks a pinned session no longer holds (its window moved past them).
   void FreeDetached(Session& s, const std::vector<void*>& blocks) ABSL_LOCKS_EXCLUDED(mu_);
   // Validates `c` and fills its defaults.

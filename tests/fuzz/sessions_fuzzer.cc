@@ -33,19 +33,10 @@
 // SESSIONS_FUZZER_TRACE=1 in the environment prints each operation and its
 // result to stderr (to read a reproducer).
 //
-// Known store bugs: the fuzzer steers around two sequences the store gets
-// wrong, so that fuzzing keeps looking for others; SESSIONS_FUZZER_KNOWN_BUGS=1,2
-// (or either number) runs them instead, and fails. Remove the steering with
-// the fixes.
-//  1. Rollback after a failed Append: an Append that passes its checks frees
-//     the blocks the lease's previous Append's window moved past, and then
-//     fails (RESOURCE_EXHAUSTED) with that previous Append still the one
-//     Rollback undoes; Rollback then restores its length but neither the
-//     freed blocks nor `dropped`, so the appended tokens stay in the cache
-//     (and the view can claim more rows than it has blocks).
-//  2. Append into a shared block: Truncate to inside a block a fork shares
-//     keeps that block, and the next Append writes its rows into it, changing
-//     the tokens of every other session holding it (no copy on write).
+// Two store bugs this fuzzer found are covered by its model since their fixes:
+// a Rollback after a failed Append (an Append that passes its checks makes
+// the previous one final), and an Append into a block a fork shares after a
+// Truncate (the block is copied first).
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>
@@ -88,12 +79,6 @@ const std::string kStranger = "mallory";
 bool Tracing() {
   static const bool on = std::getenv("SESSIONS_FUZZER_TRACE") != nullptr;
   return on;
-}
-
-// Whether SESSIONS_FUZZER_KNOWN_BUGS (a list of numbers, "1,2") names bug `n`.
-bool RunKnownBug(char n) {
-  static const char* const bugs = std::getenv("SESSIONS_FUZZER_KNOWN_BUGS");
-  return bugs != nullptr && std::strchr(bugs, n) != nullptr;
 }
 
 void Trace(const std::string& line) {
@@ -148,9 +133,6 @@ struct ModelSession {
   // The lease's last Append, for Rollback: its layer (-1: none) as it was.
   int32_t undo_layer = -1;
   ModelLayer undo_before;
-  // A later Append of the lease freed the blocks that Append's window moved
-  // past, then failed (see Rollback).
-  bool undo_window_freed = false;
   std::vector<int64_t> detached;  // blocks the lease's last Append's window moved past
 
   bool in_table() const { return !closed && !lost; }
@@ -543,7 +525,6 @@ class SessionsFuzz {
     s->lease.emplace(*std::move(lease));
     s->last_used = clock_.Now();
     s->undo_layer = -1;
-    s->undo_window_freed = false;
     CheckContents(*s, where);
   }
 
@@ -639,16 +620,6 @@ class SessionsFuzz {
         want = absl::StatusCode::kResourceExhausted;
       }
     }
-    if (want == absl::StatusCode::kOk && !RunKnownBug('2')) {
-      // Known store bug 2 (see the top): the first row would go into a block
-      // another session holds.
-      const ModelLayer& l = s->layers[layer];
-      const size_t first = static_cast<size_t>(l.length / options_.block_tokens);
-      if (first < l.blocks.size() && Block(l.blocks[first]).refs > 1) {
-        Trace(absl::StrCat(where, ": skipped (known bug: append into a shared block)"));
-        return;
-      }
-    }
     // CheckAppend: the same verdict without the cache, and no change.
     const absl::StatusOr<int64_t> checked = s->lease->CheckAppend(layer, key.view, value.view);
     ExpectCode(checked.status(), want, absl::StrCat("Check", where));
@@ -665,24 +636,36 @@ class SessionsFuzz {
       return;
     }
     // The checks passed: the previous Append of the lease is kept (its window's
-    // blocks are freed), then the blocks are allocated, all or none.
-    const bool freed_window = !s->detached.empty();
+    // blocks are freed; Rollback has nothing to undo until this one
+    // succeeds), then the blocks are allocated, all or none: first a copy of
+    // the block the new rows start in when it was ever shared (a Truncate can
+    // leave one last), then the new ones.
     ReleaseDetached(*s);
+    s->undo_layer = -1;
     ModelLayer& l = s->layers[layer];
     const int64_t bt = options_.block_tokens;
     const int64_t new_length = l.length + tokens;
-    const int64_t need = CeilDiv(new_length, bt) - static_cast<int64_t>(l.blocks.size());
+    const size_t first = static_cast<size_t>(l.length / bt);
+    const bool copy_first = first < l.blocks.size() && Block(l.blocks[first]).ever_shared;
+    const int64_t grow = CeilDiv(new_length, bt) - static_cast<int64_t>(l.blocks.size());
+    const int64_t need = grow + (copy_first ? 1 : 0);
     bool ok = true;
     std::vector<int64_t> fresh;
+    std::optional<int64_t> copy;
     if (need > 0 && options_.eviction == EvictionPolicy::kLruIdle &&
         !CouldFit(need * s->block_bytes)) {
       ok = false;  // refused without evicting anybody
     } else {
-      for (int64_t i = 0; i < need && ok; ++i) {
+      if (copy_first) {
+        copy = AllocateBlock(s->block_bytes, s);
+        ok = copy.has_value();
+      }
+      for (int64_t i = 0; i < grow && ok; ++i) {
         if (std::optional<int64_t> b = AllocateBlock(s->block_bytes, s)) {
           fresh.push_back(*b);
         } else {
           for (int64_t f : fresh) PoolFree(f);
+          if (copy.has_value()) PoolFree(*copy);
           ok = false;
         }
       }
@@ -697,9 +680,12 @@ class SessionsFuzz {
     }
     if (!ok) {
       ExpectCode(status, absl::StatusCode::kResourceExhausted, where);
-      if (freed_window) s->undo_window_freed = true;
       CheckContents(*s, where);
       return;
+    }
+    if (copy.has_value()) {
+      PoolFree(l.blocks[first]);
+      l.blocks[first] = *copy;
     }
     ModelLayer before = l;
     l.blocks.insert(l.blocks.end(), fresh.begin(), fresh.end());
@@ -744,7 +730,6 @@ class SessionsFuzz {
     }
     s->undo_layer = layer;
     s->undo_before = std::move(before);
-    s->undo_window_freed = false;
     CheckContents(*s, where);
   }
 
@@ -759,10 +744,6 @@ class SessionsFuzz {
     ModelSession* s = PickLeased();
     if (s == nullptr) return;
     const std::string where = absl::StrCat("Rollback(", Name(*s), ", layer ", s->undo_layer, ")");
-    if (s->undo_layer >= 0 && s->undo_window_freed && !RunKnownBug('1')) {
-      Trace(absl::StrCat(where, ": skipped (known bug: rollback after a failed append)"));
-      return;
-    }
     Trace(where);
     s->lease->Rollback();
     if (s->undo_layer < 0) {
@@ -770,15 +751,6 @@ class SessionsFuzz {
       return;
     }
     ModelLayer& l = s->layers[s->undo_layer];
-    if (s->undo_window_freed) {
-      // Documented: a failed Append leaves the cache unchanged, and Rollback
-      // undoes the last Append exactly, window included. But that Append's
-      // window blocks were freed when the failed one passed its checks.
-      Fail(absl::StrCat(where, ": undoes an Append whose window blocks a later, failed Append "
-                        "freed; the layer now has length ", s->lease->length(s->undo_layer),
-                        " and dropped ", s->lease->dropped(s->undo_layer), ", expected ",
-                        s->undo_before.length, " and ", s->undo_before.dropped));
-    }
     // The blocks the Append took (in the layer or past its window) go back.
     const std::set<int64_t> kept(s->undo_before.blocks.begin(), s->undo_before.blocks.end());
     for (int64_t b : l.blocks) {

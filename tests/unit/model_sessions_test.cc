@@ -336,5 +336,46 @@ TEST_F(ModelSessionsTest, ConfigErrorsNameTheField) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_F(ModelSessionsTest, AnAppendAfterATruncateCopiesASharedBlock) {
+  auto store = MakeStore(1 << 20);
+  auto parent = *store->CreateSession(Config(1), "");
+  std::vector<float> rows;
+  {
+    auto lease = *store->Acquire(parent.session_id, "");
+    ASSERT_TRUE(Append(lease, 0, 8, 31).ok());
+    rows = KeyRow(lease, 0, 2);
+  }
+  auto child = *store->Fork(parent.session_id, 8, "");
+  {
+    auto lease = *store->Acquire(child.session_id, "");
+    lease.Truncate(0, 2);               // inside the first shared block
+    ASSERT_TRUE(Append(lease, 0, 3, 32).ok());  // rows 2..4: into a copy
+    EXPECT_NE(KeyRow(lease, 0, 2), rows);
+  }
+  auto lease = *store->Acquire(parent.session_id, "");
+  EXPECT_EQ(KeyRow(lease, 0, 2), rows);
+}
+
+TEST_F(ModelSessionsTest, AFailedAppendMakesThePreviousOneFinal) {
+  // Two-token blocks; a window of 2 tokens and no sinks.
+  SessionStoreOptions o;
+  o.kv_cache_bytes = 6 * 2 * kHkv * 2 * kD * 4;  // six blocks
+  o.block_tokens = 2;
+  o.min_block_bytes = 0;
+  auto store = *SessionStore::Create(o, &clock_);
+  SessionConfig c = Config(1);
+  c.window_tokens = 2;
+  auto created = *store->CreateSession(c, "");
+  auto lease = *store->Acquire(created.session_id, "");
+  ASSERT_TRUE(Append(lease, 0, 3, 1).ok());
+  ASSERT_TRUE(Append(lease, 0, 3, 2).ok());  // the window moves
+  const int64_t length = lease.length(0), dropped = lease.dropped(0);
+  ASSERT_GT(dropped, 0);
+  EXPECT_EQ(Append(lease, 0, 12, 3).code(), absl::StatusCode::kResourceExhausted);
+  lease.Rollback();  // nothing to undo: the failed append changed nothing
+  EXPECT_EQ(lease.length(0), length);
+  EXPECT_EQ(lease.dropped(0), dropped);
+}
+
 }  // namespace
 }  // namespace attnserve
