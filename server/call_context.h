@@ -6,8 +6,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <exception>
+#include <new>
+#include <stdexcept>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "grpcpp/server_context.h"
 #include "grpcpp/support/server_callback.h"
@@ -24,6 +28,24 @@ inline absl::Time DeadlineOf(const grpc::CallbackServerContext* context) {
 
 inline absl::Status Draining() {
   return absl::UnavailableError("server is draining for shutdown; retry on another replica");
+}
+
+// Runs `admit` (a handler's checks and admission), turning an exception into
+// a status: memory that ran out while a request was checked is
+// RESOURCE_EXHAUSTED for that request, and the handler still finishes its call
+// (an exception escaping into gRPC would leave the call, and whatever it
+// holds, unfinished).
+template <typename Admit>
+absl::Status AdmitNoThrow(Admit&& admit) {
+  try {
+    return admit();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory while checking the request");
+  } catch (const std::length_error&) {
+    return absl::ResourceExhaustedError("out of memory while checking the request");
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("while checking the request: ", e.what()));
+  }
 }
 
 // A unary call with its own reactor (rather than the context's default one)

@@ -63,8 +63,8 @@ absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
 }
 
 absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t heads,
-                         int32_t head_dim, absl::Span<const int64_t> positions, DType out_dtype,
-                         std::string* out) {
+                         int32_t head_dim, absl::Span<const int64_t> positions,
+                         int64_t max_position, DType out_dtype, std::string* out) {
   const int64_t row = int64_t{heads} * head_dim;
   const int64_t tokens = static_cast<int64_t>(positions.size());
   std::vector<float> x;
@@ -78,7 +78,7 @@ absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t 
   for (int64_t first = 0; first < tokens; first += 4096) {
     const int64_t n = std::min<int64_t>(4096, tokens - first);
     for (int64_t i = 0; i < n * row; ++i) x[i] = LoadFloat(t.data.data(), t.dtype, first * row + i);
-    RotateRope(config, positions.subspan(first, n), heads, head_dim, x.data());
+    RotateRope(config, positions.subspan(first, n), heads, head_dim, x.data(), max_position);
     for (int64_t i = 0; i < n * row; ++i) StoreFloat(out->data(), out_dtype, first * row + i, x[i]);
   }
   return absl::OkStatus();

@@ -49,12 +49,13 @@ absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
                                          absl::string_view field = "rotary");
 
 // Rotates `t` ([rows · tokens, heads, head_dim] elements in any input dtype)
-// into `*out` in `out_dtype`, token i of the whole tensor at positions[i].
-// `config` must have passed ValidateRope. RESOURCE_EXHAUSTED when memory for
-// the copy runs out.
+// into `*out` in `out_dtype`, token i of the whole tensor at positions[i];
+// `max_position` is the call's last position (DYNAMIC scaling). `config` must
+// have passed ValidateRope. RESOURCE_EXHAUSTED when memory for the copy runs
+// out.
 absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t heads,
-                         int32_t head_dim, absl::Span<const int64_t> positions, DType out_dtype,
-                         std::string* out);
+                         int32_t head_dim, absl::Span<const int64_t> positions,
+                         int64_t max_position, DType out_dtype, std::string* out);
 
 void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out);
 

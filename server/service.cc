@@ -1,6 +1,7 @@
 #include "server/service.h"
 
 #include <chrono>
+#include <algorithm>
 #include <deque>
 #include <limits>
 #include <string>
@@ -23,10 +24,11 @@ constexpr char kAttendStream[] = "AttendStream";
 constexpr char kBatchDecodeStream[] = "BatchDecodeStream";
 
 // Positions for `tokens` tokens of each of `batch` rows from `given` (empty:
-// first + i; one per token, shared by the rows; or one per row and token).
+// first[b] + i, at least 0; one per token, shared by the rows; or one per row
+// and token).
 absl::StatusOr<std::vector<int64_t>> ExpandPositions(
     const google::protobuf::RepeatedField<int64_t>& given, absl::string_view field, int64_t batch,
-    int64_t tokens, int64_t first) {
+    int64_t tokens, const std::vector<int64_t>& first) {
   const int64_t n = given.size();
   if (n != 0 && n != tokens && n != batch * tokens) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -36,7 +38,7 @@ absl::StatusOr<std::vector<int64_t>> ExpandPositions(
   std::vector<int64_t> out(batch * tokens);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < tokens; ++i) {
-      const int64_t p = n == 0 ? std::max<int64_t>(0, first + i)
+      const int64_t p = n == 0 ? std::max<int64_t>(0, first[b] + i)
                                : given[n == tokens ? i : b * tokens + i];
       if (p < 0 || p > std::numeric_limits<int32_t>::max()) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -69,19 +71,29 @@ AttentionServiceImpl::RotateInputs(const v1::AttendRequest& request, const Atten
   if (!rope.ok()) return rope.status();
   const AttentionParams& p = job.params;
   if (absl::Status s = ValidateRope(*rope, p.head_dim, "rotary"); !s.ok()) return s;
+  // By default a row's queries end where its keys do (key_lengths[b] with
+  // padding), as the causal diagonal has it.
+  std::vector<int64_t> q_first(p.batch, p.seqlen_k - p.seqlen_q);
+  for (int64_t b = 0; b < p.batch && !core->key_lengths.empty(); ++b) {
+    q_first[b] = core->key_lengths[b] - p.seqlen_q;
+  }
   absl::StatusOr<std::vector<int64_t>> q_pos = ExpandPositions(
-      request.query_positions(), "query_positions", p.batch, p.seqlen_q, p.seqlen_k - p.seqlen_q);
+      request.query_positions(), "query_positions", p.batch, p.seqlen_q, q_first);
   if (!q_pos.ok()) return q_pos.status();
-  absl::StatusOr<std::vector<int64_t>> k_pos =
-      ExpandPositions(request.key_positions(), "key_positions", p.batch, p.seqlen_k, 0);
+  absl::StatusOr<std::vector<int64_t>> k_pos = ExpandPositions(
+      request.key_positions(), "key_positions", p.batch, p.seqlen_k,
+      std::vector<int64_t>(p.batch, 0));
   if (!k_pos.ok()) return k_pos.status();
+  // DYNAMIC scales by the call's last position, queries and keys alike.
+  const int64_t last = std::max(*std::max_element(q_pos->begin(), q_pos->end()),
+                                *std::max_element(k_pos->begin(), k_pos->end()));
   auto rotated = std::make_shared<RotatedInputs>();
-  if (absl::Status s = RotatedCopy(*rope, core->query, p.num_heads_q, p.head_dim, *q_pos,
+  if (absl::Status s = RotatedCopy(*rope, core->query, p.num_heads_q, p.head_dim, *q_pos, last,
                                    core->query.dtype, &rotated->query);
       !s.ok()) {
     return s;
   }
-  if (absl::Status s = RotatedCopy(*rope, core->key, p.num_heads_kv, p.head_dim, *k_pos,
+  if (absl::Status s = RotatedCopy(*rope, core->key, p.num_heads_kv, p.head_dim, *k_pos, last,
                                    core->key.dtype, &rotated->key);
       !s.ok()) {
     return s;
@@ -155,11 +167,13 @@ class AttentionServiceImpl::StreamReactor final
     item->received = absl::Now();
     service_->options_.metrics->RequestStarted();
     Item* raw = item.release();
-    absl::Status submitted = submit_(
-        raw->request, DeadlineOf(context_), [this] { return cancelled_.load(); }, raw->received,
-        &raw->response, &raw->reservation, [this, raw](absl::Status status) {
-          OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
-        });
+    absl::Status submitted = AdmitNoThrow([&] {
+      return submit_(
+          raw->request, DeadlineOf(context_), [this] { return cancelled_.load(); },
+          raw->received, &raw->response, &raw->reservation, [this, raw](absl::Status status) {
+            OnTaskDone(std::unique_ptr<Item>(raw), std::move(status));
+          });
+    });
     std::unique_ptr<Item> rejected;
     if (!submitted.ok()) {
       rejected.reset(raw);
@@ -361,24 +375,27 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   if (!core.ok()) return core.status();
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(*core, options_.limits);
   if (!job.ok()) return CountRejection(job.status(), "size");
-  // With rotary settings the job runs on rotated copies of Q and K, which
-  // live as long as the task.
+  if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
+  // With rotary settings the job runs on rotated copies of Q and K (in their
+  // dtype), which live as long as the task; they are reserved with the rest.
+  const bool rope = request.has_rotary() || request.query_positions_size() > 0 ||
+                    request.key_positions_size() > 0;
+  const int64_t rotated_bytes =
+      rope ? static_cast<int64_t>(core->query.data.size() + core->key.data.size()) : 0;
+  const AttentionJob* planned = job->get();
+  absl::StatusOr<MemoryBudget::Reservation> reserved =
+      ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
+                    static_cast<int64_t>(request.ByteSizeLong()), rotated_bytes);
+  if (!reserved.ok()) return reserved.status();
+  *reservation = *std::move(reserved);
   std::shared_ptr<RotatedInputs> rotated;
-  if (request.has_rotary() || request.query_positions_size() > 0 ||
-      request.key_positions_size() > 0) {
+  if (rope) {
     absl::StatusOr<std::shared_ptr<RotatedInputs>> made = RotateInputs(request, **job, &*core);
     if (!made.ok()) return made.status();
     rotated = *std::move(made);
-    job = PlanAttention(*core, options_.limits);
-    if (!job.ok()) return job.status();
+    job = PlanAttention(*core, options_.limits);  // the same dims: only the bytes moved
+    if (!job.ok()) return CountRejection(job.status(), "size");
   }
-  if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
-  const AttentionJob* planned = job->get();
-  absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
-      absl::MakeConstSpan(&planned, 1), *backend, static_cast<int64_t>(request.ByteSizeLong()),
-      rotated != nullptr ? rotated->bytes() : 0);
-  if (!reserved.ok()) return reserved.status();
-  *reservation = *std::move(reserved);
 
   response->set_request_id(request.request_id());
   Task task;
@@ -414,11 +431,13 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
   auto* reactor = new CancellableUnaryReactor(options_.metrics, kAttend);
-  absl::Status submitted = Submit(
-      *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
-      response, &reactor->reservation, [this, reactor, received](absl::Status s) {
-        FinishUnary(reactor, kAttend, received, s);
-      });
+  absl::Status submitted = AdmitNoThrow([&] {
+    return Submit(
+        *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
+        response, &reactor->reservation, [this, reactor, received](absl::Status s) {
+          FinishUnary(reactor, kAttend, received, s);
+        });
+  });
   if (!submitted.ok()) FinishUnary(reactor, kAttend, received, submitted);
   return reactor;
 }

@@ -33,6 +33,8 @@ constexpr char kCloseSession[] = "CloseSession";
 // Entries of one BatchDecode; past it, INVALID_ARGUMENT (the memory budget
 // and the cost limit bound a call further).
 constexpr int kMaxBatchEntries = 4096;
+// Query heads of a rotated session step.
+constexpr int64_t kMaxHeads = 1 << 16;
 
 absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
@@ -98,6 +100,12 @@ struct AttentionServiceImpl::SessionStep {
   int64_t extra_bytes = 0;  // held besides the job: query copy, rotated keys, output conversion
   bool appended = false;
 
+  SessionStep() = default;
+  SessionStep(SessionStep&&) = default;
+  // A step dropped without being kept (appended = false after its answer)
+  // is undone: nothing half-appended survives.
+  ~SessionStep() { Abandon(); }
+
   // Undoes the append (if any) and unpins the session.
   void Abandon() {
     if (lease.has_value() && appended) lease->Rollback();
@@ -137,7 +145,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status = [&]() -> absl::Status {
+  absl::Status status = AdmitNoThrow([&]() -> absl::Status {
     if (draining()) return Draining();
     if (options_.sessions == nullptr) return SessionsDisabled();
     SessionConfig config;
@@ -166,7 +174,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
     response->set_block_tokens(options_.sessions->options().block_tokens);
     response->set_num_layers(config.num_layers == 0 ? 1 : config.num_layers);
     return absl::OkStatus();
-  }();
+  });
   ReportSessions();
   FinishUnary(reactor, kCreateSession, received, status);
   return reactor;
@@ -178,7 +186,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status = [&]() -> absl::Status {
+  absl::Status status = AdmitNoThrow([&]() -> absl::Status {
     if (draining()) return Draining();
     if (options_.sessions == nullptr) return SessionsDisabled();
     absl::StatusOr<SessionStore::Forked> forked =
@@ -188,7 +196,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
     response->set_context_tokens(request->tokens());
     response->set_shared_tokens(forked->shared_tokens);
     return absl::OkStatus();
-  }();
+  });
   ReportSessions();
   FinishUnary(reactor, kForkSession, received, status);
   return reactor;
@@ -273,18 +281,24 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
   if (config.rope.has_value()) {
     // Query token i sits at the position of new token i + n - Lq (the
     // queries end with the new tokens, as the causal alignment has it).
+    // The shape is checked here, before the rotation reads it (PlanAttention
+    // checks the rest): Lq >= 1, a multiple of Hkv heads, head_dim.
     std::vector<int64_t> s = query->shape;
     if (s.size() == 4 && s[0] == 1) s.erase(s.begin());
-    if (s.size() != 3 || s[2] != config.head_dim) {
-      return Invalid("query.shape", absl::StrCat("[Lq, Hq, ", config.head_dim, "] (or with a leading batch of 1)"),
+    if (s.size() != 3 || s[0] < 1 || s[1] < 1 || s[1] % config.num_kv_heads != 0 ||
+        s[1] > kMaxHeads || s[2] != config.head_dim) {
+      return Invalid("query.shape",
+                     absl::StrCat("[Lq >= 1, Hq (a multiple of ", config.num_kv_heads, ", <= ",
+                                  kMaxHeads, "), ", config.head_dim,
+                                  "] (or with a leading batch of 1)"),
                      ShapeString(query->shape));
     }
-    const int64_t lq = s[0];
+    const int64_t lq = s[0];  // <= the query's bytes: its data size matched its shape
     const int64_t last = session.position(layer) + *new_tokens - 1;
     std::vector<int64_t> positions(lq);
     for (int64_t i = 0; i < lq; ++i) positions[i] = std::max<int64_t>(0, last - (lq - 1 - i));
     if (absl::Status st = RotatedCopy(*config.rope, *query, static_cast<int32_t>(s[1]),
-                                      config.head_dim, positions, cache_dtype,
+                                      config.head_dim, positions, last, cache_dtype,
                                       &step->query_storage);
         !st.ok()) {
       return st;
@@ -367,7 +381,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerConte
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
   auto* reactor = new DecodeReactor(options_.metrics);
-  absl::Status submitted = SubmitDecode(context, *request, response, reactor, received);
+  absl::Status submitted =
+      AdmitNoThrow([&] { return SubmitDecode(context, *request, response, reactor, received); });
   if (!submitted.ok()) {
     reactor->step.Abandon();
     FinishUnary(reactor, kDecode, received, submitted);
@@ -444,11 +459,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::BatchDecode(
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
   auto* reactor = new CancellableUnaryReactor(options_.metrics, kBatchDecode);
-  absl::Status submitted = SubmitBatchDecode(
-      CallerOf(context), *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); },
-      received, response, &reactor->reservation, [this, reactor, received](absl::Status s) {
-        FinishUnary(reactor, kBatchDecode, received, s);
-      });
+  absl::Status submitted = AdmitNoThrow([&] {
+    return SubmitBatchDecode(
+        CallerOf(context), *request, DeadlineOf(context),
+        [reactor] { return reactor->cancelled(); }, received, response, &reactor->reservation,
+        [this, reactor, received](absl::Status s) {
+          FinishUnary(reactor, kBatchDecode, received, s);
+        });
+  });
   if (!submitted.ok()) FinishUnary(reactor, kBatchDecode, received, submitted);
   return reactor;
 }

@@ -179,12 +179,12 @@ std::vector<double> RopeInverseFrequencies(const RopeConfig& config, int64_t max
 }
 
 void RotateRope(const RopeConfig& config, absl::Span<const int64_t> positions, int32_t heads,
-                int32_t head_dim, float* x) {
+                int32_t head_dim, float* x, int64_t max_position) {
   const int32_t pairs = config.rotary_dim / 2;
   if (positions.empty() || heads <= 0 || pairs <= 0) return;
 
   // Only DYNAMIC reads the last position; the others ignore it.
-  const int64_t max_position = *std::max_element(positions.begin(), positions.end());
+  if (max_position < 0) max_position = *std::max_element(positions.begin(), positions.end());
   const std::vector<double> inv_freq = RopeInverseFrequencies(config, max_position);
 
   // NeoX pairs dim i with i + rd/2; GPT-J pairs 2i with 2i + 1.

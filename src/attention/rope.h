@@ -56,9 +56,11 @@ std::vector<double> RopeInverseFrequencies(const RopeConfig& config, int64_t max
 
 // Rotates x [positions.size(), heads, head_dim] (F32, row-major) in place:
 // token t at positions[t]. `config` must have passed ValidateRope for
-// head_dim. Positions are >= 0.
+// head_dim. Positions are >= 0. `max_position` is the call's last position
+// for DYNAMIC (a caller rotating one call in pieces passes the whole call's);
+// -1 takes the largest of `positions`.
 void RotateRope(const RopeConfig& config, absl::Span<const int64_t> positions, int32_t heads,
-                int32_t head_dim, float* x);
+                int32_t head_dim, float* x, int64_t max_position = -1);
 
 }  // namespace attnserve
 

@@ -76,6 +76,12 @@ void BlockPool::Share(void* block, int64_t bytes) {
   }
 }
 
+int32_t BlockPool::references(void* block) const {
+  absl::MutexLock lock(&mu_);
+  auto it = refs_.find(block);
+  return it == refs_.end() ? 1 : it->second;
+}
+
 int64_t BlockPool::shared_blocks() const {
   absl::MutexLock lock(&mu_);
   return shared_blocks_;

@@ -32,6 +32,8 @@ class BlockPool {
   void Free(void* block, int64_t bytes);
   // Adds a reference to a block from Allocate(bytes): one more holder.
   void Share(void* block, int64_t bytes);
+  // The block's holders now (1 unless shared).
+  int32_t references(void* block) const;
 
   int64_t capacity_bytes() const { return capacity_; }
   int64_t used_bytes() const;    // handed out

@@ -165,26 +165,6 @@ int64_t WindowBlocksToDrop(const Session& s, int64_t length) {
   return beyond >= s.block_tokens ? beyond / s.block_tokens : 0;
 }
 
-// Writes the sink keys of layer `l`, rotated at (position + l.dropped), into
-// its blocks from the unrotated copy.
-void RotateSinks(const Session& s, LayerCache& l) {
-  if (l.sink_keys == nullptr) return;
-  const SessionConfig& c = s.config;
-  const int64_t k_row = int64_t{c.num_kv_heads} * c.head_dim;
-  const int64_t tokens = std::min(l.length, s.sink_region_tokens());
-  std::vector<float> rows(static_cast<const float*>(l.sink_keys),
-                          static_cast<const float*>(l.sink_keys) + tokens * k_row);
-  std::vector<int64_t> positions(tokens);
-  for (int64_t j = 0; j < tokens; ++j) positions[j] = j + l.dropped;
-  RotateRope(*c.rope, positions, c.num_kv_heads, c.head_dim, rows.data());
-  const size_t es = DTypeSize(c.dtype);
-  for (int64_t j = 0; j < tokens; ++j) {
-    char* block = static_cast<char*>(l.blocks[j / s.block_tokens]);
-    ConvertRow(reinterpret_cast<const char*>(rows.data() + j * k_row), DType::kF32,
-               block + (j % s.block_tokens) * k_row * es, c.dtype, k_row);
-  }
-}
-
 }  // namespace
 
 absl::StatusOr<int64_t> SessionLease::CheckAppend(int32_t layer, const TensorView& key,
@@ -259,26 +239,57 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
         " do not fit in --kv_cache_bytes=", store_->options_.kv_cache_bytes,
         " even after evicting every idle session"));
   }
-  // Rotated keys in F32, when the session has RoPE.
-  std::vector<float> rotated;
+  // Everything that allocates comes before the first change to the layer, so
+  // that a failure (RESOURCE_EXHAUSTED) leaves it as it was: the rotated
+  // keys, the room for the new block pointers and for the window's, and the
+  // sink keys rotated for the window's new place (with the rows they replace,
+  // for Rollback).
   const int64_t k_row = int64_t{c.num_kv_heads} * c.head_dim;
   const int64_t v_row = int64_t{c.num_kv_heads} * c.value_dim;
-  if (c.rope.has_value()) {
-    try {
+  const size_t es = DTypeSize(c.dtype);
+  const int64_t drop = WindowBlocksToDrop(s, new_length);
+  const int64_t sink_rows = drop > 0 && l.sink_keys != nullptr ? s.sink_region_tokens() : 0;
+  std::vector<float> rotated;  // the new keys, when the session has RoPE
+  std::vector<float> sinks;    // the sink keys at (position + dropped after this append)
+  std::string old_sinks;       // the sink rows as the cache holds them now
+  try {
+    const size_t blocks_after =
+        static_cast<size_t>((new_length + s.block_tokens - 1) / s.block_tokens);
+    l.blocks.reserve(blocks_after);
+    l.shared.reserve(blocks_after);
+    undo_.window_blocks.reserve(static_cast<size_t>(drop));
+    if (c.rope.has_value()) {
       rotated.resize(n * k_row);
-    } catch (const std::bad_alloc&) {
-      return absl::ResourceExhaustedError("out of memory rotating the new keys");
+      for (int64_t i = 0; i < n * k_row; ++i) rotated[i] = LoadFloat(key.data.data(), key.dtype, i);
+      if (l.sink_keys != nullptr && l.length < s.sink_region_tokens()) {
+        // Keep the sink tokens' keys unrotated, to rotate them again later
+        // (rows past the layer's length: no change to what it holds).
+        const int64_t rows = std::min(n, s.sink_region_tokens() - l.length);
+        std::memcpy(static_cast<float*>(l.sink_keys) + l.length * k_row, rotated.data(),
+                    rows * k_row * sizeof(float));
+      }
+      std::vector<int64_t> positions(n);
+      for (int64_t i = 0; i < n; ++i) positions[i] = l.length + l.dropped + i;
+      RotateRope(*c.rope, positions, c.num_kv_heads, c.head_dim, rotated.data());
     }
-    for (int64_t i = 0; i < n * k_row; ++i) rotated[i] = LoadFloat(key.data.data(), key.dtype, i);
-    if (l.sink_keys != nullptr && l.length < s.sink_region_tokens()) {
-      // Keep the sink tokens' keys unrotated, to rotate them again later.
-      const int64_t rows = std::min(n, s.sink_region_tokens() - l.length);
-      std::memcpy(static_cast<float*>(l.sink_keys) + l.length * k_row, rotated.data(),
-                  rows * k_row * sizeof(float));
+    if (sink_rows > 0) {
+      const float* unrotated = static_cast<const float*>(l.sink_keys);
+      sinks.assign(unrotated, unrotated + sink_rows * k_row);
+      std::vector<int64_t> positions(sink_rows);
+      const int64_t dropped = l.dropped + drop * s.block_tokens;
+      for (int64_t j = 0; j < sink_rows; ++j) positions[j] = j + dropped;
+      RotateRope(*c.rope, positions, c.num_kv_heads, c.head_dim, sinks.data());
+      const int64_t held = std::min(l.length, sink_rows);
+      old_sinks.resize(held * k_row * es);
+      for (int64_t j = 0; j < held; ++j) {
+        std::memcpy(old_sinks.data() + j * k_row * es,
+                    static_cast<const char*>(l.blocks[j / s.block_tokens]) +
+                        (j % s.block_tokens) * k_row * es,
+                    k_row * es);
+      }
     }
-    std::vector<int64_t> positions(n);
-    for (int64_t i = 0; i < n; ++i) positions[i] = l.length + l.dropped + i;
-    RotateRope(*c.rope, positions, c.num_kv_heads, c.head_dim, rotated.data());
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError("out of memory appending to the session");
   }
   // Allocate every block first so a failure leaves the cache unchanged.
   void* copy = nullptr;
@@ -295,7 +306,7 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
       if (copy != nullptr) store_->FreeUnheld(copy, s.block_bytes);
       return block.status();
     }
-    l.blocks.push_back(*block);
+    l.blocks.push_back(*block);  // reserved: no allocation
     l.shared.push_back(0);
     ++s.own_blocks;
   }
@@ -310,7 +321,6 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
   undo_.length = l.length;
   undo_.dropped = l.dropped;
   undo_.blocks = had;
-  const size_t es = DTypeSize(c.dtype);
   const int64_t v_offset = int64_t{s.block_tokens} * k_row;  // elements
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = l.length + t;
@@ -328,33 +338,46 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
   }
   l.length = new_length;
   // Move the window: the blocks past it leave the view now and are freed
-  // when the lease ends (Rollback puts them back).
-  const int64_t drop = WindowBlocksToDrop(s, l.length);
+  // when the lease ends (Rollback puts them back), and the sinks move to
+  // their new positions.
   if (drop > 0) {
-    auto first = l.blocks.begin() + s.sink_blocks;
-    undo_.window_blocks.assign(first, first + drop);
-    l.blocks.erase(first, first + drop);
+    auto from = l.blocks.begin() + s.sink_blocks;
+    undo_.window_blocks.assign(from, from + drop);  // reserved: no allocation
+    l.blocks.erase(from, from + drop);
     l.shared.erase(l.shared.begin() + s.sink_blocks, l.shared.begin() + s.sink_blocks + drop);
     l.length -= drop * s.block_tokens;
     l.dropped += drop * s.block_tokens;
-    RotateSinks(s, l);
+    for (int64_t j = 0; j < sink_rows; ++j) {
+      char* block = static_cast<char*>(l.blocks[j / s.block_tokens]);
+      ConvertRow(reinterpret_cast<const char*>(sinks.data() + j * k_row), DType::kF32,
+                 block + (j % s.block_tokens) * k_row * es, c.dtype, k_row);
+    }
+    undo_.sinks = std::move(old_sinks);
   }
   return absl::OkStatus();
 }
 
 void SessionLease::Rollback() {
-  if (undo_.layer < 0) return;
+  if (session_ == nullptr || undo_.layer < 0) return;
   Session& s = *session_;
   LayerCache& l = s.layers[undo_.layer];
   if (!undo_.window_blocks.empty()) {
+    // Erased from the same vectors: their capacity holds them again.
     l.blocks.insert(l.blocks.begin() + s.sink_blocks, undo_.window_blocks.begin(),
                     undo_.window_blocks.end());
     l.shared.insert(l.shared.begin() + s.sink_blocks, undo_.window_blocks.size(), 0);
     undo_.window_blocks.clear();
     l.dropped = undo_.dropped;
-    l.length = undo_.length;
-    RotateSinks(s, l);
+    // The sink rows as they were.
+    const SessionConfig& c = s.config;
+    const int64_t row_bytes = int64_t{c.num_kv_heads} * c.head_dim * DTypeSize(c.dtype);
+    const int64_t rows = static_cast<int64_t>(undo_.sinks.size()) / row_bytes;
+    for (int64_t j = 0; j < rows; ++j) {
+      std::memcpy(static_cast<char*>(l.blocks[j / s.block_tokens]) + (j % s.block_tokens) * row_bytes,
+                  undo_.sinks.data() + j * row_bytes, row_bytes);
+    }
   }
+  undo_.sinks.clear();
   l.length = undo_.length;
   if (l.blocks.size() > undo_.blocks) store_->FreeBlocks(s, undo_.layer, undo_.blocks);
   undo_.layer = -1;
@@ -606,9 +629,12 @@ absl::StatusOr<SessionStore::Forked> SessionStore::Fork(const std::string& sessi
     absl::MutexLock lock(&mu_);
     parent.own_blocks -= newly_shared;
     pinned_bytes_ -= newly_shared * parent.block_bytes;
-    ++forks_total_;
   }
   if (absl::Status st = Insert(child); !st.ok()) return st;
+  {
+    absl::MutexLock lock(&mu_);
+    ++forks_total_;
+  }
   return Forked{child->id, full * parent.block_tokens};
 }
 
@@ -730,10 +756,37 @@ void SessionStore::FreeDetached(Session& s, const std::vector<void*>& blocks) {
 
 bool SessionStore::CouldFit(int64_t bytes) {
   absl::MutexLock lock(&mu_);
+  const int64_t capacity = pool_.capacity_bytes();
+  const int64_t used = pool_.used_bytes();
   // Room now, or room once every idle session is gone: what pinned sessions
-  // hold stays, and so (conservatively) does every shared block.
-  return pool_.used_bytes() + bytes <= pool_.capacity_bytes() ||
-         pinned_bytes_ + pool_.ever_shared_bytes() + bytes <= pool_.capacity_bytes();
+  // hold stays, and (at first, conservatively) so does every block ever
+  // shared.
+  if (used + bytes <= capacity) return true;
+  const int64_t ever_shared = pool_.ever_shared_bytes();
+  if (pinned_bytes_ + ever_shared + bytes <= capacity) return true;
+  if (ever_shared == 0) return false;
+  // Exactly: what evicting every idle session frees. Their own blocks and
+  // sink copies, and each block ever shared that idle sessions alone hold
+  // (all its references theirs). Only when the cache is full and forks hold
+  // blocks.
+  int64_t freeable = 0;
+  absl::flat_hash_map<void*, std::pair<int32_t, int64_t>> idle_refs;  // block -> (refs, bytes)
+  for (const auto& [id, s] : sessions_) {
+    if (s->pinned) continue;
+    freeable += s->held_bytes();
+    for (const LayerCache& l : s->layers) {
+      for (size_t b = 0; b < l.blocks.size(); ++b) {
+        if (!l.shared[b]) continue;
+        auto& [refs, block_bytes] = idle_refs[l.blocks[b]];
+        ++refs;
+        block_bytes = s->block_bytes;
+      }
+    }
+  }
+  for (const auto& [block, held] : idle_refs) {
+    if (pool_.references(block) == held.first) freeable += held.second;
+  }
+  return used - freeable + bytes <= capacity;
 }
 
 bool SessionStore::EvictOneIdleLocked(const Session* spare) {

@@ -152,6 +152,7 @@ class SessionLease {
     int64_t dropped = 0;
     size_t blocks = 0;                 // blocks the layer had before the append
     std::vector<void*> window_blocks;  // blocks the window moved past, not yet freed
+    std::string sinks;  // the sink rows (cache dtype) before the window moved them
   };
   Undo undo_;
 };

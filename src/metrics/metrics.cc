@@ -99,7 +99,7 @@ Metrics::Metrics()
                            .Register(*registry_);
   batch_size_ = &prometheus::BuildHistogram()
                      .Name("attnserve_batch_size")
-                     .Help("Requests per backend call.")
+                     .Help("Requests per backend call (a BatchDecode counts its entries).")
                      .Register(*registry_)
                      .Add({}, BatchSizeBuckets());
   batch_decode_entries_ = &prometheus::BuildHistogram()

@@ -332,11 +332,35 @@ class SessionsFuzz {
     for (const auto& [id, b] : blocks_) bytes += b.ever_shared ? b.bytes : 0;
     return bytes;
   }
-  // SessionStore::CouldFit: room now, or once every idle session is gone,
-  // counting every ever-shared block as staying (conservative).
+  // SessionStore::CouldFit: room now, or once every idle session is gone:
+  // first counting every ever-shared block as staying, then exactly (an
+  // ever-shared block goes when idle sessions hold all its references).
   bool CouldFit(int64_t bytes) const {
-    return used_ + bytes <= options_.kv_cache_bytes ||
-           PinnedBytes() + EverSharedBytes() + bytes <= options_.kv_cache_bytes;
+    const int64_t capacity = options_.kv_cache_bytes;
+    if (used_ + bytes <= capacity) return true;
+    const int64_t ever_shared = EverSharedBytes();
+    if (PinnedBytes() + ever_shared + bytes <= capacity) return true;
+    if (ever_shared == 0) return false;
+    int64_t freeable = 0;
+    std::map<int64_t, int32_t> idle_refs;  // ever-shared block -> idle holders
+    for (const auto& s : sessions_) {
+      if (!s->in_table() || s->pinned()) continue;
+      int64_t own = 0;
+      for (const ModelLayer& l : s->layers) {
+        for (int64_t b : l.blocks) {
+          if (blocks_.at(b).ever_shared) {
+            ++idle_refs[b];
+          } else {
+            ++own;
+          }
+        }
+      }
+      freeable += own * s->block_bytes + s->sink_keys_bytes * s->config.num_layers;
+    }
+    for (const auto& [b, holders] : idle_refs) {
+      if (blocks_.at(b).refs == holders) freeable += blocks_.at(b).bytes;
+    }
+    return used_ - freeable + bytes <= capacity;
   }
 
   std::string Name(const ModelSession& s) const {

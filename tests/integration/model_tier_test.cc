@@ -385,5 +385,88 @@ TEST_F(ModelTierTest, BatchDecodeStreamAnswersEveryLayerStep) {
   EXPECT_THAT(server_->metrics().TextFormat(), HasSubstr("attnserve_batch_decode_entries_count 2"));
 }
 
+TEST_F(ModelTierTest, AMalformedRotatedQueryFailsAloneAndFreesItsSession) {
+  const std::string id = Create(1, /*rope=*/true);
+  std::mt19937 rng(19);
+  StepData bad = MakeStep(rng, 1);
+  bad.q = T({int64_t{1} << 50, 0, kD}, "");  // no bytes for no elements
+  v1::DecodeResponse resp;
+  grpc::Status s = Decode(id, 0, bad, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_THAT(s.error_message(), HasSubstr("query.shape"));
+  // The session is free again, and unchanged.
+  ASSERT_TRUE(Decode(id, 0, MakeStep(rng, 2), &resp).ok());
+  EXPECT_EQ(resp.context_tokens(), 2);
+  v1::BatchDecodeRequest req;
+  *req.add_entries() = Entry(id, bad);
+  v1::BatchDecodeResponse batch;
+  ASSERT_TRUE(Batch(req, &batch).ok());
+  EXPECT_EQ(batch.results(0).code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ASSERT_TRUE(Decode(id, 0, MakeStep(rng, 1), &resp).ok());
+  EXPECT_EQ(resp.context_tokens(), 3);
+}
+
+TEST_F(ModelTierTest, AttendRopeDefaultsFollowKeyLengthsAndDynamicScalesTheWholeCall) {
+  std::mt19937 rng(23);
+  // Two rows, the second padded: its queries end at its own last key.
+  const int64_t lq = 2, lk = 6;
+  v1::AttendRequest req;
+  *req.mutable_query() = T({2, lq, kHq, kD}, RandomF32(rng, 2 * lq * kHq * kD));
+  *req.mutable_key() = T({2, lk, kHkv, kD}, RandomF32(rng, 2 * lk * kHkv * kD));
+  *req.mutable_value() = T({2, lk, kHkv, kD}, RandomF32(rng, 2 * lk * kHkv * kD));
+  req.add_key_lengths(6);
+  req.add_key_lengths(4);
+  req.mutable_options()->set_causal(true);
+  req.mutable_rotary()->set_theta(10000);
+  v1::AttendResponse by_default, explicit_positions;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->Attend(&ctx, req, &by_default).ok());
+  }
+  for (int64_t p : {4, 5, 2, 3}) req.add_query_positions(p);
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->Attend(&ctx, req, &explicit_positions).ok());
+  }
+  EXPECT_EQ(by_default.output().data(), explicit_positions.output().data());
+
+  // DYNAMIC over 5000 keys: one base for the whole call (the server rotates
+  // in pieces of 4096 tokens).
+  const int64_t n = 5000;
+  v1::AttendRequest dyn;
+  *dyn.mutable_query() = T({1, 1, 1, kD}, RandomF32(rng, kD));
+  *dyn.mutable_key() = T({1, n, 1, kD}, RandomF32(rng, n * kD));
+  *dyn.mutable_value() = T({1, n, 1, kD}, RandomF32(rng, n * kD));
+  v1::RotaryEmbedding* r = dyn.mutable_rotary();
+  r->set_scaling(v1::RotaryEmbedding::DYNAMIC);
+  r->set_factor(4);
+  r->set_original_max_positions(1024);
+  v1::AttendResponse got;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->Attend(&ctx, dyn, &got).ok());
+  }
+  RopeConfig rope;
+  rope.scaling = RopeScaling::kDynamic;
+  rope.factor = 4;
+  rope.original_max_positions = 1024;
+  ASSERT_TRUE(ValidateRope(rope, kD).ok());
+  std::vector<int64_t> kpos(n);
+  for (int64_t i = 0; i < n; ++i) kpos[i] = i;
+  std::string k = dyn.key().data(), q = dyn.query().data();
+  RotateRope(rope, kpos, 1, kD, reinterpret_cast<float*>(k.data()));
+  RotateRope(rope, std::vector<int64_t>{n - 1}, 1, kD, reinterpret_cast<float*>(q.data()), n - 1);
+  v1::AttendRequest manual = dyn;
+  manual.clear_rotary();
+  manual.mutable_key()->set_data(k);
+  manual.mutable_query()->set_data(q);
+  v1::AttendResponse want;
+  {
+    grpc::ClientContext ctx;
+    ASSERT_TRUE(stub_->Attend(&ctx, manual, &want).ok());
+  }
+  EXPECT_EQ(got.output().data(), want.output().data());
+}
+
 }  // namespace
 }  // namespace attnserve

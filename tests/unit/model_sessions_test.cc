@@ -377,5 +377,23 @@ TEST_F(ModelSessionsTest, AFailedAppendMakesThePreviousOneFinal) {
   EXPECT_EQ(lease.dropped(0), dropped);
 }
 
+TEST_F(ModelSessionsTest, EvictionFreesBlocksOnceSharedWhoseOtherHoldersAreGone) {
+  // 8 blocks. The parent's 3 blocks were shared with a fork that is closed
+  // since: the idle parent holds them alone, so evicting it makes room.
+  auto store = MakeStore(8 * kBlockBytes, EvictionPolicy::kLruIdle);
+  auto parent = *store->CreateSession(Config(1), "");
+  {
+    auto lease = *store->Acquire(parent.session_id, "");
+    ASSERT_TRUE(Append(lease, 0, 12, 41).ok());  // 3 blocks
+  }
+  auto fork = *store->Fork(parent.session_id, 12, "");
+  ASSERT_TRUE(store->Close(fork.session_id, "").ok());
+  clock_.Advance(absl::Seconds(1));
+  auto other = *store->CreateSession(Config(1), "");  // a 4th block
+  auto lease = *store->Acquire(other.session_id, "");
+  ASSERT_TRUE(Append(lease, 0, 24, 42).ok()) << "6 blocks: 5 more than it has";
+  EXPECT_EQ(store->stats().evictions_total, 1);
+}
+
 }  // namespace
 }  // namespace attnserve
