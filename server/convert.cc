@@ -187,6 +187,7 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
   request.options = *std::move(options);
 
   request.outputs.lse = proto.outputs().lse();
+  request.outputs.entropy = proto.outputs().entropy();
   request.outputs.weights = proto.outputs().weights();
   request.outputs.top_k = proto.outputs().top_k();
   return request;
@@ -195,6 +196,7 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
 void JobToProto(AttentionJob& job, v1::AttendResponse* response) {
   TensorToProto(job.output, response->mutable_output());
   if (job.params.lse != nullptr) TensorToProto(job.lse, response->mutable_lse());
+  if (job.params.entropy != nullptr) TensorToProto(job.entropy, response->mutable_entropy());
   if (job.params.weights != nullptr) TensorToProto(job.weights, response->mutable_weights());
   if (job.params.top_k > 0) {
     TensorToProto(job.top_k_indices, response->mutable_top_k_indices());

@@ -150,8 +150,8 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::Status PlanStep(const std::string& caller, const std::string& session_id, int32_t layer,
                         const v1::Tensor& query, const v1::Tensor& key, const v1::Tensor& value,
                         std::optional<int64_t> expected_context_tokens,
-                        const AttentionOptions& options, bool lse, const Backend& backend,
-                        SessionStep* step);
+                        const AttentionOptions& options, const v1::OutputSpec& outputs,
+                        const Backend& backend, SessionStep* step);
   // Appends the planned step's K/V and plans its job over the cache.
   absl::Status AppendStep(SessionStep* step);
   // Validates a BatchDecode, plans and appends its good entries and admits

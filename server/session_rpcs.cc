@@ -58,7 +58,7 @@ Tensor ConvertTensor(const Tensor& t, DType dtype) {
 }
 
 // The options of a session step (Decode or BatchDecode): softmax, causal
-// with bottom-right alignment, lse the only optional output.
+// with bottom-right alignment, lse and entropy the only optional outputs.
 absl::StatusOr<AttentionOptions> StepOptions(const v1::AttentionOptions& proto,
                                              const v1::OutputSpec& outputs) {
   absl::StatusOr<AttentionOptions> options = OptionsFromProto(proto);
@@ -233,7 +233,8 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
                                             const v1::Tensor& key_proto,
                                             const v1::Tensor& value_proto,
                                             std::optional<int64_t> expected_context_tokens,
-                                            const AttentionOptions& options, bool lse,
+                                            const AttentionOptions& options,
+                                            const v1::OutputSpec& outputs,
                                             const Backend& backend, SessionStep* step) {
   // Wire checks that need no session first.
   absl::StatusOr<TensorView> query = ViewFromProto(query_proto, "query");
@@ -320,7 +321,8 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
     step->core.query.data = step->query_storage;
   }
   step->core.options = options;
-  step->core.outputs.lse = lse;
+  step->core.outputs.lse = outputs.lse();
+  step->core.outputs.entropy = outputs.entropy();
   // The step as it will run, over the cache grown by the new tokens; the
   // blocks are not read here, so the current ones stand in for them.
   static const void* const kNoBlocks[1] = {nullptr};
@@ -404,7 +406,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   if (request.has_expected_context_tokens()) expected = request.expected_context_tokens();
   if (absl::Status s = PlanStep(CallerOf(context), request.session_id(), request.layer(),
                                 request.query(), request.key(), request.value(), expected,
-                                *options, request.outputs().lse(), *backend, &step);
+                                *options, request.outputs(), *backend, &step);
       !s.ok()) {
     return s;
   }
@@ -438,6 +440,9 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
       if (output.ok()) {
         TensorToProto(*output, response->mutable_output());
         if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
+        if (job->params.entropy != nullptr) {
+          TensorToProto(job->entropy, response->mutable_entropy());
+        }
         TimingToProto(timing, received, response->mutable_timing());
         response->set_backend(backend->info().name);
       }
@@ -507,7 +512,7 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     std::optional<int64_t> expected;
     if (e.has_expected_context_tokens()) expected = e.expected_context_tokens();
     status = PlanStep(caller, e.session_id(), request.layer(), e.query(), e.key(), e.value(),
-                      expected, *options, request.outputs().lse(), *backend, &step);
+                      expected, *options, request.outputs(), *backend, &step);
     if (status.ok() && first_ok >= 0) {
       // The entries share one call: the same heads, dims and dtypes.
       const AttentionParams& p = step.job->params;
@@ -590,6 +595,9 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
         if (output.ok()) {
           TensorToProto(*output, result->mutable_output());
           if (step.job->params.lse != nullptr) TensorToProto(step.job->lse, result->mutable_lse());
+          if (step.job->params.entropy != nullptr) {
+            TensorToProto(step.job->entropy, result->mutable_entropy());
+          }
           result->set_context_tokens(step.lease->length(step.layer));
           step.appended = false;  // keep the append
         }

@@ -273,6 +273,7 @@ absl::Status CheckOptions(const AttentionRequest& request, const Dims& dims) {
     if (!opt.alibi_slopes.empty()) return reject("options.alibi_slopes", "slopes");
     if (request.bias.has_value()) return reject("bias", "a bias tensor");
     if (request.outputs.lse) return reject("outputs.lse", "true");
+    if (request.outputs.entropy) return reject("outputs.entropy", "true");
     if (request.outputs.weights) return reject("outputs.weights", "true");
     if (request.outputs.top_k != 0) return reject("outputs.top_k", absl::StrCat(request.outputs.top_k));
   }
@@ -320,6 +321,7 @@ absl::StatusOr<int64_t> CheckOutputs(const AttentionRequest& request, const Dims
   }
   int64_t total = out_bytes;
   if (out.lse) total += B * Hq * Lq * 4;  // <= out_bytes * 4 / Dv: no overflow
+  if (out.entropy) total += B * Hq * Lq * 4;
   if (out.weights) {
     const int64_t n = CheckedElementCount({B, Hq, Lq, Lk}, kMaxElements);
     const int64_t weights_bytes = n < 0 ? -1 : n * 4;
@@ -426,6 +428,7 @@ AttentionParams AttentionJob::planned_params() const {
   AttentionParams p = params;
   if (p.o == nullptr) p.o = &placeholder_f32;
   if (outputs.lse && p.lse == nullptr) p.lse = &placeholder_f32;
+  if (outputs.entropy && p.entropy == nullptr) p.entropy = &placeholder_f32;
   if (outputs.weights && p.weights == nullptr) p.weights = &placeholder_f32;
   if (outputs.top_k > 0 && p.top_k_indices == nullptr) {
     p.top_k_indices = &placeholder_i32;
@@ -478,13 +481,14 @@ absl::Status AllocateOutputs(AttentionJob& job) {
   const int64_t B = p.batch, Lq = p.seqlen_q, Hq = p.num_heads_q, Lk = p.seqlen_k;
   const OutputSpec& out = job.outputs;
   struct {
-    Tensor output, lse, weights, top_k_indices, top_k_weights;
+    Tensor output, lse, entropy, weights, top_k_indices, top_k_weights;
   } made;
   try {
     std::vector<int64_t> out_shape = {B, Lq, Hq, p.value_dim};
     if (job.query_3d) out_shape.erase(out_shape.begin());
     made.output = Tensor::Zeros(p.dtype, std::move(out_shape));
     if (out.lse) made.lse = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
+    if (out.entropy) made.entropy = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
     if (out.weights) made.weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, Lk});
     if (out.top_k > 0) {
       made.top_k_indices = Tensor::Zeros(DType::kI32, {B, Hq, Lq, out.top_k});
@@ -496,11 +500,13 @@ absl::Status AllocateOutputs(AttentionJob& job) {
   }
   job.output = std::move(made.output);
   job.lse = std::move(made.lse);
+  job.entropy = std::move(made.entropy);
   job.weights = std::move(made.weights);
   job.top_k_indices = std::move(made.top_k_indices);
   job.top_k_weights = std::move(made.top_k_weights);
   p.o = job.output.data.data();
   if (out.lse) p.lse = job.lse.mutable_data<float>();
+  if (out.entropy) p.entropy = job.entropy.mutable_data<float>();
   if (out.weights) p.weights = job.weights.mutable_data<float>();
   if (out.top_k > 0) {
     p.top_k_indices = job.top_k_indices.mutable_data<int32_t>();

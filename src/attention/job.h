@@ -37,6 +37,7 @@ struct AttentionJob {
   // Empty until AllocateOutputs:
   Tensor output;         // [B, Lq, Hq, Dv], request dtype (3-D when the query was 3-D)
   Tensor lse;            // [B, Hq, Lq] F32, when asked
+  Tensor entropy;        // [B, Hq, Lq] F32, when asked
   Tensor weights;        // [B, Hq, Lq, Lk] F32, when asked
   Tensor top_k_indices;  // [B, Hq, Lq, k] I32, when asked
   Tensor top_k_weights;  // [B, Hq, Lq, k] F32, when asked

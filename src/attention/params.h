@@ -72,6 +72,7 @@ struct AttentionParams {
 
   // Optional outputs (F32 / I32), contiguous.
   float* lse = nullptr;      // [B, Hq, Lq], natural log; -inf for a fully masked row
+  float* entropy = nullptr;  // [B, Hq, Lq], −Σ p·ln p in nats; 0 for a fully masked row
   float* weights = nullptr;  // [B, Hq, Lq, Lk], probabilities (0 where masked)
   int32_t top_k = 0;
   int32_t* top_k_indices = nullptr;  // [B, Hq, Lq, top_k]; -1 past the visible keys

@@ -148,6 +148,15 @@ void ComputeRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
 
   const int64_t row_index = (b * p.num_heads_q + h) * p.seqlen_q + i;
   if (p.lse != nullptr) p.lse[row_index] = static_cast<float>(row.log_normaliser);
+  if (p.entropy != nullptr) {
+    // H = −Σ p·ln p over the attended keys, directly from the probabilities.
+    double h_nats = 0;
+    for (int64_t j = 0; j < p.seqlen_k; ++j) {
+      const double w = row.weight[j];
+      if (w > 0) h_nats -= w * std::log(w);
+    }
+    p.entropy[row_index] = row.fully_masked ? 0.f : static_cast<float>(h_nats);
+  }
   if (p.weights != nullptr) {
     for (int64_t j = 0; j < p.seqlen_k; ++j) {
       p.weights[row_index * p.seqlen_k + j] = static_cast<float>(row.weight[j]);

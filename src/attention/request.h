@@ -31,6 +31,7 @@ struct AttentionOptions {
 
 struct OutputSpec {
   bool lse = false;
+  bool entropy = false;  // −Σ p·ln p per query and head
   bool weights = false;
   int32_t top_k = 0;  // 0: off
 };

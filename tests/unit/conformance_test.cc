@@ -107,7 +107,7 @@ std::vector<RequestSpec> Cases() {
       s.options.causal = true;
       s.options.causal_alignment = align;
       s.outputs.lse = true;
-      c.push_back(s);
+      s.outputs.entropy = true;      c.push_back(s);
     }
   }
   // --- Sliding windows.
@@ -126,7 +126,7 @@ std::vector<RequestSpec> Cases() {
     s.options.causal_alignment = align;
     s.options.window_left = 6;
     s.outputs.lse = true;
-    c.push_back(s);
+    s.outputs.entropy = true;    c.push_back(s);
   }
   // --- Softcap (scale 1 so that scores reach the cap), ALiBi.
   {
@@ -157,14 +157,14 @@ std::vector<RequestSpec> Cases() {
     s.bias_shape = shape;
     s.bias_masks = true;
     s.outputs.lse = true;
-    c.push_back(s);
+    s.outputs.entropy = true;    c.push_back(s);
   }
   // --- key_lengths, with an empty row.
   {
     RequestSpec s = Base("key_lengths_0_40");
     s.key_lengths = {0, 40};
     s.outputs.lse = true;
-    c.push_back(s);
+    s.outputs.entropy = true;    c.push_back(s);
     s = Base("key_lengths_65_1");
     s.key_lengths = {65, 1};
     c.push_back(s);
@@ -172,7 +172,7 @@ std::vector<RequestSpec> Cases() {
     s.key_lengths = {20, 50};
     s.options.causal = true;
     s.outputs.lse = true;
-    c.push_back(s);
+    s.outputs.entropy = true;    c.push_back(s);
     s = Base("key_lengths_window_alibi");
     s.key_lengths = {64, 30};
     s.options.window_left = 10;
@@ -213,7 +213,7 @@ std::vector<RequestSpec> Cases() {
   {
     RequestSpec s = Base("lse");
     s.outputs.lse = true;
-    c.push_back(s);
+    s.outputs.entropy = true;    c.push_back(s);
     s = Base("weights");
     s.outputs.weights = true;
     c.push_back(s);
@@ -231,7 +231,7 @@ std::vector<RequestSpec> Cases() {
     s.options.alibi_slopes = AlibiSlopes(s.heads_q);
     s.bias_shape = std::vector<int64_t>{2, 1, 33, 65};
     s.bias_masks = true;
-    s.outputs = {.lse = true, .weights = true, .top_k = 3};
+    s.outputs = {.lse = true, .entropy = true, .weights = true, .top_k = 3};
     c.push_back(s);
   }
   // --- Long enough that tiled backends split the query rows into several
@@ -243,6 +243,19 @@ std::vector<RequestSpec> Cases() {
     s.options.causal = true;
     s.options.window_left = 300;
     s.outputs.lse = true;
+    s.outputs.entropy = true;    c.push_back(s);
+  }
+  // --- Decode-shaped (one query row over many keys, which tiled backends
+  // split into chunks and merge) with entropy.
+  {
+    RequestSpec s = Sized("decode_lq1_lk5000_entropy", 1, 5000, 64, 8, 2);
+    s.outputs.lse = true;
+    s.outputs.entropy = true;
+    c.push_back(s);
+    s = Sized("decode_lq1_lk5000_entropy_key_lengths", 1, 5000, 64, 8, 2);
+    s.batch = 2;
+    s.key_lengths = {4999, 0};
+    s.outputs.entropy = true;
     c.push_back(s);
   }
   // --- Everything at odd sizes.
@@ -254,7 +267,7 @@ std::vector<RequestSpec> Cases() {
     s.options.alibi_slopes = AlibiSlopes(s.heads_q);
     s.bias_shape = std::vector<int64_t>{1, 4, 1, 130};
     s.key_lengths = {100};
-    s.outputs = {.lse = true, .weights = true, .top_k = 3};
+    s.outputs = {.lse = true, .entropy = true, .weights = true, .top_k = 3};
     c.push_back(s);
   }
   return c;
@@ -379,6 +392,7 @@ void ConformanceTest::RunMatrix(DType dtype) {
     const AttentionJob& got = *jobs[i];
     ExpectFloatsClose("output", got.output, (*ref)->output, tol);
     if (spec.outputs.lse) ExpectFloatsClose("lse", got.lse, (*ref)->lse, tol);
+    if (spec.outputs.entropy) ExpectFloatsClose("entropy", got.entropy, (*ref)->entropy, tol);
     if (spec.outputs.weights) ExpectFloatsClose("weights", got.weights, (*ref)->weights, tol);
     if (spec.outputs.top_k > 0) ExpectTopKClose("top_k", got, **ref, spec.seqlen_k, tol);
   }

@@ -28,7 +28,7 @@ struct Case {
   AttentionOptions options;
   bool bias = false;  // a [B, 1, Lq, Lk] bias with some -inf entries
   std::vector<int32_t> key_lengths;
-  OutputSpec outputs{.lse = true};
+  OutputSpec outputs{.lse = true, .entropy = true};
 };
 
 // Owns the bytes of one random request.
@@ -115,6 +115,7 @@ void ExpectSameAsReference(const Case& c, std::string_view isa) {
   const double rtol = f32 ? 1e-4 : 1e-2;
   ExpectNear("output", got->output, want->output, atol, rtol);
   if (c.outputs.lse) ExpectNear("lse", got->lse, want->lse, atol, rtol);
+  if (c.outputs.entropy) ExpectNear("entropy", got->entropy, want->entropy, atol, rtol);
   if (c.outputs.weights) ExpectNear("weights", got->weights, want->weights, atol, rtol);
   if (c.outputs.top_k > 0) {
     ExpectNear("top_k_weights", got->top_k_weights, want->top_k_weights, atol, rtol);
@@ -181,7 +182,7 @@ std::vector<Case> Matrix() {
          .key_lengths = {301, 7}});
   }
   add({.name = "weights + top_k", .B = 2, .Lq = 7, .Lk = 40, .Hq = 2, .Hkv = 1, .D = 32,
-       .options = {.causal = true}, .outputs = {.lse = true, .weights = true, .top_k = 5}});
+       .options = {.causal = true}, .outputs = {.lse = true, .entropy = true, .weights = true, .top_k = 5}});
   add({.name = "top_k past visible keys", .Lq = 6, .Lk = 12, .Hq = 1, .Hkv = 1, .D = 32,
        .options = {.causal = true}, .key_lengths = {8}, .outputs = {.top_k = 12}});
   add({.name = "linear", .B = 2, .Lq = 20, .Lk = 30, .Hq = 4, .Hkv = 2, .D = 32,

@@ -48,6 +48,7 @@ struct RequestSpec {
     if (heads_q != heads_kv) f.push_back("gqa");
     if (options.variant == Variant::kLinear) f.push_back("linear");
     if (outputs.lse) f.push_back("lse");
+    if (outputs.entropy) f.push_back("entropy");
     if (outputs.weights) f.push_back("weights");
     if (outputs.top_k > 0) f.push_back("top_k");
     return f;

@@ -32,9 +32,9 @@ int64_t FlashWorkspaceFloats(const AttentionParams& params) {
   const int64_t M = kMaxTileLanes;
   const int64_t D = params.head_dim;
   const int64_t Dv = params.value_dim;
-  // qt, s, ot, then m, l, alpha, begin, end, then the widened K and V blocks;
-  // the layout is carved in flash_kernel_impl.h in this order.
-  return RoundUp16(D * M) + RoundUp16(kKeyBlock * M) + RoundUp16(Dv * M) + 5 * M +
+  // qt, s, ot, then m, l, alpha, begin, end, u, then the widened K and V
+  // blocks; the layout is carved in flash_kernel_impl.h in this order.
+  return RoundUp16(D * M) + RoundUp16(kKeyBlock * M) + RoundUp16(Dv * M) + 6 * M +
          RoundUp16(kKeyBlock * D) + RoundUp16(kKeyBlock * Dv);
 }
 
@@ -79,12 +79,14 @@ void MergePartials(const AttentionParams& p, const FlashTile& t, const float* pa
     float m = -std::numeric_limits<float>::infinity();
     for (int c = 0; c < num_chunks; ++c) m = std::max(m, partials[c * chunk_stride + lane * stride]);
     float l = 0.f;
+    float u = 0.f;  // Σ 2^(s − m)·(s − m) over every chunk's keys
     std::fill(acc.begin(), acc.end(), 0.f);
     if (m != -std::numeric_limits<float>::infinity()) {
       for (int c = 0; c < num_chunks; ++c) {
         const float* part = partials + c * chunk_stride + lane * stride;
         const float w = std::exp2(part[0] - m);  // 0 for a chunk that saw no key
         l += part[1] * w;
+        if (p.entropy != nullptr && part[1] > 0.f) u += w * (part[2] + part[1] * (part[0] - m));
         for (int64_t dv = 0; dv < Dv; ++dv) acc[dv] += part[kPartialHeader + dv] * w;
       }
     }
@@ -95,6 +97,10 @@ void MergePartials(const AttentionParams& p, const FlashTile& t, const float* pa
       p.lse[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] =
           l > 0.f ? (m + std::log2(l)) * 0.6931471805599453f
                   : -std::numeric_limits<float>::infinity();
+    }
+    if (p.entropy != nullptr) {
+      p.entropy[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] =
+          l > 0.f ? std::max(0.f, 0.6931471805599453f * (std::log2(l) - u / l)) : 0.f;
     }
   }
 }

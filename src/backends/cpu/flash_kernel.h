@@ -38,14 +38,15 @@ struct FlashTile {
   // split key range.
   int64_t key_begin = 0;
   int64_t key_end = 0;
-  // Null: write the final output (and lse). Otherwise a partial result per
-  // lane, kPartialHeader + value_dim floats each: the running max (log2 units),
-  // the sum of exponentials and the unnormalised output, merged later by
-  // MergePartials.
+  // Null: write the final output (and lse, entropy). Otherwise a partial
+  // result per lane, kPartialHeader + value_dim floats each: the running max
+  // (log2 units), the sum of exponentials, the entropy accumulator (see
+  // EntropyRescale in flash_kernel_impl.h; 0 when not asked) and the
+  // unnormalised output, merged later by MergePartials.
   float* partial = nullptr;
 };
 
-inline constexpr int kPartialHeader = 2;
+inline constexpr int kPartialHeader = 3;
 
 // Whether tiles of `params` are decode tiles: one query row (Lq = 1), no
 // score transform, head and value dims multiples of 16. A decode tile's lanes

@@ -43,6 +43,26 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 constexpr int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+// Entropy in the streaming pass. Per lane, besides the running max m and the
+// sum l = Σ 2^(s_j − m) (log2 units), u = Σ 2^(s_j − m)·(s_j − m). When m
+// grows to m' by a factor a = 2^(m − m'), u becomes a·(u + l·(m − m')) plus
+// the new keys' terms; at the end H = ln 2 · (log2 l − u / l) nats, since
+// p_j = 2^(s_j − m) / l. The difference is floored at -1e30 so that a lane
+// that saw no key yet (m = -inf, l = 0) adds 0, not NaN.
+template <class T>
+inline void EntropyRescale(float* u, typename T::V a, typename T::V l_old, typename T::V m_old,
+                           typename T::V m_new, typename T::V new_terms) {
+  const typename T::V delta = T::Max(T::Sub(m_old, m_new), T::Set1(-1e30f));
+  T::Store(u, T::Fma(a, T::Fma(l_old, delta, T::Load(u)), new_terms));
+}
+
+// −Σ p·ln p of a lane from its l and u (see EntropyRescale); 0 for a lane
+// that saw no key.
+inline float EntropyNats(float l, float u) {
+  if (!(l > 0.f)) return 0.f;
+  return std::max(0.f, kLn2 * (std::log2(l) - u / l));
+}
+
 // C[r][lane] = (C[r][lane] * cscale[lane] or 0) + Σ_k A(r, k) · B[k][lane] for
 // kRows_ x kVecs_ vectors of lanes. A(r, k) = a[r * a_row + k] (kAStridedK ==
 // false: rows of A are contiguous along k, e.g. K rows) or a[r + k * a_row]
@@ -325,13 +345,16 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
   const int64_t v_head_bytes = p.v_head_stride * es;
 
   // The generic tile's workspace layout, reused: q [lanes][D], s [block][M],
-  // o [lanes][Dv], m, l, alpha.
+  // o [lanes][Dv], m, l, alpha, u (the entropy accumulator, where the generic
+  // tile keeps its key ranges).
   float* q = ws;
   float* s = q + RoundUp(D * M, 16);
   float* o = s + RoundUp(int64_t{kKeyBlock} * M, 16);
   float* m = o + RoundUp(Dv * M, 16);
   float* l = m + kMaxTileLanes;
   float* alpha = l + kMaxTileLanes;
+  float* u = alpha + kMaxTileLanes;
+  const bool entropy = p.entropy != nullptr;
 
   for (int lane = 0; lane < lanes; ++lane) {
     const int64_t q0 = b * p.q_batch_stride + t.row_begin * p.q_row_stride +
@@ -345,6 +368,7 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
   for (int64_t v = 0; v < M; v += W) {
     T::Store(m + v, T::Set1(kNegInf));
     T::Store(l + v, T::Zero());
+    T::Store(u + v, T::Zero());
   }
   std::fill(o, o + lanes * Dv, 0.f);
 
@@ -395,12 +419,25 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
       const V m_new = T::Max(m_old, bmax);
       const V a = T::Exp2(T::Sub(m_old, m_new));
       V sum = T::Zero();
-      for (int64_t j = 0; j < nk; ++j) {
-        const V e = T::Exp2(T::Sub(T::Load(s + j * M + v), m_new));
-        T::Store(s + j * M + v, e);
-        sum = T::Add(sum, e);
+      const V l_old = T::Load(l + v);
+      if (entropy) {
+        V usum = T::Zero();
+        for (int64_t j = 0; j < nk; ++j) {
+          const V d = T::Sub(T::Load(s + j * M + v), m_new);
+          const V e = T::Exp2(d);
+          T::Store(s + j * M + v, e);
+          sum = T::Add(sum, e);
+          usum = T::Fma(e, d, usum);
+        }
+        EntropyRescale<T>(u + v, a, l_old, m_old, m_new, usum);
+      } else {
+        for (int64_t j = 0; j < nk; ++j) {
+          const V e = T::Exp2(T::Sub(T::Load(s + j * M + v), m_new));
+          T::Store(s + j * M + v, e);
+          sum = T::Add(sum, e);
+        }
       }
-      T::Store(l + v, T::Fma(T::Load(l + v), a, sum));
+      T::Store(l + v, T::Fma(l_old, a, sum));
       T::Store(m + v, m_new);
       T::Store(alpha + v, a);
     }
@@ -431,6 +468,7 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
       float* out = t.partial + lane * (kPartialHeader + Dv);
       out[0] = m[lane];
       out[1] = l[lane];
+      out[2] = entropy ? u[lane] : 0.f;
       for (int64_t dv = 0; dv < Dv; ++dv) out[kPartialHeader + dv] = o[lane * Dv + R::Position(dv, Dv)];
     }
     return;
@@ -444,6 +482,10 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
     if (p.lse != nullptr) {
       p.lse[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] =
           l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
+    }
+    if (entropy) {
+      p.entropy[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] =
+          EntropyNats(l[lane], u[lane]);
     }
   }
 }
@@ -479,7 +521,9 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
   float* alpha = l + kMaxTileLanes;
   int32_t* begin = reinterpret_cast<int32_t*>(alpha + kMaxTileLanes);
   int32_t* end = begin + kMaxTileLanes;
-  float* kbuf = reinterpret_cast<float*>(end + kMaxTileLanes);
+  float* u = reinterpret_cast<float*>(end + kMaxTileLanes);  // entropy accumulator
+  float* kbuf = u + kMaxTileLanes;
+  const bool entropy = p.entropy != nullptr;
   float* vbuf = kbuf + RoundUp(int64_t{kKeyBlock} * D, 16);
 
   const bool plain = p.softcap == 0.f && p.alibi_slopes == nullptr && p.bias == nullptr;
@@ -524,6 +568,7 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
   for (int64_t v = 0; v < M; v += W) {
     T::Store(m + v, T::Set1(kNegInf));
     T::Store(l + v, T::Zero());
+    T::Store(u + v, T::Zero());
   }
   std::fill(ot, ot + Dv * M, 0.f);
 
@@ -584,7 +629,22 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
       const V m_use = T::ZeroIfNegInf(m_new);
       const V a = T::Exp2(T::Sub(m_old, m_use));
       V sum0 = T::Zero(), sum1 = T::Zero();
+      const V l_old = T::Load(l + v);
       int64_t j = 0;
+      if (entropy) {
+        // Masked scores are -inf: their e is 0, and d is clamped so that
+        // e·d is 0 too (not NaN).
+        const V floor = T::Set1(-1e30f);
+        V usum = T::Zero();
+        for (; j < nk; ++j) {
+          const V d = T::Max(T::Sub(T::Load(s + j * M + v), m_use), floor);
+          const V e = T::Exp2(d);
+          T::Store(s + j * M + v, e);
+          sum0 = T::Add(sum0, e);
+          usum = T::Fma(e, d, usum);
+        }
+        EntropyRescale<T>(u + v, a, l_old, m_old, m_use, usum);
+      }
       for (; j + 1 < nk; j += 2) {
         const V e0 = T::Exp2(T::Sub(T::Load(s + j * M + v), m_use));
         const V e1 = T::Exp2(T::Sub(T::Load(s + (j + 1) * M + v), m_use));
@@ -598,7 +658,7 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
         T::Store(s + j * M + v, e0);
         sum0 = T::Add(sum0, e0);
       }
-      T::Store(l + v, T::Fma(T::Load(l + v), a, T::Add(sum0, sum1)));
+      T::Store(l + v, T::Fma(l_old, a, T::Add(sum0, sum1)));
       T::Store(m + v, m_new);
       T::Store(alpha + v, a);
     }
@@ -623,6 +683,7 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
       float* out = t.partial + lane * (kPartialHeader + Dv);
       out[0] = m[lane];
       out[1] = l[lane];
+      out[2] = entropy ? u[lane] : 0.f;
       for (int64_t dv = 0; dv < Dv; ++dv) out[kPartialHeader + dv] = ot[dv * M + lane];
     }
     return;
@@ -642,6 +703,7 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
       p.lse[(b * p.num_heads_q + h) * p.seqlen_q + i] =
           l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
     }
+    if (entropy) p.entropy[(b * p.num_heads_q + h) * p.seqlen_q + i] = EntropyNats(l[lane], u[lane]);
   }
 }
 

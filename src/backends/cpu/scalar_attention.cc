@@ -159,6 +159,13 @@ void RunScalarHead(const AttentionParams& p, int64_t b, int64_t h, int64_t row_b
 
     const int64_t r = (b * p.num_heads_q + h) * p.seqlen_q + i;
     if (p.lse != nullptr) p.lse[r] = live ? static_cast<float>(row.log_normaliser) : -INFINITY;
+    if (p.entropy != nullptr) {
+      double h_nats = 0;
+      for (int64_t j = 0; live && j < p.seqlen_k; ++j) {
+        if (row.weight[j] > 0) h_nats -= row.weight[j] * std::log(row.weight[j]);
+      }
+      p.entropy[r] = static_cast<float>(h_nats);
+    }
     if (p.weights != nullptr) {
       for (int64_t j = 0; j < p.seqlen_k; ++j) {
         p.weights[r * p.seqlen_k + j] = live ? static_cast<float>(row.weight[j]) : 0.f;

@@ -188,7 +188,7 @@ class OnednnBackend final : public Backend {
                                      " threads");
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
     info_.features = {"causal", "window", "softcap", "alibi",   "bias", "key_lengths",
-                      "gqa",    "linear", "lse",     "weights", "top_k"};
+                      "gqa",    "linear", "lse",     "entropy",     "weights", "top_k"};
     info_.max_head_dim = kMaxHeadDim;
   }
 
@@ -356,6 +356,7 @@ void OnednnBackend::ComputeItem(const F32Request& r, const WorkItem& item, Threa
         std::fill_n(r.o + b * r.o_bs + (item.row0 + i) * r.o_rs + (h0 + g) * r.o_hs, dv, 0.f);
         const int64_t row = stat_row(i, g);
         if (p.lse != nullptr) p.lse[row] = kNegInf;
+        if (p.entropy != nullptr) p.entropy[row] = 0.f;
         if (p.weights != nullptr) std::fill_n(p.weights + row * lk, lk, 0.f);
         if (p.top_k > 0) {
           std::fill_n(p.top_k_indices + row * p.top_k, p.top_k, -1);
@@ -372,7 +373,7 @@ void OnednnBackend::ComputeItem(const F32Request& r, const WorkItem& item, Threa
     masked |= ts.ranges[i].begin > kb || ts.ranges[i].end < kb + n;
   }
   const bool has_tile = !linear && (masked || p.bias != nullptr || p.alibi_slopes != nullptr);
-  const bool need_scan = has_tile || p.lse != nullptr || p.top_k > 0;
+  const bool need_scan = has_tile || p.lse != nullptr || p.entropy != nullptr || p.top_k > 0;
 
   PrimitiveKey sk;
   sk.kind = PrimitiveKind::kScores;
@@ -499,6 +500,14 @@ void OnednnBackend::ComputeItem(const F32Request& r, const WorkItem& item, Threa
         // P at the arg-max is exp(0)/Σ, so lse = max + log Σ = max - log P[argmax].
         p.lse[out_row] =
             fully_masked ? kNegInf : ts.row_max[row] - std::log(pr[ts.row_argmax[row]]);
+      }
+      if (p.entropy != nullptr) {
+        // From the probabilities of the row: −Σ p·ln p.
+        double h_nats = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          if (pr[j] > 0.f) h_nats -= static_cast<double>(pr[j]) * std::log(static_cast<double>(pr[j]));
+        }
+        p.entropy[out_row] = static_cast<float>(h_nats);
       }
       if (p.top_k > 0) {
         const float* s = ts.scores.data() + row * n;
