@@ -302,6 +302,17 @@ def make_inputs(c, gen):
     return q, k, v, bias
 
 
+def entropy_reference(p):
+    """-Σ p·ln p per row of the probabilities (0 where masked, so 0 for a
+    fully masked row), in nats; checked against torch.special.entr."""
+    safe = torch.where(p > 0, p, torch.ones_like(p))
+    h = -(torch.where(p > 0, p * torch.log(safe), torch.zeros_like(p))).sum(dim=-1)
+    entr = torch.special.entr(p).sum(dim=-1)
+    if not torch.allclose(h, entr, rtol=1e-12, atol=1e-12):
+        raise SystemExit("entropy: the explicit sum and torch.special.entr disagree")
+    return h
+
+
 def write_case(c, root):
     gen = torch.Generator().manual_seed(c.seed if c.seed is not None else sum(map(ord, c.name)))
     q, k, v, bias = make_inputs(c, gen)
@@ -319,6 +330,7 @@ def write_case(c, root):
             check_against_sdpa(c, qt, kt, vt, bt, key_len, out, lse)
         if c.lse:
             results["lse"] = lse
+            results["entropy"] = entropy_reference(p)
         if c.weights:
             results["weights"] = p
         if c.top_k:
@@ -351,6 +363,7 @@ def write_case(c, root):
         "key_lengths": ",".join(str(n) for n in c.key_lengths),
         "top_k": c.top_k,
         "lse": int(c.lse),
+        "entropy": int(c.lse and c.variant == "softmax"),
         "weights": int(c.weights),
     }
     with open(d / "case.txt", "w") as f:

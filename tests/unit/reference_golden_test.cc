@@ -98,6 +98,8 @@ AttentionRequest BuildRequest(const GoldenCase& c) {
       r.outputs.top_k = ToInt(value);
     } else if (key == "lse") {
       r.outputs.lse = ToInt(value) != 0;
+    } else if (key == "entropy") {
+      r.outputs.entropy = ToInt(value) != 0;
     } else if (key == "weights") {
       r.outputs.weights = ToInt(value) != 0;
     } else {
@@ -151,7 +153,7 @@ TEST_P(ReferenceGoldenTest, MatchesGolden) {
   c.k = MustRead(dir / "k.npy");
   c.v = MustRead(dir / "v.npy");
   if (std::filesystem::exists(dir / "bias.npy")) c.bias = MustRead(dir / "bias.npy");
-  for (const char* stem : {"out", "lse", "weights", "topk_idx", "topk_w"}) {
+  for (const char* stem : {"out", "lse", "entropy", "weights", "topk_idx", "topk_w"}) {
     if (std::filesystem::exists(dir / (std::string(stem) + ".npy"))) {
       c.expected[stem] = MustRead(dir / (std::string(stem) + ".npy"));
     }
@@ -173,6 +175,11 @@ TEST_P(ReferenceGoldenTest, MatchesGolden) {
   const bool want_lse = c.expected.count("lse") > 0;
   EXPECT_EQ(request.outputs.lse, want_lse);
   if (want_lse) ExpectClose("lse", (*job)->lse, c.expected["lse"], kRtol, kAtol);
+  const bool want_entropy = c.expected.count("entropy") > 0;
+  EXPECT_EQ(request.outputs.entropy, want_entropy);
+  if (want_entropy) {
+    ExpectClose("entropy", (*job)->entropy, c.expected["entropy"], kRtol, kAtol);
+  }
   const bool want_weights = c.expected.count("weights") > 0;
   EXPECT_EQ(request.outputs.weights, want_weights);
   if (want_weights) ExpectClose("weights", (*job)->weights, c.expected["weights"], kRtol, kAtol);
