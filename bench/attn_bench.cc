@@ -30,6 +30,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "attention/job.h"
+#include "backends/cpu/cpu_backend.h"
 #include "backends/registry.h"
 #include "core/half.h"
 #include "kvcache/session_store.h"
@@ -47,8 +48,13 @@ ABSL_FLAG(int, dv, 0, "value head dim; 0 = the head dim (any shape)");
 ABSL_FLAG(bool, weights, false, "also compute the weights output (the scalar path)");
 ABSL_FLAG(int, top_k, 0, "also compute the top-k output with this k (the scalar path)");
 ABSL_FLAG(bool, linear, false, "variant LINEAR instead of SOFTMAX");
+ABSL_FLAG(bool, entropy, false,
+          "also compute outputs.entropy, and time the same batch without it in the same run "
+          "(alternating): the JSON adds ms_without_entropy and entropy_overhead");
 ABSL_FLAG(bool, bias, false, "add a [B, Hq, Lq, Lk] bias tensor");
 ABSL_FLAG(std::string, backend, "cpu", "backend name (see the registry)");
+ABSL_FLAG(std::string, isa, "",
+          "with --backend=cpu: force its kernel variant (avx512, avx2 or scalar); empty = the best");
 ABSL_FLAG(std::string, dtype, "f32", "f32, f16 or bf16");
 ABSL_FLAG(int, threads, 0, "backend threads; 0 = one per hardware thread");
 ABSL_FLAG(int, iters, 0, "timed iterations; 0 = as many as fit in --min_time");
@@ -208,6 +214,7 @@ int Main() {
     if (!bias.empty()) request.bias = TensorView{dtype, {shape.b, shape.hq, shape.lq, shape.lk}, bias};
     request.outputs.weights = absl::GetFlag(FLAGS_weights);
     request.outputs.top_k = absl::GetFlag(FLAGS_top_k);
+    request.outputs.entropy = absl::GetFlag(FLAGS_entropy);
     auto job = PrepareAttention(request, limits);
     if (!job.ok()) {
       std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
@@ -267,6 +274,7 @@ int Main() {
                                    std::string_view(q).substr(b * q_row, q_row)};
         request.paged_kv = lease->View(layer);
         request.options.causal = shape.causal;
+        request.outputs.entropy = absl::GetFlag(FLAGS_entropy);
         auto job = PrepareAttention(request, limits);
         if (!job.ok()) {
           std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
@@ -278,7 +286,10 @@ int Main() {
     }
   }
   const std::string backend_name = absl::GetFlag(FLAGS_backend);
-  auto backend = CreateBackend(backend_name, BackendOptions{.threads = threads});
+  const std::string isa = absl::GetFlag(FLAGS_isa);
+  auto backend = isa.empty() || backend_name != "cpu"
+                     ? CreateBackend(backend_name, BackendOptions{.threads = threads})
+                     : CreateCpuBackendWithIsa(BackendOptions{.threads = threads}, isa);
   if (!backend.ok()) {
     std::fprintf(stderr, "CreateBackend: %s\n", backend.status().ToString().c_str());
     return 1;
@@ -309,11 +320,15 @@ int Main() {
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
   };
+  // With --entropy, the same batches without it, timed alternately with them.
+  const bool entropy = absl::GetFlag(FLAGS_entropy);
+  std::vector<std::vector<AttentionParams>> plain_params = layer_params;
+  for (auto& batch : plain_params) {
+    for (AttentionParams& p : batch) p.entropy = nullptr;
+  }
   // Runs the next layer's batch (the layers in turn).
   int next_layer = 0;
-  auto run_once = [&]() -> double {
-    const std::vector<AttentionParams>& params = layer_params[next_layer];
-    next_layer = (next_layer + 1) % layers;
+  auto run_params = [&](const std::vector<AttentionParams>& params) -> double {
     const auto start = Clock::now();
     if (absl::Status s = (*backend)->Run(params); !s.ok()) {
       std::fprintf(stderr, "Run: %s\n", s.ToString().c_str());
@@ -321,8 +336,19 @@ int Main() {
     }
     return std::chrono::duration<double>(Clock::now() - start).count();
   };
+  auto run_once = [&]() -> double {
+    const double t = run_params(layer_params[next_layer]);
+    next_layer = (next_layer + 1) % layers;
+    return t;
+  };
+  std::vector<double> plain_times;
+  auto run_plain = [&]() { plain_times.push_back(run_params(plain_params[next_layer])); };
   // Warm-up, every layer once: workspace, page faults, caches.
   for (int layer = 0; layer < layers; ++layer) run_once();
+  if (entropy) {
+    run_plain();
+    plain_times.clear();
+  }
   const int fixed_iters = absl::GetFlag(FLAGS_iters);
   const double min_time = absl::GetFlag(FLAGS_min_time);
   std::vector<double> times;
@@ -330,6 +356,7 @@ int Main() {
   const double cpu_start = process_cpu_seconds();
   while (fixed_iters > 0 ? static_cast<int>(times.size()) < fixed_iters
                          : (total < min_time || times.size() < 3)) {
+    if (entropy) run_plain();  // the same layer's batch, without entropy
     times.push_back(run_once());
     total += times.back();
   }
@@ -339,6 +366,11 @@ int Main() {
   // The median: robust against a neighbour stealing a core for one run.
   std::sort(times.begin(), times.end());
   const double seconds = times[times.size() / 2];
+  double plain_seconds = 0;
+  if (entropy) {
+    std::sort(plain_times.begin(), plain_times.end());
+    plain_seconds = plain_times[plain_times.size() / 2];
+  }
 
   const double bytes = static_cast<double>(q.size() + k.size() + v.size() + output_bytes);
   const double gflops = flops / seconds / 1e9;
@@ -354,6 +386,7 @@ int Main() {
   if (!bias.empty()) options += "bias,";
   if (absl::GetFlag(FLAGS_weights)) options += "weights,";
   if (absl::GetFlag(FLAGS_top_k) > 0) options += absl::StrCat("top_k=", absl::GetFlag(FLAGS_top_k), ",");
+  if (entropy) options += "entropy,";
   if (!options.empty()) options.pop_back();
   // --paged: an iteration is one layer-step, which moves every batch row's
   // Lq tokens through one layer; a whole-model token takes `layers` of them.
@@ -362,6 +395,14 @@ int Main() {
       paged ? absl::StrFormat(",\"layers\":%d,\"layer_step_ms\":%.4f,\"tokens_per_s\":%.2f",
                               layers, seconds * 1e3, tokens_per_s)
             : "";
+  const std::string entropy_json =
+      entropy ? absl::StrFormat(",\"ms_without_entropy\":%.4f,\"entropy_overhead\":%.4f",
+                                plain_seconds * 1e3, seconds / plain_seconds - 1)
+              : "";
+  const std::string entropy_text =
+      entropy ? absl::StrFormat(", without entropy %.3f ms (entropy costs %+.1f%%)",
+                                plain_seconds * 1e3, 100 * (seconds / plain_seconds - 1))
+              : "";
   const std::string paged_text =
       paged ? absl::StrFormat(", %d layer(s): %.3f ms per layer-step, %.1f whole-model tokens/s",
                               layers, seconds * 1e3, tokens_per_s)
@@ -374,23 +415,23 @@ int Main() {
         "\"gflops\":%.2f,\"peak_gflops\":%.2f,\"peak_fraction\":%.4f,\"gbps\":%.3f,"
         "\"peak_gbps\":%.3f,\"bw_fraction\":%.4f,\"workspace_bytes\":%lld,"
         "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\",\"paged\":%s,\"Dv\":%d,\"cost\":%.6g,"
-        "\"cost_gflops\":%.2f,\"options\":\"%s\"%s}\n",
+        "\"cost_gflops\":%.2f,\"options\":\"%s\"%s%s}\n",
         shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, shape.b, shape.hq, shape.hkv, shape.lq,
         shape.lk, shape.d, shape.causal ? "true" : "false", times.size(), seconds * 1e3, cpu_seconds * 1e3, gflops,
         peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, gbps / peak.read_gbps,
         static_cast<long long>(workspace), static_cast<long long>(peak_rss_bytes),
         peak.isa.c_str(), paged ? "true" : "false", dv, cost, cost_gflops, options.c_str(),
-        paged_json.c_str());
+        paged_json.c_str(), entropy_json.c_str());
   } else {
     std::printf(
         "%s%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
         "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB, "
-        "cost %.4g (%.1f G/s)%s%s%s\n",
+        "cost %.4g (%.1f G/s)%s%s%s%s\n",
         shape.id.c_str(), paged ? " paged" : "", backend_name.c_str(), dtype_name.c_str(), threads,
         seconds * 1e3, cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
         100 * gbps / peak.read_gbps, peak.read_gbps, static_cast<long long>(workspace),
         static_cast<long long>(peak_rss_bytes >> 20), cost, cost_gflops, options.empty() ? "" : " ",
-        options.c_str(), paged_text.c_str());
+        options.c_str(), paged_text.c_str(), entropy_text.c_str());
   }
   return 0;
 }
