@@ -160,6 +160,7 @@ void CheckShapes(const AttentionJob& job, const AttentionRequest& request) {
   if (request.query.rank() == 3) out.erase(out.begin());
   CheckShape(job.output, request.query.dtype, out, "output");
   if (request.outputs.lse) CheckShape(job.lse, DType::kF32, {s.B, s.Hq, s.Lq}, "lse");
+  if (request.outputs.entropy) CheckShape(job.entropy, DType::kF32, {s.B, s.Hq, s.Lq}, "entropy");
   if (request.outputs.weights) {
     CheckShape(job.weights, DType::kF32, {s.B, s.Hq, s.Lq, s.Lk}, "weights");
   }
@@ -228,6 +229,15 @@ void CheckBoundedOutputs(const AttentionJob& job, const Bounds& bounds, const ch
             Fail(absl::StrCat(where(), "lse ", lse, " for a row with ", n_attended, " attended keys"));
           }
         }
+        if (p.entropy != nullptr) {
+          // 0 <= H <= ln(attended keys); 0 for a fully masked row.
+          const float h_nats = p.entropy[row];
+          const double most = masked ? 0.0 : std::log(static_cast<double>(n_attended)) + 1e-3 + slack;
+          if (!(h_nats >= 0 && h_nats <= most)) {
+            Fail(absl::StrCat(where(), "entropy ", h_nats, " for a row with ", n_attended,
+                              " attended keys"));
+          }
+        }
         if (p.weights != nullptr) {
           double sum = 0;
           for (int64_t j = 0; j < s.Lk; ++j) {
@@ -286,6 +296,12 @@ void CheckAgreement(const AttentionJob& cpu, const AttentionJob& ref, const Boun
     const double got = cpu.params.lse[r], want = p.lse[r];
     if (!close(got, want, 2e-2 + 1e-4 * std::abs(want))) {
       Fail(absl::StrCat("cpu lse[", r, "] = ", got, ", reference ", want));
+    }
+  }
+  for (int64_t r = 0; r < CheckedElementCount(ref.entropy.shape) && p.entropy != nullptr; ++r) {
+    const double got = cpu.params.entropy[r], want = p.entropy[r];
+    if (!close(got, want, 2e-2 + 1e-3 * std::abs(want))) {
+      Fail(absl::StrCat("cpu entropy[", r, "] = ", got, ", reference ", want));
     }
   }
   for (int64_t e = 0; e < CheckedElementCount(ref.weights.shape) && p.weights != nullptr; ++e) {

@@ -3,7 +3,7 @@
 
 attend/: small valid AttendRequest messages (serialized protos), one per
 feature: plain, 3-D, causal in both alignments, sliding window, softcap, ALiBi,
-GQA/MQA, bias broadcasts with -inf, key_lengths, LINEAR, lse/weights/top_k,
+GQA/MQA, bias broadcasts with -inf, key_lengths, LINEAR, lse/entropy/weights/top_k,
 F16/BF16. sessions/: inputs for sessions_fuzzer's FuzzedDataProvider decoding,
 one scripted scenario per feature (layers stepping in order, Rollback, forks
 sharing blocks, eviction with shared blocks, sinks windows, RoPE, expiry) and a
@@ -127,6 +127,10 @@ def attend_cases(pb):
         ("decode_f16_window", request([1, 1, 4, 16], [1, 12, 1, 16], [1, 12, 1, 32], dtype=2,
                                       options={"window_left": 6})),
         ("head_dim_80", request([1, 3, 1, 80], [1, 3, 1, 80], [1, 3, 1, 80])),
+        ("entropy", request(q4, k4, v4, options={"causal": True}, key_lengths=[3, 0],
+                            outputs={"lse": True, "entropy": True})),
+        ("decode_entropy", request([1, 1, 4, 16], [1, 8, 1, 16], [1, 8, 1, 16],
+                                   outputs={"entropy": True}, backend="cpu")),
     ]
     return cases
 
