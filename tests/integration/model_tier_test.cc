@@ -468,5 +468,52 @@ TEST_F(ModelTierTest, AttendRopeDefaultsFollowKeyLengthsAndDynamicScalesTheWhole
   EXPECT_EQ(got.output().data(), want.output().data());
 }
 
+TEST_F(ModelTierTest, EntropyOverSessionsEqualsEntropyOverAttend) {
+  const std::string a = Create(1), b = Create(1);
+  std::mt19937 rng(29);
+  std::string k_all, v_all;
+  int64_t total = 0;
+  for (int64_t n : {7, 1, 3}) {
+    const StepData d = MakeStep(rng, n);
+    k_all += d.k.data();
+    v_all += d.v.data();
+    total += n;
+    v1::DecodeRequest dreq;
+    dreq.set_session_id(a);
+    *dreq.mutable_query() = d.q;
+    *dreq.mutable_key() = d.k;
+    *dreq.mutable_value() = d.v;
+    dreq.mutable_outputs()->set_entropy(true);
+    v1::DecodeResponse decoded;
+    {
+      grpc::ClientContext ctx;
+      ASSERT_TRUE(stub_->Decode(&ctx, dreq, &decoded).ok());
+    }
+    v1::BatchDecodeRequest breq;
+    breq.mutable_outputs()->set_entropy(true);
+    *breq.add_entries() = Entry(b, d);
+    v1::BatchDecodeResponse batched;
+    ASSERT_TRUE(Batch(breq, &batched).ok());
+    ASSERT_EQ(batched.results(0).code(), 0) << batched.results(0).message();
+    v1::AttendRequest attend;
+    *attend.mutable_query() = d.q;
+    *attend.mutable_key() = T({total, kHkv, kD}, k_all);
+    *attend.mutable_value() = T({total, kHkv, kD}, v_all);
+    attend.mutable_options()->set_causal(true);
+    attend.mutable_outputs()->set_entropy(true);
+    v1::AttendResponse want;
+    {
+      grpc::ClientContext ctx;
+      ASSERT_TRUE(stub_->Attend(&ctx, attend, &want).ok());
+    }
+    ASSERT_EQ(want.entropy().shape_size(), 3);
+    EXPECT_EQ(want.entropy().shape(1), kHq);
+    EXPECT_EQ(want.entropy().shape(2), n);
+    EXPECT_EQ(decoded.entropy().data(), want.entropy().data());
+    EXPECT_EQ(batched.results(0).entropy().data(), want.entropy().data());
+    EXPECT_FALSE(decoded.has_lse());  // only what was asked
+  }
+}
+
 }  // namespace
 }  // namespace attnserve
