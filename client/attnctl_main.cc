@@ -4,6 +4,9 @@
 //   attnctl [--target=HOST:PORT] health [--service=NAME]
 //   attnctl [--target=HOST:PORT] attend (--q=q.npy --k=k.npy --v=v.npy | --shape=S1|B,Lq,Hq,Lk,Hkv,D)
 //           [options] [--out=o.npy] [--lse_out=lse.npy] [--weights_out=w.npy] ...
+//           [--entropy] [--entropy_out=e.npy]
+//           [--heatmap=w.png [--heads=0,3,5] [--heatmap_log] [--tokens=FILE] [--batch_row=0]]
+//           [--bertviz=w.json]
 //   attnctl [--target=HOST:PORT] bench --shape=S1 [--concurrency=N | --rate=QPS] [--stream]
 //           [--duration=10s] [--json]
 //   attnctl [--target=HOST:PORT] bench --sessions=N [--context=T] [--decode_tokens=1]
@@ -19,6 +22,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <iostream>
 #include <optional>
 #include <string>
@@ -38,6 +42,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "client/client.h"
+#include "client/heatmap.h"
 #include "client/load_generator.h"
 #include "client/session_load.h"
 #include "client/shapes.h"
@@ -83,6 +88,25 @@ ABSL_FLAG(std::string, lse_out, "", "attend: request and write the log-sum-exp [
 ABSL_FLAG(std::string, weights_out, "", "attend: request and write the weights [B, Hq, Lq, Lk]");
 ABSL_FLAG(std::string, top_k_indices_out, "", "attend: write the top-k indices (with --top_k)");
 ABSL_FLAG(std::string, top_k_weights_out, "", "attend: write the top-k weights (with --top_k)");
+ABSL_FLAG(bool, entropy, false,
+          "attend: request and print the attention entropy -sum p ln p (nats) per query and head");
+ABSL_FLAG(std::string, entropy_out, "", "attend: request and write the entropy [B, Hq, Lq] (.npy)");
+// attend: looking at the weights.
+ABSL_FLAG(std::string, heatmap, "",
+          "attend: request the weights and draw them as a PNG here: one tile per head, queries "
+          "down, keys across, axes over 256 max-pooled");
+ABSL_FLAG(std::string, heads, "",
+          "attend --heatmap/--bertviz: the query heads to request and show, e.g. 0,3,5 or 0-3 "
+          "(the request then carries only those heads, so --out, --lse_out... are theirs too); "
+          "default all (the heatmap draws the first 16)");
+ABSL_FLAG(bool, heatmap_log, false, "attend --heatmap: colour by log10 of the weight");
+ABSL_FLAG(std::string, tokens, "",
+          "attend --heatmap/--bertviz: token labels, one per line; self-attention only, their "
+          "count must equal Lq = Lk");
+ABSL_FLAG(int64_t, batch_row, 0, "attend --heatmap/--bertviz: the batch row to show");
+ABSL_FLAG(std::string, bertviz, "",
+          "attend: request the weights and write them with the tokens as JSON for bertviz's "
+          "head_view: {\"attention\": [[1, H, L, L] per layer], \"tokens\": [...]}");
 
 // bench
 ABSL_FLAG(int32_t, concurrency, 0,
@@ -261,7 +285,10 @@ absl::StatusOr<std::unique_ptr<Inputs>> InputsFromFlags() {
     o.alibi_slopes = std::move(*slopes);
   }
   r.outputs.lse = !absl::GetFlag(FLAGS_lse_out).empty();
-  r.outputs.weights = !absl::GetFlag(FLAGS_weights_out).empty();
+  r.outputs.entropy = absl::GetFlag(FLAGS_entropy) || !absl::GetFlag(FLAGS_entropy_out).empty();
+  r.outputs.weights = !absl::GetFlag(FLAGS_weights_out).empty() ||
+                      !absl::GetFlag(FLAGS_heatmap).empty() ||
+                      !absl::GetFlag(FLAGS_bertviz).empty();
   r.outputs.top_k = absl::GetFlag(FLAGS_top_k);
 
   inputs->call.backend = absl::GetFlag(FLAGS_backend);
@@ -370,14 +397,147 @@ absl::Status WriteOutput(const std::string& flag, const std::string& path,
   return WriteNpy(path, *t);
 }
 
+// The request's options in words, for the heatmap's title.
+std::string OptionsDescription(const Inputs& inputs) {
+  const AttentionOptions& o = inputs.request.options;
+  std::vector<std::string> parts = {absl::StrCat(DTypeName(inputs.q.dtype), " inputs")};
+  if (o.variant == Variant::kLinear) parts.push_back("linear attention");
+  if (o.causal) {
+    parts.push_back(o.causal_alignment == CausalAlignment::kTopLeft ? "causal (top-left)"
+                                                                     : "causal");
+  }
+  if (o.window_left >= 0) parts.push_back(absl::StrCat("window_left=", o.window_left));
+  if (o.window_right >= 0) parts.push_back(absl::StrCat("window_right=", o.window_right));
+  if (o.scale != 0) parts.push_back(absl::StrCat("scale=", o.scale));
+  if (o.softcap != 0) parts.push_back(absl::StrCat("softcap=", o.softcap));
+  if (!o.alibi_slopes.empty()) parts.push_back("ALiBi");
+  if (inputs.request.bias.has_value()) parts.push_back("bias " + absl::GetFlag(FLAGS_bias));
+  if (!inputs.request.key_lengths.empty()) {
+    parts.push_back("key_lengths=" + absl::StrJoin(inputs.request.key_lengths, ","));
+  }
+  return absl::StrJoin(parts, ", ");
+}
+
+// --heatmap, --bertviz and their flags, checked against the inputs before
+// the call so a bad tokens file or head costs no server time.
+struct WeightsViews {
+  std::string heatmap, bertviz;
+  std::vector<int64_t> heads;  // empty: every head in the request
+  std::vector<std::string> tokens;
+  int64_t batch_row = 0;
+  bool any() const { return !heatmap.empty() || !bertviz.empty(); }
+};
+
+absl::StatusOr<WeightsViews> WeightsViewsFromFlags(const AttentionRequest& request) {
+  WeightsViews v;
+  v.heatmap = absl::GetFlag(FLAGS_heatmap);
+  v.bertviz = absl::GetFlag(FLAGS_bertviz);
+  v.batch_row = absl::GetFlag(FLAGS_batch_row);
+  const std::string heads = absl::GetFlag(FLAGS_heads);
+  const std::string tokens = absl::GetFlag(FLAGS_tokens);
+  if (!v.any()) {
+    if (!heads.empty() || !tokens.empty() || absl::GetFlag(FLAGS_heatmap_log) || v.batch_row != 0) {
+      return absl::InvalidArgumentError(
+          "--heads, --tokens, --heatmap_log, --batch_row: expected --heatmap or --bertviz with "
+          "them, got neither");
+    }
+    return v;
+  }
+  if (absl::GetFlag(FLAGS_heatmap_log) && v.heatmap.empty()) {
+    return absl::InvalidArgumentError("--heatmap_log: expected --heatmap with it, got none");
+  }
+  // Query [B, Lq, Hq, D] or [Lq, Hq, D]; key [B, Lk, Hkv, D] likewise.
+  const std::vector<int64_t>& qs = request.query.shape;
+  const std::vector<int64_t>& ks = request.key.shape;
+  if ((qs.size() != 3 && qs.size() != 4) || ks.size() != qs.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--heatmap, --bertviz: expected a query and key of rank 3 or 4, got ", ShapeString(qs),
+        " and ", ShapeString(ks)));
+  }
+  const int64_t batch = qs.size() == 4 ? qs[0] : 1;
+  const int64_t lq = qs[qs.size() - 3], hq = qs[qs.size() - 2], lk = ks[ks.size() - 3];
+  if (v.batch_row < 0 || v.batch_row >= batch) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--batch_row: expected in [0, %d) (the request's B), got %d", batch, v.batch_row));
+  }
+  if (!v.bertviz.empty() && lq != lk) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--bertviz=%s: head_view's self-attention form needs Lq == Lk, got Lq=%d Lk=%d",
+        v.bertviz, lq, lk));
+  }
+  if (!heads.empty()) {
+    absl::StatusOr<std::vector<int64_t>> h = ParseHeads(heads, hq);
+    if (!h.ok()) return absl::InvalidArgumentError(absl::StrCat("--heads: ", h.status().message()));
+    v.heads = *std::move(h);
+  }
+  if (!tokens.empty()) {
+    absl::StatusOr<std::vector<std::string>> t = ReadTokens(tokens);
+    if (!t.ok()) return absl::InvalidArgumentError(absl::StrCat("--tokens: ", t.status().message()));
+    if (absl::Status s = CheckTokens(*t, tokens, lq, lk); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("--tokens: ", s.message()));
+    }
+    v.tokens = *std::move(t);
+  }
+  return v;
+}
+
+// Prints entropy [B, Hq, Lq]: one line per batch row and head.
+void PrintEntropy(const Tensor& e, const std::vector<int64_t>& head_numbers) {
+  std::cout << absl::StrFormat("entropy %s %s nats (-sum p ln p per query; 0 for a fully masked "
+                               "row)\n",
+                               std::string(DTypeName(e.dtype)), ShapeString(e.shape));
+  if (e.dtype != DType::kF32 || e.shape.size() != 3) return;
+  const int64_t heads = e.shape[1], lq = e.shape[2];
+  std::string line;
+  for (int64_t b = 0; b < e.shape[0]; ++b) {
+    for (int64_t h = 0; h < heads; ++h) {
+      line = absl::StrFormat("  row %d head %d:", b,
+                             head_numbers.empty() ? h : head_numbers[h]);
+      for (int64_t i = 0; i < lq; ++i) {
+        float x;
+        std::memcpy(&x, e.data.data() + ((b * heads + h) * lq + i) * 4, 4);
+        absl::StrAppendFormat(&line, " %.7g", x);
+      }
+      std::cout << line << "\n";
+    }
+  }
+}
+
 int CmdAttend() {
   absl::StatusOr<std::unique_ptr<Inputs>> inputs_or = InputsFromFlags();
   if (!inputs_or.ok()) return Fail(inputs_or.status(), kExitUsage);
   const std::unique_ptr<Inputs>& inputs = *inputs_or;
+  absl::StatusOr<WeightsViews> views_or = WeightsViewsFromFlags(inputs->request);
+  if (!views_or.ok()) return Fail(views_or.status(), kExitUsage);
+  const WeightsViews& views = *views_or;
+  // --heads: send only those query heads, so the weights stay small.
+  const AttentionRequest* request = &inputs->request;
+  std::unique_ptr<HeadSubset> subset;
+  if (!views.heads.empty()) {
+    absl::StatusOr<std::unique_ptr<HeadSubset>> s = SelectQueryHeads(*request, views.heads);
+    if (!s.ok()) return Fail(s.status(), kExitUsage);
+    subset = *std::move(s);
+    request = &subset->request;
+  }
   absl::StatusOr<std::unique_ptr<AttnClient>> client = MakeClient();
   if (!client.ok()) return Fail(client.status(), kExitUsage);
-  absl::StatusOr<AttendResult> result = (*client)->Attend(inputs->request, inputs->call);
-  if (!result.ok()) return Fail(result.status());
+  absl::StatusOr<AttendResult> result = (*client)->Attend(*request, inputs->call);
+  if (!result.ok()) {
+    const int code = Fail(result.status());
+    if (views.any() && result.status().code() == absl::StatusCode::kResourceExhausted) {
+      const std::vector<int64_t>& qs = request->query.shape;
+      const int64_t batch = qs.size() == 4 ? qs[0] : 1;
+      const int64_t lq = qs[qs.size() - 3], hq = qs[qs.size() - 2];
+      const int64_t lk = request->key.shape[request->key.shape.size() - 3];
+      std::cerr << absl::StrFormat(
+          "attnctl: hint: --heatmap and --bertviz need the weights, F32 [B, Hq, Lq, Lk] = "
+          "[%d, %d, %d, %d] (%d bytes) here, and the server caps them (max_weights_bytes in "
+          "`attnctl info`): ask for fewer heads with --heads (e.g. --heads=0,1) and send a "
+          "shorter range of tokens (shorter --q/--k, or a smaller --shape)\n",
+          batch, hq, lq, lk, batch * hq * lq * lk * 4);
+    }
+    return code;
+  }
 
   struct Output {
     const char* flag;
@@ -392,6 +552,7 @@ int CmdAttend() {
        std::move(result->top_k_indices)},
       {"top_k_weights_out", absl::GetFlag(FLAGS_top_k_weights_out),
        std::move(result->top_k_weights)},
+      {"entropy_out", absl::GetFlag(FLAGS_entropy_out), std::move(result->entropy)},
   };
   for (const Output& o : outputs) {
     if (absl::Status s = WriteOutput(o.flag, o.path, o.tensor); !s.ok()) return Fail(s);
@@ -403,6 +564,61 @@ int CmdAttend() {
       std::string(DTypeName(out.dtype)), ShapeString(out.shape),
       outputs[0].path.empty() ? "" : " -> " + outputs[0].path, result->backend, t.queue_us,
       t.compute_us, t.batch_size, t.total_us);
+  if (absl::GetFlag(FLAGS_entropy)) {
+    if (!outputs[5].tensor.has_value()) {
+      return Fail(absl::InternalError("--entropy: the server returned no entropy"));
+    }
+    PrintEntropy(*outputs[5].tensor, views.heads);
+  }
+  if (!views.any()) return 0;
+  const std::optional<Tensor>& weights = outputs[2].tensor;
+  if (!weights.has_value()) {
+    return Fail(absl::InternalError("--heatmap, --bertviz: the server returned no weights"));
+  }
+  if (!views.heatmap.empty()) {
+    HeatmapOptions options;
+    options.batch_row = views.batch_row;
+    options.log_scale = absl::GetFlag(FLAGS_heatmap_log);
+    options.tokens = views.tokens;
+    options.description = OptionsDescription(*inputs);
+    if (!views.heads.empty()) {
+      // The weights hold just the chosen heads: draw them all, under their numbers.
+      for (size_t i = 0; i < views.heads.size(); ++i) options.heads.push_back(i);
+      options.head_numbers = views.heads;
+    }
+    HeatmapGeometry g;
+    const absl::Time start = absl::Now();
+    if (absl::Status s = RenderHeatmap(*weights, options, views.heatmap, &g); !s.ok()) {
+      return Fail(absl::Status(s.code(), absl::StrCat("--heatmap=", views.heatmap, ": ",
+                                                      s.message())));
+    }
+    const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+    std::vector<std::string> tiles;
+    for (const auto& [x, y] : g.tile_origins) tiles.push_back(absl::StrCat(x, ",", y));
+    std::cout << absl::StrFormat(
+        "heatmap %s %dx%d px: heads %s, %dx%d cells of %dx%d px%s, %s scale %.4g..%.4g%s; "
+        "tiles at %s; rendered in %.1f ms\n",
+        views.heatmap, g.width, g.height, HeadListString(g.heads), g.rows, g.cols, g.cell_width,
+        g.cell_height,
+        g.pool_rows > 1 || g.pool_cols > 1
+            ? absl::StrFormat(" (max-pooled %dx%d)", g.pool_rows, g.pool_cols)
+            : "",
+        options.log_scale ? "log10" : "linear", g.min_value, g.max_value,
+        views.tokens.empty() ? "" : g.token_labels ? ", tokens drawn" : ", tokens not drawn",
+        absl::StrJoin(tiles, " "), ms);
+  }
+  if (!views.bertviz.empty()) {
+    if (absl::Status s = WriteBertvizJson(*weights, views.batch_row, views.tokens, views.bertviz);
+        !s.ok()) {
+      return Fail(absl::Status(s.code(), absl::StrCat("--bertviz=", views.bertviz, ": ",
+                                                      s.message())));
+    }
+    const std::vector<int64_t>& ws = weights->shape;
+    std::cout << absl::StrFormat("bertviz %s: 1 layer of [1, %d, %d, %d] (batch row %d), %d tokens%s\n",
+                                 views.bertviz, ws[ws.size() - 3], ws[ws.size() - 2], ws.back(),
+                                 views.batch_row, ws.back(),
+                                 views.tokens.empty() ? " (positions)" : "");
+  }
   return 0;
 }
 
@@ -682,7 +898,8 @@ int Main(int argc, char** argv) {
       "attnctl [--target=HOST:PORT] info|health|attend|bench [flags]\n"
       "  info    server version, backends, limits\n"
       "  health  grpc.health.v1 status (exit 0 when SERVING)\n"
-      "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy\n"
+      "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy;\n"
+      "          --entropy; --heatmap=w.png [--heads=0-3] [--tokens=FILE]; --bertviz=w.json\n"
       "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json;\n"
       "          --sessions=N --context=T: decode steps across N KV-cache sessions;\n"
       "          --layers=L [--batched]: model-shaped, every token through L layers");

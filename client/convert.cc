@@ -120,6 +120,7 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
 
   v1::OutputSpec* spec = out.mutable_outputs();
   spec->set_lse(request.outputs.lse);
+  spec->set_entropy(request.outputs.entropy);
   spec->set_weights(request.outputs.weights);
   spec->set_top_k(request.outputs.top_k);
 
@@ -144,6 +145,7 @@ absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response) {
   };
   const Optional optionals[] = {
       {response.has_lse(), response.mutable_lse(), "lse", &out.lse},
+      {response.has_entropy(), response.mutable_entropy(), "entropy", &out.entropy},
       {response.has_weights(), response.mutable_weights(), "weights", &out.weights},
       {response.has_top_k_indices(), response.mutable_top_k_indices(), "top_k_indices",
        &out.top_k_indices},
@@ -196,6 +198,7 @@ v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
   ToProto(step.value, out.mutable_value());
   ToProto(step.options, out.mutable_options());
   out.mutable_outputs()->set_lse(step.lse);
+  out.mutable_outputs()->set_entropy(step.entropy);
   out.set_backend(call.backend);
   out.set_priority(call.priority);
   out.set_layer(step.layer);
@@ -218,6 +221,7 @@ absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
   out.set_priority(call.priority);
   ToProto(steps[0].step.options, out.mutable_options());
   out.mutable_outputs()->set_lse(steps[0].step.lse);
+  out.mutable_outputs()->set_entropy(steps[0].step.entropy);
   // The wire has one options message per batch: compare each step's wire form.
   const std::string options = out.options().SerializeAsString();
   v1::AttentionOptions step_options;
@@ -235,6 +239,11 @@ absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
         return absl::InvalidArgumentError(absl::StrCat(
             "steps[", i, "].step.lse: expected steps[0]'s (", steps[0].step.lse,
             ", one per batch), got ", step.lse));
+      }
+      if (step.entropy != steps[0].step.entropy) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "steps[", i, "].step.entropy: expected steps[0]'s (", steps[0].step.entropy,
+            ", one per batch), got ", step.entropy));
       }
     }
     v1::BatchDecodeEntry* entry = out.add_entries();
@@ -290,6 +299,14 @@ absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> FromProto(
       continue;
     }
     result.lse = std::move(*lse);
+    const bool has_entropy = r->has_entropy();
+    absl::StatusOr<std::optional<Tensor>> entropy =
+        OptionalFromProto(has_entropy, r->mutable_entropy(), prefix + "entropy");
+    if (!entropy.ok()) {
+      out.push_back(entropy.status());
+      continue;
+    }
+    result.entropy = std::move(*entropy);
     out.push_back(std::move(result));
   }
   return out;
@@ -303,12 +320,17 @@ absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response) {
   absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
   if (!output.ok()) return output.status();
   out.output = std::move(*output);
-  // Asked before mutable_lse(), which would create the field.
+  // Asked before mutable_lse() and mutable_entropy(), which would create the fields.
   const bool has_lse = response.has_lse();
   absl::StatusOr<std::optional<Tensor>> lse =
       OptionalFromProto(has_lse, response.mutable_lse(), "lse");
   if (!lse.ok()) return lse.status();
   out.lse = std::move(*lse);
+  const bool has_entropy = response.has_entropy();
+  absl::StatusOr<std::optional<Tensor>> entropy =
+      OptionalFromProto(has_entropy, response.mutable_entropy(), "entropy");
+  if (!entropy.ok()) return entropy.status();
+  out.entropy = std::move(*entropy);
   const v1::Timing& timing = response.timing();
   out.timing = ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
                             timing.total_us()};

@@ -43,6 +43,7 @@ struct AttendResult {
   std::string request_id;
   Tensor output;
   std::optional<Tensor> lse;
+  std::optional<Tensor> entropy;  // [B, Hq, Lq] F32: −Σ p·ln p in nats per query and head
   std::optional<Tensor> weights;
   std::optional<Tensor> top_k_indices;
   std::optional<Tensor> top_k_weights;
@@ -97,6 +98,7 @@ struct DecodeStep {
   TensorView value;
   AttentionOptions options;
   bool lse = false;
+  bool entropy = false;  // −Σ p·ln p per query and head, F32 [1, Hq, Lq]
   int32_t layer = 0;  // in [0, num_layers)
   // If set: the tokens the caller believes the layer's cache holds before
   // this step; a mismatch is FAILED_PRECONDITION, so a retried step that
@@ -106,9 +108,9 @@ struct DecodeStep {
 
 // One session's part of a BatchDecode: its step's query, key, value and
 // expected_context_tokens become the entry. The wire has one layer, options
-// and lse per batch: the layer is BatchDecode's argument (step.layer is not
-// read), options and lse are the first step's and must be the same in every
-// step.
+// and output spec per batch: the layer is BatchDecode's argument (step.layer
+// is not read), options, lse and entropy are the first step's and must be the
+// same in every step.
 struct SessionStep {
   std::string session_id;
   DecodeStep step;
@@ -118,6 +120,7 @@ struct DecodeResult {
   std::string request_id;
   Tensor output;            // [Lq, Hq, Dv] (rank as the query), the query's dtype
   std::optional<Tensor> lse;  // [1, Hq, Lq] F32, when asked
+  std::optional<Tensor> entropy;  // [1, Hq, Lq] F32 in nats, when asked
   int64_t context_tokens = 0;  // tokens in the cache after this step's append
   ServerTiming timing;
   std::string backend;
@@ -156,15 +159,15 @@ absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response);
 ForkedSession FromProto(const v1::ForkSessionResponse& response);
 
 // Builds the BatchDecodeRequest of one layer-step of `layer` over `steps`,
-// entries in their order. The batch's options and lse are steps[0]'s; a step
-// whose options or lse differ is INVALID_ARGUMENT naming it, as is an empty
-// `steps`. Tensors are not validated (the server does, per entry).
+// entries in their order. The batch's options, lse and entropy are
+// steps[0]'s; a step whose options, lse or entropy differ is INVALID_ARGUMENT
+// naming it, as is an empty `steps`. Tensors are not validated (the server does, per entry).
 absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
                                                const std::vector<SessionStep>& steps,
                                                const CallOptions& call);
 
 // The results of a BatchDecode, one per entry in order: the entry's output,
-// lse and context_tokens with the batch's request_id, timing and backend, or
+// lse, entropy and context_tokens with the batch's request_id, timing and backend, or
 // the entry's own error (its code and message, which names the entry).
 // Moves the tensors out of `response`. INTERNAL when the response does not
 // hold one result per entry (`entries` were sent).

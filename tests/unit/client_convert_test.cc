@@ -54,7 +54,39 @@ TEST(ClientConvertTest, RequestCarriesEveryOption) {
   EXPECT_EQ(p.options().alibi_slopes_size(), 4);
   EXPECT_EQ(p.options().variant(), v1::SOFTMAX);
   EXPECT_TRUE(p.outputs().lse());
+  EXPECT_FALSE(p.outputs().entropy());
   EXPECT_EQ(p.outputs().top_k(), 2);
+}
+
+TEST(ClientConvertTest, AttendRequestAsksForEntropyAndWeights) {
+  Tensor q = RandomTensor(DType::kF32, {1, 3, 2, 8}, 1);
+  AttentionRequest r;
+  r.query = q.view();
+  r.key = q.view();
+  r.value = q.view();
+  r.outputs.entropy = true;
+  r.outputs.weights = true;
+  const v1::AttendRequest p = ToProto(r, {});
+  EXPECT_TRUE(p.outputs().entropy());
+  EXPECT_TRUE(p.outputs().weights());
+  EXPECT_FALSE(p.outputs().lse());
+  EXPECT_EQ(p.outputs().top_k(), 0);
+}
+
+TEST(ClientConvertTest, AttendResponseEntropyIsMovedOutAndChecked) {
+  v1::AttendResponse resp;
+  ToProto(RandomTensor(DType::kF32, {1, 3, 2, 8}, 1).view(), resp.mutable_output());
+  const Tensor entropy = RandomTensor(DType::kF32, {1, 2, 3}, 2);
+  ToProto(entropy.view(), resp.mutable_entropy());
+  absl::StatusOr<AttendResult> r = FromProto(v1::AttendResponse(resp));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->entropy.has_value());
+  EXPECT_EQ(r->entropy->shape, entropy.shape);
+  EXPECT_EQ(r->entropy->data, entropy.data);
+  EXPECT_FALSE(r->lse.has_value());
+
+  resp.mutable_entropy()->mutable_data()->resize(4);  // 1 float for 6
+  EXPECT_THAT(FromProto(std::move(resp)).status().message(), HasSubstr("entropy.data"));
 }
 
 TEST(ClientConvertTest, ResponseTensorsAreMovedOutAndChecked) {
@@ -162,6 +194,23 @@ TEST(ClientConvertTest, DecodeStepCarriesLayerAndExpectedTokens) {
   ASSERT_TRUE(p.has_expected_context_tokens());
   EXPECT_EQ(p.expected_context_tokens(), 0);
   EXPECT_TRUE(p.outputs().lse());
+  EXPECT_FALSE(p.outputs().entropy());
+  step.entropy = true;
+  EXPECT_TRUE(ToProto("s1", step, {}).outputs().entropy());
+}
+
+TEST(ClientConvertTest, DecodeResponseEntropyIsMovedOut) {
+  v1::DecodeResponse resp;
+  ToProto(RandomTensor(DType::kF32, {1, 4, 8}, 1).view(), resp.mutable_output());
+  absl::StatusOr<DecodeResult> none = FromProto(v1::DecodeResponse(resp));
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->entropy.has_value());
+  const Tensor entropy = RandomTensor(DType::kF32, {1, 4, 1}, 2);
+  ToProto(entropy.view(), resp.mutable_entropy());
+  absl::StatusOr<DecodeResult> r = FromProto(std::move(resp));
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(r->entropy.has_value());
+  EXPECT_EQ(r->entropy->data, entropy.data);
 }
 
 TEST(ClientConvertTest, BatchDecodeRequestKeepsEntryOrderAndSharesTheOptions) {
@@ -209,6 +258,15 @@ TEST(ClientConvertTest, BatchDecodeRequestKeepsEntryOrderAndSharesTheOptions) {
   mixed = steps;
   mixed[1].step.lse = true;
   EXPECT_THAT(ToProto(0, mixed, {}).status().message(), HasSubstr("steps[1].step.lse"));
+  mixed = steps;
+  mixed[2].step.entropy = true;
+  EXPECT_THAT(ToProto(0, mixed, {}).status().message(), HasSubstr("steps[2].step.entropy"));
+  mixed = steps;
+  for (SessionStep& s : mixed) s.step.entropy = true;
+  absl::StatusOr<v1::BatchDecodeRequest> with_entropy = ToProto(0, mixed, {});
+  ASSERT_TRUE(with_entropy.ok()) << with_entropy.status();
+  EXPECT_TRUE(with_entropy->outputs().entropy());
+  EXPECT_FALSE(p->outputs().entropy());
   EXPECT_THAT(ToProto(0, {}, {}).status().message(), HasSubstr("steps: expected at least one"));
 }
 
@@ -221,6 +279,8 @@ TEST(ClientConvertTest, BatchDecodeResultsAreOnePerEntryWithTheirOwnErrors) {
   v1::BatchDecodeResult* ok = response.add_results();
   ToProto(out.view(), ok->mutable_output());
   ok->set_context_tokens(17);
+  const Tensor entropy = RandomTensor(DType::kF32, {1, 4, 1}, 8);
+  ToProto(entropy.view(), ok->mutable_entropy());
   v1::BatchDecodeResult* failed = response.add_results();
   failed->set_code(9);  // FAILED_PRECONDITION
   failed->set_message("entries[1].layer: expected 2, got 3");
@@ -239,6 +299,8 @@ TEST(ClientConvertTest, BatchDecodeResultsAreOnePerEntryWithTheirOwnErrors) {
   EXPECT_EQ((*r)[0]->backend, "cpu");
   EXPECT_EQ((*r)[0]->timing.batch_size, 2);
   EXPECT_FALSE((*r)[0]->lse.has_value());
+  ASSERT_TRUE((*r)[0]->entropy.has_value());
+  EXPECT_EQ((*r)[0]->entropy->data, entropy.data);
   EXPECT_EQ((*r)[1].status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT((*r)[1].status().message(), HasSubstr("entries[1].layer"));
   EXPECT_THAT((*r)[2].status().message(), HasSubstr("results[2].output.data"));

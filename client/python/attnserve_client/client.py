@@ -33,6 +33,9 @@ class AttendResult:
     backend: str = ""
     request_id: str = ""
     timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
+    # [B, Hq, Lq], float32: the attention entropy -sum p ln p per query and
+    # head, in nats (0 for a fully masked row); when asked with entropy=True.
+    entropy: Optional[np.ndarray] = None
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class DecodeResult:
     backend: str = ""
     request_id: str = ""
     timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
+    entropy: Optional[np.ndarray] = None  # [1, Hq, Lq], float32 nats, when asked
 
 
 class BatchDecodeError(grpc.RpcError):
@@ -109,11 +113,17 @@ def _timing(t):
             "total_us": t.total_us}
 
 
+def _optional(message, name):
+    """The named tensor field of `message` as an array, or None when unset."""
+    return tensors.from_proto(getattr(message, name)) if message.HasField(name) else None
+
+
 def decode_result_from_proto(response):
     """DecodeResponse -> DecodeResult."""
     return DecodeResult(
         output=tensors.from_proto(response.output),
-        lse=tensors.from_proto(response.lse) if response.HasField("lse") else None,
+        lse=_optional(response, "lse"),
+        entropy=_optional(response, "entropy"),
         context_tokens=response.context_tokens,
         backend=response.backend,
         request_id=response.request_id,
@@ -134,7 +144,8 @@ def batch_results_from_proto(response, session_ids=()):
             continue
         out.append(DecodeResult(
             output=tensors.from_proto(r.output),
-            lse=tensors.from_proto(r.lse) if r.HasField("lse") else None,
+            lse=_optional(r, "lse"),
+            entropy=_optional(r, "entropy"),
             context_tokens=r.context_tokens,
             backend=response.backend,
             request_id=response.request_id,
@@ -207,8 +218,8 @@ def _wire_dtype_for(q, dtype):
 
 
 def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left=None,
-                         softcap=0.0, alibi_slopes=None, lse=False, backend="", priority=0,
-                         request_id="", layer=0, expected_context_tokens=None):
+                         softcap=0.0, alibi_slopes=None, lse=False, entropy=False, backend="",
+                         priority=0, request_id="", layer=0, expected_context_tokens=None):
     """Builds a DecodeRequest proto from NumPy arrays.
 
     session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
@@ -218,7 +229,9 @@ def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left
     layer: the layer whose cache the step appends to (layers step in order).
     expected_context_tokens: if not None, the tokens the caller believes the
     layer's cache holds before the step; a mismatch is FAILED_PRECONDITION
-    (so a retried step that landed is not appended twice).
+    (so a retried step that landed is not appended twice). lse, entropy:
+    also return the log-sum-exp and the attention entropy (nats) per query
+    and head, [1, Hq, Lq].
     """
     dtype = _wire_dtype_for(q, dtype)
     r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
@@ -228,20 +241,22 @@ def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left
     tensors.to_proto(v, dtype, r.value)
     _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
+    r.outputs.entropy = bool(entropy)
     if expected_context_tokens is not None:
         r.expected_context_tokens = int(expected_context_tokens)
     return r
 
 
 def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_left=None,
-                               softcap=0.0, alibi_slopes=None, lse=False, backend="",
-                               priority=0, request_id=""):
+                               softcap=0.0, alibi_slopes=None, lse=False, entropy=False,
+                               backend="", priority=0, request_id=""):
     """Builds a BatchDecodeRequest proto: one layer-step for many sessions.
 
     entries: (session, q, k, v) or (session, q, k, v, expected_context_tokens)
     tuples, in the order the results come back; shapes as in
     build_decode_request, the same Hq, Hkv, D, Dv for every entry. The
-    options are the batch's. dtype on the wire: default from the first q.
+    options (lse and entropy among them) are the batch's. dtype on the
+    wire: default from the first q.
     """
     entries = list(entries)
     if not entries:
@@ -261,20 +276,19 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
             e.expected_context_tokens = int(entry[4])
     _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
+    r.outputs.entropy = bool(entropy)
     return r
 
 
 def result_from_proto(response):
     """AttendResponse -> AttendResult."""
-    def optional(name):
-        return tensors.from_proto(getattr(response, name)) if response.HasField(name) else None
-
     return AttendResult(
         output=tensors.from_proto(response.output),
-        lse=optional("lse"),
-        weights=optional("weights"),
-        top_k_indices=optional("top_k_indices"),
-        top_k_weights=optional("top_k_weights"),
+        lse=_optional(response, "lse"),
+        entropy=_optional(response, "entropy"),
+        weights=_optional(response, "weights"),
+        top_k_indices=_optional(response, "top_k_indices"),
+        top_k_weights=_optional(response, "top_k_weights"),
         backend=response.backend,
         request_id=response.request_id,
         timing=_timing(response.timing))
@@ -284,7 +298,7 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
                   window_left=None, window_right=None, softcap=0.0, alibi_slopes=None,
                   linear=False, bias=None, key_lengths=None, lse=False, weights=False,
                   top_k=0, backend="", priority=0, request_id="", rotary=None,
-                  query_positions=None, key_positions=None):
+                  query_positions=None, key_positions=None, entropy=False):
     """Builds an AttendRequest proto from NumPy arrays.
 
     q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (or 3-D, batch 1).
@@ -293,8 +307,10 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     request dtype. rotary: RoPE settings (see rotary_to_proto) the server
     applies to q and k, at query_positions / key_positions (each None, one
     per token, or B x tokens; default: keys 0..Lk-1, queries the last Lq of
-    them). Nothing is validated here: the server answers INVALID_ARGUMENT
-    naming the field.
+    them). Extra outputs: lse, entropy (-sum p ln p per query and head, in
+    nats), weights (the probabilities; size-capped by the server) and top_k.
+    Nothing is validated here: the server answers INVALID_ARGUMENT naming
+    the field.
     """
     if dtype is None:
         dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
@@ -320,6 +336,7 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
         o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
     o.variant = _pb.LINEAR if linear else _pb.SOFTMAX
     r.outputs.lse = bool(lse)
+    r.outputs.entropy = bool(entropy)
     r.outputs.weights = bool(weights)
     r.outputs.top_k = int(top_k)
     if rotary is not None:
