@@ -32,13 +32,17 @@ RUN --mount=type=cache,target=/root/.cache/ccache \
 FROM ${RUNTIME_IMAGE} AS runtime
 # The Debian bookworm runtime libraries of gRPC 1.51, Protobuf 3.21, Abseil
 # 20220623, oneDNN 2.6 (with the OpenCL loader its library links), prometheus-cpp
-# 1.0 (core and pull, which embeds civetweb) and what those link. tests/deploy
+# 1.0 (core and pull, which embeds civetweb), cairo and a font (attnctl's
+# heatmaps) and what those link. tests/deploy
 # checks that this list covers every library the binaries load.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libre2-9 libc-ares2 libssl3 \
       libdnnl2 ocl-icd-libopencl1 libgomp1 \
       libprometheus-cpp-core1.0 libprometheus-cpp-pull1.0 libcivetweb1 \
+      libcairo2 libpixman-1-0 libfontconfig1 libfreetype6 libpng16-16 libexpat1 libbrotli1 \
+      libx11-6 libxext6 libxrender1 libxcb1 libxcb-render0 libxcb-shm0 libxau6 libxdmcp6 \
+      libbsd0 libmd0 fonts-dejavu-core \
       libstdc++6 zlib1g ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/ /
