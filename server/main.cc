@@ -43,6 +43,11 @@ ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
           "0 = 85% of the cgroup (or physical) memory minus --kv_cache_bytes minus 256 MiB");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
+ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,
+          "1 in N requests (Attend, AttendStream items, Decode steps, BatchDecode entries) "
+          "computes its attention entropy, asked for or not, into the "
+          "attnserve_attention_entropy_nats histogram (at most 4096 values per request); "
+          "0 = off");
 ABSL_FLAG(int64_t, queue_capacity, kSchedulerDefaults.queue_capacity,
           "admitted requests waiting for compute; beyond it RESOURCE_EXHAUSTED");
 ABSL_FLAG(int64_t, queue_capacity_bytes, kSchedulerDefaults.queue_capacity_bytes,
@@ -103,6 +108,7 @@ int main(int argc, char** argv) {
   options.max_request_flops = absl::GetFlag(FLAGS_max_request_flops);
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
+  options.attention_stats_sample = absl::GetFlag(FLAGS_attention_stats_sample);
   options.scheduler.workers = absl::GetFlag(FLAGS_workers);
   options.scheduler.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
   options.scheduler.queue_capacity_bytes = absl::GetFlag(FLAGS_queue_capacity_bytes);

@@ -37,6 +37,10 @@ absl::Status CheckOptions(const ServerOptions& o) {
         "memory_limit_bytes: expected >= 0 (0 = derived from the machine), got ",
         o.memory_limit_bytes));
   }
+  if (o.attention_stats_sample < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attention_stats_sample: expected >= 0 (0 = off), got ", o.attention_stats_sample));
+  }
   if (o.drain_timeout_s < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("drain_timeout_s: expected >= 0, got ", o.drain_timeout_s));
@@ -148,6 +152,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   service_options.sessions = server->sessions_.get();
   service_options.session_metrics = server->session_metrics_.get();
   service_options.caller_identity = CallerIdentity;
+  service_options.attention_stats_sample = options.attention_stats_sample;
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
 
   Server* raw = server.get();

@@ -57,6 +57,10 @@ struct ServerOptions {
   // other three quarters.
   int64_t memory_limit_bytes = 0;
   int32_t max_stream_inflight = 64;               // per AttendStream call
+  // 1 in this many requests (Attend, AttendStream items, Decode steps,
+  // BatchDecode entries) computes its attention entropy, asked for or not,
+  // into attnserve_attention_entropy_nats; 0 = off.
+  int64_t attention_stats_sample = 0;
   SchedulerOptions scheduler;
   SessionStoreOptions sessions;  // KV-cache sessions (--kv_cache_bytes, ...)
   RequestLimits limits;

@@ -376,6 +376,19 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(*core, options_.limits);
   if (!job.ok()) return CountRejection(job.status(), "size");
   if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
+  // A request sampled for --attention_stats_sample computes its entropy (and
+  // reserves memory for it) whether it asked or not; the response carries it
+  // only when asked.
+  const bool asked_entropy = core->outputs.entropy;
+  bool record_entropy = false;
+  if (SampleStats()) {
+    if (asked_entropy) {
+      record_entropy = true;
+    } else if (std::unique_ptr<AttentionJob> sampled = PlanSampled(*core, *backend)) {
+      *job = std::move(sampled);
+      record_entropy = true;
+    }
+  }
   // With rotary settings the job runs on rotated copies of Q and K (in their
   // dtype), which live as long as the task; they are reserved with the rest.
   const bool rope = request.has_rotary() || request.query_positions_size() > 0 ||
@@ -404,10 +417,15 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   task.priority = request.priority();
   task.deadline = deadline;
   task.is_cancelled = std::move(is_cancelled);
-  task.done = [response, received, backend, rotated, done = std::move(done)](
-                  absl::Status status, std::unique_ptr<AttentionJob> job,
-                  const TaskTiming& timing) {
+  task.done = [response, received, backend, rotated, metrics = options_.metrics, record_entropy,
+               asked_entropy, done = std::move(done)](absl::Status status,
+                                                      std::unique_ptr<AttentionJob> job,
+                                                      const TaskTiming& timing) {
     if (status.ok()) {
+      if (record_entropy) {
+        metrics->RecordAttentionEntropy(-1, EntropyValues(job->entropy));
+        if (!asked_entropy) DropEntropy(*job);
+      }
       JobToProto(*job, response);
       TimingToProto(timing, received, response->mutable_timing());
       response->set_backend(backend->info().name);
@@ -416,6 +434,37 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
     done(std::move(status));
   };
   return CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
+}
+
+bool AttentionServiceImpl::SampleStats() {
+  const int64_t n = options_.attention_stats_sample;
+  if (n <= 0) return false;
+  return stats_requests_.fetch_add(1, std::memory_order_relaxed) % static_cast<uint64_t>(n) == 0;
+}
+
+std::unique_ptr<AttentionJob> AttentionServiceImpl::PlanSampled(AttentionRequest& core,
+                                                                const Backend& backend) const {
+  if (core.options.variant != Variant::kSoftmax) return nullptr;  // LINEAR has no entropy
+  core.outputs.entropy = true;
+  absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(core, options_.limits);
+  if (job.ok() &&
+      (options_.max_request_flops <= 0 || (*job)->cost <= options_.max_request_flops) &&
+      backend.Supports((*job)->planned_params()).ok()) {
+    return *std::move(job);
+  }
+  core.outputs.entropy = false;
+  return nullptr;
+}
+
+absl::Span<const float> EntropyValues(const Tensor& entropy) {
+  return absl::MakeConstSpan(entropy.data_as<float>(),
+                             static_cast<size_t>(entropy.data.size() / sizeof(float)));
+}
+
+void DropEntropy(AttentionJob& job) {
+  job.params.entropy = nullptr;
+  job.outputs.entropy = false;
+  job.entropy = Tensor();
 }
 
 void AttentionServiceImpl::FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method,

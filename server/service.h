@@ -46,6 +46,12 @@ namespace attnserve {
 // Fills a response's timing; total_us runs from `received` to now.
 void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* out);
 
+// The values of a computed job's entropy tensor (F32); empty when it has none.
+absl::Span<const float> EntropyValues(const Tensor& entropy);
+// Forgets a computed job's entropy (a request sampled for
+// --attention_stats_sample that did not ask for it): the response gets none.
+void DropEntropy(AttentionJob& job);
+
 class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
  public:
   struct Options {
@@ -64,6 +70,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     // The authenticated caller, to bind sessions to their creator; "" when
     // auth is off. Null: every caller is "".
     std::function<std::string(const grpc::ServerContextBase&)> caller_identity;
+    // --attention_stats_sample: 1 in this many requests (Attend, AttendStream
+    // items, Decode steps, BatchDecode entries, one count for all) computes
+    // its attention entropy, asked for or not, into
+    // attnserve_attention_entropy_nats. 0: off.
+    int64_t attention_stats_sample = 0;
   };
 
   // `options.backends` must not be empty; scheduler and metrics must be set.
@@ -154,6 +165,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                         const Backend& backend, SessionStep* step);
   // Appends the planned step's K/V and plans its job over the cache.
   absl::Status AppendStep(SessionStep* step);
+  // A computed step's entropy into attnserve_attention_entropy_nats{layer}
+  // when it was sampled, then dropped unless asked for. (session_rpcs.cc)
+  void RecordStepEntropy(const SessionStep& step, AttentionJob& job);
   // Validates a BatchDecode, plans and appends its good entries and admits
   // them to the scheduler as one gang; as Submit otherwise (`done` runs once,
   // after `response` was filled, when this returns OK). (session_rpcs.cc)
@@ -185,6 +199,15 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                                                               const AttentionJob& job,
                                                               AttentionRequest* core);
 
+  // Whether the next request is one of the 1 in attention_stats_sample whose
+  // entropy is recorded (counts it; false when sampling is off).
+  bool SampleStats();
+  // `core` planned with outputs.entropy for a sampled request that did not
+  // ask for it; null (and `core` as it was) when that plan does not run:
+  // over a limit, a variant without entropy, or a backend that cannot
+  // compute it (cuda). The request is then served unsampled, never refused.
+  std::unique_ptr<AttentionJob> PlanSampled(AttentionRequest& core, const Backend& backend) const;
+
   // Records the call in the metrics and finishes it.
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,
                    const absl::Status& status);
@@ -197,6 +220,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::flat_hash_map<std::string, Backend*> backends_by_name_;
 
   std::atomic<bool> draining_{false};
+  std::atomic<uint64_t> stats_requests_{0};  // requests counted by SampleStats
 
   absl::Mutex streams_mu_;
   absl::flat_hash_set<StreamBase*> streams_ ABSL_GUARDED_BY(streams_mu_);

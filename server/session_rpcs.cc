@@ -99,6 +99,11 @@ struct AttentionServiceImpl::SessionStep {
   std::unique_ptr<AttentionJob> job;
   int64_t extra_bytes = 0;  // held besides the job: query copy, rotated keys, output conversion
   bool appended = false;
+  // --attention_stats_sample: the step's entropy goes to
+  // attnserve_attention_entropy_nats{layer}; the answer carries it only when
+  // the caller asked for it.
+  bool record_entropy = false;
+  bool return_entropy = false;
 
   SessionStep() = default;
   SessionStep(SessionStep&&) = default;
@@ -335,6 +340,17 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
   if (!planned.ok()) return CountRejection(planned.status(), "size");
   step->job = *std::move(planned);
   if (absl::Status s = backend.Supports(step->job->planned_params()); !s.ok()) return s;
+  // Sampled for --attention_stats_sample: computed with its entropy, as in
+  // Submit (a backend that cannot compute it runs the step unsampled).
+  step->return_entropy = outputs.entropy();
+  if (SampleStats()) {
+    if (outputs.entropy()) {
+      step->record_entropy = true;
+    } else if (std::unique_ptr<AttentionJob> sampled = PlanSampled(step->core, backend)) {
+      step->job = std::move(sampled);
+      step->record_entropy = true;
+    }
+  }
   // Held besides the job: the converted query, and the output converted
   // back to the query's dtype.
   step->extra_bytes += static_cast<int64_t>(step->query_storage.size());
@@ -364,6 +380,14 @@ absl::Status AttentionServiceImpl::AppendStep(SessionStep* step) {
   if (!job.ok()) return job.status();
   step->job = *std::move(job);
   return absl::OkStatus();
+}
+
+// A computed step sampled for --attention_stats_sample: its entropy into the
+// histogram under its layer, then dropped unless the caller asked for it.
+void AttentionServiceImpl::RecordStepEntropy(const SessionStep& step, AttentionJob& job) {
+  if (!step.record_entropy || job.params.entropy == nullptr) return;
+  options_.metrics->RecordAttentionEntropy(step.layer, EntropyValues(job.entropy));
+  if (!step.return_entropy) DropEntropy(job);
 }
 
 // The step's output in the query's dtype. RESOURCE_EXHAUSTED when memory
@@ -438,6 +462,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     if (status.ok()) {
       absl::StatusOr<Tensor> output = StepOutput(*job, step.query_dtype);
       if (output.ok()) {
+        RecordStepEntropy(step, *job);
         TensorToProto(*output, response->mutable_output());
         if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
         if (job->params.entropy != nullptr) {
@@ -593,6 +618,7 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
       if (entry.ok() && status.ok()) {
         absl::StatusOr<Tensor> output = StepOutput(*step.job, step.query_dtype);
         if (output.ok()) {
+          RecordStepEntropy(step, *step.job);
           TensorToProto(*output, result->mutable_output());
           if (step.job->params.lse != nullptr) TensorToProto(step.job->lse, result->mutable_lse());
           if (step.job->params.entropy != nullptr) {

@@ -1,5 +1,7 @@
 #include "metrics/metrics.h"
 
+#include <algorithm>
+#include <cmath>
 #include <exception>
 #include <utility>
 
@@ -71,6 +73,9 @@ std::vector<double> Doubling(double first, int count) {
 // 20 µs · 2^22 ≈ 84 s.
 std::vector<double> DurationBuckets() { return Doubling(20e-6, 23); }
 std::vector<double> BatchSizeBuckets() { return Doubling(1, 11); }
+std::vector<double> EntropyBuckets() {
+  return {0, 0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 8, 10, 12};
+}
 
 Metrics::Metrics()
     : registry_(std::make_shared<prometheus::Registry>()),
@@ -128,6 +133,48 @@ Metrics::Metrics()
                                "by reason: memory, queue, cost, size.")
                          .Register(*registry_);
   for (const char* reason : {"memory", "queue", "cost", "size"}) rejected_total_->Add({{"reason", reason}});
+  entropy_ = &prometheus::BuildHistogram()
+                  .Name("attnserve_attention_entropy_nats")
+                  .Help("Attention entropy (-sum p ln p per query row and head, nats) of the "
+                        "requests sampled by --attention_stats_sample, by model-session layer "
+                        "(\"\" for Attend); at most 4096 values per request.")
+                  .Register(*registry_);
+}
+
+void Metrics::RecordAttentionEntropy(int32_t layer, absl::Span<const float> values) {
+  const size_t slot = layer < 0 ? 0 : 1 + static_cast<size_t>(std::min(layer, kEntropyLayerLabels));
+  prometheus::Histogram* histogram = entropy_by_layer_[slot].load(std::memory_order_acquire);
+  if (histogram == nullptr) {
+    const std::string label = layer < 0                       ? std::string()
+                              : layer >= kEntropyLayerLabels ? absl::StrCat(kEntropyLayerLabels, "+")
+                                                              : absl::StrCat(layer);
+    // Family::Add returns the existing series for equal labels, so racing
+    // threads store the same pointer.
+    histogram = &entropy_->Add({{"layer", label}}, EntropyBuckets());
+    entropy_by_layer_[slot].store(histogram, std::memory_order_release);
+  }
+  static const std::vector<double> kBounds = EntropyBuckets();
+  const int64_t n = static_cast<int64_t>(values.size());
+  int64_t stride = 1, start = 0;
+  if (n > kMaxEntropyValuesPerRequest) {
+    stride = (n + kMaxEntropyValuesPerRequest - 1) / kMaxEntropyValuesPerRequest;
+    start = static_cast<int64_t>(entropy_rotation_.fetch_add(1, std::memory_order_relaxed) %
+                                 static_cast<uint64_t>(stride));
+  }
+  // Bucketed here, added under the histogram's lock once.
+  std::vector<double> counts(kBounds.size() + 1, 0.0);
+  double sum = 0;
+  for (int64_t i = start; i < n; i += stride) {
+    const float v = values[i];
+    if (!std::isfinite(v)) continue;
+    const double x = std::max(0.0, static_cast<double>(v));  // rounding can leave -0.0000001
+    // The first bound >= x, as Histogram::Observe (and Prometheus' le) has it.
+    const size_t bucket = static_cast<size_t>(
+        std::lower_bound(kBounds.begin(), kBounds.end(), x) - kBounds.begin());
+    counts[bucket] += 1;
+    sum += x;
+  }
+  histogram->ObserveMultiple(counts, sum);
 }
 
 void Metrics::RecordRejection(absl::string_view reason) {

@@ -21,6 +21,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "backends/backend.h"
@@ -55,6 +56,18 @@ struct MetricsOptions {
 std::vector<double> DurationBuckets();
 // Upper bounds for requests per batch: 1, 2, 4, ... 1024.
 std::vector<double> BatchSizeBuckets();
+// Upper bounds, in nats, for attention entropy (−Σ p·ln p of one query row):
+// 0 (all weight on one key) up to 12 (ln of ~160k keys, uniform), finer near
+// 0 where a collapsed head shows; a row over Lk keys is at most ln(Lk)
+// (ln 128 ≈ 4.9, ln 4096 ≈ 8.3, ln 131072 ≈ 11.8).
+std::vector<double> EntropyBuckets();
+
+// The most entropy values one sampled request contributes to
+// attnserve_attention_entropy_nats; a request with more observes a strided
+// sample of them (Metrics::RecordAttentionEntropy).
+inline constexpr int64_t kMaxEntropyValuesPerRequest = 4096;
+// Model-session layers labelled by number; deeper ones share layer="256+".
+inline constexpr int32_t kEntropyLayerLabels = 256;
 
 class Metrics : public SchedulerObserver {
  public:
@@ -80,6 +93,16 @@ class Metrics : public SchedulerObserver {
 
   // attnserve_batch_decode_entries: entries of one BatchDecode message.
   void RecordBatchDecodeEntries(int64_t entries);
+
+  // attnserve_attention_entropy_nats{layer}: the per-row entropies of one
+  // request sampled by --attention_stats_sample ([B, Hq, Lq] values, in
+  // nats). `layer`: a model-session step's layer (layers from
+  // kEntropyLayerLabels on share "256+"); -1 for a stateless Attend (label
+  // ""). At most kMaxEntropyValuesPerRequest values are observed: past that,
+  // every ⌈n / kMax⌉-th one, from an offset that rotates from one large
+  // request to the next so that over many requests every row position is
+  // seen. Non-finite values are skipped. One lock per call, not per value.
+  void RecordAttentionEntropy(int32_t layer, absl::Span<const float> values);
 
   // attnserve_memory_reserved_bytes: bytes reserved from the memory budget
   // by requests in flight (MemoryBudget's on_change hook).
@@ -139,6 +162,11 @@ class Metrics : public SchedulerObserver {
   prometheus::Family<prometheus::Counter>* flops_total_ = nullptr;
   prometheus::Family<prometheus::Counter>* rejected_total_ = nullptr;
   prometheus::Gauge* memory_reserved_ = nullptr;
+  prometheus::Family<prometheus::Histogram>* entropy_ = nullptr;
+  // attnserve_attention_entropy_nats by layer: [0] layer="", [1 + l] layer l,
+  // [1 + kEntropyLayerLabels] "256+". Created on first use.
+  std::array<std::atomic<prometheus::Histogram*>, kEntropyLayerLabels + 2> entropy_by_layer_{};
+  std::atomic<uint64_t> entropy_rotation_{0};  // start offsets of strided samples
 
   struct BackendSeries {
     prometheus::Histogram* compute = nullptr;
