@@ -130,7 +130,8 @@ for (const p of allPanels) {
 }
 
 // What the dashboard must show (issue: requests by code, latency quantiles,
-// queue depth, batch size, GFLOP/s, RSS, KV cache, device memory, sessions).
+// queue depth, batch size, GFLOP/s, RSS, KV cache, device memory, sessions;
+// issue "attention you can look at": the entropy heatmap).
 const all = exprs.join("\n");
 const required = [
   [/sum by \(code\) \(rate\(attnserve_requests_total/, "requests by code"],
@@ -144,6 +145,7 @@ const required = [
   [/attnserve_kv_cache_bytes/, "KV cache"],
   [/attnserve_device_memory_bytes/, "device memory"],
   [/attnserve_sessions_active/, "sessions"],
+  [/sum by \(le\) \(rate\(attnserve_attention_entropy_nats_bucket/, "the attention entropy heatmap"],
 ];
 for (const [re, what] of required) if (!re.test(all)) fail(`no panel shows ${what} (${re})`);
 
