@@ -4,7 +4,7 @@
 # its own server on a free-ish port, drives it with attnctl bench and prints one
 # summary line; every server must exit 0 on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|all]     (default: all)
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|all]     (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
 # machine should be otherwise idle.
@@ -156,13 +156,29 @@ tier() {
   stop_server
 }
 
+stats() {
+  echo "== S1 closed loop, concurrency 16: --attention_stats_sample=0 vs =100, alternating, 3 rounds"
+  for round in 1 2 3; do
+    for n in 0 100; do
+      start_server --attention_stats_sample=$n
+      echo "-- round $round --attention_stats_sample=$n"
+      "$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=8s --json | summary
+      stop_server
+    done
+  done
+  echo "-- the kernel's share: attn_bench --shape=S1 --entropy (with and without, alternating)"
+  "$build/bench/attn_bench" --shape=S1 --entropy --threads=2 --json |
+    /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  %.3f ms with entropy, %.3f without: %+.1f%%" % (d["ms"], d["ms_without_entropy"], 100 * d["entropy_overhead"]))'
+}
+
 case "${1:-all}" in
   s1) s1 ;;
   tier) tier ;;
+  stats) stats ;;
   open) open_loop ;;
   overload) overload ;;
   sessions) sessions ;;
   abuse) abuse ;;
-  all) s1; open_loop; overload; sessions; abuse; tier ;;
-  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|all]" >&2; exit 2 ;;
+  all) s1; open_loop; overload; sessions; abuse; tier; stats ;;
+  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|all]" >&2; exit 2 ;;
 esac
