@@ -12,7 +12,6 @@ Usage: attend_e2e_test.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -63,16 +62,8 @@ class AttendE2ETest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        work = pathlib.Path(ARGS.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-        cls.work = work
-        cls.server = harness.ServerProcess(ARGS.server, work / "attnserve.log")
-        cls.client = attnserve_client.Client(cls.server.target, timeout=30)
-        try:
-            cls.server.wait_serving(cls.client)
-        except Exception:
-            cls.server.stop()
-            raise
+        cls.work = pathlib.Path(ARGS.work_dir)
+        cls.server, cls.client = harness.start_serving(ARGS.server, cls.work)
 
     @classmethod
     def tearDownClass(cls):

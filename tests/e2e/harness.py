@@ -43,6 +43,23 @@ def run_e2e(script_globals, *extra_flags):
     unittest.main(module=script_globals["__name__"], argv=[sys.argv[0], *rest], verbosity=2)
 
 
+def start_serving(binary, work_dir, extra_args=()):
+    """Starts attnserve with its log in `work_dir` (made if missing) and a
+    Client to it, and waits until it is SERVING; stops the server if that
+    fails. Returns (server, client). Needs run_e2e's client import."""
+    import attnserve_client
+    work = pathlib.Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(binary, work / "attnserve.log", extra_args)
+    try:
+        client = attnserve_client.Client(server.target, timeout=30)
+        server.wait_serving(client)
+    except Exception:
+        server.stop()
+        raise
+    return server, client
+
+
 def add_client_to_path(repo_root, gen_dir):
     """Makes `import attnserve_client` work, with stubs generated in gen_dir."""
     os.environ["ATTNSERVE_PY_GEN"] = str(gen_dir)

@@ -75,14 +75,7 @@ class HeatmapE2ETest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.work = pathlib.Path(ARGS.work_dir)
-        cls.work.mkdir(parents=True, exist_ok=True)
-        cls.server = harness.ServerProcess(ARGS.server, cls.work / "attnserve.log")
-        cls.client = attnserve_client.Client(cls.server.target, timeout=30)
-        try:
-            cls.server.wait_serving(cls.client)
-        except Exception:
-            cls.server.stop()
-            raise
+        cls.server, cls.client = harness.start_serving(ARGS.server, cls.work)
 
     @classmethod
     def tearDownClass(cls):

@@ -36,7 +36,6 @@ import pathlib
 import queue
 import re
 import sys
-import time
 import unittest
 import urllib.request
 
@@ -198,17 +197,9 @@ class ModelTierE2ETest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        work = pathlib.Path(ARGS.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-        cls.server = harness.ServerProcess(
-            ARGS.server, work / "attnserve.log",
+        cls.server, cls.client = harness.start_serving(
+            ARGS.server, ARGS.work_dir,
             [f"--kv_cache_bytes={KV_CACHE_BYTES}", f"--kv_block_tokens={BLOCK_TOKENS}"])
-        try:
-            cls.client = attnserve_client.Client(cls.server.target, timeout=30)
-            cls.server.wait_serving(cls.client)
-        except Exception:
-            cls.server.stop()
-            raise
 
     @classmethod
     def tearDownClass(cls):

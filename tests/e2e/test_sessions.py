@@ -78,17 +78,9 @@ class SessionsE2ETest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        work = pathlib.Path(ARGS.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-        cls.server = harness.ServerProcess(
-            ARGS.server, work / "attnserve.log",
+        cls.server, cls.client = harness.start_serving(
+            ARGS.server, ARGS.work_dir,
             [f"--kv_cache_bytes={KV_CACHE_BYTES}", f"--kv_block_tokens={BLOCK_TOKENS}"])
-        cls.client = attnserve_client.Client(cls.server.target, timeout=30)
-        try:
-            cls.server.wait_serving(cls.client)
-        except Exception:
-            cls.server.stop()
-            raise
 
     @classmethod
     def tearDownClass(cls):
