@@ -200,6 +200,47 @@ TEST_P(CpuBackendIsaTest, MatchesReferenceOverOptionMatrix) {
   for (const Case& c : Matrix()) ExpectSameAsReference(c, GetParam());
 }
 
+// Asking for entropy changes no other output by a bit (a sampled request
+// answers exactly as it would unsampled), on every path: flash tiles with a
+// bias and a causal mask, decode tiles, and split key ranges.
+TEST_P(CpuBackendIsaTest, EntropyLeavesTheOtherOutputsBitwiseEqual) {
+  auto created = CreateCpuBackendWithIsa(BackendOptions{.threads = 2}, GetParam());
+  if (!created.ok()) GTEST_SKIP() << created.status();
+  for (Case c : {Case{.name = "flash bias causal", .B = 2, .Lq = 64, .Lk = 300, .Hq = 4,
+                      .Hkv = 2, .D = 32, .options = {.causal = true}, .bias = true},
+                 Case{.name = "decode", .B = 1, .Lq = 1, .Lk = 5000, .Hq = 8, .Hkv = 2,
+                      .D = 64}}) {
+    SCOPED_TRACE(c.name);
+    c.outputs = {.lse = true};
+    auto plain_in = MakeInputs(c, 11);
+    c.outputs.entropy = true;
+    auto entropy_in = MakeInputs(c, 11);
+    auto plain = Prepare(*plain_in);
+    auto with_entropy = Prepare(*entropy_in);
+    ASSERT_TRUE(plain && with_entropy);
+    ASSERT_TRUE((*created)->Run({plain->params}).ok());
+    ASSERT_TRUE((*created)->Run({with_entropy->params}).ok());
+    EXPECT_EQ(plain->output.data, with_entropy->output.data);
+    EXPECT_EQ(plain->lse.data, with_entropy->lse.data);
+  }
+}
+
+// A key chunk whose max lies far below the row's (a mask written as a huge
+// negative bias) adds nothing to the merged entropy, and no NaN.
+TEST(CpuBackendTest, EntropyOfSplitKeysWithAHugeNegativeBias) {
+  Case c{.name = "split, -1e38 bias", .B = 1, .Lq = 1, .Lk = 4096, .Hq = 2, .Hkv = 1, .D = 32,
+         .bias = true, .outputs = {.entropy = true}};
+  auto in = MakeInputs(c, 13);
+  for (int64_t j = 0; j < 1024; ++j) StoreFloat(in->bias.data(), DType::kF32, j, -1e38f);
+  auto job = Prepare(*in);
+  ASSERT_TRUE(job);
+  ASSERT_TRUE(MakeCpu(2)->Run({job->params}).ok());
+  auto ref = PrepareAttention(in->request);
+  ASSERT_TRUE(ref.ok());
+  RunReferenceAttention((*ref)->params);
+  ExpectNear("entropy", job->entropy, (*ref)->entropy, 1e-4, 1e-4);
+}
+
 INSTANTIATE_TEST_SUITE_P(Isas, CpuBackendIsaTest, ::testing::Values("avx512", "avx2", "scalar"));
 
 TEST(CpuBackendTest, FullyMaskedRowsGiveZeroAndNegInfLse) {

@@ -86,7 +86,11 @@ void MergePartials(const AttentionParams& p, const FlashTile& t, const float* pa
         const float* part = partials + c * chunk_stride + lane * stride;
         const float w = std::exp2(part[0] - m);  // 0 for a chunk that saw no key
         l += part[1] * w;
-        if (p.entropy != nullptr && part[1] > 0.f) u += w * (part[2] + part[1] * (part[0] - m));
+        // A chunk whose weight underflows to 0 adds nothing (its max can be
+        // so far below m that l·(max − m) overflows, and 0·inf is NaN).
+        if (p.entropy != nullptr && w > 0.f && part[1] > 0.f) {
+          u += w * (part[2] + part[1] * (part[0] - m));
+        }
         for (int64_t dv = 0; dv < Dv; ++dv) acc[dv] += part[kPartialHeader + dv] * w;
       }
     }

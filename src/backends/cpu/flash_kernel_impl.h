@@ -633,15 +633,29 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
       int64_t j = 0;
       if (entropy) {
         // Masked scores are -inf: their e is 0, and d is clamped so that
-        // e·d is 0 too (not NaN).
+        // e·d is 0 too (not NaN). The sums of e run in the same order as
+        // below, so the output is bitwise the same with or without entropy.
         const V floor = T::Set1(-1e30f);
         V usum = T::Zero();
-        for (; j < nk; ++j) {
-          const V d = T::Max(T::Sub(T::Load(s + j * M + v), m_use), floor);
-          const V e = T::Exp2(d);
-          T::Store(s + j * M + v, e);
-          sum0 = T::Add(sum0, e);
-          usum = T::Fma(e, d, usum);
+        for (; j + 1 < nk; j += 2) {
+          const V d0 = T::Max(T::Sub(T::Load(s + j * M + v), m_use), floor);
+          const V d1 = T::Max(T::Sub(T::Load(s + (j + 1) * M + v), m_use), floor);
+          const V e0 = T::Exp2(d0);
+          const V e1 = T::Exp2(d1);
+          T::Store(s + j * M + v, e0);
+          T::Store(s + (j + 1) * M + v, e1);
+          sum0 = T::Add(sum0, e0);
+          sum1 = T::Add(sum1, e1);
+          usum = T::Fma(e0, d0, usum);
+          usum = T::Fma(e1, d1, usum);
+        }
+        if (j < nk) {
+          const V d0 = T::Max(T::Sub(T::Load(s + j * M + v), m_use), floor);
+          const V e0 = T::Exp2(d0);
+          T::Store(s + j * M + v, e0);
+          sum0 = T::Add(sum0, e0);
+          usum = T::Fma(e0, d0, usum);
+          ++j;
         }
         EntropyRescale<T>(u + v, a, l_old, m_old, m_use, usum);
       }
