@@ -92,8 +92,17 @@ std::string LabelText(absl::string_view token) {
     const unsigned char c = token[i];
     size_t len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
     bool valid = len > 0 && i + len <= token.size();
+    uint32_t cp = len == 1 ? c : len == 2 ? (c & 0x1f) : len == 3 ? (c & 0x0f) : (c & 0x07);
     for (size_t j = 1; valid && j < len; ++j) {
-      valid = (static_cast<unsigned char>(token[i + j]) & 0xc0) == 0x80;
+      const unsigned char next = static_cast<unsigned char>(token[i + j]);
+      valid = (next & 0xc0) == 0x80;
+      cp = (cp << 6) | (next & 0x3f);
+    }
+    // Strict UTF-8 (cairo refuses the rest): no overlong forms, surrogates
+    // or code points past U+10FFFF.
+    if (valid && len > 1) {
+      const uint32_t least = len == 2 ? 0x80 : len == 3 ? 0x800 : 0x10000;
+      valid = cp >= least && cp <= 0x10ffff && !(cp >= 0xd800 && cp <= 0xdfff);
     }
     if (chars == kMaxLabelChars) {
       out += "\xe2\x80\xa6";  // …
@@ -367,19 +376,24 @@ absl::Status RenderHeatmap(const Tensor& weights, const HeatmapOptions& options,
   float lowest_positive = std::numeric_limits<float>::infinity();
   for (const int64_t h : heads) {
     const std::vector<float> m = HeadMatrix(weights, s, options.batch_row, h);
-    std::vector<float> pooled(static_cast<size_t>(rows * cols), -std::numeric_limits<float>::infinity());
+    // NaN marks a cell with no number yet; NaN weights are skipped, so a
+    // cell is NaN only when all its weights are (drawn in the lowest colour).
+    std::vector<float> pooled(static_cast<size_t>(rows * cols),
+                              std::numeric_limits<float>::quiet_NaN());
     for (int64_t q = 0; q < s.lq; ++q) {
       float* out = pooled.data() + (q / pr) * cols;
       const float* in = m.data() + q * s.lk;
       for (int64_t c = 0; c < cols; ++c) {
         const int64_t end = std::min(s.lk, (c + 1) * pc);
         float v = out[c];
-        for (int64_t k = c * pc; k < end; ++k) v = std::max(v, in[k]);
+        for (int64_t k = c * pc; k < end; ++k) {
+          if (!std::isnan(in[k]) && (std::isnan(v) || in[k] > v)) v = in[k];
+        }
         out[c] = v;
       }
     }
     for (const float v : pooled) {
-      if (std::isnan(v)) continue;
+      if (!std::isfinite(v)) continue;  // the scale spans the finite weights
       lo = std::min(lo, v);
       hi = std::max(hi, v);
       if (v > 0) lowest_positive = std::min(lowest_positive, v);

@@ -215,7 +215,11 @@ TEST(ClientHeatmapTest, HeatmapTilesHeadsAndPoolsLongAxes) {
 
 TEST(ClientHeatmapTest, TokensAreDrawnWhenCellsAreOneTokenEach) {
   std::vector<std::string> tokens;
-  for (int i = 0; i < 24; ++i) tokens.push_back(i % 5 == 0 ? "\xff bad utf-8" : "tok");
+  // Invalid UTF-8 (a stray byte, an overlong form, a surrogate) becomes '?'
+  // rather than failing the drawing.
+  const char* bad[] = {"\xff bad utf-8", "\xc0\x80 overlong", "\xed\xa0\x80 surrogate",
+                       "\xf4\x90\x80\x80 past U+10FFFF"};
+  for (int i = 0; i < 24; ++i) tokens.push_back(i % 5 == 0 ? bad[(i / 5) % 4] : "tok");
   const Tensor w = Weights(1, 4, 24, 24, [](int64_t, int64_t h, int64_t q, int64_t k) {
     return k <= q ? 1.f / (q + 1) : 0.f;
   });
@@ -242,6 +246,17 @@ TEST(ClientHeatmapTest, ViridisGetsBrighterWithTheWeight) {
     EXPECT_GT(luma, last) << i;
     last = luma;
   }
+}
+
+TEST(ClientHeatmapTest, NanWeightsDoNotSpoilTheScale) {
+  Tensor w = Weights(1, 1, 2, 2, [](int64_t, int64_t, int64_t q, int64_t k) {
+    return q == 0 && k == 0 ? std::nanf("") : 0.25f * (1 + q + k);
+  });
+  HeatmapGeometry g;
+  const std::string path = TempPath("nan.png");
+  ASSERT_TRUE(RenderHeatmap(w, {}, path, &g).ok());
+  EXPECT_FLOAT_EQ(g.min_value, 0.5f);
+  EXPECT_FLOAT_EQ(g.max_value, 0.75f);
 }
 
 }  // namespace
