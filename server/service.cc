@@ -324,7 +324,7 @@ absl::Status AttentionServiceImpl::CheckRunnable(const AttentionJob& job,
 
 absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
     absl::Span<const AttentionJob* const> jobs, const Backend& backend, int64_t message_bytes,
-    int64_t extra_bytes) {
+    int64_t extra_bytes, bool count_rejection) {
   if (options_.memory_budget == nullptr) return MemoryBudget::Reservation();
   int64_t scratch = 0;
   int64_t held = 0;
@@ -339,7 +339,7 @@ absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
       total, absl::StrCat("this request (message ", message_bytes + extra_bytes,
                           " + outputs and their serialized copy ", held, " + ",
                           backend.info().name, " scratch ", scratch, " bytes)"));
-  if (!reservation.ok()) return CountRejection(reservation.status(), "memory");
+  if (!reservation.ok() && count_rejection) return CountRejection(reservation.status(), "memory");
   return reservation;
 }
 
@@ -381,11 +381,12 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   // only when asked.
   const bool asked_entropy = core->outputs.entropy;
   bool record_entropy = false;
+  std::unique_ptr<AttentionJob> unsampled;  // the job as asked, when sampling added entropy
   if (SampleStats()) {
     if (asked_entropy) {
       record_entropy = true;
     } else if (std::unique_ptr<AttentionJob> sampled = PlanSampled(*core, *backend)) {
-      *job = std::move(sampled);
+      unsampled = std::exchange(*job, std::move(sampled));
       record_entropy = true;
     }
   }
@@ -398,7 +399,19 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   const AttentionJob* planned = job->get();
   absl::StatusOr<MemoryBudget::Reservation> reserved =
       ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
-                    static_cast<int64_t>(request.ByteSizeLong()), rotated_bytes);
+                    static_cast<int64_t>(request.ByteSizeLong()), rotated_bytes,
+                    /*count_rejection=*/unsampled == nullptr);
+  if (!reserved.ok() && unsampled != nullptr) {
+    // Sampling never refuses a request: without room for the entropy too,
+    // it runs as asked, unsampled.
+    *job = std::move(unsampled);
+    core->outputs.entropy = false;
+    record_entropy = false;
+    planned = job->get();
+    reserved = ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
+                             static_cast<int64_t>(request.ByteSizeLong()), rotated_bytes);
+  }
+  unsampled.reset();
   if (!reserved.ok()) return reserved.status();
   *reservation = *std::move(reserved);
   std::shared_ptr<RotatedInputs> rotated;

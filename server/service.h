@@ -133,9 +133,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // response and gRPC's serialized copy of it), converted inputs and the
   // backend's scratch. RESOURCE_EXHAUSTED naming the budget.
   // A BatchDecode reserves for all its jobs at once.
+  // `count_rejection` false: a refusal is not counted in
+  // attnserve_rejected_requests_total (the caller retries with less).
   absl::StatusOr<MemoryBudget::Reservation> ReserveMemory(
       absl::Span<const AttentionJob* const> jobs, const Backend& backend, int64_t message_bytes,
-      int64_t extra_bytes);
+      int64_t extra_bytes, bool count_rejection = true);
 
   // Counts a refused request in attnserve_rejected_requests_total{reason}
   // when `status` is RESOURCE_EXHAUSTED; returns it.

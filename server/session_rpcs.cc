@@ -104,6 +104,19 @@ struct AttentionServiceImpl::SessionStep {
   // the caller asked for it.
   bool record_entropy = false;
   bool return_entropy = false;
+  // The job as asked, while a sampled one (with entropy) stands in for it
+  // until its memory is reserved (see Unsample).
+  std::unique_ptr<AttentionJob> unsampled;
+
+  // Puts back the job as asked when sampling stood in one with entropy (no
+  // room for the entropy too); false when it had not.
+  bool Unsample() {
+    if (unsampled == nullptr) return false;
+    job = std::move(unsampled);
+    core.outputs.entropy = false;
+    record_entropy = false;
+    return true;
+  }
 
   SessionStep() = default;
   SessionStep(SessionStep&&) = default;
@@ -347,7 +360,7 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
     if (outputs.entropy()) {
       step->record_entropy = true;
     } else if (std::unique_ptr<AttentionJob> sampled = PlanSampled(step->core, backend)) {
-      step->job = std::move(sampled);
+      step->unsampled = std::exchange(step->job, std::move(sampled));
       step->record_entropy = true;
     }
   }
@@ -438,7 +451,14 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   const AttentionJob* planned = step.job.get();
   absl::StatusOr<MemoryBudget::Reservation> reserved =
       ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
-                    static_cast<int64_t>(request.ByteSizeLong()), step.extra_bytes);
+                    static_cast<int64_t>(request.ByteSizeLong()), step.extra_bytes,
+                    /*count_rejection=*/step.unsampled == nullptr);
+  if (!reserved.ok() && step.Unsample()) {
+    planned = step.job.get();
+    reserved = ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
+                             static_cast<int64_t>(request.ByteSizeLong()), step.extra_bytes);
+  }
+  step.unsampled.reset();
   if (!reserved.ok()) return reserved.status();
   reactor->reservation = *std::move(reserved);
   if (absl::Status s = AppendStep(&step); !s.ok()) return s;
@@ -585,8 +605,23 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
               cost, planned.size(), options_.max_request_flops)),
           "cost");
     }
-    absl::StatusOr<MemoryBudget::Reservation> reserved = ReserveMemory(
-        planned, *backend, static_cast<int64_t>(request.ByteSizeLong()), extra_bytes);
+    bool sampled = false;
+    for (const SessionStep& step : call->steps) sampled |= step.unsampled != nullptr;
+    absl::StatusOr<MemoryBudget::Reservation> reserved =
+        ReserveMemory(planned, *backend, static_cast<int64_t>(request.ByteSizeLong()),
+                      extra_bytes, /*count_rejection=*/!sampled);
+    if (!reserved.ok() && sampled) {
+      // Sampling never refuses a call: the entries run as asked.
+      planned.clear();
+      for (int i = 0; i < entries; ++i) {
+        if (!call->status[i].ok()) continue;
+        call->steps[i].Unsample();
+        planned.push_back(call->steps[i].job.get());
+      }
+      reserved = ReserveMemory(planned, *backend, static_cast<int64_t>(request.ByteSizeLong()),
+                               extra_bytes);
+    }
+    for (SessionStep& step : call->steps) step.unsampled.reset();
     if (!reserved.ok()) {
       abandon_all();
       return reserved.status();
