@@ -179,6 +179,13 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                                  MemoryBudget::Reservation* reservation,
                                  std::function<void(absl::Status)> done);
   void ReportSessions();
+  // A session call answered at once (CreateSession, ForkSession,
+  // CloseSession): counts it, runs `body` unless sessions are disabled (an
+  // exception becomes a status), reports the cache and finishes the call.
+  // (session_rpcs.cc)
+  grpc::ServerUnaryReactor* AnswerSessionCall(grpc::CallbackServerContext* context,
+                                              const char* method,
+                                              const std::function<absl::Status()>& body);
   std::string CallerOf(const grpc::CallbackServerContext* context) const;
 
   // Validates `request` and admits it to the scheduler. OK: `done` will be

@@ -52,8 +52,7 @@ absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
 // Converts `t` to `dtype` (a copy), keeping its shape.
 Tensor ConvertTensor(const Tensor& t, DType dtype) {
   Tensor out = Tensor::Zeros(dtype, t.shape);
-  const int64_t n = t.num_elements();
-  for (int64_t i = 0; i < n; ++i) StoreFloat(out.data.data(), dtype, i, LoadFloat(t.data.data(), t.dtype, i));
+  ConvertFloats(t.data.data(), t.dtype, out.data.data(), dtype, t.num_elements());
   return out;
 }
 
@@ -160,12 +159,8 @@ void AttentionServiceImpl::ReportSessions() {
 grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
     grpc::CallbackServerContext* context, const v1::CreateSessionRequest* request,
     v1::CreateSessionResponse* response) {
-  const absl::Time received = absl::Now();
-  options_.metrics->RequestStarted();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status = AdmitNoThrow([&]() -> absl::Status {
+  return AnswerSessionCall(context, kCreateSession, [&]() -> absl::Status {
     if (draining()) return Draining();
-    if (options_.sessions == nullptr) return SessionsDisabled();
     SessionConfig config;
     config.num_kv_heads = request->num_kv_heads();
     config.head_dim = request->head_dim();
@@ -193,20 +188,13 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
     response->set_num_layers(config.num_layers == 0 ? 1 : config.num_layers);
     return absl::OkStatus();
   });
-  ReportSessions();
-  FinishUnary(reactor, kCreateSession, received, status);
-  return reactor;
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
     grpc::CallbackServerContext* context, const v1::ForkSessionRequest* request,
     v1::ForkSessionResponse* response) {
-  const absl::Time received = absl::Now();
-  options_.metrics->RequestStarted();
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Status status = AdmitNoThrow([&]() -> absl::Status {
+  return AnswerSessionCall(context, kForkSession, [&]() -> absl::Status {
     if (draining()) return Draining();
-    if (options_.sessions == nullptr) return SessionsDisabled();
     absl::StatusOr<SessionStore::Forked> forked =
         options_.sessions->Fork(request->session_id(), request->tokens(), CallerOf(context));
     if (!forked.ok()) return forked.status();
@@ -215,23 +203,27 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
     response->set_shared_tokens(forked->shared_tokens);
     return absl::OkStatus();
   });
-  ReportSessions();
-  FinishUnary(reactor, kForkSession, received, status);
-  return reactor;
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
     grpc::CallbackServerContext* context, const v1::CloseSessionRequest* request,
     v1::CloseSessionResponse* /*response*/) {
+  // Closing stays allowed while draining: it only frees memory.
+  return AnswerSessionCall(context, kCloseSession, [&] {
+    return options_.sessions->Close(request->session_id(), CallerOf(context));
+  });
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::AnswerSessionCall(
+    grpc::CallbackServerContext* context, const char* method,
+    const std::function<absl::Status()>& body) {
   const absl::Time received = absl::Now();
   options_.metrics->RequestStarted();
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  // Closing stays allowed while draining: it only frees memory.
-  absl::Status status = options_.sessions == nullptr
-                            ? SessionsDisabled()
-                            : options_.sessions->Close(request->session_id(), CallerOf(context));
+  const absl::Status status =
+      options_.sessions == nullptr ? SessionsDisabled() : AdmitNoThrow(body);
   ReportSessions();
-  FinishUnary(reactor, kCloseSession, received, status);
+  FinishUnary(reactor, method, received, status);
   return reactor;
 }
 
@@ -329,10 +321,8 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
     } catch (const std::bad_alloc&) {
       return absl::ResourceExhaustedError("out of memory converting the query to the cache dtype");
     }
-    for (int64_t i = 0; i < q_count; ++i) {
-      StoreFloat(step->query_storage.data(), cache_dtype, i,
-                 LoadFloat(query->data.data(), query->dtype, i));
-    }
+    ConvertFloats(query->data.data(), query->dtype, step->query_storage.data(), cache_dtype,
+                  q_count);
   }
   if (!step->query_storage.empty()) {
     step->core.query.dtype = cache_dtype;

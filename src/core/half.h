@@ -114,6 +114,16 @@ inline void StoreFloat(void* base, DType dtype, int64_t i, float v) {
   }
 }
 
+// Copies `count` elements from `src` (in `from`) to `dst` (in `to`),
+// converting through float when the dtypes differ; a plain copy otherwise.
+inline void ConvertFloats(const void* src, DType from, void* dst, DType to, int64_t count) {
+  if (from == to) {
+    std::memcpy(dst, src, static_cast<size_t>(count) * DTypeSize(to));
+    return;
+  }
+  for (int64_t i = 0; i < count; ++i) StoreFloat(dst, to, i, LoadFloat(src, from, i));
+}
+
 }  // namespace attnserve
 
 #endif  // ATTNSERVE_CORE_HALF_H_

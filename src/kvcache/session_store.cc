@@ -103,14 +103,6 @@ absl::StatusOr<std::array<int64_t, 3>> TokenDims(absl::string_view field, const 
   return std::array<int64_t, 3>{s[0], s[1], s[2]};
 }
 
-// Copies `count` elements, converting from `from` to `to`.
-void ConvertRow(const char* src, DType from, char* dst, DType to, int64_t count) {
-  if (from == to) {
-    std::memcpy(dst, src, count * DTypeSize(to));
-    return;
-  }
-  for (int64_t i = 0; i < count; ++i) StoreFloat(dst, to, i, LoadFloat(src, from, i));
-}
 
 }  // namespace
 
@@ -327,13 +319,13 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
     char* block = static_cast<char*>(l.blocks[pos / s.block_tokens]);
     const int64_t row = pos % s.block_tokens;
     if (c.rope.has_value()) {
-      ConvertRow(reinterpret_cast<const char*>(rotated.data() + t * k_row), DType::kF32,
+      ConvertFloats(reinterpret_cast<const char*>(rotated.data() + t * k_row), DType::kF32,
                  block + row * k_row * es, c.dtype, k_row);
     } else {
-      ConvertRow(key.data.data() + t * k_row * DTypeSize(key.dtype), key.dtype,
+      ConvertFloats(key.data.data() + t * k_row * DTypeSize(key.dtype), key.dtype,
                  block + row * k_row * es, c.dtype, k_row);
     }
-    ConvertRow(value.data.data() + t * v_row * DTypeSize(value.dtype), value.dtype,
+    ConvertFloats(value.data.data() + t * v_row * DTypeSize(value.dtype), value.dtype,
                block + (v_offset + row * v_row) * es, c.dtype, v_row);
   }
   l.length = new_length;
@@ -349,7 +341,7 @@ absl::Status SessionLease::Append(int32_t layer, const TensorView& key, const Te
     l.dropped += drop * s.block_tokens;
     for (int64_t j = 0; j < sink_rows; ++j) {
       char* block = static_cast<char*>(l.blocks[j / s.block_tokens]);
-      ConvertRow(reinterpret_cast<const char*>(sinks.data() + j * k_row), DType::kF32,
+      ConvertFloats(reinterpret_cast<const char*>(sinks.data() + j * k_row), DType::kF32,
                  block + (j % s.block_tokens) * k_row * es, c.dtype, k_row);
     }
     undo_.sinks = std::move(old_sinks);
