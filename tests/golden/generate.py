@@ -17,13 +17,24 @@ the NONE, LINEAR, NTK, DYNAMIC and LLAMA3 frequency scalings); NeoX is
 cross-checked against the complex form on the two halves and GPT-J against
 NeoX on de-interleaved dims, and the script fails if they disagree.
 
+And it generates the model layer cases under tests/golden/models/: tiny Hugging
+Face-style model directories (config.json, random weights in F32, F16 or BF16
+safetensors, sharded or not) for the llama family (mistral's sliding window,
+llama3 RoPE scaling, qwen3's q/k norm, qwen2's biases) and bert with
+cross-attention, with each layer's attention output (projections through
+o_proj) computed in float64 from the weights as stored; llama-family layers are
+cross-checked against PyTorch's SDPA, bert layers are torch.nn.MultiheadAttention.
+
 Usage: /usr/bin/python3 tests/golden/generate.py [--out DIR] [--rope_out DIR]
+                                                 [--models_out DIR]
 (needs python3-torch and python3-numpy; see README.md).
 """
 
 import argparse
+import json
 import math
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -530,6 +541,303 @@ def write_rope_case(c, root):
             f.write(f"{key}={value}\n")
 
 
+# ---------------------------------------------------------------------------
+# Model layers: random-weight model directories for src/model/
+# ---------------------------------------------------------------------------
+
+
+class ModelCase:
+    """One model directory: a Hugging Face config, random weights stored as
+    `dtype` (F32, F16 or BF16) in `shards` safetensors files, and the expected
+    output of every layer's attention module on random inputs x."""
+
+    def __init__(self, name, config, *, dtype, shards=1, extra=(), positions=None,
+                 B=2, L=7, memory_tokens=5):
+        self.name = name
+        self.config = config
+        self.dtype = dtype
+        self.shards = shards                    # 1, or one file per layer
+        self.extra = list(extra)                # (name, shape): tensors the loader ignores
+        self.positions = positions              # also expected_positions_layer{l}.npy
+        self.B, self.L = B, L
+        self.memory_tokens = memory_tokens      # encoder length for cross-attention
+        cfg = config
+        self.family = "bert" if cfg["model_type"] in ("bert", "roberta") else "llama"
+        self.layers = cfg["num_hidden_layers"]
+        self.hidden = cfg["hidden_size"]
+        self.Hq = cfg["num_attention_heads"]
+        self.Hkv = cfg.get("num_key_value_heads", self.Hq)
+        self.D = cfg.get("head_dim") or self.hidden // self.Hq
+        self.cross = self.family == "bert" and cfg.get("add_cross_attention", False)
+        # Hugging Face's modules: bert has every bias; qwen2 has q/k/v biases and
+        # none on o; llama and qwen3 follow attention_bias for all four; mistral
+        # has none; qwen3 normalizes each head's q and k.
+        model_type = cfg["model_type"]
+        if self.family == "bert":
+            self.qkv_bias = self.o_bias = True
+        elif model_type == "qwen2":
+            self.qkv_bias, self.o_bias = True, False
+        else:
+            self.qkv_bias = self.o_bias = cfg.get("attention_bias", False)
+        self.qk_norm = model_type == "qwen3"
+        self.norm_eps = cfg.get("rms_norm_eps", 1e-6)
+        self.sliding_window = cfg.get("sliding_window") or 0
+
+
+MODEL_CASES = [
+    ModelCase("mistral_window", dtype="F32", config={
+        "model_type": "mistral", "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "num_hidden_layers": 2,
+        "rope_theta": 10000.0, "sliding_window": 4, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096, "torch_dtype": "float32"},
+        extra=[("model.embed_tokens.weight", (32, 64)),
+               ("model.layers.0.mlp.gate_proj.weight", (16, 64))]),
+    # Original context 16 with factor 8, 1, 4: the first frequency is in the
+    # smoothed band, the others are divided by the factor.
+    ModelCase("llama3_scaled", dtype="F32", config={
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 1, "num_hidden_layers": 2, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+        "attention_bias": True, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
+        "torch_dtype": "float32"},
+        positions=list(range(100, 107))),
+    ModelCase("qwen3_qknorm_bf16", dtype="BF16", config={
+        "model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 2,
+        "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "attention_bias": False,
+        "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}),
+    ModelCase("qwen2_bias_f16_sharded", dtype="F16", shards=2, config={
+        "model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "torch_dtype": "float16"}),
+    ModelCase("bert_cross", dtype="F32", config={
+        "model_type": "bert", "hidden_size": 48, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "is_decoder": True, "add_cross_attention": True,
+        "position_embedding_type": "absolute", "layer_norm_eps": 1e-12,
+        "intermediate_size": 96, "torch_dtype": "float32"},
+        extra=[(f"bert.encoder.layer.{layer}.attention.output.LayerNorm.{part}", (48,))
+               for layer in range(2) for part in ("weight", "bias")]),
+]
+
+
+def round_weights(values, dtype):
+    """float64 array -> (the stored little-endian array, its exact float64 values).
+
+    F32 and F16 round to nearest even (NumPy converts float64 to float16 in one
+    step); BF16 rounds the float64 value to 8 significant bits, to nearest even,
+    and stores the upper half of the equal float32."""
+    if dtype == "F32":
+        stored = values.astype("<f4")
+    elif dtype == "F16":
+        stored = values.astype("<f2")
+    elif dtype == "BF16":
+        mantissa, exponent = np.frexp(values)
+        rounded = np.ldexp(np.rint(mantissa * 256.0), exponent - 8)
+        bits = rounded.astype(np.float32).view(np.uint32)
+        assert (bits & 0xFFFF == 0).all() and (bits.view(np.float32) == rounded).all()
+        stored = (bits >> 16).astype("<u2")
+        return stored, rounded
+    else:
+        raise ValueError(dtype)
+    return stored, stored.astype(np.float64)
+
+
+def write_safetensors(path, tensors):
+    """tensors: [(name, dtype, stored array)], written in that order."""
+    header, offset = {}, 0
+    for name, dtype, stored in tensors:
+        header[name] = {"dtype": dtype, "shape": list(stored.shape),
+                        "data_offsets": [offset, offset + stored.nbytes]}
+        offset += stored.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, _, stored in tensors:
+            f.write(np.ascontiguousarray(stored).tobytes())
+
+
+def attention_tensor_names(c, layer, block):
+    """{role: tensor name} of one attention block ("self" or "cross")."""
+    if c.family == "bert":
+        prefix = f"bert.encoder.layer.{layer}." + ("attention" if block == "self"
+                                                    else "crossattention")
+        names = {role: f"{prefix}.self.{hf}.weight"
+                 for role, hf in (("q", "query"), ("k", "key"), ("v", "value"))}
+        names.update({f"b{role}": f"{prefix}.self.{hf}.bias"
+                      for role, hf in (("q", "query"), ("k", "key"), ("v", "value"))})
+        names.update(o=f"{prefix}.output.dense.weight", bo=f"{prefix}.output.dense.bias")
+        return names
+    prefix = f"model.layers.{layer}.self_attn"
+    names = {role: f"{prefix}.{role}_proj.weight" for role in "qkvo"}
+    if c.qkv_bias:
+        names.update({f"b{role}": f"{prefix}.{role}_proj.bias" for role in "qkv"})
+    if c.o_bias:
+        names["bo"] = f"{prefix}.o_proj.bias"
+    if c.qk_norm:
+        names.update(q_norm=f"{prefix}.q_norm.weight", k_norm=f"{prefix}.k_norm.weight")
+    return names
+
+
+def make_attention_weights(c, gen, layer, block):
+    """Random float64 weights of one block, as {name: (role, array)}: weights
+    N(0, 1/in), biases N(0, 0.5²), q/k norm weights uniform in [0.8, 1.2]."""
+    shapes = {"q": (c.Hq * c.D, c.hidden), "k": (c.Hkv * c.D, c.hidden),
+              "v": (c.Hkv * c.D, c.hidden), "o": (c.hidden, c.Hq * c.D)}
+    out = {}
+    for role, name in attention_tensor_names(c, layer, block).items():
+        if role in shapes:
+            rows, cols = shapes[role]
+            value = torch.randn(rows, cols, generator=gen, dtype=F64) / math.sqrt(cols)
+        elif role.startswith("b"):
+            value = torch.randn(shapes[role[1:]][0], generator=gen, dtype=F64) * 0.5
+        else:
+            value = 0.8 + 0.4 * torch.rand(c.D, generator=gen, dtype=F64)
+        out[name] = (role, value.numpy())
+    return out
+
+
+def model_rope_case(c, positions):
+    """The RopeCase of config.json's rope_theta and rope_scaling (NeoX, full D)."""
+    cfg = c.config
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "none"))
+    assert kind in ("none", "default", "llama3"), kind
+    if kind != "llama3":
+        return RopeCase(c.name, H=c.Hq, D=c.D, positions=positions, theta=cfg["rope_theta"])
+    return RopeCase(c.name, H=c.Hq, D=c.D, positions=positions, theta=cfg["rope_theta"],
+                    scaling="llama3", factor=scaling["factor"],
+                    original_max_positions=scaling["original_max_position_embeddings"],
+                    low_freq_factor=scaling["low_freq_factor"],
+                    high_freq_factor=scaling["high_freq_factor"])
+
+
+def linear(x, w, role):
+    y = x @ torch.from_numpy(w[role]).T
+    bias = w.get("b" + role)
+    return y if bias is None else y + torch.from_numpy(bias)
+
+
+def llama_mask(c, L):
+    """Boolean [L, L]: query i sees key j iff j <= i (and i - j < sliding_window)."""
+    i = torch.arange(L).view(L, 1)
+    j = torch.arange(L).view(1, L)
+    mask = j <= i
+    if c.sliding_window:
+        mask = mask & (i - j < c.sliding_window)
+    return mask
+
+
+def llama_layer_reference(c, w, x, positions):
+    """y = o_proj(attention(q, k, v)) in float64; x [B, L, hidden], w {role: array}."""
+    B, L, _ = x.shape
+    q = linear(x, w, "q").view(B, L, c.Hq, c.D)
+    k = linear(x, w, "k").view(B, L, c.Hkv, c.D)
+    v = linear(x, w, "v").view(B, L, c.Hkv, c.D)
+    if c.qk_norm:
+        def rms_norm(t, weight):
+            return t / torch.sqrt(t.pow(2).mean(dim=-1, keepdim=True) + c.norm_eps) * weight
+        q = rms_norm(q, torch.from_numpy(w["q_norm"]))
+        k = rms_norm(k, torch.from_numpy(w["k_norm"]))
+    rope = model_rope_case(c, positions.tolist())
+    q = rope_reference(rope, q, positions)        # [B, L, H, D] broadcasts over B
+    k = rope_reference(rope, k, positions)
+    group = c.Hq // c.Hkv
+    kh = k.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)   # [B, Hq, L, D]
+    vh = v.permute(0, 2, 1, 3).repeat_interleave(group, dim=1)
+    qh = q.permute(0, 2, 1, 3)
+    mask = llama_mask(c, L)
+    s = torch.einsum("bhid,bhjd->bhij", qh, kh) / math.sqrt(c.D)
+    p = torch.softmax(s.masked_fill(~mask, -math.inf), dim=-1)
+    out = torch.einsum("bhij,bhjd->bihd", p, vh).reshape(B, L, c.Hq * c.D)
+
+    # Independent check: PyTorch's SDPA with an additive mask from tril/triu.
+    sdpa = getattr(F, "scaled_dot_product_attention", None) or F._scaled_dot_product_attention
+    ones = torch.ones(L, L, dtype=torch.bool)
+    allowed = torch.tril(ones)
+    if c.sliding_window:
+        allowed &= torch.triu(ones, diagonal=1 - c.sliding_window)
+    add = torch.zeros(L, L, dtype=F64).masked_fill(~allowed, -math.inf)
+    want = sdpa(qh, kh, vh, add, 0.0, False, False)
+    want = want[0] if isinstance(want, tuple) else want
+    err = (want.permute(0, 2, 1, 3).reshape(B, L, -1) - out).abs().max().item()
+    assert err < 1e-12, f"{c.name}: differs from PyTorch SDPA by {err}"
+    return linear(out, w, "o")
+
+
+def bert_block_reference(c, w, x, memory=None):
+    """torch.nn.MultiheadAttention with the block's weights; no mask."""
+    mha = torch.nn.MultiheadAttention(c.hidden, c.Hq, bias=True, batch_first=True, dtype=F64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.from_numpy(np.concatenate([w["q"], w["k"], w["v"]])))
+        mha.in_proj_bias.copy_(torch.from_numpy(np.concatenate([w["bq"], w["bk"], w["bv"]])))
+        mha.out_proj.weight.copy_(torch.from_numpy(w["o"]))
+        mha.out_proj.bias.copy_(torch.from_numpy(w["bo"]))
+        kv = x if memory is None else memory
+        return mha(x, kv, kv, need_weights=False)[0]
+
+
+def write_model_case(c, root):
+    gen = torch.Generator().manual_seed(sum(map(ord, "model/" + c.name)))
+    d = root / c.name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(c.config, indent=2) + "\n")
+    (d / "case.json").write_text(json.dumps(
+        {"batch": c.B, "tokens": c.L, "layers": c.layers, "cross": c.cross}) + "\n")
+
+    x = torch.randn(c.B, c.L, c.hidden, generator=gen, dtype=torch.float32).numpy()
+    np.save(d / "x.npy", x)
+    xt = torch.from_numpy(x.astype(np.float64))
+    memory = None
+    if c.cross:
+        memory = torch.randn(c.B, c.memory_tokens, c.hidden, generator=gen,
+                             dtype=torch.float32).numpy()
+        np.save(d / "memory.npy", memory)
+        memory = torch.from_numpy(memory.astype(np.float64))
+
+    files = [[] for _ in range(c.shards)]       # [(name, dtype, stored)] per file
+    for name, shape in c.extra:
+        value = torch.randn(*shape, generator=gen, dtype=F64).numpy()
+        files[0].append((name, c.dtype, round_weights(value, c.dtype)[0]))
+    for layer in range(c.layers):
+        shard = files[layer * c.shards // c.layers]
+        for block in ("self", "cross") if c.cross else ("self",):
+            w = {}
+            for name, (role, value) in make_attention_weights(c, gen, layer, block).items():
+                stored, exact = round_weights(value, c.dtype)
+                shard.append((name, c.dtype, stored))
+                w[role] = exact
+            if c.family == "bert":
+                y = bert_block_reference(c, w, xt, memory if block == "cross" else None)
+            else:
+                positions = torch.arange(c.L)
+                y = llama_layer_reference(c, w, xt, positions)
+                if c.positions is not None:
+                    y_pos = llama_layer_reference(c, w, xt, torch.tensor(c.positions))
+                    np.save(d / f"expected_positions_layer{layer}.npy",
+                            y_pos.numpy().astype(np.float32))
+            stem = "expected_layer" if block == "self" else "expected_cross_layer"
+            np.save(d / f"{stem}{layer}.npy", y.numpy().astype(np.float32))
+    if c.positions is not None:
+        np.save(d / "positions.npy", np.array(c.positions, dtype=np.int64))
+
+    if c.shards == 1:
+        write_safetensors(d / "model.safetensors", files[0])
+        return
+    weight_map, total = {}, 0
+    for index, tensors in enumerate(files):
+        file_name = f"model-{index + 1:05d}-of-{c.shards:05d}.safetensors"
+        write_safetensors(d / file_name, tensors)
+        for name, _, stored in tensors:
+            weight_map[name] = file_name
+            total += stored.nbytes
+    index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+
 def fresh_dir(path):
     if path.exists():
         shutil.rmtree(path)
@@ -541,6 +849,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=here / "cases")
     parser.add_argument("--rope_out", type=Path, default=here / "rope")
+    parser.add_argument("--models_out", type=Path, default=here / "models")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     fresh_dir(args.out)
@@ -556,6 +865,13 @@ def main():
     for c in ROPE_CASES:
         write_rope_case(c, args.rope_out)
     print(f"wrote {len(ROPE_CASES)} RoPE cases to {args.rope_out}")
+
+    fresh_dir(args.models_out)
+    names = [c.name for c in MODEL_CASES]
+    assert len(names) == len(set(names)), "duplicate model case names"
+    for c in MODEL_CASES:
+        write_model_case(c, args.models_out)
+    print(f"wrote {len(MODEL_CASES)} model cases to {args.models_out}")
 
 
 if __name__ == "__main__":
