@@ -186,22 +186,22 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
   if (!options.ok()) return options.status();
   request.options = *std::move(options);
 
-  request.outputs.lse = proto.outputs().lse();
-  request.outputs.entropy = proto.outputs().entropy();
-  request.outputs.weights = proto.outputs().weights();
-  request.outputs.top_k = proto.outputs().top_k();
+  request.outputs = OutputsFromProto(proto.outputs());
   return request;
+}
+
+OutputSpec OutputsFromProto(const v1::OutputSpec& proto) {
+  OutputSpec outputs;
+  outputs.lse = proto.lse();
+  outputs.entropy = proto.entropy();
+  outputs.weights = proto.weights();
+  outputs.top_k = proto.top_k();
+  return outputs;
 }
 
 void JobToProto(AttentionJob& job, v1::AttendResponse* response) {
   TensorToProto(job.output, response->mutable_output());
-  if (job.params.lse != nullptr) TensorToProto(job.lse, response->mutable_lse());
-  if (job.params.entropy != nullptr) TensorToProto(job.entropy, response->mutable_entropy());
-  if (job.params.weights != nullptr) TensorToProto(job.weights, response->mutable_weights());
-  if (job.params.top_k > 0) {
-    TensorToProto(job.top_k_indices, response->mutable_top_k_indices());
-    TensorToProto(job.top_k_weights, response->mutable_top_k_weights());
-  }
+  OptionalOutputsToProto(job, response);
 }
 
 void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out) {
@@ -210,6 +210,55 @@ void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out) {
   for (DType d : info.dtypes) out->add_dtypes(DTypeToProto(d));
   for (const std::string& f : info.features) out->add_features(f);
   out->set_max_head_dim(info.max_head_dim);
+}
+
+void RopeToProto(const RopeConfig& config, v1::RotaryEmbedding* out) {
+  out->set_theta(static_cast<float>(config.theta));
+  out->set_rotary_dim(config.rotary_dim);
+  out->set_style(config.style == RopeStyle::kGptj ? v1::RotaryEmbedding::GPTJ
+                                                  : v1::RotaryEmbedding::NEOX);
+  switch (config.scaling) {
+    case RopeScaling::kNone:
+      out->set_scaling(v1::RotaryEmbedding::NONE);
+      break;
+    case RopeScaling::kLinear:
+      out->set_scaling(v1::RotaryEmbedding::LINEAR);
+      break;
+    case RopeScaling::kNtk:
+      out->set_scaling(v1::RotaryEmbedding::NTK);
+      break;
+    case RopeScaling::kDynamic:
+      out->set_scaling(v1::RotaryEmbedding::DYNAMIC);
+      break;
+    case RopeScaling::kLlama3:
+      out->set_scaling(v1::RotaryEmbedding::LLAMA3);
+      break;
+  }
+  if (config.scaling != RopeScaling::kNone) out->set_factor(static_cast<float>(config.factor));
+  out->set_original_max_positions(config.original_max_positions);
+  if (config.scaling == RopeScaling::kLlama3) {
+    out->set_low_freq_factor(static_cast<float>(config.low_freq_factor));
+    out->set_high_freq_factor(static_cast<float>(config.high_freq_factor));
+  }
+}
+
+void ModelToProto(const Model& model, v1::ModelDescription* out) {
+  const ModelConfig& c = model.config();
+  out->set_name(model.name());
+  out->set_family(ModelFamilyName(c.family));
+  out->set_model_type(c.model_type);
+  out->set_num_layers(c.num_layers);
+  out->set_hidden_size(c.hidden_size);
+  out->set_num_heads(c.num_heads);
+  out->set_num_kv_heads(c.num_kv_heads);
+  out->set_head_dim(c.head_dim);
+  out->set_dtype(DTypeToProto(model.weights_dtype()));
+  out->set_cross_attention(c.cross_attention);
+  out->set_causal(c.causal);
+  out->set_sliding_window(c.sliding_window);
+  out->set_qk_norm(c.qk_norm);
+  if (c.rope.has_value()) RopeToProto(*c.rope, out->mutable_rotary());
+  out->set_weight_bytes(model.weight_bytes());
 }
 
 }  // namespace attnserve

@@ -13,6 +13,7 @@
 #include "attnserve/v1/attention.pb.h"
 #include "backends/backend.h"
 #include "core/dtype.h"
+#include "model/model.h"
 
 namespace attnserve {
 
@@ -38,6 +39,22 @@ absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& pr
 // PrepareAttention. INVALID_ARGUMENT names the field.
 absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto);
 
+// The optional outputs asked of an attention call.
+OutputSpec OutputsFromProto(const v1::OutputSpec& proto);
+
+// Moves the job's optional outputs (lse, entropy, weights, top-k) into
+// `response`, those the job computed (the storage is moved, not copied).
+template <typename Response>
+void OptionalOutputsToProto(AttentionJob& job, Response* response) {
+  if (job.params.lse != nullptr) TensorToProto(job.lse, response->mutable_lse());
+  if (job.params.entropy != nullptr) TensorToProto(job.entropy, response->mutable_entropy());
+  if (job.params.weights != nullptr) TensorToProto(job.weights, response->mutable_weights());
+  if (job.params.top_k > 0) {
+    TensorToProto(job.top_k_indices, response->mutable_top_k_indices());
+    TensorToProto(job.top_k_weights, response->mutable_top_k_weights());
+  }
+}
+
 // Moves the job's output tensors into `response` (the storage is moved, not
 // copied). Optional outputs are set only when the job computed them.
 void JobToProto(AttentionJob& job, v1::AttendResponse* response);
@@ -58,6 +75,8 @@ absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t 
                          int64_t max_position, DType out_dtype, std::string* out);
 
 void BackendInfoToProto(const BackendInfo& info, v1::BackendDescription* out);
+void RopeToProto(const RopeConfig& config, v1::RotaryEmbedding* out);
+void ModelToProto(const Model& model, v1::ModelDescription* out);
 
 }  // namespace attnserve
 

@@ -74,12 +74,35 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert");
 ABSL_FLAG(std::string, tls_client_ca, "",
           "PEM CA bundle; set: require client certificates signed by it (mutual TLS; needs "
           "--tls_cert)");
+ABSL_FLAG(std::string, model, "",
+          "NAME=DIR: load the attention weights of a Hugging Face-style model directory "
+          "(config.json and *.safetensors; families llama, mistral, qwen2, qwen3, bert, roberta) "
+          "as NAME, for AttendLayer and model sessions. Repeat the flag for more models");
 ABSL_FLAG(std::string, auth_tokens_file, "",
           "file of 'name token' lines ('#' comments); set: every call but health and reflection "
           "needs metadata 'authorization: Bearer <token>' with one of them, else UNAUTHENTICATED");
 
+namespace {
+
+// Every --model value, in order (absl keeps only the last of a repeated flag).
+std::vector<std::string> ModelFlags(int argc, char** argv) {
+  std::vector<std::string> values;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--") break;
+    for (const char* prefix : {"--model=", "-model="}) {
+      if (arg.rfind(prefix, 0) == 0) values.push_back(arg.substr(std::string(prefix).size()));
+    }
+    if ((arg == "--model" || arg == "-model") && i + 1 < argc) values.push_back(argv[++i]);
+  }
+  return values;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("attnserve: attention as a gRPC service. Flags: --helpfull");
+  const std::vector<std::string> model_flags = ModelFlags(argc, argv);
   absl::ParseCommandLine(argc, argv);
 
   // Tensors of 1 MiB and more get their own mappings, returned to the system
@@ -124,6 +147,14 @@ int main(int argc, char** argv) {
   options.sessions.block_tokens = absl::GetFlag(FLAGS_kv_block_tokens);
   options.sessions.idle_timeout = absl::Seconds(absl::GetFlag(FLAGS_session_idle_timeout_s));
   options.sessions.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  for (const std::string& value : model_flags) {
+    const size_t eq = value.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == value.size()) {
+      std::fprintf(stderr, "attnserve: --model: expected NAME=DIR, got \"%s\"\n", value.c_str());
+      return 1;
+    }
+    options.models.push_back({value.substr(0, eq), value.substr(eq + 1)});
+  }
   const std::string eviction = absl::GetFlag(FLAGS_kv_eviction);
   if (eviction == "lru_idle") {
     options.sessions.eviction = attnserve::EvictionPolicy::kLruIdle;
@@ -155,6 +186,10 @@ int main(int argc, char** argv) {
                absl::StrJoin((*server)->backend_names(), ",").c_str(),
                (*server)->default_backend().c_str(), options.scheduler.workers);
 
+  for (const attnserve::ServerOptions::ModelSpec& spec : options.models) {
+    std::fprintf(stderr, "attnserve: model %s loaded from %s\n", spec.name.c_str(),
+                 spec.dir.c_str());
+  }
   std::fprintf(stderr, "attnserve: memory budget: %s\n",
                (*server)->memory_limit_derivation().c_str());
 

@@ -95,11 +95,31 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials =
       CreateServerCredentials(options.auth);
   if (!credentials.ok()) return credentials.status();
+  std::vector<std::unique_ptr<Model>> models;
+  int64_t model_bytes = 0;
+  for (const ServerOptions::ModelSpec& spec : options.models) {
+    if (spec.name.empty() || std::any_of(models.begin(), models.end(), [&](const auto& m) {
+          return m->name() == spec.name;
+        })) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--model: expected NAME=DIR with a unique, non-empty NAME, got \"", spec.name, "=",
+          spec.dir, "\""));
+    }
+    absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(spec.name, spec.dir);
+    if (!model.ok()) {
+      return absl::Status(model.status().code(),
+                          absl::StrCat("--model=", spec.name, "=", spec.dir, ": ",
+                                       model.status().message()));
+    }
+    model_bytes += (*model)->weight_bytes();
+    models.push_back(*std::move(model));
+  }
   int64_t memory_limit = options.memory_limit_bytes;
   std::string derivation = absl::StrCat("--memory_limit_bytes=", HumanBytes(memory_limit));
   if (memory_limit == 0) {
     absl::StatusOr<int64_t> derived =
-        DefaultMemoryLimit(DetectSystemMemory(), options.sessions.kv_cache_bytes, &derivation);
+        DefaultMemoryLimit(DetectSystemMemory(), options.sessions.kv_cache_bytes, &derivation,
+                           model_bytes);
     if (!derived.ok()) return derived.status();
     memory_limit = *derived;
   }
@@ -110,6 +130,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   std::unique_ptr<Server> server(new Server(options));
   server->transport_bytes_ = transport;
   server->backends_ = std::move(backends);
+  server->models_ = std::move(models);
   server->credentials_ = *std::move(credentials);
 
   absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
@@ -153,6 +174,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   service_options.session_metrics = server->session_metrics_.get();
   service_options.caller_identity = CallerIdentity;
   service_options.attention_stats_sample = options.attention_stats_sample;
+  for (const auto& model : server->models_) service_options.models.push_back(model.get());
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
 
   Server* raw = server.get();

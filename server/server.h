@@ -28,6 +28,7 @@
 #include "kvcache/session_store.h"
 #include "metrics/session_metrics.h"
 #include "metrics/metrics.h"
+#include "model/model.h"
 #include "scheduler/scheduler.h"
 #include "server/auth.h"
 #include "server/service.h"
@@ -66,6 +67,13 @@ struct ServerOptions {
   RequestLimits limits;
   int64_t drain_timeout_s = 30;  // how long Drain() lets admitted work finish
   AuthOptions auth;              // TLS, mutual TLS, bearer tokens (server/auth.h)
+  // --model=NAME=DIR: models loaded at start, for AttendLayer and model
+  // sessions (model/model.h). A model that does not load stops Create.
+  struct ModelSpec {
+    std::string name;
+    std::string dir;
+  };
+  std::vector<ModelSpec> models;
 };
 
 class Server {
@@ -116,6 +124,7 @@ class Server {
   // backends, so nothing is used after it is gone. The destructor first
   // joins the scheduler's workers, whose callbacks use the service.
   std::vector<std::unique_ptr<Backend>> backends_;
+  std::vector<std::unique_ptr<Model>> models_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<MemoryBudget> memory_budget_;  // for requests
   int64_t transport_bytes_ = 0;                   // gRPC's ResourceQuota

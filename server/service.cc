@@ -572,6 +572,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     sessions->set_kv_cache_shared_bytes(stats.shared_bytes);
     sessions->set_kv_blocks_shared(stats.shared_blocks);
   }
+  for (const Model* model : options_.models) ModelToProto(*model, response->add_models());
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   FinishUnary(reactor, "GetServerInfo", received, absl::OkStatus());
   return reactor;

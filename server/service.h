@@ -39,6 +39,7 @@
 #include "kvcache/session_store.h"
 #include "metrics/metrics.h"
 #include "metrics/session_metrics.h"
+#include "model/model.h"
 #include "scheduler/scheduler.h"
 
 namespace attnserve {
@@ -75,6 +76,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     // its attention entropy, asked for or not, into
     // attnserve_attention_entropy_nats. 0: off.
     int64_t attention_stats_sample = 0;
+    // Models loaded with --model (not owned), for AttendLayer and model
+    // sessions, by name.
+    std::vector<const Model*> models;
   };
 
   // `options.backends` must not be empty; scheduler and metrics must be set.
@@ -106,6 +110,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                                         v1::BatchDecodeResponse* response) override;
   grpc::ServerBidiReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>* BatchDecodeStream(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* AttendLayer(grpc::CallbackServerContext* context,
+                                        const v1::AttendLayerRequest* request,
+                                        v1::AttendLayerResponse* response) override;
 
   // From now on new requests are answered UNAVAILABLE, and open streams finish
   // (UNAVAILABLE) once their in-flight requests are answered. Admitted work is
@@ -145,6 +152,16 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
   // The backend `name` names; the default for "". NOT_FOUND lists the known ones.
   absl::StatusOr<Backend*> BackendFor(const std::string& name) const;
+  // The model loaded as `name`; NOT_FOUND naming `field` and the loaded ones.
+  absl::StatusOr<const Model*> ModelFor(const std::string& name, absl::string_view field) const;
+
+  // Validates an AttendLayer and admits it to the scheduler with its
+  // projections as the task's stage; as Submit otherwise. (layer_rpcs.cc)
+  absl::Status SubmitLayer(const v1::AttendLayerRequest& request, absl::Time deadline,
+                           std::function<bool()> is_cancelled, absl::Time received,
+                           v1::AttendLayerResponse* response,
+                           MemoryBudget::Reservation* reservation,
+                           std::function<void(absl::Status)> done);
 
   // Validates a Decode, appends its K/V to the session and admits it to the
   // scheduler; the reactor is finished by the scheduler's done callback. On

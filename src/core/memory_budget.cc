@@ -111,14 +111,16 @@ SystemMemory DetectSystemMemory() {
 }
 
 absl::StatusOr<int64_t> DefaultMemoryLimit(const SystemMemory& system, int64_t kv_cache_bytes,
-                                           std::string* derivation) {
+                                           std::string* derivation, int64_t model_bytes) {
   const int64_t usable = static_cast<int64_t>(static_cast<double>(system.bytes) *
                                               kDefaultBudgetFraction);
-  const int64_t budget = usable - kv_cache_bytes - kProcessBaselineBytes;
+  const int64_t budget = usable - kv_cache_bytes - model_bytes - kProcessBaselineBytes;
+  const std::string models =
+      model_bytes > 0 ? absl::StrCat(" - model weights (", HumanBytes(model_bytes), ")") : "";
   const std::string how = absl::StrFormat(
-      "%.0f%% of %s (%s) - --kv_cache_bytes (%s) - %s for the process itself = %s",
+      "%.0f%% of %s (%s) - --kv_cache_bytes (%s)%s - %s for the process itself = %s",
       kDefaultBudgetFraction * 100, system.source, HumanBytes(system.bytes),
-      HumanBytes(kv_cache_bytes), HumanBytes(kProcessBaselineBytes), HumanBytes(budget));
+      HumanBytes(kv_cache_bytes), models, HumanBytes(kProcessBaselineBytes), HumanBytes(budget));
   if (budget < kMinBudgetBytes) {
     return absl::FailedPreconditionError(absl::StrCat(
         "memory_limit_bytes: cannot derive a default: ", how, ", less than the minimum ",

@@ -79,14 +79,15 @@ struct SystemMemory {
 SystemMemory DetectSystemMemory();
 
 // The default --memory_limit_bytes: kDefaultBudgetFraction of `system`,
-// minus `kv_cache_bytes`, minus kProcessBaselineBytes for the process itself
-// (code, gRPC, threads, metrics). FAILED_PRECONDITION, saying why, when less
+// minus `kv_cache_bytes`, minus `model_bytes` (the weights of --model), minus
+// kProcessBaselineBytes for the process itself (code, gRPC, threads, metrics). FAILED_PRECONDITION, saying why, when less
 // than kMinBudgetBytes would be left. `derivation` gets a line for the log.
 inline constexpr double kDefaultBudgetFraction = 0.85;
 inline constexpr int64_t kProcessBaselineBytes = int64_t{256} << 20;
 inline constexpr int64_t kMinBudgetBytes = int64_t{64} << 20;
 absl::StatusOr<int64_t> DefaultMemoryLimit(const SystemMemory& system, int64_t kv_cache_bytes,
-                                           std::string* derivation);
+                                           std::string* derivation,
+                                           int64_t model_bytes = 0);
 
 }  // namespace attnserve
 

@@ -429,15 +429,34 @@ class BatchingScheduler final : public Scheduler {
       observer_->OnDequeue(NonNegative(start - t.admitted));
     }
     first_param.push_back(params.size());
-    std::vector<absl::Status> status(run.size(), RunGuarded(backend, params));
-    if (run.size() > 1 && absl::IsResourceExhausted(status.front())) {
+    std::vector<absl::Status> status(run.size());
+    RunStages(run, status, &TaskStage::Prepare);
+    // The tasks whose stage failed drop out of the backend call.
+    std::vector<AttentionParams> ready;
+    std::vector<size_t> ready_first;  // per task, where its params start in `ready`
+    ready.reserve(params.size());
+    for (size_t i = 0; i < run.size(); ++i) {
+      ready_first.push_back(ready.size());
+      if (!status[i].ok()) continue;
+      ready.insert(ready.end(), params.begin() + first_param[i],
+                   params.begin() + first_param[i + 1]);
+    }
+    ready_first.push_back(ready.size());
+    const absl::Status batch_status =
+        ready.empty() ? absl::OkStatus() : RunGuarded(backend, ready);
+    for (absl::Status& s : status) {
+      if (s.ok()) s = batch_status;
+    }
+    if (run.size() > 1 && absl::IsResourceExhausted(batch_status)) {
       // Out of memory for the batch: run each task alone so that only the
       // ones that cannot fit fail.
       for (size_t i = 0; i < run.size(); ++i) {
-        status[i] = RunGuarded(backend, absl::MakeConstSpan(params).subspan(
-                                            first_param[i], first_param[i + 1] - first_param[i]));
+        if (ready_first[i] == ready_first[i + 1]) continue;
+        status[i] = RunGuarded(backend, absl::MakeConstSpan(ready).subspan(
+                                            ready_first[i], ready_first[i + 1] - ready_first[i]));
       }
     }
+    RunStages(run, status, &TaskStage::Finish);
     const absl::Time end = clock_->Now();
     const int32_t batch_size = static_cast<int32_t>(params.size());
     observer_->OnBatch(backend->info().name, batch_size, flops, end - start);
@@ -445,6 +464,35 @@ class BatchingScheduler final : public Scheduler {
       QueuedTask& t = run[i];
       if (status[i].ok() && tokens[i]->stopped()) status[i] = StoppedStatus(t, end);
       Answer(t, status[i], TaskTiming{NonNegative(start - t.admitted), end - start, batch_size});
+    }
+  }
+
+  // Calls `step` (Prepare or Finish) once per group of the stages of the
+  // tasks in `run` whose status is OK, and sets their status to its result.
+  static void RunStages(std::vector<QueuedTask>& run, std::vector<absl::Status>& status,
+                        absl::Status (TaskStage::*step)(absl::Span<TaskStage* const>)) {
+    std::vector<bool> done(run.size(), false);
+    for (size_t i = 0; i < run.size(); ++i) {
+      TaskStage* stage = run[i].task.stage;
+      if (stage == nullptr || done[i] || !status[i].ok()) continue;
+      std::vector<TaskStage*> members;
+      std::vector<size_t> index;
+      for (size_t j = i; j < run.size(); ++j) {
+        TaskStage* other = run[j].task.stage;
+        if (other == nullptr || done[j] || !status[j].ok() || other->group() != stage->group()) {
+          continue;
+        }
+        members.push_back(other);
+        index.push_back(j);
+        done[j] = true;
+      }
+      absl::Status result;
+      try {
+        result = (stage->*step)(members);
+      } catch (const std::bad_alloc&) {
+        result = absl::ResourceExhaustedError("out of memory in a task's stage (projections)");
+      }
+      for (size_t j : index) status[j] = result;
     }
   }
 

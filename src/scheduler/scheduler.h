@@ -25,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "attention/job.h"
 #include "backends/backend.h"
 #include "scheduler/clock.h"
@@ -50,6 +51,26 @@ struct TaskTiming {
   int32_t batch_size = 0;
 };
 
+// Work a task does on its worker around its backend call: a model layer's
+// input projections before the attention and its output projection after.
+// The tasks of one backend call whose stages share a group() run theirs
+// together, so that their rows share one pass over the weights.
+class TaskStage {
+ public:
+  virtual ~TaskStage() = default;
+  // Tasks whose stages return the same pointer are prepared and finished
+  // together (e.g. the weights of one model layer).
+  virtual const void* group() const = 0;
+  // Before the backend call, for `members` (every stage of the call with this
+  // group(), this one among them, in admission order): fills their jobs'
+  // inputs. An error fails every member; std::bad_alloc is answered
+  // RESOURCE_EXHAUSTED.
+  virtual absl::Status Prepare(absl::Span<TaskStage* const> members) = 0;
+  // After the backend call, for the members whose compute succeeded: turns
+  // their jobs' outputs into the task's result. Errors as Prepare.
+  virtual absl::Status Finish(absl::Span<TaskStage* const> members) = 0;
+};
+
 struct Task {
   std::unique_ptr<AttentionJob> job;
   // Instead of `job`: jobs computed together in one backend call, all or
@@ -57,6 +78,9 @@ struct Task {
   // which then receives a null job. All the same dtype and variant.
   std::vector<AttentionJob*> gang;
   Backend* backend = nullptr;  // not owned; must outlive the scheduler
+  // Not owned; null for a plain attention task. Must live until `done` runs.
+  // Its Prepare and Finish time counts as compute.
+  TaskStage* stage = nullptr;
   int32_t priority = 0;        // 0 normal, 1 high
   absl::Time deadline = absl::InfiniteFuture();
   // Polled before compute; a true answer drops the task with CANCELLED. May be null.

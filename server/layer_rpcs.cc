@@ -1,0 +1,127 @@
+// AttendLayer: one attention layer of a model loaded with --model, from
+// hidden states. The request is planned as a LayerCall (model/layer.h): its
+// attention job goes to the scheduler like an Attend's, with the call as the
+// task's stage, so that the projections of every AttendLayer on the same
+// layer in one backend call run as one matmul.
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "model/layer.h"
+#include "server/call_context.h"
+#include "server/convert.h"
+#include "server/service.h"
+
+namespace attnserve {
+namespace {
+constexpr char kAttendLayer[] = "AttendLayer";
+}  // namespace
+
+absl::StatusOr<const Model*> AttentionServiceImpl::ModelFor(const std::string& name,
+                                                            absl::string_view field) const {
+  std::vector<std::string> names;
+  for (const Model* model : options_.models) {
+    if (model->name() == name) return model;
+    names.push_back(model->name());
+  }
+  if (names.empty()) {
+    return absl::NotFoundError(absl::StrCat(
+        field, ": model \"", name, "\" is not loaded: this server has no models (--model)"));
+  }
+  return absl::NotFoundError(absl::StrCat(field, ": expected one of the loaded models ",
+                                          absl::StrJoin(names, ", "), ", got \"", name, "\""));
+}
+
+absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& request,
+                                               absl::Time deadline,
+                                               std::function<bool()> is_cancelled,
+                                               absl::Time received,
+                                               v1::AttendLayerResponse* response,
+                                               MemoryBudget::Reservation* reservation,
+                                               std::function<void(absl::Status)> done) {
+  if (draining()) return Draining();
+  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  if (!chosen.ok()) return chosen.status();
+  Backend* backend = *chosen;
+  if (request.priority() != 0 && request.priority() != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("priority: expected 0 (normal) or 1 (high), got ", request.priority()));
+  }
+  absl::StatusOr<const Model*> model = ModelFor(request.model(), "model");
+  if (!model.ok()) return model.status();
+
+  LayerInput input;
+  input.model = *model;
+  input.layer = request.layer();
+  absl::StatusOr<TensorView> x = ViewFromProto(request.x(), "x");
+  if (!x.ok()) return x.status();
+  input.x = *std::move(x);
+  if (request.has_memory()) {
+    absl::StatusOr<TensorView> memory = ViewFromProto(request.memory(), "memory");
+    if (!memory.ok()) return memory.status();
+    input.memory = *std::move(memory);
+  }
+  input.positions.assign(request.positions().begin(), request.positions().end());
+  if (request.has_causal()) input.causal = request.causal();
+  absl::StatusOr<AttentionOptions> options = OptionsFromProto(request.options());
+  if (!options.ok()) return options.status();
+  input.options = *std::move(options);
+  input.key_lengths.assign(request.key_lengths().begin(), request.key_lengths().end());
+  input.outputs = OutputsFromProto(request.outputs());
+
+  absl::StatusOr<std::unique_ptr<LayerCall>> planned = LayerCall::Plan(input, options_.limits);
+  if (!planned.ok()) return CountRejection(planned.status(), "size");
+  std::shared_ptr<LayerCall> call = *std::move(planned);
+  std::unique_ptr<AttentionJob> job = call->TakeJob();
+  if (absl::Status s = CheckRunnable(*job, *backend); !s.ok()) return s;
+  const AttentionJob* reserved_job = job.get();
+  absl::StatusOr<MemoryBudget::Reservation> reserved =
+      ReserveMemory(absl::MakeConstSpan(&reserved_job, 1), *backend,
+                    static_cast<int64_t>(request.ByteSizeLong()), call->held_bytes());
+  if (!reserved.ok()) return reserved.status();
+  *reservation = *std::move(reserved);
+
+  response->set_request_id(request.request_id());
+  Task task;
+  task.job = std::move(job);
+  task.backend = backend;
+  task.stage = call.get();
+  task.priority = request.priority();
+  task.deadline = deadline;
+  task.is_cancelled = std::move(is_cancelled);
+  task.done = [call, response, received, backend, done = std::move(done)](
+                  absl::Status status, std::unique_ptr<AttentionJob> job,
+                  const TaskTiming& timing) {
+    if (status.ok()) {
+      TensorToProto(call->y(), response->mutable_y());
+      OptionalOutputsToProto(*job, response);
+      TimingToProto(timing, received, response->mutable_timing());
+      response->set_backend(backend->info().name);
+    }
+    job.reset();
+    done(std::move(status));
+  };
+  return CountRejection(options_.scheduler->Submit(std::move(task)), "queue");
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::AttendLayer(grpc::CallbackServerContext* context,
+                                                            const v1::AttendLayerRequest* request,
+                                                            v1::AttendLayerResponse* response) {
+  const absl::Time received = absl::Now();
+  options_.metrics->RequestStarted();
+  auto* reactor = new CancellableUnaryReactor(options_.metrics, kAttendLayer);
+  absl::Status submitted = AdmitNoThrow([&] {
+    return SubmitLayer(
+        *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
+        response, &reactor->reservation, [this, reactor, received](absl::Status s) {
+          FinishUnary(reactor, kAttendLayer, received, s);
+        });
+  });
+  if (!submitted.ok()) FinishUnary(reactor, kAttendLayer, received, submitted);
+  return reactor;
+}
+
+}  // namespace attnserve
