@@ -172,14 +172,24 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // The checks every session step call starts with: draining, sessions on,
   // the priority; then the backend it names. (session_rpcs.cc)
   absl::StatusOr<Backend*> StepBackend(const std::string& name, int32_t priority) const;
-  // A session step's checks, with nothing changed yet: pins the session
-  // (into step->lease), checks the layer, the new K/V and
-  // expected_context_tokens, converts (and with RoPE rotates) the query, and
-  // plans the job over the grown cache; the backend's Supports. Errors name
-  // the field. (session_rpcs.cc)
-  absl::Status PlanStep(const std::string& caller, const std::string& session_id, int32_t layer,
-                        const v1::Tensor& query, const v1::Tensor& key, const v1::Tensor& value,
-                        std::optional<int64_t> expected_context_tokens,
+  // A session step's first checks: the wire tensors (query/key/value, or a
+  // model session's hidden states, converted to F32), the session (pinned
+  // into step->lease) and the layer. Errors name the field. (session_rpcs.cc)
+  absl::Status BeginStep(const std::string& caller, const std::string& session_id, int32_t layer,
+                         const v1::Tensor& query, const v1::Tensor& key, const v1::Tensor& value,
+                         const v1::Tensor* hidden, SessionStep* step);
+  // Model sessions' steps: their hidden states projected to q, k and v
+  // (with the q/k norms), one matmul per projection for the steps of one
+  // model layer; steps of plain sessions are left alone. (session_rpcs.cc)
+  absl::Status ProjectSteps(absl::Span<SessionStep* const> steps);
+  // After the attention: the output projections of model sessions' steps
+  // (into step->y, in the hidden states' dtype), grouped as ProjectSteps.
+  absl::Status FinishModelSteps(absl::Span<SessionStep* const> steps);
+  // The rest of a step's checks, with nothing changed yet: the new K/V and
+  // expected_context_tokens, the query converted (and with RoPE rotated),
+  // and the job planned over the grown cache; the backend's Supports.
+  // Errors name the field. (session_rpcs.cc)
+  absl::Status PlanStep(std::optional<int64_t> expected_context_tokens,
                         const AttentionOptions& options, const v1::OutputSpec& outputs,
                         const Backend& backend, SessionStep* step);
   // Appends the planned step's K/V and plans its job over the cache.

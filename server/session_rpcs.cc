@@ -6,6 +6,7 @@
 // entries always run in one. A step that fails for any reason leaves the
 // session's cache as it was (SessionLease::Rollback), so a client may simply
 // retry.
+#include <cstring>
 #include <new>
 #include <optional>
 #include <string>
@@ -17,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/half.h"
+#include "model/layer.h"
 #include "server/call_context.h"
 #include "server/convert.h"
 #include "server/service.h"
@@ -83,13 +85,59 @@ absl::StatusOr<AttentionOptions> StepOptions(const v1::AttentionOptions& proto,
 
 }  // namespace
 
+// A model session's config from its model; the fields the request sets must
+// agree with it.
+static absl::Status ModelSessionConfig(const Model& model, const v1::CreateSessionRequest& request,
+                                SessionConfig* config) {
+  const ModelConfig& c = model.config();
+  if (c.family != ModelFamily::kLlama) {
+    return Invalid("model",
+                   "a decoder (llama family) model for a session: its steps append to a causal "
+                   "cache",
+                   absl::StrCat(model.name(), " (", ModelFamilyName(c.family), " family)"));
+  }
+  auto agree = [&](const char* field, int64_t given, int64_t want) -> absl::Status {
+    if (given == 0 || given == want) return absl::OkStatus();
+    return Invalid(field, absl::StrCat("unset or ", want, " (model ", model.name(), ")"),
+                   absl::StrCat(given));
+  };
+  for (const absl::Status& s :
+       {agree("num_kv_heads", request.num_kv_heads(), c.num_kv_heads),
+        agree("head_dim", request.head_dim(), c.head_dim),
+        agree("value_dim", request.value_dim(), c.head_dim),
+        agree("num_layers", request.num_layers(), c.num_layers)}) {
+    if (!s.ok()) return s;
+  }
+  if (request.has_rotary()) {
+    return Invalid("rotary", absl::StrCat("unset: model ", model.name(), "'s config sets RoPE"),
+                   "rotary settings");
+  }
+  config->model = model.name();
+  config->num_kv_heads = c.num_kv_heads;
+  config->head_dim = c.head_dim;
+  config->value_dim = c.head_dim;
+  config->num_layers = c.num_layers;
+  config->rope = c.rope;
+  return absl::OkStatus();
+}
+
 // One session step, from its checks to its answer: the pinned session, the
 // query as the kernel reads it, and the job.
 struct AttentionServiceImpl::SessionStep {
   std::optional<SessionLease> lease;
   int32_t layer = 0;
+  TensorView query;
   TensorView key;
   TensorView value;
+  // A model session's step (CreateSession.model): the hidden states in F32,
+  // their projections (the views above point at them), and after the
+  // attention the layer's output y in the hidden states' dtype and rank.
+  const Model* model = nullptr;
+  DType hidden_dtype = DType::kF32;
+  std::vector<int64_t> hidden_shape;
+  std::vector<float> hidden;  // [T, hidden]
+  Tensor projected[3];        // q [T, Hq, D], k and v [T, Hkv, D], F32
+  Tensor y;
   DType query_dtype = DType::kF32;
   std::string query_storage;  // the query converted to the cache dtype and/or rotated
   AttentionRequest core;
@@ -179,6 +227,11 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
       if (!rope.ok()) return rope.status();
       config.rope = *rope;
     }
+    if (!request->model().empty()) {
+      absl::StatusOr<const Model*> model = ModelFor(request->model(), "model");
+      if (!model.ok()) return model.status();
+      if (absl::Status s = ModelSessionConfig(**model, *request, &config); !s.ok()) return s;
+    }
     absl::StatusOr<SessionStore::Created> created =
         options_.sessions->CreateSession(config, CallerOf(context));
     if (!created.ok()) return created.status();
@@ -237,22 +290,183 @@ absl::StatusOr<Backend*> AttentionServiceImpl::StepBackend(const std::string& na
   return BackendFor(name);
 }
 
-absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
-                                            const std::string& session_id, int32_t layer,
-                                            const v1::Tensor& query_proto,
-                                            const v1::Tensor& key_proto,
-                                            const v1::Tensor& value_proto,
-                                            std::optional<int64_t> expected_context_tokens,
+absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
+                                             const std::string& session_id, int32_t layer,
+                                             const v1::Tensor& query_proto,
+                                             const v1::Tensor& key_proto,
+                                             const v1::Tensor& value_proto,
+                                             const v1::Tensor* hidden_proto, SessionStep* step) {
+  // Wire checks that need no session first.
+  if (hidden_proto != nullptr) {
+    for (auto [t, field] : {std::pair{&query_proto, "query"}, std::pair{&key_proto, "key"},
+                            std::pair{&value_proto, "value"}}) {
+      if (t->ByteSizeLong() != 0) {
+        return Invalid(field, "unset with hidden (the server projects it)", "a tensor");
+      }
+    }
+  }
+  // Reported after the session is known: a model session's step is told it
+  // needs hidden states rather than which of q/k/v is malformed.
+  absl::Status views;
+  if (hidden_proto == nullptr) {
+    for (auto [t, field, view] : {std::tuple{&query_proto, "query", &step->query},
+                                  std::tuple{&key_proto, "key", &step->key},
+                                  std::tuple{&value_proto, "value", &step->value}}) {
+      absl::StatusOr<TensorView> v = ViewFromProto(*t, field);
+      if (!v.ok()) {
+        views = v.status();
+        break;
+      }
+      *view = *std::move(v);
+    }
+  }
+
+  absl::StatusOr<SessionLease> lease = options_.sessions->Acquire(session_id, caller);
+  if (!lease.ok()) return lease.status();
+  step->lease.emplace(*std::move(lease));
+  const SessionConfig& config = step->lease->config();
+  if (layer < 0 || layer >= config.num_layers) {
+    return Invalid("layer", absl::StrCat("a value in [0, ", config.num_layers, ") (num_layers)"),
+                   absl::StrCat(layer));
+  }
+  step->layer = layer;
+  if (config.model.empty()) {
+    if (hidden_proto != nullptr) {
+      return Invalid("hidden", "unset: the session has no model (CreateSession.model)",
+                     "hidden states");
+    }
+    return views;
+  }
+  if (hidden_proto == nullptr) {
+    return Invalid("hidden",
+                   absl::StrCat("the hidden states [T, hidden] of a step of model ", config.model,
+                                " (not query/key/value)"),
+                   "none");
+  }
+  absl::StatusOr<const Model*> model = ModelFor(config.model, "model");
+  if (!model.ok()) return model.status();
+  step->model = *model;
+  absl::StatusOr<TensorView> hidden = ViewFromProto(*hidden_proto, "hidden");
+  if (!hidden.ok()) return hidden.status();
+  const int32_t width = (*model)->config().hidden_size;
+  std::vector<int64_t> s = hidden->shape;
+  if (s.size() == 3 && s[0] == 1) s.erase(s.begin());
+  if (s.size() != 2 || s[0] < 1 || s[1] != width) {
+    return Invalid("hidden.shape",
+                   absl::StrCat("[T >= 1, ", width, "] (or [1, T, ", width,
+                                "]: the hidden size of model ", config.model, ")"),
+                   ShapeString(hidden->shape));
+  }
+  const int64_t bytes = s[0] * width * int64_t(DTypeSize(hidden->dtype));
+  if (static_cast<int64_t>(hidden->data.size()) != bytes) {
+    return Invalid("hidden.data", absl::StrCat(bytes, " bytes for shape ", ShapeString(hidden->shape)),
+                   absl::StrCat(hidden->data.size(), " bytes"));
+  }
+  step->hidden_dtype = hidden->dtype;
+  step->hidden_shape = hidden->shape;
+  step->hidden.resize(static_cast<size_t>(s[0] * width));
+  ConvertFloats(hidden->data.data(), hidden->dtype, step->hidden.data(), DType::kF32,
+                s[0] * width);
+  return absl::OkStatus();
+}
+
+absl::Status AttentionServiceImpl::ProjectSteps(absl::Span<SessionStep* const> steps) {
+  // One matmul per projection for the steps of one model layer.
+  std::vector<bool> done(steps.size(), false);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (done[i] || steps[i]->model == nullptr) continue;
+    const Model& model = *steps[i]->model;
+    const int32_t layer = steps[i]->layer;
+    std::vector<SessionStep*> group;
+    for (size_t j = i; j < steps.size(); ++j) {
+      if (!done[j] && steps[j]->model == &model && steps[j]->layer == layer) {
+        group.push_back(steps[j]);
+        done[j] = true;
+      }
+    }
+    const ModelConfig& c = model.config();
+    const int64_t hidden = c.hidden_size, q_width = int64_t{c.num_heads} * c.head_dim,
+                  kv_width = int64_t{c.num_kv_heads} * c.head_dim;
+    int64_t rows = 0;
+    for (SessionStep* step : group) rows += static_cast<int64_t>(step->hidden.size()) / hidden;
+    std::vector<float> x;
+    const float* in = group[0]->hidden.data();
+    if (group.size() > 1) {
+      x.reserve(static_cast<size_t>(rows * hidden));
+      for (SessionStep* step : group) x.insert(x.end(), step->hidden.begin(), step->hidden.end());
+      in = x.data();
+    }
+    std::vector<float> q(static_cast<size_t>(rows * q_width));
+    std::vector<float> k(static_cast<size_t>(rows * kv_width));
+    std::vector<float> v(static_cast<size_t>(rows * kv_width));
+    const AttentionWeights& w = WeightsOf(model, layer, /*cross=*/false);
+    if (absl::Status s = ProjectQuery(model, w, in, rows, q.data()); !s.ok()) return s;
+    if (absl::Status s = ProjectKeyValue(model, w, in, rows, k.data(), v.data()); !s.ok()) {
+      return s;
+    }
+    int64_t at = 0;
+    for (SessionStep* step : group) {
+      const int64_t t = static_cast<int64_t>(step->hidden.size()) / hidden;
+      const int64_t heads[3] = {c.num_heads, c.num_kv_heads, c.num_kv_heads};
+      const float* from[3] = {q.data() + at * q_width, k.data() + at * kv_width,
+                              v.data() + at * kv_width};
+      TensorView* views[3] = {&step->query, &step->key, &step->value};
+      for (int n = 0; n < 3; ++n) {
+        step->projected[n] = Tensor::Zeros(DType::kF32, {t, heads[n], c.head_dim});
+        std::memcpy(step->projected[n].data.data(), from[n], step->projected[n].data.size());
+        *views[n] = step->projected[n].view();
+      }
+      at += t;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AttentionServiceImpl::FinishModelSteps(absl::Span<SessionStep* const> steps) {
+  std::vector<bool> done(steps.size(), false);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (done[i] || steps[i]->model == nullptr) continue;
+    const Model& model = *steps[i]->model;
+    const int32_t layer = steps[i]->layer;
+    std::vector<SessionStep*> group;
+    for (size_t j = i; j < steps.size(); ++j) {
+      if (!done[j] && steps[j]->model == &model && steps[j]->layer == layer) {
+        group.push_back(steps[j]);
+        done[j] = true;
+      }
+    }
+    const ModelConfig& c = model.config();
+    const int64_t hidden = c.hidden_size, width = int64_t{c.num_heads} * c.head_dim;
+    std::vector<float> attn;
+    int64_t rows = 0;
+    for (SessionStep* step : group) {
+      const Tensor& out = step->job->output;  // in the cache's dtype
+      const int64_t n = out.num_elements();
+      attn.resize(attn.size() + static_cast<size_t>(n));
+      ConvertFloats(out.data.data(), out.dtype, attn.data() + attn.size() - n, DType::kF32, n);
+      rows += n / width;
+    }
+    std::vector<float> y(static_cast<size_t>(rows * hidden));
+    if (absl::Status s = ProjectOutput(WeightsOf(model, layer, false), attn.data(), rows, y.data());
+        !s.ok()) {
+      return s;
+    }
+    const float* from = y.data();
+    for (SessionStep* step : group) {
+      step->y = Tensor::Zeros(step->hidden_dtype, step->hidden_shape);
+      const int64_t n = step->y.num_elements();
+      ConvertFloats(from, DType::kF32, step->y.data.data(), step->hidden_dtype, n);
+      from += n;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_context_tokens,
                                             const AttentionOptions& options,
                                             const v1::OutputSpec& outputs,
                                             const Backend& backend, SessionStep* step) {
-  // Wire checks that need no session first.
-  absl::StatusOr<TensorView> query = ViewFromProto(query_proto, "query");
-  if (!query.ok()) return query.status();
-  absl::StatusOr<TensorView> key = ViewFromProto(key_proto, "key");
-  if (!key.ok()) return key.status();
-  absl::StatusOr<TensorView> value = ViewFromProto(value_proto, "value");
-  if (!value.ok()) return value.status();
+  const TensorView* query = &step->query;
   const int64_t q_count = CheckedElementCount(query->shape, int64_t{1} << 40);
   if (q_count < 0 ||
       static_cast<int64_t>(query->data.size()) != q_count * int64_t(DTypeSize(query->dtype))) {
@@ -261,20 +475,21 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
                                 " bytes for shape ", ShapeString(query->shape)),
                    absl::StrCat(query->data.size(), " bytes"));
   }
-
-  absl::StatusOr<SessionLease> lease = options_.sessions->Acquire(session_id, caller);
-  if (!lease.ok()) return lease.status();
-  step->lease.emplace(*std::move(lease));
   SessionLease& session = *step->lease;
   const SessionConfig& config = session.config();
-  if (layer < 0 || layer >= config.num_layers) {
-    return Invalid("layer", absl::StrCat("a value in [0, ", config.num_layers, ") (num_layers)"),
-                   absl::StrCat(layer));
-  }
-  step->layer = layer;
-  step->key = *key;
-  step->value = *value;
+  const int32_t layer = step->layer;
+  const TensorView* key = &step->key;
+  const TensorView* value = &step->value;
   step->query_dtype = query->dtype;
+  if (step->model != nullptr) {
+    // The hidden states, their projections and the layer's output.
+    const ModelConfig& c = step->model->config();
+    const int64_t t = static_cast<int64_t>(step->hidden.size()) / c.hidden_size;
+    step->extra_bytes +=
+        static_cast<int64_t>(step->hidden.size() * sizeof(float)) +
+        t * (int64_t{c.num_heads} + 2 * c.num_kv_heads) * c.head_dim * 4 +
+        t * c.hidden_size * (4 + int64_t(DTypeSize(step->hidden_dtype)));
+  }
   if (expected_context_tokens.has_value() && *expected_context_tokens != session.length(layer)) {
     return absl::FailedPreconditionError(absl::StrCat(
         "expected_context_tokens: layer ", layer, " of the session holds ", session.length(layer),
@@ -329,6 +544,11 @@ absl::Status AttentionServiceImpl::PlanStep(const std::string& caller,
     step->core.query.data = step->query_storage;
   }
   step->core.options = options;
+  if (step->model != nullptr && step->model->config().sliding_window > 0 &&
+      options.window_left < 0) {
+    // Mistral's sliding window, as AttendLayer applies it.
+    step->core.options.window_left = step->model->config().sliding_window - 1;
+  }
   step->core.outputs.lse = outputs.lse();
   step->core.outputs.entropy = outputs.entropy();
   // The step as it will run, over the cache grown by the new tokens; the
@@ -431,10 +651,15 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   SessionStep& step = reactor->step;
   std::optional<int64_t> expected;
   if (request.has_expected_context_tokens()) expected = request.expected_context_tokens();
-  if (absl::Status s = PlanStep(CallerOf(context), request.session_id(), request.layer(),
-                                request.query(), request.key(), request.value(), expected,
-                                *options, request.outputs(), *backend, &step);
+  if (absl::Status s = BeginStep(CallerOf(context), request.session_id(), request.layer(),
+                                 request.query(), request.key(), request.value(),
+                                 request.has_hidden() ? &request.hidden() : nullptr, &step);
       !s.ok()) {
+    return s;
+  }
+  SessionStep* const steps[1] = {&step};
+  if (absl::Status s = ProjectSteps(steps); !s.ok()) return s;
+  if (absl::Status s = PlanStep(expected, *options, request.outputs(), *backend, &step); !s.ok()) {
     return s;
   }
   if (absl::Status s = CheckRunnable(*step.job, *backend); !s.ok()) return s;
@@ -470,7 +695,13 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     // so do not keep what it appended (a retry would add it twice).
     if (status.ok() && reactor->cancelled()) status = absl::CancelledError("the call was cancelled");
     if (status.ok()) {
-      absl::StatusOr<Tensor> output = StepOutput(*job, step.query_dtype);
+      step.job = std::move(job);
+      SessionStep* const steps[1] = {&step};
+      absl::Status projected = AdmitNoThrow([&] { return FinishModelSteps(steps); });
+      job = std::move(step.job);
+      absl::StatusOr<Tensor> output = !projected.ok()       ? absl::StatusOr<Tensor>(projected)
+                                      : step.model != nullptr ? std::move(step.y)
+                                                              : StepOutput(*job, step.query_dtype);
       if (output.ok()) {
         RecordStepEntropy(step, *job);
         TensorToProto(*output, response->mutable_output());
@@ -544,10 +775,30 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
                        absl::StrCat("the session of entries[", it->second, "] again"));
       continue;
     }
-    std::optional<int64_t> expected;
-    if (e.has_expected_context_tokens()) expected = e.expected_context_tokens();
-    status = PlanStep(caller, e.session_id(), request.layer(), e.query(), e.key(), e.value(),
-                      expected, *options, request.outputs(), *backend, &step);
+    status = BeginStep(caller, e.session_id(), request.layer(), e.query(), e.key(), e.value(),
+                       e.has_hidden() ? &e.hidden() : nullptr, &step);
+    if (!status.ok()) {
+      status = Prefixed(absl::StrCat("entries[", i, "]."), status);
+      step.Abandon();
+    }
+  }
+  // Model sessions' hidden states: one matmul per projection for each model.
+  std::vector<SessionStep*> begun;
+  for (int i = 0; i < entries; ++i) {
+    if (call->status[i].ok()) begun.push_back(&call->steps[i]);
+  }
+  const absl::Status projected = ProjectSteps(begun);
+  for (int i = 0; i < entries; ++i) {
+    const v1::BatchDecodeEntry& e = request.entries(i);
+    SessionStep& step = call->steps[i];
+    absl::Status& status = call->status[i];
+    if (!status.ok()) continue;
+    if (step.model != nullptr) status = projected;
+    if (status.ok()) {
+      std::optional<int64_t> expected;
+      if (e.has_expected_context_tokens()) expected = e.expected_context_tokens();
+      status = PlanStep(expected, *options, request.outputs(), *backend, &step);
+    }
     if (status.ok() && first_ok >= 0) {
       // The entries share one call: the same heads, dims and dtypes.
       const AttentionParams& p = step.job->params;
@@ -636,12 +887,23 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
   // is OK and roll back otherwise.
   auto answer = [this, call, response, received, backend](absl::Status status,
                                                          const TaskTiming& timing) {
+    // Model sessions' output projections: one matmul for each model.
+    absl::Status projected;
+    if (status.ok()) {
+      std::vector<SessionStep*> computed;
+      for (size_t i = 0; i < call->steps.size(); ++i) {
+        if (call->status[i].ok()) computed.push_back(&call->steps[i]);
+      }
+      projected = AdmitNoThrow([&] { return FinishModelSteps(computed); });
+    }
     for (size_t i = 0; i < call->steps.size(); ++i) {
       SessionStep& step = call->steps[i];
       v1::BatchDecodeResult* result = response->add_results();
       absl::Status entry = call->status[i];
       if (entry.ok() && status.ok()) {
-        absl::StatusOr<Tensor> output = StepOutput(*step.job, step.query_dtype);
+        absl::StatusOr<Tensor> output = step.model == nullptr ? StepOutput(*step.job, step.query_dtype)
+                                        : projected.ok()      ? absl::StatusOr<Tensor>(std::move(step.y))
+                                                              : absl::StatusOr<Tensor>(projected);
         if (output.ok()) {
           RecordStepEntropy(step, *step.job);
           TensorToProto(*output, result->mutable_output());

@@ -70,6 +70,10 @@ struct SessionConfig {
   // blocks and every block holding one of the last window_tokens tokens.
   int64_t sink_tokens = 0;
   int64_t window_tokens = 0;
+  // The model (--model) whose attention module the session is: its steps
+  // take hidden states, projected by the server. Empty: steps take q/k/v.
+  // The store keeps the name only; the fields above come from the model.
+  std::string model;
 };
 
 struct SessionStats {

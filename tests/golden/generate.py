@@ -601,7 +601,7 @@ MODEL_CASES = [
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
         "attention_bias": True, "rms_norm_eps": 1e-5, "max_position_embeddings": 128,
         "torch_dtype": "float32"},
-        positions=list(range(100, 107))),
+        positions=[0, 3, 4, 10, 11, 12, 40]),
     ModelCase("qwen3_qknorm_bf16", dtype="BF16", config={
         "model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 32, "num_hidden_layers": 2,

@@ -39,53 +39,11 @@ using golden::MustRead;
 using golden::ReadOptions;
 using golden::ToDouble;
 using golden::ToInt;
+using golden::ReadPositions;
 
 std::filesystem::path RopeDir() { return golden::Dir("rope"); }
 std::vector<std::string> RopeCaseNames() { return golden::CaseNames("rope"); }
 
-// core/npy has no int64 dtype, so positions.npy (1-D <i8) is parsed here:
-// the magic, a version 1 (uint16 header length) or 2/3 (uint32) header, then
-// little-endian int64 data.
-std::vector<int64_t> ReadPositions(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) {
-    ADD_FAILURE() << path << ": not a .npy file";
-    return {};
-  }
-  const int major = static_cast<unsigned char>(bytes[6]);
-  size_t header_len = 0, header_start = 0;
-  if (major == 1) {
-    header_len = static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
-    header_start = 10;
-  } else {
-    for (int i = 3; i >= 0; --i) {
-      header_len = (header_len << 8) | static_cast<unsigned char>(bytes[8 + i]);
-    }
-    header_start = 12;
-  }
-  if (header_start + header_len > bytes.size()) {
-    ADD_FAILURE() << path << ": truncated header";
-    return {};
-  }
-  const std::string header = bytes.substr(header_start, header_len);
-  EXPECT_THAT(header, HasSubstr("'descr': '<i8'")) << path;
-  EXPECT_THAT(header, HasSubstr("'fortran_order': False")) << path;
-  const size_t shape_at = header.find("'shape': (");
-  int64_t count = -1;
-  if (shape_at != std::string::npos) {
-    const size_t from = shape_at + std::strlen("'shape': (");
-    const size_t comma = header.find(',', from);
-    EXPECT_TRUE(absl::SimpleAtoi(header.substr(from, comma - from), &count)) << header;
-    EXPECT_EQ(header.substr(comma, 2), ",)") << path << ": expected a 1-D shape, got " << header;
-  }
-  const size_t data_start = header_start + header_len;
-  EXPECT_EQ(static_cast<int64_t>(bytes.size() - data_start), count * 8) << path;
-  if (count < 0 || static_cast<int64_t>(bytes.size() - data_start) != count * 8) return {};
-  std::vector<int64_t> positions(count);
-  std::memcpy(positions.data(), bytes.data() + data_start, count * 8);  // little-endian host
-  return positions;
-}
 
 // The config case.txt describes. Every key must be known, so the generator
 // and this test cannot drift apart silently.
