@@ -7,6 +7,11 @@
 // backends are created by name. FLOPs are AttentionFlops (4·B·Hq·Lq·Lk·D,
 // halved for causal Lq == Lk); bytes count Q, K, V and the output once.
 //
+//   attn_bench --layer=L1 --dtype=bf16 --json
+//
+// times an attention layer from weights (projections + attention; see
+// layer_bench.h): L1, L2 or a model directory.
+//
 //   attn_bench --shape=P4 --paged --layers=8 --sessions=16 --context=1024 --dtype=bf16 --json
 //
 // times the kernel of one model layer-step, the batch of
@@ -34,6 +39,7 @@
 #include "backends/registry.h"
 #include "core/half.h"
 #include "kvcache/session_store.h"
+#include "layer_bench.h"
 #include "machine_peak.h"
 
 ABSL_FLAG(std::string, shape, "P1", "P1, P2, P3, P4, S1, or custom (use --b --hq ... )");
@@ -74,6 +80,10 @@ ABSL_FLAG(int64_t, context, 0,
           "keys per batch row, overriding the shape's Lk (0: the shape's); as attnctl bench "
           "--context");
 ABSL_FLAG(bool, json, false, "print one JSON line instead of text");
+ABSL_FLAG(std::string, layer, "",
+          "time an attention layer from weights instead: L1 (Llama-3-8B-like layer, prefill of "
+          "512 tokens), L2 (its decode step, 16 sequences x 1024 context) or a model directory "
+          "(layer 0, prefill of --lq tokens); --dtype f32 or bf16 (the weights)");
 ABSL_FLAG(double, peak_gflops, 0,
           "use this FP32 FMA peak (GFLOP/s) instead of measuring it (e.g. under a profiler)");
 ABSL_FLAG(double, peak_gbps, 0, "use this read bandwidth (GB/s) instead of measuring it");
@@ -174,6 +184,24 @@ int Main() {
   }
   int threads = absl::GetFlag(FLAGS_threads);
   if (threads <= 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  if (!absl::GetFlag(FLAGS_layer).empty()) {
+    bench::LayerBenchOptions lo;
+    lo.layer = absl::GetFlag(FLAGS_layer);
+    lo.dtype = dtype_name;
+    lo.backend = absl::GetFlag(FLAGS_backend);
+    lo.threads = threads;
+    lo.prefill_tokens = absl::GetFlag(FLAGS_lq);
+    lo.iters = absl::GetFlag(FLAGS_iters);
+    lo.min_time = absl::GetFlag(FLAGS_min_time);
+    lo.json = absl::GetFlag(FLAGS_json);
+    bench::MachinePeak layer_peak;
+    if (absl::GetFlag(FLAGS_peak_gflops) > 0 && absl::GetFlag(FLAGS_peak_gbps) > 0) {
+      layer_peak = {absl::GetFlag(FLAGS_peak_gflops), absl::GetFlag(FLAGS_peak_gbps), "given"};
+    } else {
+      layer_peak = bench::MeasureMachinePeak(threads);
+    }
+    return bench::RunLayerBench(lo, layer_peak);
+  }
 
   bench::MachinePeak peak;
   if (absl::GetFlag(FLAGS_peak_gflops) > 0 && absl::GetFlag(FLAGS_peak_gbps) > 0) {
