@@ -11,20 +11,22 @@
         print(r.output.shape, r.lse.shape, r.backend)
 """
 
-from .client import (AttendResult, BatchDecodeError, BatchResult, Client, DecodeResult,
-                     ForkedSession, ModelSession, Session, batch_results_from_proto,
-                     build_batch_decode_request, build_decode_request, build_request,
-                     decode_result_from_proto, raise_first_error, result_from_proto,
-                     rotary_to_proto, tls_credentials)
+from .client import (AttendLayerResult, AttendResult, BatchDecodeError, BatchResult, Client,
+                     DecodeResult, ForkedSession, ModelSession, Session,
+                     batch_results_from_proto, build_batch_decode_request,
+                     build_decode_request, build_layer_request, build_request,
+                     decode_result_from_proto, layer_result_from_proto, raise_first_error,
+                     result_from_proto, rotary_to_proto, tls_credentials)
 from .tensors import BF16, F16, F32, round_to
 from . import _stubs
 
 attention_pb2, attention_pb2_grpc, health_pb2, health_pb2_grpc = _stubs.load()
 
-__all__ = ["AttendResult", "BatchDecodeError", "BatchResult", "Client", "DecodeResult",
-           "ForkedSession", "ModelSession", "Session", "batch_results_from_proto",
-           "build_batch_decode_request", "build_decode_request", "build_request",
-           "decode_result_from_proto", "raise_first_error", "result_from_proto",
+__all__ = ["AttendLayerResult", "AttendResult", "BatchDecodeError", "BatchResult", "Client",
+           "DecodeResult", "ForkedSession", "ModelSession", "Session",
+           "batch_results_from_proto", "build_batch_decode_request", "build_decode_request",
+           "build_layer_request", "build_request", "decode_result_from_proto",
+           "layer_result_from_proto", "raise_first_error", "result_from_proto",
            "rotary_to_proto", "tls_credentials",
            "F32", "F16", "BF16", "round_to", "attention_pb2", "attention_pb2_grpc", "health_pb2",
            "health_pb2_grpc"]

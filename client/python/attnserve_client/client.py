@@ -39,12 +39,30 @@ class AttendResult:
 
 
 @dataclasses.dataclass
+class AttendLayerResult:
+    """One AttendLayer answer: a model layer's attention output y and, when
+    asked, the attention's own outputs (over x's tokens, or memory's)."""
+    y: np.ndarray                           # [B, L, hidden] (rank as x), x's dtype
+    lse: Optional[np.ndarray] = None        # [B, Hq, L], float32
+    entropy: Optional[np.ndarray] = None    # [B, Hq, L], float32 nats
+    weights: Optional[np.ndarray] = None    # [B, Hq, L, Lk], float32
+    top_k_indices: Optional[np.ndarray] = None  # [B, Hq, L, k], int32
+    top_k_weights: Optional[np.ndarray] = None  # [B, Hq, L, k], float32
+    backend: str = ""
+    request_id: str = ""
+    timing: dict = dataclasses.field(default_factory=dict)  # compute_us includes the projections
+
+
+@dataclasses.dataclass
 class Session:
     """A KV-cache session opened by Client.create_session."""
     session_id: str
     capacity_tokens: int = 0  # max_tokens, or what the server's free cache held then
     block_tokens: int = 0     # tokens per cache block
     num_layers: int = 1       # layers of the model, one paged cache each
+    # The --model the session runs (its steps send hidden states); "" for
+    # a plain session.
+    model: str = ""
 
 
 @dataclasses.dataclass
@@ -58,7 +76,9 @@ class ForkedSession(Session):
 
 @dataclasses.dataclass
 class DecodeResult:
-    output: np.ndarray                # [Lq, Hq, Dv] (4-D if the query was), the query's dtype
+    # [Lq, Hq, Dv] (4-D if the query was), the query's dtype; for a step of
+    # hidden states (model session) the layer's y [T, hidden], hidden's dtype.
+    output: np.ndarray
     lse: Optional[np.ndarray] = None  # [1, Hq, Lq], float32
     context_tokens: int = 0           # tokens in the session's cache after the append
     backend: str = ""
@@ -217,28 +237,43 @@ def _wire_dtype_for(q, dtype):
     return tensors.dtype_name(dtype)
 
 
-def build_decode_request(session, q, k, v, *, dtype=None, scale=0.0, window_left=None,
-                         softcap=0.0, alibi_slopes=None, lse=False, entropy=False, backend="",
-                         priority=0, request_id="", layer=0, expected_context_tokens=None):
+def _step_tensors(where, q, k, v, hidden):
+    """The tensors a decode step sends: (name, array) pairs. hidden (a model
+    session's step) or all of q, k and v; q/k/v given beside hidden are sent
+    too, for the server to refuse."""
+    given = [(n, a) for n, a in (("query", q), ("key", k), ("value", v)) if a is not None]
+    if hidden is None and len(given) != 3:
+        raise ValueError(f"{where}: expected q, k and v, or hidden, got "
+                         f"{', '.join(n for n, _ in given) or 'none'}")
+    return given + ([("hidden", hidden)] if hidden is not None else [])
+
+
+def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=None, scale=0.0,
+                         window_left=None, softcap=0.0, alibi_slopes=None, lse=False,
+                         entropy=False, backend="", priority=0, request_id="", layer=0,
+                         expected_context_tokens=None):
     """Builds a DecodeRequest proto from NumPy arrays.
 
     session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
-    Hkv, Dv] (or 4-D with batch 1). dtype on the wire as in build_request;
-    the server converts K/V to the session's cache dtype. Attention is causal
-    with bottom-right alignment (the new queries are the last positions).
-    layer: the layer whose cache the step appends to (layers step in order).
-    expected_context_tokens: if not None, the tokens the caller believes the
-    layer's cache holds before the step; a mismatch is FAILED_PRECONDITION
-    (so a retried step that landed is not appended twice). lse, entropy:
-    also return the log-sum-exp and the attention entropy (nats) per query
-    and head, [1, Hq, Lq].
+    Hkv, Dv] (or 4-D with batch 1); or, for a model session
+    (create_session(model=...)), hidden [T, hidden] (or [1, T, hidden])
+    instead: the server projects q/k/v and the output is the layer's y in
+    hidden's dtype. dtype on the wire as in build_request (default from q or
+    hidden); the server converts K/V to the session's cache dtype.
+    Attention is causal with bottom-right alignment (the new queries are
+    the last positions). layer: the layer whose cache the step appends to
+    (layers step in order). expected_context_tokens: if not None, the
+    tokens the caller believes the layer's cache holds before the step; a
+    mismatch is FAILED_PRECONDITION (so a retried step that landed is not
+    appended twice). lse, entropy: also return the log-sum-exp and the
+    attention entropy (nats) per query and head, [1, Hq, Lq].
     """
-    dtype = _wire_dtype_for(q, dtype)
+    sent = _step_tensors("decode", q, k, v, hidden)
+    dtype = _wire_dtype_for(sent[0][1] if hidden is None else hidden, dtype)
     r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
                           backend=backend, priority=priority, layer=int(layer))
-    tensors.to_proto(q, dtype, r.query)
-    tensors.to_proto(k, dtype, r.key)
-    tensors.to_proto(v, dtype, r.value)
+    for name, array in sent:
+        tensors.to_proto(array, dtype, getattr(r, name))
     _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
     r.outputs.entropy = bool(entropy)
@@ -252,11 +287,13 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
                                backend="", priority=0, request_id=""):
     """Builds a BatchDecodeRequest proto: one layer-step for many sessions.
 
-    entries: (session, q, k, v) or (session, q, k, v, expected_context_tokens)
-    tuples, in the order the results come back; shapes as in
-    build_decode_request, the same Hq, Hkv, D, Dv for every entry. The
-    options (lse and entropy among them) are the batch's. dtype on the
-    wire: default from the first q.
+    entries, in the order the results come back: (session, q, k, v) or
+    (session, q, k, v, expected_context_tokens) tuples, shapes as in
+    build_decode_request, the same Hq, Hkv, D, Dv for every entry; for
+    model sessions (session, hidden) or (session, hidden,
+    expected_context_tokens), hidden [T, hidden]. The options (lse and
+    entropy among them) are the batch's. dtype on the wire: default from
+    the first entry's q or hidden.
     """
     entries = list(entries)
     if not entries:
@@ -265,19 +302,87 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
     r = _pb.BatchDecodeRequest(request_id=request_id, layer=int(layer), backend=backend,
                                priority=priority)
     for i, entry in enumerate(entries):
-        if len(entry) not in (4, 5):
+        if len(entry) not in (2, 3, 4, 5):
             raise ValueError(f"entries[{i}]: expected (session, q, k, v[, "
+                             f"expected_context_tokens]) or (session, hidden[, "
                              f"expected_context_tokens]), got {len(entry)} items")
         e = r.entries.add(session_id=_session_id(entry[0]))
-        tensors.to_proto(entry[1], dtype, e.query)
-        tensors.to_proto(entry[2], dtype, e.key)
-        tensors.to_proto(entry[3], dtype, e.value)
-        if len(entry) == 5 and entry[4] is not None:
-            e.expected_context_tokens = int(entry[4])
+        if len(entry) <= 3:
+            tensors.to_proto(entry[1], dtype, e.hidden)
+            expected = entry[2] if len(entry) == 3 else None
+        else:
+            tensors.to_proto(entry[1], dtype, e.query)
+            tensors.to_proto(entry[2], dtype, e.key)
+            tensors.to_proto(entry[3], dtype, e.value)
+            expected = entry[4] if len(entry) == 5 else None
+        if expected is not None:
+            e.expected_context_tokens = int(expected)
     _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
     r.outputs.entropy = bool(entropy)
     return r
+
+
+def build_layer_request(model, layer, x, *, memory=None, positions=None, causal=None,
+                        key_lengths=None, dtype=None, scale=0.0, window_left=None,
+                        window_right=None, softcap=0.0, alibi_slopes=None, lse=False,
+                        entropy=False, weights=False, top_k=0, backend="", priority=0,
+                        request_id=""):
+    """Builds an AttendLayerRequest proto: layer `layer` of the model the
+    server loaded as `model` (--model=NAME=DIR), on hidden states x.
+
+    x [B, L, hidden] (or [L, hidden]). dtype: 'f32', 'f16' or 'bf16' on the
+    wire for x and memory; default f16 for a float16 x, else f32. memory
+    [B, Lm, hidden] (rank as x): the encoder's output a cross-attention
+    layer projects its keys and values from (models with cross_attention).
+    positions: RoPE positions of x's tokens, None (0..L-1), one per token or
+    B x L. causal: None is the model's default (llama causal, with
+    Mistral's sliding window; bert bidirectional). key_lengths: one per row,
+    keys past it are padding. scale, window_left/right, softcap and
+    alibi_slopes as in build_request. Extra outputs of the attention: lse,
+    entropy, weights, top_k. Nothing is validated here: the server answers
+    INVALID_ARGUMENT naming the field.
+    """
+    dtype = _wire_dtype_for(x, dtype)
+    r = _pb.AttendLayerRequest(request_id=request_id, model=str(model), layer=int(layer),
+                               backend=backend, priority=priority)
+    tensors.to_proto(x, dtype, r.x)
+    if memory is not None:
+        tensors.to_proto(memory, dtype, r.memory)
+    if positions is not None:
+        r.positions[:] = [int(p) for p in np.asarray(positions).reshape(-1)]
+    if causal is not None:
+        r.causal = bool(causal)
+    if key_lengths is not None:
+        r.key_lengths[:] = [int(n) for n in key_lengths]
+    o = r.options
+    o.scale = float(scale)
+    if window_left is not None and window_left >= 0:
+        o.window_left = int(window_left)
+    if window_right is not None and window_right >= 0:
+        o.window_right = int(window_right)
+    o.softcap = float(softcap)
+    if alibi_slopes is not None:
+        o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
+    r.outputs.lse = bool(lse)
+    r.outputs.entropy = bool(entropy)
+    r.outputs.weights = bool(weights)
+    r.outputs.top_k = int(top_k)
+    return r
+
+
+def layer_result_from_proto(response):
+    """AttendLayerResponse -> AttendLayerResult."""
+    return AttendLayerResult(
+        y=tensors.from_proto(response.y),
+        lse=_optional(response, "lse"),
+        entropy=_optional(response, "entropy"),
+        weights=_optional(response, "weights"),
+        top_k_indices=_optional(response, "top_k_indices"),
+        top_k_weights=_optional(response, "top_k_weights"),
+        backend=response.backend,
+        request_id=response.request_id,
+        timing=_timing(response.timing))
 
 
 def result_from_proto(response):
@@ -456,35 +561,65 @@ class Client:
                                                 metadata=metadata):
             yield result_from_proto(response)
 
+    # --- Layers of loaded models ---------------------------------------------
+
+    def attend_layer(self, model, layer, x, *, timeout=None, metadata=None, **options):
+        """One attention layer of a model the server loaded (--model=NAME=DIR)
+        on hidden states x: y = o_proj(attention(q_proj(x), k_proj(m),
+        v_proj(m))), m = x or `memory`. Options as in build_layer_request
+        (memory, positions, causal, key_lengths, lse, entropy, weights,
+        top_k, ...). Returns an AttendLayerResult, y in x's dtype.
+
+        NOT_FOUND for a model the server has not loaded; INVALID_ARGUMENT
+        naming the field ("x.shape", "layer", "memory", "positions", ...).
+        """
+        return self.attend_layer_proto(build_layer_request(model, layer, x, **options),
+                                       timeout=timeout, metadata=metadata)
+
+    def attend_layer_proto(self, request, *, timeout=None, metadata=None):
+        """Sends a ready AttendLayerRequest proto; returns an AttendLayerResult."""
+        response = self._stub.AttendLayer(request, timeout=timeout or self.timeout,
+                                          metadata=metadata)
+        return layer_result_from_proto(response)
+
     # --- KV-cache sessions ---------------------------------------------------
 
-    def create_session(self, num_kv_heads, head_dim, *, value_dim=0, dtype="f32", max_tokens=0,
-                       num_layers=1, rotary=None, sink_tokens=0, window_tokens=0,
-                       timeout=None, metadata=None):
+    def create_session(self, num_kv_heads=0, head_dim=0, *, model="", value_dim=0, dtype="f32",
+                       max_tokens=0, num_layers=None, rotary=None, sink_tokens=0,
+                       window_tokens=0, timeout=None, metadata=None):
         """Opens a KV-cache session; returns a Session.
 
         dtype: storage of the cache, 'f32', 'f16' or 'bf16'. max_tokens: bound
         on the tokens it may hold per layer (0: as many as the server's cache
-        holds). num_layers: one paged cache per model layer; decode names the
-        layer, and layers step in order. rotary: RoPE settings (a dict, see
-        rotary_to_proto, or a RotaryEmbedding proto): the server rotates new
-        queries and keys at the session's positions, so callers send
-        unrotated ones. sink_tokens, window_tokens: with window_tokens > 0
-        the session keeps its first sink_tokens and last window_tokens tokens
-        (rounded up to blocks) and frees the rest (attention sinks).
-        RESOURCE_EXHAUSTED when the server's cache is full.
+        holds). num_layers: one paged cache per model layer (default 1);
+        decode names the layer, and layers step in order. rotary: RoPE
+        settings (a dict, see rotary_to_proto, or a RotaryEmbedding proto):
+        the server rotates new queries and keys at the session's positions,
+        so callers send unrotated ones. sink_tokens, window_tokens: with
+        window_tokens > 0 the session keeps its first sink_tokens and last
+        window_tokens tokens (rounded up to blocks) and frees the rest
+        (attention sinks). RESOURCE_EXHAUSTED when the server's cache is full.
+
+        model: a model the server loaded (--model; llama family): the
+        session is that model's attention module, its steps send hidden
+        states (decode(session, hidden=...)). num_kv_heads, head_dim,
+        num_layers and rotary then come from the model (any given must
+        agree). NOT_FOUND for an unknown model, INVALID_ARGUMENT for one of
+        another family.
         """
+        if num_layers is None:
+            num_layers = 0 if model else 1
         request = _pb.CreateSessionRequest(
             num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), value_dim=int(value_dim),
             dtype=tensors.wire_dtype(dtype), max_tokens=int(max_tokens),
             num_layers=int(num_layers), sink_tokens=int(sink_tokens),
-            window_tokens=int(window_tokens))
+            window_tokens=int(window_tokens), model=str(model))
         if rotary is not None:
             rotary_to_proto(rotary, request.rotary)
         response = self._stub.CreateSession(request, timeout=timeout or self.timeout,
                                             metadata=metadata)
         return Session(response.session_id, response.capacity_tokens, response.block_tokens,
-                       response.num_layers or int(num_layers))
+                       response.num_layers or max(int(num_layers), 1), model=str(model))
 
     def fork_session(self, session, tokens, *, timeout=None, metadata=None):
         """Opens a session sharing the first `tokens` tokens of every layer
@@ -502,20 +637,24 @@ class Client:
                              capacity_tokens=parent.capacity_tokens if parent else 0,
                              block_tokens=parent.block_tokens if parent else 0,
                              num_layers=parent.num_layers if parent else 1,
+                             model=parent.model if parent else "",
                              context_tokens=response.context_tokens,
                              shared_tokens=response.shared_tokens)
 
-    def decode(self, session, q, k, v, *, timeout=None, metadata=None, **options):
+    def decode(self, session, q=None, k=None, v=None, *, hidden=None, timeout=None,
+               metadata=None, **options):
         """One decode step: appends k/v to the session's cache of `layer`
         (default 0) and attends q over that whole cache. A prefill is a
-        decode with many tokens. Options as in build_decode_request (layer,
-        expected_context_tokens, scale, ...). Returns a DecodeResult.
+        decode with many tokens. A model session's step sends hidden
+        [T, hidden] instead of q/k/v, and its output is the layer's y.
+        Options as in build_decode_request (layer, expected_context_tokens,
+        scale, ...). Returns a DecodeResult.
 
         NOT_FOUND for a closed, expired or unknown session; RESOURCE_EXHAUSTED
         when the cache is full; FAILED_PRECONDITION for a layer out of order
         or a stale expected_context_tokens (the session is then unchanged).
         """
-        return self.decode_proto(build_decode_request(session, q, k, v, **options),
+        return self.decode_proto(build_decode_request(session, q, k, v, hidden=hidden, **options),
                                  timeout=timeout, metadata=metadata)
 
     def decode_proto(self, request, *, timeout=None, metadata=None):
@@ -527,7 +666,8 @@ class Client:
         """One layer-step for many sessions in one call (one backend call).
 
         entries: (session, q, k, v) or (session, q, k, v,
-        expected_context_tokens) tuples; options as in
+        expected_context_tokens) tuples, or (session, hidden[,
+        expected_context_tokens]) for model sessions; options as in
         build_batch_decode_request, for the whole batch. Returns a list, one
         item per entry in order: a DecodeResult, or a BatchDecodeError for an
         entry that failed on its own (its cache is unchanged; the others
@@ -578,9 +718,16 @@ class Client:
                                 timeout=timeout or self.timeout, metadata=metadata)
 
     def server_info(self, *, timeout=None):
-        """The ServerInfo proto: version, backends, dtypes, limits."""
+        """The ServerInfo proto: version, backends, dtypes, limits, sessions
+        and the loaded models (`models`, ModelDescription protos)."""
         return self._stub.GetServerInfo(_pb.GetServerInfoRequest(),
                                         timeout=timeout or self.timeout)
+
+    def models(self, *, timeout=None):
+        """The models the server loaded (--model), by name: a dict of
+        ModelDescription protos (family, num_layers, hidden_size, num_heads,
+        num_kv_heads, head_dim, dtype, cross_attention, causal, ...)."""
+        return {m.name: m for m in self.server_info(timeout=timeout).models}
 
     def health(self, service="", *, timeout=None):
         """grpc.health.v1 status name: 'SERVING', 'NOT_SERVING', ..."""
@@ -614,6 +761,10 @@ class ModelSession:
             for layer in range(32):
                 outs = m.step_layer(layer, qs, ks, vs)  # one array per sequence
 
+    With model="NAME" (a model the server loaded) the sessions are that
+    model's attention modules: dims and layers come from the model, and
+    step_layer(layer, hidden=xs) sends hidden states, returning each layer's y.
+
     Layers step in order (layer l of a token after layer l-1; layer 0 after
     the last layer of the previous token): the server refuses others with
     FAILED_PRECONDITION. Each entry carries the tokens its layer's cache
@@ -621,11 +772,11 @@ class ModelSession:
     that already landed is refused, not appended twice. Not thread-safe.
     """
 
-    def __init__(self, client, n_sequences, num_kv_heads, head_dim, *, num_layers=1,
+    def __init__(self, client, n_sequences, num_kv_heads=0, head_dim=0, *, num_layers=None,
                  **session_options):
         """Opens n_sequences sessions; session_options as in
-        Client.create_session (dtype, rotary, sink_tokens, ...). On a
-        failure closes those opened and re-raises."""
+        Client.create_session (model, dtype, rotary, sink_tokens, ...). On
+        a failure closes those opened and re-raises."""
         if n_sequences < 1:
             raise ValueError(f"n_sequences: expected >= 1, got {n_sequences}")
         self.client = client
@@ -656,10 +807,12 @@ class ModelSession:
         self.tokens.append([forked.context_tokens] * self.num_layers)
         return len(self.sessions) - 1
 
-    def step_layer(self, layer, qs, ks, vs, **options):
+    def step_layer(self, layer, qs=None, ks=None, vs=None, *, hidden=None, **options):
         """One layer-step of every sequence in one batch_decode: qs[i], ks[i],
-        vs[i] are sequence i's q [Lq, Hq, D] and new k/v [Lnew, Hkv, D|Dv].
-        Returns the outputs [Lq, Hq, Dv], one per sequence. Options as in
+        vs[i] are sequence i's q [Lq, Hq, D] and new k/v [Lnew, Hkv, D|Dv];
+        for model sessions hidden[i] is its hidden states [T, hidden]
+        instead. Returns the outputs [Lq, Hq, Dv] (model sessions: the
+        layer's y [T, hidden]), one per sequence. Options as in
         Client.batch_decode. If entries fail, raises the first one's
         BatchDecodeError, its message naming the sequence; the entries that
         succeeded went ahead (and their token counts with them).
@@ -667,11 +820,20 @@ class ModelSession:
         n = len(self.sessions)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer: expected in [0, {self.num_layers}), got {layer}")
-        if not len(qs) == len(ks) == len(vs) == n:
-            raise ValueError(f"qs, ks, vs: expected one per sequence ({n}), got "
-                             f"{len(qs)}, {len(ks)}, {len(vs)}")
-        entries = [(self.sessions[i], qs[i], ks[i], vs[i], self.tokens[i][layer])
-                   for i in range(n)]
+        if hidden is not None:
+            if qs is not None or ks is not None or vs is not None:
+                raise ValueError("qs, ks, vs: expected none with hidden")
+            if len(hidden) != n:
+                raise ValueError(f"hidden: expected one per sequence ({n}), got {len(hidden)}")
+            entries = [(self.sessions[i], hidden[i], self.tokens[i][layer]) for i in range(n)]
+        else:
+            if qs is None or ks is None or vs is None:
+                raise ValueError("qs, ks, vs: expected all three, or hidden")
+            if not len(qs) == len(ks) == len(vs) == n:
+                raise ValueError(f"qs, ks, vs: expected one per sequence ({n}), got "
+                                 f"{len(qs)}, {len(ks)}, {len(vs)}")
+            entries = [(self.sessions[i], qs[i], ks[i], vs[i], self.tokens[i][layer])
+                       for i in range(n)]
         results = self.client.batch_decode(layer, entries, **options)
         first_error = None
         outputs = []
