@@ -40,7 +40,8 @@ ABSL_FLAG(double, max_request_flops, kDefaults.max_request_flops,
 ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
           "memory budget for everything requests hold outside the KV cache (inputs, outputs, "
           "scratch, responses), in bytes; a request that does not fit gets RESOURCE_EXHAUSTED. "
-          "0 = 85% of the cgroup (or physical) memory minus --kv_cache_bytes minus 256 MiB");
+          "0 = 85% of the cgroup (or physical) memory minus --kv_cache_bytes minus the --model "
+          "weights minus 256 MiB");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,
