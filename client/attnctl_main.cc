@@ -376,6 +376,13 @@ int CmdInfo() {
               << "  dtypes " << DTypeList(b.dtypes()) << ", max_head_dim " << b.max_head_dim()
               << "\n  features " << absl::StrJoin(b.features(), ",") << "\n";
   }
+  for (const v1::ModelDescription& m : info->models()) {
+    std::cout << absl::StrFormat(
+        "model %s: %s (%s), %d layers, hidden %d, heads %d/%d, head_dim %d, %s weights%s%s\n",
+        m.name(), m.family(), m.model_type(), m.num_layers(), m.hidden_size(), m.num_heads(),
+        m.num_kv_heads(), m.head_dim(), v1::DType_Name(m.dtype()),
+        m.cross_attention() ? ", cross-attention" : "", m.has_rotary() ? ", RoPE" : "");
+  }
   return 0;
 }
 
