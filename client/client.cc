@@ -172,6 +172,24 @@ absl::StatusOr<v1::AttendResponse> AttnClient::Attend(const v1::AttendRequest& r
   return response;
 }
 
+absl::StatusOr<LayerResult> AttnClient::AttendLayer(const LayerRequest& request,
+                                                     const CallOptions& call) {
+  absl::StatusOr<v1::AttendLayerResponse> response =
+      AttendLayer(ToProto(request, call), call.deadline);
+  if (!response.ok()) return response.status();
+  return FromProto(std::move(*response));
+}
+
+absl::StatusOr<v1::AttendLayerResponse> AttnClient::AttendLayer(
+    const v1::AttendLayerRequest& request, absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::AttendLayerResponse response;
+  absl::Status status = FromGrpcStatus(stub_->AttendLayer(&context, request, &response));
+  if (!status.ok()) return status;
+  return response;
+}
+
 absl::StatusOr<v1::ServerInfo> AttnClient::GetServerInfo() {
   grpc::ClientContext context;
   context.set_deadline(DeadlineFromNow(options_.default_deadline));

@@ -81,6 +81,17 @@ class AttnClient {
   absl::StatusOr<v1::AttendResponse> Attend(const v1::AttendRequest& request,
                                             absl::Duration deadline = absl::ZeroDuration());
 
+  // One attention layer of a model the server loaded (--model=NAME=DIR), on
+  // hidden states (see LayerRequest in convert.h). NOT_FOUND for a model the
+  // server has not loaded; INVALID_ARGUMENT naming the field ("x.shape",
+  // "layer", "memory", "positions"...); otherwise Attend's errors.
+  absl::StatusOr<LayerResult> AttendLayer(const LayerRequest& request,
+                                          const CallOptions& call = {});
+  // Same with a ready wire request; `deadline` zero means the default.
+  absl::StatusOr<v1::AttendLayerResponse> AttendLayer(
+      const v1::AttendLayerRequest& request, absl::Duration deadline = absl::ZeroDuration());
+
+  // Version, backends, limits, sessions and the loaded models (`models`).
   absl::StatusOr<v1::ServerInfo> GetServerInfo();
 
   // grpc.health.v1 Check; `service` empty asks about the whole server.
@@ -100,7 +111,9 @@ class AttnClient {
   //
   // Opens a session. RESOURCE_EXHAUSTED when the server's cache cannot hold
   // one more block or it holds its maximum of sessions; INVALID_ARGUMENT for
-  // bad dims or dtype.
+  // bad dims or dtype, or a spec.model of another family than llama or
+  // whose config disagrees with the dims set; NOT_FOUND for an unknown
+  // spec.model.
   absl::StatusOr<CreatedSession> CreateSession(const SessionSpec& spec,
                                                absl::Duration deadline = absl::ZeroDuration());
   // One step: appends step.key/value to the session and attends step.query
@@ -108,8 +121,9 @@ class AttnClient {
   // expired, evicted or foreign session; ABORTED while another step of the
   // session runs; RESOURCE_EXHAUSTED when the cache is full;
   // FAILED_PRECONDITION for a layer out of order or a stale
-  // expected_context_tokens. A failed step leaves the session's cache as it
-  // was, so it may be retried.
+  // expected_context_tokens; INVALID_ARGUMENT naming hidden for a model
+  // session's step without step.hidden or another's with it. A failed step
+  // leaves the session's cache as it was, so it may be retried.
   absl::StatusOr<DecodeResult> Decode(const std::string& session_id, const DecodeStep& step,
                                       const CallOptions& call = {});
   // Same with a ready wire request.

@@ -85,6 +85,51 @@ absl::StatusOr<std::optional<Tensor>> OptionalFromProto(bool present, v1::Tensor
   return std::optional<Tensor>(std::move(*out));
 }
 
+ServerTiming TimingFromProto(const v1::Timing& timing) {
+  return ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
+                      timing.total_us()};
+}
+
+// Moves the optional outputs an AttendResponse and an AttendLayerResponse
+// share (same field names) into `out` (an AttendResult or a LayerResult).
+template <typename Response, typename Result>
+absl::Status MoveOptionalOutputs(Response& response, Result* out) {
+  struct Optional {
+    bool present;
+    v1::Tensor* tensor;
+    absl::string_view field;
+    std::optional<Tensor>* dest;
+  };
+  // has_*() is read before mutable_*(), which would create the field.
+  const Optional optionals[] = {
+      {response.has_lse(), response.mutable_lse(), "lse", &out->lse},
+      {response.has_entropy(), response.mutable_entropy(), "entropy", &out->entropy},
+      {response.has_weights(), response.mutable_weights(), "weights", &out->weights},
+      {response.has_top_k_indices(), response.mutable_top_k_indices(), "top_k_indices",
+       &out->top_k_indices},
+      {response.has_top_k_weights(), response.mutable_top_k_weights(), "top_k_weights",
+       &out->top_k_weights},
+  };
+  for (const Optional& o : optionals) {
+    absl::StatusOr<std::optional<Tensor>> t = OptionalFromProto(o.present, o.tensor, o.field);
+    if (!t.ok()) return t.status();
+    *o.dest = std::move(*t);
+  }
+  return absl::OkStatus();
+}
+
+// A step's tensors: hidden when set, and query/key/value unless hidden
+// replaces them (left as default, empty views).
+template <typename Message>
+void StepTensorsToProto(const DecodeStep& step, Message* out) {
+  const auto unset = [](const TensorView& v) { return v.shape.empty() && v.data.empty(); };
+  const bool hidden = step.hidden.has_value();
+  if (hidden) ToProto(*step.hidden, out->mutable_hidden());
+  if (!hidden || !unset(step.query)) ToProto(step.query, out->mutable_query());
+  if (!hidden || !unset(step.key)) ToProto(step.key, out->mutable_key());
+  if (!hidden || !unset(step.value)) ToProto(step.value, out->mutable_value());
+}
+
 }  // namespace
 
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& t, absl::string_view field) {
@@ -136,31 +181,41 @@ absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response) {
   absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
   if (!output.ok()) return output.status();
   out.output = std::move(*output);
+  if (absl::Status s = MoveOptionalOutputs(response, &out); !s.ok()) return s;
+  out.timing = TimingFromProto(response.timing());
+  return out;
+}
 
-  struct Optional {
-    bool present;
-    v1::Tensor* tensor;
-    absl::string_view field;
-    std::optional<Tensor>* dest;
-  };
-  const Optional optionals[] = {
-      {response.has_lse(), response.mutable_lse(), "lse", &out.lse},
-      {response.has_entropy(), response.mutable_entropy(), "entropy", &out.entropy},
-      {response.has_weights(), response.mutable_weights(), "weights", &out.weights},
-      {response.has_top_k_indices(), response.mutable_top_k_indices(), "top_k_indices",
-       &out.top_k_indices},
-      {response.has_top_k_weights(), response.mutable_top_k_weights(), "top_k_weights",
-       &out.top_k_weights},
-  };
-  for (const Optional& o : optionals) {
-    absl::StatusOr<std::optional<Tensor>> t = OptionalFromProto(o.present, o.tensor, o.field);
-    if (!t.ok()) return t.status();
-    *o.dest = std::move(*t);
-  }
+v1::AttendLayerRequest ToProto(const LayerRequest& request, const CallOptions& call) {
+  v1::AttendLayerRequest out;
+  out.set_request_id(call.request_id);
+  out.set_model(request.model);
+  out.set_layer(request.layer);
+  ToProto(request.x, out.mutable_x());
+  if (request.memory.has_value()) ToProto(*request.memory, out.mutable_memory());
+  out.mutable_positions()->Assign(request.positions.begin(), request.positions.end());
+  if (request.causal.has_value()) out.set_causal(*request.causal);
+  ToProto(request.options, out.mutable_options());
+  out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
+  v1::OutputSpec* spec = out.mutable_outputs();
+  spec->set_lse(request.outputs.lse);
+  spec->set_entropy(request.outputs.entropy);
+  spec->set_weights(request.outputs.weights);
+  spec->set_top_k(request.outputs.top_k);
+  out.set_backend(call.backend);
+  out.set_priority(call.priority);
+  return out;
+}
 
-  const v1::Timing& timing = response.timing();
-  out.timing = ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
-                            timing.total_us()};
+absl::StatusOr<LayerResult> FromProto(v1::AttendLayerResponse&& response) {
+  LayerResult out;
+  out.request_id = response.request_id();
+  out.backend = response.backend();
+  absl::StatusOr<Tensor> y = MoveFromProto(response.mutable_y(), "y");
+  if (!y.ok()) return y.status();
+  out.y = std::move(*y);
+  if (absl::Status s = MoveOptionalOutputs(response, &out); !s.ok()) return s;
+  out.timing = TimingFromProto(response.timing());
   return out;
 }
 
@@ -175,6 +230,7 @@ v1::CreateSessionRequest ToProto(const SessionSpec& spec) {
   if (spec.rotary.has_value()) *out.mutable_rotary() = *spec.rotary;
   out.set_sink_tokens(spec.sink_tokens);
   out.set_window_tokens(spec.window_tokens);
+  out.set_model(spec.model);
   return out;
 }
 
@@ -193,9 +249,7 @@ v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
   v1::DecodeRequest out;
   out.set_session_id(session_id);
   out.set_request_id(call.request_id);
-  ToProto(step.query, out.mutable_query());
-  ToProto(step.key, out.mutable_key());
-  ToProto(step.value, out.mutable_value());
+  StepTensorsToProto(step, &out);
   ToProto(step.options, out.mutable_options());
   out.mutable_outputs()->set_lse(step.lse);
   out.mutable_outputs()->set_entropy(step.entropy);
@@ -248,9 +302,7 @@ absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
     }
     v1::BatchDecodeEntry* entry = out.add_entries();
     entry->set_session_id(steps[i].session_id);
-    ToProto(step.query, entry->mutable_query());
-    ToProto(step.key, entry->mutable_key());
-    ToProto(step.value, entry->mutable_value());
+    StepTensorsToProto(step, entry);
     if (step.expected_context_tokens.has_value()) {
       entry->set_expected_context_tokens(*step.expected_context_tokens);
     }
@@ -264,9 +316,7 @@ absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> FromProto(
     return absl::InternalError(absl::StrCat("results: expected ", entries,
                                             ", one per entry, got ", response.results_size()));
   }
-  const v1::Timing& timing = response.timing();
-  const ServerTiming server_timing{timing.queue_us(), timing.compute_us(), timing.batch_size(),
-                                   timing.total_us()};
+  const ServerTiming server_timing = TimingFromProto(response.timing());
   std::vector<absl::StatusOr<DecodeResult>> out;
   out.reserve(entries);
   for (int i = 0; i < response.results_size(); ++i) {
@@ -331,9 +381,7 @@ absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response) {
       OptionalFromProto(has_entropy, response.mutable_entropy(), "entropy");
   if (!entropy.ok()) return entropy.status();
   out.entropy = std::move(*entropy);
-  const v1::Timing& timing = response.timing();
-  out.timing = ServerTiming{timing.queue_us(), timing.compute_us(), timing.batch_size(),
-                            timing.total_us()};
+  out.timing = TimingFromProto(response.timing());
   return out;
 }
 

@@ -51,6 +51,42 @@ struct AttendResult {
   std::string backend;
 };
 
+// One AttendLayer call: layer `layer` of the model the server loaded as
+// `model` (--model=NAME=DIR) on hidden states x,
+//   y = o_proj(attention(q_proj(x), k_proj(m), v_proj(m))), m = x or memory.
+// Borrowed views.
+struct LayerRequest {
+  std::string model;
+  int32_t layer = 0;  // in [0, num_layers)
+  TensorView x;       // [B, L, hidden] or [L, hidden]; F32, F16 or BF16
+  // Cross-attention (models with cross_attention): the encoder's output
+  // [B, Lm, hidden] (rank as x) the keys and values are projected from.
+  std::optional<TensorView> memory;
+  // RoPE positions of x's tokens: empty (0..L-1), L (shared by the rows) or
+  // B·L (row-major).
+  std::vector<int64_t> positions;
+  // Unset: the model's default mask (llama causal, with Mistral's sliding
+  // window; bert bidirectional). options.causal also asks for causal.
+  std::optional<bool> causal;
+  AttentionOptions options;          // scale, window, softcap, ALiBi as in Attend
+  std::vector<int32_t> key_lengths;  // empty or one per row: keys past it are padding
+  OutputSpec outputs;                // lse, entropy, weights, top_k of the attention
+};
+
+// An AttendLayer result with owned tensors; optional outputs are present
+// only when requested.
+struct LayerResult {
+  std::string request_id;
+  Tensor y;  // [B, L, hidden] (rank as x), in x's dtype
+  std::optional<Tensor> lse;      // [B, Hq, L] F32
+  std::optional<Tensor> entropy;  // [B, Hq, L] F32 nats
+  std::optional<Tensor> weights;  // [B, Hq, L, Lk] F32
+  std::optional<Tensor> top_k_indices;
+  std::optional<Tensor> top_k_weights;
+  ServerTiming timing;  // compute_us includes the projections
+  std::string backend;
+};
+
 // A KV-cache session to open (CreateSessionRequest).
 struct SessionSpec {
   int32_t num_kv_heads = 0;  // Hkv
@@ -59,8 +95,8 @@ struct SessionSpec {
   DType cache_dtype = DType::kF32;  // storage of the cache: F32, F16 or BF16
   int64_t max_tokens = 0;    // per layer; 0 = as many as the server's cache holds
   // Layers of the model, one paged cache each; steps name the layer and go
-  // in layer order (see the proto). 0 = 1.
-  int32_t num_layers = 1;
+  // in layer order (see the proto). 0 = 1, or the model's.
+  int32_t num_layers = 0;
   // If set, the server rotates new queries and keys (RoPE) at the session's
   // positions, so steps send unrotated ones. The wire message itself: theta,
   // rotary_dim, style (NEOX | GPTJ), scaling and its factors; zeros are the
@@ -71,6 +107,11 @@ struct SessionSpec {
   // frees the blocks between. 0 = keep everything.
   int64_t sink_tokens = 0;
   int64_t window_tokens = 0;
+  // A model the server loaded (--model; llama family): the session is that
+  // model's attention module. num_kv_heads, head_dim, num_layers and rotary
+  // come from the model (any set must agree; value_dim and rotary unset),
+  // and steps send DecodeStep::hidden instead of query/key/value.
+  std::string model;
 };
 
 // What CreateSession answered.
@@ -104,10 +145,16 @@ struct DecodeStep {
   // this step; a mismatch is FAILED_PRECONDITION, so a retried step that
   // already landed is refused instead of appended twice.
   std::optional<int64_t> expected_context_tokens;
+  // A model session's step, instead of query/key/value: hidden states [T,
+  // hidden] (or [1, T, hidden]), F32, F16 or BF16; the output is then the
+  // layer's y [T, hidden] in hidden's dtype. With hidden set, query/key/value
+  // left empty (default views) are not sent. (Last, so that aggregate
+  // initialisers of the fields above keep their meaning.)
+  std::optional<TensorView> hidden;
 };
 
-// One session's part of a BatchDecode: its step's query, key, value and
-// expected_context_tokens become the entry. The wire has one layer, options
+// One session's part of a BatchDecode: its step's query, key, value (or
+// hidden) and expected_context_tokens become the entry. The wire has one layer, options
 // and output spec per batch: the layer is BatchDecode's argument (step.layer
 // is not read), options, lse and entropy are the first step's and must be the
 // same in every step.
@@ -118,7 +165,9 @@ struct SessionStep {
 
 struct DecodeResult {
   std::string request_id;
-  Tensor output;            // [Lq, Hq, Dv] (rank as the query), the query's dtype
+  // [Lq, Hq, Dv] (rank as the query), the query's dtype; for a step of
+  // hidden states, the layer's y [T, hidden] (rank and dtype as hidden).
+  Tensor output;
   std::optional<Tensor> lse;  // [1, Hq, Lq] F32, when asked
   std::optional<Tensor> entropy;  // [1, Hq, Lq] F32 in nats, when asked
   int64_t context_tokens = 0;  // tokens in the cache after this step's append
@@ -142,6 +191,12 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
 
 // Moves the tensors out of `response` (which is left empty-ish).
 absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response);
+
+// Builds the wire request; not validated (the server does, naming the field).
+v1::AttendLayerRequest ToProto(const LayerRequest& request, const CallOptions& call);
+
+// Moves the tensors out of `response`.
+absl::StatusOr<LayerResult> FromProto(v1::AttendLayerResponse&& response);
 
 // The wire form of the options (-1 windows become unset fields).
 void ToProto(const AttentionOptions& options, v1::AttentionOptions* out);

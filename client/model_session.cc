@@ -15,9 +15,11 @@ absl::StatusOr<std::unique_ptr<ModelSession>> ModelSession::Create(AttnClient* c
     return absl::InvalidArgumentError(
         absl::StrCat("n_sequences: expected >= 1, got ", n_sequences));
   }
-  // num_layers 0 means 1 on the wire.
-  const int32_t layers = std::max(spec.num_layers, 1);
-  std::unique_ptr<ModelSession> model(new ModelSession(client, layers, deadline));
+  // num_layers 0 means 1 on the wire; a model session has its model's,
+  // which only the server's answer tells.
+  std::optional<int32_t> layers;
+  if (spec.model.empty()) layers = std::max(spec.num_layers, 1);
+  std::unique_ptr<ModelSession> model;
   for (int i = 0; i < n_sequences; ++i) {
     absl::StatusOr<CreatedSession> created = client->CreateSession(spec, deadline);
     if (!created.ok()) {
@@ -25,13 +27,23 @@ absl::StatusOr<std::unique_ptr<ModelSession>> ModelSession::Create(AttnClient* c
       return absl::Status(created.status().code(),
                           absl::StrCat("sequence ", i, ": ", created.status().message()));
     }
-    if (created->num_layers != 0 && created->num_layers != layers) {
+    if (!layers.has_value()) {
+      if (created->num_layers < 1) {
+        (void)client->CloseSession(created->session_id, deadline);
+        return absl::InternalError(absl::StrCat("sequence ", i, ": num_layers: expected >= 1 (",
+                                                "model ", spec.model, "), got ",
+                                                created->num_layers));
+      }
+      layers = created->num_layers;
+    }
+    if (created->num_layers != 0 && created->num_layers != *layers) {
       (void)client->CloseSession(created->session_id, deadline);
-      return absl::InternalError(absl::StrCat("sequence ", i, ": num_layers: expected ", layers,
+      return absl::InternalError(absl::StrCat("sequence ", i, ": num_layers: expected ", *layers,
                                               ", got ", created->num_layers));
     }
+    if (model == nullptr) model.reset(new ModelSession(client, *layers, deadline));
     model->sequences_.push_back(
-        Sequence{created->session_id, std::vector<int64_t>(static_cast<size_t>(layers), 0)});
+        Sequence{created->session_id, std::vector<int64_t>(static_cast<size_t>(*layers), 0)});
   }
   return model;
 }
@@ -88,6 +100,7 @@ absl::StatusOr<std::vector<Tensor>> ModelSession::StepLayer(int32_t layer,
     step.query = steps[i].query;
     step.key = steps[i].key;
     step.value = steps[i].value;
+    step.hidden = steps[i].hidden;
     step.options = options;
     step.layer = layer;
     step.expected_context_tokens = sequences_[i].tokens[layer];

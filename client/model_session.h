@@ -24,6 +24,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,18 +37,22 @@
 namespace attnserve::client {
 
 // One sequence's inputs for one layer-step (borrowed views; Tensor::view()):
-// query [Lq, Hq, D], key/value [Lnew, Hkv, D|Dv] to append.
+// query [Lq, Hq, D], key/value [Lnew, Hkv, D|Dv] to append; or, for the
+// sessions of a model the server loaded (SessionSpec::model), hidden states
+// [T, hidden] instead, the output then being the layer's y [T, hidden].
 struct SequenceStep {
   TensorView query;
   TensorView key;
   TensorView value;
+  std::optional<TensorView> hidden;
 };
 
 class ModelSession {
  public:
-  // Opens `n_sequences` sessions of `spec` (spec.num_layers layers). On a
-  // failure closes those already opened and returns the error, naming the
-  // sequence. INVALID_ARGUMENT for n_sequences < 1.
+  // Opens `n_sequences` sessions of `spec` (spec.num_layers layers, or the
+  // model's for spec.model). On a failure closes those already opened and
+  // returns the error, naming the sequence. INVALID_ARGUMENT for
+  // n_sequences < 1.
   static absl::StatusOr<std::unique_ptr<ModelSession>> Create(
       AttnClient* client, int n_sequences, const SessionSpec& spec,
       absl::Duration deadline = absl::ZeroDuration());
@@ -68,7 +73,8 @@ class ModelSession {
 
   // One layer-step of every sequence: steps[i] is sequence i's (so
   // steps.size() == num_sequences()), all in one BatchDecode. Returns each
-  // sequence's output [Lq, Hq, Dv] in order. The call's own error is
+  // sequence's output [Lq, Hq, Dv] (with hidden states: y [T, hidden]) in
+  // order. The call's own error is
   // returned as is; otherwise the first failed entry's error, its message
   // prefixed "sequence i (session ID): ". Entries that succeeded have
   // advanced even then (their counts too); a failed one's cache is as it was.

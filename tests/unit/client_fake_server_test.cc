@@ -1,5 +1,7 @@
 // AttnClient, AttendStream and the load generator against an in-process fake
-// attnserve (echoing the query as the output), on an ephemeral loopback port.
+// attnserve (echoing the query as the output), on an ephemeral loopback port;
+// AttendLayer and model sessions against the same fake (echoing the hidden
+// states as y).
 #include <atomic>
 #include <memory>
 #include <string>
@@ -17,6 +19,7 @@
 #include "absl/time/clock.h"
 #include "client/client.h"
 #include "client/load_generator.h"
+#include "client/model_session.h"
 #include "client/shapes.h"
 
 namespace attnserve::client {
@@ -83,7 +86,110 @@ class FakeAttentionService final : public v1::AttentionService::Service {
     return grpc::Status::OK;
   }
 
+  // The one model, kModel (kModelLayers layers): AttendLayer echoes x as y,
+  // with an lse of zeros [B, 1, L] when asked; other models are NOT_FOUND.
+  static constexpr char kModel[] = "tiny";
+  static constexpr int kModelLayers = 2;
+
+  grpc::Status AttendLayer(grpc::ServerContext*, const v1::AttendLayerRequest* request,
+                           v1::AttendLayerResponse* response) override {
+    {
+      absl::MutexLock lock(&mu_);
+      last_layer_request_ = *request;
+    }
+    if (request->model() != kModel) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND,
+                          absl::StrCat("model: expected one of the loaded models tiny, got \"",
+                                       request->model(), "\""));
+    }
+    response->set_request_id(request->request_id());
+    *response->mutable_y() = request->x();
+    if (request->outputs().lse() && request->x().shape_size() == 3) {
+      v1::Tensor* lse = response->mutable_lse();
+      lse->set_dtype(v1::F32);
+      lse->add_shape(request->x().shape(0));
+      lse->add_shape(1);
+      lse->add_shape(request->x().shape(1));
+      lse->set_data(std::string(request->x().shape(0) * request->x().shape(1) * 4, '\0'));
+    }
+    response->set_backend("echo");
+    response->mutable_timing()->set_compute_us(9);
+    return grpc::Status::OK;
+  }
+
+  // Sessions: a model session (of kModel only) has its layers; Decode and
+  // BatchDecode echo each step's hidden states (or query) as its output and
+  // count its rows as appended tokens.
+  grpc::Status CreateSession(grpc::ServerContext*, const v1::CreateSessionRequest* request,
+                             v1::CreateSessionResponse* response) override {
+    absl::MutexLock lock(&mu_);
+    last_create_ = *request;
+    if (!request->model().empty() && request->model() != kModel) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, "model: not loaded");
+    }
+    response->set_session_id(absl::StrCat("s", ++sessions_created_));
+    response->set_num_layers(request->model().empty() ? std::max(request->num_layers(), 1)
+                                                      : kModelLayers);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status CloseSession(grpc::ServerContext*, const v1::CloseSessionRequest*,
+                            v1::CloseSessionResponse*) override {
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Decode(grpc::ServerContext*, const v1::DecodeRequest* request,
+                      v1::DecodeResponse* response) override {
+    {
+      absl::MutexLock lock(&mu_);
+      last_decode_ = *request;
+    }
+    const v1::Tensor& input = request->has_hidden() ? request->hidden() : request->query();
+    *response->mutable_output() = input;
+    response->set_context_tokens(request->expected_context_tokens() + input.shape(0));
+    return grpc::Status::OK;
+  }
+
+  grpc::Status BatchDecode(grpc::ServerContext*, const v1::BatchDecodeRequest* request,
+                           v1::BatchDecodeResponse* response) override {
+    {
+      absl::MutexLock lock(&mu_);
+      last_batch_ = *request;
+    }
+    for (const v1::BatchDecodeEntry& entry : request->entries()) {
+      const v1::Tensor& input = entry.has_hidden() ? entry.hidden() : entry.query();
+      v1::BatchDecodeResult* result = response->add_results();
+      *result->mutable_output() = input;
+      result->set_context_tokens(entry.expected_context_tokens() + input.shape(0));
+    }
+    return grpc::Status::OK;
+  }
+
+  v1::AttendLayerRequest last_layer_request() {
+    absl::MutexLock lock(&mu_);
+    return last_layer_request_;
+  }
+  v1::CreateSessionRequest last_create() {
+    absl::MutexLock lock(&mu_);
+    return last_create_;
+  }
+  v1::DecodeRequest last_decode() {
+    absl::MutexLock lock(&mu_);
+    return last_decode_;
+  }
+  v1::BatchDecodeRequest last_batch() {
+    absl::MutexLock lock(&mu_);
+    return last_batch_;
+  }
+
  private:
+  absl::Mutex mu_;
+  v1::AttendLayerRequest last_layer_request_ ABSL_GUARDED_BY(mu_);
+  v1::CreateSessionRequest last_create_ ABSL_GUARDED_BY(mu_);
+  v1::DecodeRequest last_decode_ ABSL_GUARDED_BY(mu_);
+  v1::BatchDecodeRequest last_batch_ ABSL_GUARDED_BY(mu_);
+  int sessions_created_ ABSL_GUARDED_BY(mu_) = 0;
+
   static void Echo(const v1::AttendRequest& request, v1::AttendResponse* response) {
     response->set_request_id(request.request_id());
     *response->mutable_output() = request.query();
@@ -370,6 +476,129 @@ TEST_F(FakeServerTest, ErrorsAreCountedByCodeAndStreamsReopen) {
     EXPECT_GT(r->latency.errors.at("RESOURCE_EXHAUSTED"), 2);
     EXPECT_EQ(r->latency.errors.size(), 1u);
   }
+}
+
+TEST_F(FakeServerTest, AttendLayerSendsEveryFieldAndOwnsTheResult) {
+  const Tensor x = RandomTensor(DType::kF16, {2, 3, 8}, 3);
+  const Tensor memory = RandomTensor(DType::kF16, {2, 5, 8}, 4);
+  LayerRequest request;
+  request.model = "tiny";
+  request.layer = 1;
+  request.x = x.view();
+  request.memory = memory.view();
+  request.positions = {4, 5, 9};
+  request.causal = false;
+  request.options.scale = 0.25f;
+  request.options.window_left = 2;
+  request.key_lengths = {5, 3};
+  request.outputs.lse = true;
+  request.outputs.top_k = 2;
+  absl::StatusOr<LayerResult> r = client_->AttendLayer(request, Call("layer-1", "cpu"));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->request_id, "layer-1");
+  EXPECT_EQ(r->backend, "echo");
+  EXPECT_EQ(r->timing.compute_us, 9);
+  EXPECT_EQ(r->y.dtype, DType::kF16);
+  EXPECT_EQ(r->y.shape, x.shape);
+  EXPECT_EQ(r->y.data, x.data);
+  ASSERT_TRUE(r->lse.has_value());
+  EXPECT_EQ(r->lse->shape, (std::vector<int64_t>{2, 1, 3}));
+  EXPECT_FALSE(r->weights.has_value());
+  EXPECT_FALSE(r->entropy.has_value());
+
+  const v1::AttendLayerRequest sent = service_.last_layer_request();
+  EXPECT_EQ(sent.model(), "tiny");
+  EXPECT_EQ(sent.layer(), 1);
+  EXPECT_EQ(sent.x().dtype(), v1::F16);
+  EXPECT_THAT(sent.x().shape(), ::testing::ElementsAre(2, 3, 8));
+  EXPECT_EQ(sent.memory().data(), memory.data);
+  EXPECT_THAT(sent.positions(), ::testing::ElementsAre(4, 5, 9));
+  ASSERT_TRUE(sent.has_causal());
+  EXPECT_FALSE(sent.causal());
+  EXPECT_FLOAT_EQ(sent.options().scale(), 0.25f);
+  EXPECT_EQ(sent.options().window_left(), 2);
+  EXPECT_FALSE(sent.options().has_window_right());
+  EXPECT_THAT(sent.key_lengths(), ::testing::ElementsAre(5, 3));
+  EXPECT_TRUE(sent.outputs().lse());
+  EXPECT_EQ(sent.outputs().top_k(), 2);
+  EXPECT_EQ(sent.backend(), "cpu");
+
+  // Unset causal and memory stay unset on the wire (the model's defaults).
+  request.causal.reset();
+  request.memory.reset();
+  ASSERT_TRUE(client_->AttendLayer(request).ok());
+  EXPECT_FALSE(service_.last_layer_request().has_causal());
+  EXPECT_FALSE(service_.last_layer_request().has_memory());
+}
+
+TEST_F(FakeServerTest, AttendLayerOfAnUnknownModelIsNotFound) {
+  const Tensor x = RandomTensor(DType::kF32, {3, 8}, 5);
+  LayerRequest request;
+  request.model = "other";
+  request.x = x.view();
+  absl::StatusOr<LayerResult> r = client_->AttendLayer(request);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(r.status().message(), HasSubstr("model"));
+}
+
+TEST_F(FakeServerTest, ModelSessionsSendHiddenStatesOnly) {
+  SessionSpec spec;
+  spec.model = "tiny";
+  spec.cache_dtype = DType::kBF16;
+  absl::StatusOr<std::unique_ptr<ModelSession>> model =
+      ModelSession::Create(client_.get(), 2, spec);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const v1::CreateSessionRequest created = service_.last_create();
+  EXPECT_EQ(created.model(), "tiny");
+  EXPECT_EQ(created.num_layers(), 0);  // the model's
+  EXPECT_EQ(created.num_kv_heads(), 0);
+  EXPECT_EQ(created.dtype(), v1::BF16);
+  // The layer count is the server's answer, the model's.
+  EXPECT_EQ((*model)->num_layers(), FakeAttentionService::kModelLayers);
+
+  const Tensor a = RandomTensor(DType::kF32, {4, 8}, 6);
+  const Tensor b = RandomTensor(DType::kF16, {4, 8}, 7);
+  std::vector<SequenceStep> steps(2);
+  steps[0].hidden = a.view();
+  steps[1].hidden = b.view();
+  absl::StatusOr<std::vector<Tensor>> outputs = (*model)->StepLayer(0, steps);
+  ASSERT_TRUE(outputs.ok()) << outputs.status();
+  EXPECT_EQ((*outputs)[0].data, a.data);
+  EXPECT_EQ((*outputs)[1].data, b.data);
+  EXPECT_EQ((*model)->tokens(1, 0), 4);
+  const v1::BatchDecodeRequest batch = service_.last_batch();
+  ASSERT_EQ(batch.entries_size(), 2);
+  for (const v1::BatchDecodeEntry& entry : batch.entries()) {
+    EXPECT_TRUE(entry.has_hidden());
+    EXPECT_FALSE(entry.has_query());
+    EXPECT_FALSE(entry.has_key());
+    EXPECT_FALSE(entry.has_value());
+    EXPECT_EQ(entry.expected_context_tokens(), 0);
+  }
+
+  // A Decode of hidden states; query/key/value set beside it are sent too,
+  // for the server to refuse.
+  DecodeStep step;
+  step.hidden = a.view();
+  step.layer = 1;
+  absl::StatusOr<DecodeResult> r = client_->Decode((*model)->session_id(0), step);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->output.data, a.data);
+  v1::DecodeRequest sent = service_.last_decode();
+  EXPECT_EQ(sent.layer(), 1);
+  EXPECT_TRUE(sent.has_hidden());
+  EXPECT_FALSE(sent.has_query());
+  step.query = b.view();
+  ASSERT_TRUE(client_->Decode((*model)->session_id(0), step).ok());
+  sent = service_.last_decode();
+  EXPECT_TRUE(sent.has_hidden());
+  EXPECT_TRUE(sent.has_query());
+  EXPECT_FALSE(sent.has_key());
+
+  SessionSpec unknown;
+  unknown.model = "other";
+  EXPECT_EQ(ModelSession::Create(client_.get(), 1, unknown).status().code(),
+            absl::StatusCode::kNotFound);
 }
 
 }  // namespace
