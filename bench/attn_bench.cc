@@ -38,6 +38,7 @@
 #include "backends/cpu/cpu_backend.h"
 #include "backends/registry.h"
 #include "core/half.h"
+#include "core/openmp_waits.h"
 #include "kvcache/session_store.h"
 #include "layer_bench.h"
 #include "machine_peak.h"
@@ -468,6 +469,7 @@ int Main() {
 }  // namespace attnserve
 
 int main(int argc, char** argv) {
+  attnserve::PreferSleepingOpenMpWaits(argv);  // as the server runs
   absl::SetProgramUsageMessage("Times one attention shape on one backend.");
   absl::ParseCommandLine(argc, argv);
   return attnserve::Main();

@@ -12,6 +12,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/str_join.h"
+#include "core/openmp_waits.h"
 #include "server/server.h"
 
 namespace {
@@ -102,6 +103,7 @@ std::vector<std::string> ModelFlags(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  attnserve::PreferSleepingOpenMpWaits(argv);
   absl::SetProgramUsageMessage("attnserve: attention as a gRPC service. Flags: --helpfull");
   const std::vector<std::string> model_flags = ModelFlags(argc, argv);
   absl::ParseCommandLine(argc, argv);
