@@ -51,7 +51,10 @@ bool RowsOf(const std::vector<int64_t>& shape, int32_t hidden, int64_t* batch, i
   return shape.back() == hidden && *batch >= 1 && *tokens >= 1;
 }
 
-absl::Status ToF32(const TensorView& t, const char* field, std::vector<float>* out) {
+// `t`'s values in F32 at *data: its own bytes when they are F32 and 4-byte
+// aligned, else a converted copy in *copy.
+absl::Status AsF32(const TensorView& t, const char* field, std::vector<float>* copy,
+                   const float** data) {
   if (t.dtype != DType::kF32 && t.dtype != DType::kF16 && t.dtype != DType::kBF16) {
     return Invalid(absl::StrCat(field, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
   }
@@ -68,16 +71,32 @@ absl::Status ToF32(const TensorView& t, const char* field, std::vector<float>* o
                                 ")"),
                    absl::StrCat(t.data.size(), " bytes"));
   }
-  out->resize(static_cast<size_t>(count));
-  ConvertFloats(t.data.data(), t.dtype, out->data(), DType::kF32, count);
+  if (t.dtype == DType::kF32 && reinterpret_cast<uintptr_t>(t.data.data()) % alignof(float) == 0) {
+    *data = reinterpret_cast<const float*>(t.data.data());
+    return absl::OkStatus();
+  }
+  copy->resize(static_cast<size_t>(count));
+  ConvertFloats(t.data.data(), t.dtype, copy->data(), DType::kF32, count);
+  *data = copy->data();
   return absl::OkStatus();
+}
+
+// An uninitialised F32 buffer of `count` values and its view as `shape`.
+std::unique_ptr<float[]> Uninitialised(int64_t count) {
+  return std::unique_ptr<float[]>(new float[static_cast<size_t>(count)]);
+}
+TensorView ViewOf(const std::unique_ptr<float[]>& data, std::vector<int64_t> shape) {
+  const int64_t count = CheckedElementCount(shape);
+  return TensorView{DType::kF32, std::move(shape),
+                    std::string_view(reinterpret_cast<const char*>(data.get()),
+                                     static_cast<size_t>(count) * sizeof(float))};
 }
 
 // Rows of each member laid end to end: `pick` gives a member's pointer and row count.
 template <typename Pick>
 void Gather(absl::Span<LayerCall* const> calls, int64_t width, float* out, Pick pick) {
   for (LayerCall* c : calls) {
-    auto [data, rows] = pick(c);
+    const auto [data, rows] = pick(c);
     std::memcpy(out, data, static_cast<size_t>(rows * width) * sizeof(float));
     out += rows * width;
   }
@@ -154,7 +173,7 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
   }
   call->source_tokens_ = call->tokens_;
   try {
-    if (absl::Status s = ToF32(in.x, "x", &call->x_); !s.ok()) return s;
+    if (absl::Status s = AsF32(in.x, "x", &call->x_copy_, &call->x_data_); !s.ok()) return s;
     if (cross) {
       int64_t mb = 0;
       if (!RowsOf(in.memory->shape, c.hidden_size, &mb, &call->source_tokens_) ||
@@ -166,7 +185,10 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
                                     c.hidden_size, "] (x's batch and rank)"),
                        ShapeString(in.memory->shape));
       }
-      if (absl::Status s = ToF32(*in.memory, "memory", &call->memory_); !s.ok()) return s;
+      if (absl::Status s = AsF32(*in.memory, "memory", &call->memory_copy_, &call->memory_data_);
+          !s.ok()) {
+        return s;
+      }
     }
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("x: out of memory for its F32 copy");
@@ -203,16 +225,16 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
 
   const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, D = c.head_dim;
   try {
-    call->q_ = Tensor::Zeros(DType::kF32, {B, L, Hq, D});
-    call->k_ = Tensor::Zeros(DType::kF32, {B, Lk, Hkv, D});
-    call->v_ = Tensor::Zeros(DType::kF32, {B, Lk, Hkv, D});
+    call->q_ = Uninitialised(B * L * Hq * D);
+    call->k_ = Uninitialised(B * Lk * Hkv * D);
+    call->v_ = Uninitialised(B * Lk * Hkv * D);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory for the projected q, k and v");
   }
   AttentionRequest request;
-  request.query = call->q_.view();
-  request.key = call->k_.view();
-  request.value = call->v_.view();
+  request.query = ViewOf(call->q_, {B, L, Hq, D});
+  request.key = ViewOf(call->k_, {B, Lk, Hkv, D});
+  request.value = ViewOf(call->v_, {B, Lk, Hkv, D});
   request.options = in.options;
   request.options.causal = in.causal.has_value() ? *in.causal : (in.options.causal || c.causal);
   if (request.options.causal && !cross && c.sliding_window > 0 &&
@@ -234,9 +256,9 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
 int64_t LayerCall::held_bytes() const {
   const ModelConfig& c = model_->config();
   const int64_t rows = batch_ * tokens_, src = batch_ * source_tokens_;
-  const int64_t qkv = static_cast<int64_t>(q_.data.size() + k_.data.size() + v_.data.size());
+  const int64_t qkv = (rows * c.num_heads + 2 * src * c.num_kv_heads) * int64_t{c.head_dim} * 4;
   const int64_t y = rows * c.hidden_size * static_cast<int64_t>(DTypeSize(x_dtype_));
-  const int64_t inputs = static_cast<int64_t>((x_.size() + memory_.size()) * sizeof(float));
+  const int64_t inputs = static_cast<int64_t>((x_copy_.size() + memory_copy_.size()) * sizeof(float));
   // The stages' gathered copies (inputs and q/k/v before the attention,
   // its output and y after) and the BF16 copy of the rows a matmul reads.
   const int64_t gathered = inputs + qkv +
@@ -259,26 +281,24 @@ absl::Status LayerCall::Prepare(absl::Span<TaskStage* const> members) {
     src_rows += call->batch_ * call->source_tokens_;
   }
   auto x_of = [](LayerCall* call) {
-    return std::pair<float*, int64_t>(call->x_.data(), call->batch_ * call->tokens_);
+    return std::pair<const float*, int64_t>(call->x_data_, call->batch_ * call->tokens_);
   };
   auto src_of = [](LayerCall* call) {
-    return std::pair<float*, int64_t>(call->cross_ ? call->memory_.data() : call->x_.data(),
-                                      call->batch_ * call->source_tokens_);
+    return std::pair<const float*, int64_t>(call->cross_ ? call->memory_data_ : call->x_data_,
+                                            call->batch_ * call->source_tokens_);
   };
   auto q_of = [](LayerCall* call) {
-    return std::pair<float*, int64_t>(call->q_.mutable_data<float>(), call->batch_ * call->tokens_);
+    return std::pair<float*, int64_t>(call->q_.get(), call->batch_ * call->tokens_);
   };
   auto k_of = [](LayerCall* call) {
-    return std::pair<float*, int64_t>(call->k_.mutable_data<float>(),
-                                      call->batch_ * call->source_tokens_);
+    return std::pair<float*, int64_t>(call->k_.get(), call->batch_ * call->source_tokens_);
   };
   auto v_of = [](LayerCall* call) {
-    return std::pair<float*, int64_t>(call->v_.mutable_data<float>(),
-                                      call->batch_ * call->source_tokens_);
+    return std::pair<float*, int64_t>(call->v_.get(), call->batch_ * call->source_tokens_);
   };
   if (calls.size() == 1) {
     LayerCall& call = *calls[0];
-    if (absl::Status s = ProjectQuery(model, w, call.x_.data(), rows, q_of(&call).first); !s.ok()) {
+    if (absl::Status s = ProjectQuery(model, w, call.x_data_, rows, q_of(&call).first); !s.ok()) {
       return s;
     }
     if (absl::Status s = ProjectKeyValue(model, w, src_of(&call).first, src_rows,
@@ -309,11 +329,9 @@ absl::Status LayerCall::Prepare(absl::Span<TaskStage* const> members) {
   if (c.rope.has_value()) {
     for (LayerCall* call : calls) {
       const int64_t last = *std::max_element(call->positions_.begin(), call->positions_.end());
-      RotateRope(*c.rope, call->positions_, c.num_heads, c.head_dim,
-                 call->q_.mutable_data<float>(), last);
+      RotateRope(*c.rope, call->positions_, c.num_heads, c.head_dim, call->q_.get(), last);
       if (!call->cross_) {
-        RotateRope(*c.rope, call->positions_, c.num_kv_heads, c.head_dim,
-                   call->k_.mutable_data<float>(), last);
+        RotateRope(*c.rope, call->positions_, c.num_kv_heads, c.head_dim, call->k_.get(), last);
       }
     }
   }
@@ -339,6 +357,11 @@ absl::Status LayerCall::Finish(absl::Span<TaskStage* const> members) {
     attn.resize(static_cast<size_t>(rows * width));
     Gather(calls, width, attn.data(), out_of);
     in = attn.data();
+  }
+  if (calls.size() == 1 && x_dtype_ == DType::kF32) {
+    // The response's tensor, written by the matmul itself.
+    y_ = Tensor::Zeros(DType::kF32, x_shape_);
+    return ProjectOutput(*weights_, in, rows, y_.mutable_data<float>());
   }
   std::vector<float> y(static_cast<size_t>(rows * hidden));
   if (absl::Status s = ProjectOutput(*weights_, in, rows, y.data()); !s.ok()) return s;

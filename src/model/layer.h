@@ -49,6 +49,8 @@ absl::Status ProjectOutput(const AttentionWeights& w, const float* attn, int64_t
 // 2·source_rows·hidden·(Hkv·D) twice (k, v).
 double ProjectionFlops(const ModelConfig& config, int64_t rows, int64_t source_rows);
 
+// The bytes of x and memory must outlive the LayerCall planned from them
+// (F32 inputs are read in place, by Prepare).
 struct LayerInput {
   const Model* model = nullptr;
   int32_t layer = 0;
@@ -95,10 +97,15 @@ class LayerCall final : public TaskStage {
   bool cross_ = false;
   DType x_dtype_ = DType::kF32;
   std::vector<int64_t> x_shape_;
-  std::vector<float> x_;       // [B·L, hidden]
-  std::vector<float> memory_;  // [B·Lm, hidden] for cross-attention
+  // x [B·L, hidden] and memory [B·Lm, hidden] in F32: the input's bytes
+  // when they are F32 (and 4-byte aligned), else the F32 copies below.
+  const float* x_data_ = nullptr;
+  const float* memory_data_ = nullptr;
+  std::vector<float> x_copy_, memory_copy_;
   std::vector<int64_t> positions_;  // [B·L] when the model has RoPE
-  Tensor q_, k_, v_;           // F32 [B, L, Hq, D], [B, Lk, Hkv, D]
+  // The projections, F32 [B, L, Hq, D] and [B, Lk, Hkv, D]; written whole
+  // by Prepare, so not zeroed.
+  std::unique_ptr<float[]> q_, k_, v_;
   Tensor y_;
   AttentionJob* planned_ = nullptr;  // the job, also after TakeJob (the task owns it)
   std::unique_ptr<AttentionJob> job_;
