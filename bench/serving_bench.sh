@@ -4,7 +4,7 @@
 # its own server on a free-ish port, drives it with attnctl bench and prints one
 # summary line; every server must exit 0 on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|all]     (default: all)
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|all]     (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
 # machine should be otherwise idle.
@@ -156,6 +156,26 @@ tier() {
   stop_server
 }
 
+layer() {
+  echo "== L1 served: AttendLayer of an L1-sized model (hidden 4096, 32/8 heads), 512 tokens, vs attn_bench --layer=DIR"
+  local dtypes="F32"
+  grep -q avx512_bf16 /proc/cpuinfo && dtypes="F32 BF16"
+  for dtype in $dtypes; do
+    local dir="/tmp/serving_bench.l1.$dtype"
+    [ -f "$dir/model.safetensors" ] ||
+      /usr/bin/python3 "$root/client/python/examples/make_tiny_model.py" "$dir" --hidden_size=4096 \
+        --heads=32 --kv_heads=8 --layers=1 --dtype="$dtype" >/dev/null
+    echo "-- $dtype weights"
+    start_server --model=l1="$dir"
+    /usr/bin/python3 "$root/bench/layer_load.py" --target="$target" --model=l1 --tokens=512 \
+      --calls=10 | sed 's/^/  served: /'
+    stop_server
+    local lower; lower=$(echo "$dtype" | tr 'A-Z' 'a-z')
+    "$build/bench/attn_bench" --layer="$dir" --lq=512 --dtype="$lower" --json |
+      /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  in process: ms=%.3f proj_ms=%.3f attn_ms=%.3f gflops=%.1f isa=%s" % (d["ms"], d["proj_ms"], d["attn_ms"], d["gflops"], d["peak_isa"]))'
+  done
+}
+
 stats() {
   echo "== S1 closed loop, concurrency 16: --attention_stats_sample=0 vs =100, alternating, 3 rounds"
   for round in 1 2 3; do
@@ -175,10 +195,11 @@ case "${1:-all}" in
   s1) s1 ;;
   tier) tier ;;
   stats) stats ;;
+  layer) layer ;;
   open) open_loop ;;
   overload) overload ;;
   sessions) sessions ;;
   abuse) abuse ;;
-  all) s1; open_loop; overload; sessions; abuse; tier; stats ;;
+  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer ;;
   *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|all]" >&2; exit 2 ;;
 esac

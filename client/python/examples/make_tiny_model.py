@@ -19,12 +19,23 @@ import struct
 import numpy as np
 
 
-def write_safetensors(path, tensors):
-    """Writes {name: float32 array} as one safetensors file."""
+def to_bytes(array, dtype):
+    """The little-endian bytes of a float32 array as F32 or BF16 (the upper
+    16 bits of the float32, rounded to nearest even)."""
+    array = np.ascontiguousarray(array, dtype="<f4")
+    if dtype == "F32":
+        return array.tobytes()
+    bits = array.view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2").tobytes()
+
+
+def write_safetensors(path, tensors, dtype="F32"):
+    """Writes {name: float32 array} as one safetensors file of `dtype`."""
     header, offset, blobs = {}, 0, []
     for name, array in tensors.items():
-        data = np.ascontiguousarray(array, dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(array.shape),
+        data = to_bytes(array, dtype)
+        header[name] = {"dtype": dtype, "shape": list(array.shape),
                         "data_offsets": [offset, offset + len(data)]}
         offset += len(data)
         blobs.append(data)
@@ -46,6 +57,8 @@ def main():
     parser.add_argument("--kv_heads", type=int, default=2, help="key/value heads (Hkv)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["F32", "BF16"], default="F32",
+                        help="the weights' dtype in the file")
     args = parser.parse_args()
     if args.hidden_size % args.heads or args.heads % args.kv_heads:
         parser.error("hidden_size must be a multiple of heads, heads of kv_heads")
@@ -60,7 +73,7 @@ def main():
         "rope_theta": 10000.0,
         "rms_norm_eps": 1e-5,
         "max_position_embeddings": 4096,
-        "torch_dtype": "float32",
+        "torch_dtype": "float32" if args.dtype == "F32" else "bfloat16",
     }
     rng = np.random.default_rng(args.seed)
 
@@ -80,9 +93,9 @@ def main():
     out = pathlib.Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_safetensors(out / "model.safetensors", tensors)
+    write_safetensors(out / "model.safetensors", tensors, args.dtype)
     print(f"{out}: llama, {args.layers} layers, hidden {args.hidden_size}, "
-          f"{args.heads} heads ({args.kv_heads} kv) of {head_dim}, F32")
+          f"{args.heads} heads ({args.kv_heads} kv) of {head_dim}, {args.dtype}")
 
 
 if __name__ == "__main__":
