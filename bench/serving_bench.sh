@@ -201,5 +201,5 @@ case "${1:-all}" in
   sessions) sessions ;;
   abuse) abuse ;;
   all) s1; open_loop; overload; sessions; abuse; tier; stats; layer ;;
-  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|all]" >&2; exit 2 ;;
 esac
