@@ -7,7 +7,10 @@ GQA/MQA, bias broadcasts with -inf, key_lengths, LINEAR, lse/entropy/weights/top
 F16/BF16. sessions/: inputs for sessions_fuzzer's FuzzedDataProvider decoding,
 one scripted scenario per feature (layers stepping in order, Rollback, forks
 sharing blocks, eviction with shared blocks, sinks windows, RoPE, expiry) and a
-few random byte strings, from a fixed seed.
+few random byte strings, from a fixed seed. model/: model_fuzzer's inputs,
+a selector byte (0 safetensors, 1 config.json) then the file: every golden
+model's config.json (tests/golden/models/) and small safetensors files in
+F32, F16, BF16 and a dtype the reader only skips (I64).
 
 Deterministic: rerunning it rewrites the same files. Needs python3-protobuf and
 protoc (scripts/install-deps installs both).
@@ -16,6 +19,7 @@ protoc (scripts/install-deps installs both).
 """
 
 import hashlib
+import json
 import pathlib
 import random
 import shutil
@@ -487,6 +491,35 @@ def session_cases():
     return cases
 
 
+def safetensors(tensors):
+    """A safetensors file of {name: (dtype, shape, data bytes)}."""
+    header, blobs, offset = {}, [], 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+def model_cases():
+    """Inputs for model_fuzzer: golden configs and small safetensors files."""
+    cases = []
+    for config in sorted((HERE.parents[1] / "tests" / "golden" / "models").glob("*/config.json")):
+        cases.append((f"config_{config.parent.name}", b"\x01" + config.read_bytes()))
+    rng = random.Random(11)
+    w = bytes(rng.randrange(256) for _ in range(4 * 8 * 4))
+    cases.append(("safetensors_f32", b"\x00" + safetensors({
+        "model.layers.0.self_attn.q_proj.weight": ("F32", [8, 4], w),
+        "model.layers.0.self_attn.q_proj.bias": ("F32", [8], w[:32])})))
+    cases.append(("safetensors_f16_bf16", b"\x00" + safetensors({
+        "a": ("F16", [4, 4], w[:32]), "b": ("BF16", [2, 8], w[32:64]),
+        "c": ("I64", [2], w[64:80]), "d": ("F32", [0], b"")})))
+    return cases
+
+
 def write(out_dir, cases):
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.iterdir():
@@ -499,6 +532,7 @@ def write(out_dir, cases):
 def main():
     out = pathlib.Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "corpus"
     write(out / "sessions", session_cases())  # needs no protobuf
+    write(out / "model", model_cases())
     scratch = pathlib.Path(tempfile.mkdtemp())
     try:
         pb = load_pb2(scratch)
