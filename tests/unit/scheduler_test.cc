@@ -101,6 +101,7 @@ struct TaskSpec {
   int32_t priority = 0;
   absl::Time deadline = absl::InfiniteFuture();
   std::function<bool()> is_cancelled = nullptr;
+  TaskStage* stage = nullptr;
 };
 
 struct Outcome {
@@ -127,6 +128,7 @@ class Recorder {
     task.priority = spec.priority;
     task.deadline = spec.deadline;
     task.is_cancelled = spec.is_cancelled;
+    task.stage = spec.stage;
     const int id = spec.id;
     task.done = [this, id](absl::Status status, std::unique_ptr<AttentionJob> job,
                            const TaskTiming& timing) {
@@ -836,6 +838,54 @@ TEST(SchedulerGangTest, RejectsAJobWithAGangAndMixedDtypes) {
   both.job = std::make_unique<AttentionJob>();
   both.gang = {&a};
   EXPECT_EQ(scheduler->Submit(std::move(both)).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A task stage that records the members of each Prepare and Finish call (by
+// task id) and can fail its Prepare.
+class RecordingStage final : public TaskStage {
+ public:
+  RecordingStage(int id, const void* group, std::vector<std::string>* log,
+                 absl::Status prepare = absl::OkStatus())
+      : id_(id), group_(group), log_(log), prepare_(std::move(prepare)) {}
+  const void* group() const override { return group_; }
+  absl::Status Prepare(absl::Span<TaskStage* const> members) override {
+    Log("prepare", members);
+    return prepare_;
+  }
+  absl::Status Finish(absl::Span<TaskStage* const> members) override {
+    Log("finish", members);
+    return absl::OkStatus();
+  }
+
+ private:
+  void Log(const char* what, absl::Span<TaskStage* const> members) {
+    std::string line = what;
+    for (TaskStage* m : members) line += " " + std::to_string(static_cast<RecordingStage*>(m)->id_);
+    log_->push_back(line);  // on the one worker thread
+  }
+  int id_;
+  const void* group_;
+  std::vector<std::string>* log_;
+  absl::Status prepare_;
+};
+
+TEST_F(SchedulerTest, StagesOfOneGroupRunTogetherAndAFailedPrepareLeavesTheBatch) {
+  Start(Options(4, absl::Seconds(1)));
+  std::vector<std::string> log;
+  const int group_a = 0, group_b = 0;
+  RecordingStage s1(1, &group_a, &log), s4(4, &group_a, &log);
+  RecordingStage s3(3, &group_b, &log, absl::InternalError("projection failed"));
+  ASSERT_TRUE(Submit({.id = 1, .stage = &s1}).ok());
+  ASSERT_TRUE(Submit({.id = 2}).ok());  // no stage
+  ASSERT_TRUE(Submit({.id = 3, .stage = &s3}).ok());
+  ASSERT_TRUE(Submit({.id = 4, .stage = &s4}).ok());
+  ASSERT_TRUE(recorder_.WaitForDone(4));
+  // One Prepare per group, in admission order; task 3 left the backend call
+  // with its stage's error and was not finished.
+  EXPECT_THAT(log, ElementsAre("prepare 1 4", "prepare 3", "finish 1 4"));
+  EXPECT_THAT(backend_.batches(), ElementsAre(ElementsAre(1, 2, 4)));
+  for (int id : {1, 2, 4}) EXPECT_TRUE(recorder_.outcome(id).status.ok()) << id;
+  EXPECT_EQ(recorder_.outcome(3).status, absl::InternalError("projection failed"));
 }
 
 }  // namespace
