@@ -152,6 +152,13 @@ void ToProto(const AttentionOptions& o, v1::AttentionOptions* po) {
   po->set_variant(o.variant == Variant::kLinear ? v1::LINEAR : v1::SOFTMAX);
 }
 
+void OutputsToProto(const OutputSpec& outputs, v1::OutputSpec* out) {
+  out->set_lse(outputs.lse);
+  out->set_entropy(outputs.entropy);
+  out->set_weights(outputs.weights);
+  out->set_top_k(outputs.top_k);
+}
+
 v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {
   v1::AttendRequest out;
   out.set_request_id(call.request_id);
@@ -163,11 +170,7 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
 
   ToProto(request.options, out.mutable_options());
 
-  v1::OutputSpec* spec = out.mutable_outputs();
-  spec->set_lse(request.outputs.lse);
-  spec->set_entropy(request.outputs.entropy);
-  spec->set_weights(request.outputs.weights);
-  spec->set_top_k(request.outputs.top_k);
+  OutputsToProto(request.outputs, out.mutable_outputs());
 
   out.set_backend(call.backend);
   out.set_priority(call.priority);
@@ -197,11 +200,7 @@ v1::AttendLayerRequest ToProto(const LayerRequest& request, const CallOptions& c
   if (request.causal.has_value()) out.set_causal(*request.causal);
   ToProto(request.options, out.mutable_options());
   out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
-  v1::OutputSpec* spec = out.mutable_outputs();
-  spec->set_lse(request.outputs.lse);
-  spec->set_entropy(request.outputs.entropy);
-  spec->set_weights(request.outputs.weights);
-  spec->set_top_k(request.outputs.top_k);
+  OutputsToProto(request.outputs, out.mutable_outputs());
   out.set_backend(call.backend);
   out.set_priority(call.priority);
   return out;

@@ -200,6 +200,8 @@ absl::StatusOr<LayerResult> FromProto(v1::AttendLayerResponse&& response);
 
 // The wire form of the options (-1 windows become unset fields).
 void ToProto(const AttentionOptions& options, v1::AttentionOptions* out);
+// The optional outputs asked of an attention call.
+void OutputsToProto(const OutputSpec& outputs, v1::OutputSpec* out);
 
 v1::CreateSessionRequest ToProto(const SessionSpec& spec);
 CreatedSession FromProto(const v1::CreateSessionResponse& response);

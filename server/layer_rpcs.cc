@@ -42,14 +42,9 @@ absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& req
                                                v1::AttendLayerResponse* response,
                                                MemoryBudget::Reservation* reservation,
                                                std::function<void(absl::Status)> done) {
-  if (draining()) return Draining();
-  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  absl::StatusOr<Backend*> chosen = AdmissionBackend(request.backend(), request.priority());
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
-  if (request.priority() != 0 && request.priority() != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("priority: expected 0 (normal) or 1 (high), got ", request.priority()));
-  }
   absl::StatusOr<const Model*> model = ModelFor(request.model(), "model");
   if (!model.ok()) return model.status();
 
@@ -110,18 +105,13 @@ absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& req
 grpc::ServerUnaryReactor* AttentionServiceImpl::AttendLayer(grpc::CallbackServerContext* context,
                                                             const v1::AttendLayerRequest* request,
                                                             v1::AttendLayerResponse* response) {
-  const absl::Time received = absl::Now();
-  options_.metrics->RequestStarted();
-  auto* reactor = new CancellableUnaryReactor(options_.metrics, kAttendLayer);
-  absl::Status submitted = AdmitNoThrow([&] {
-    return SubmitLayer(
-        *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
-        response, &reactor->reservation, [this, reactor, received](absl::Status s) {
-          FinishUnary(reactor, kAttendLayer, received, s);
-        });
-  });
-  if (!submitted.ok()) FinishUnary(reactor, kAttendLayer, received, submitted);
-  return reactor;
+  return ScheduleUnary(context, kAttendLayer,
+                       [&](absl::Time deadline, std::function<bool()> is_cancelled,
+                           absl::Time received, MemoryBudget::Reservation* reservation,
+                           std::function<void(absl::Status)> done) {
+                         return SubmitLayer(*request, deadline, std::move(is_cancelled), received,
+                                            response, reservation, std::move(done));
+                       });
 }
 
 }  // namespace attnserve

@@ -298,6 +298,16 @@ AttentionServiceImpl::AttentionServiceImpl(Options options) : options_(std::move
 
 AttentionServiceImpl::~AttentionServiceImpl() = default;
 
+absl::StatusOr<Backend*> AttentionServiceImpl::AdmissionBackend(const std::string& name,
+                                                                int32_t priority) const {
+  if (draining()) return Draining();
+  if (priority != 0 && priority != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("priority: expected 0 (normal) or 1 (high), got ", priority));
+  }
+  return BackendFor(name);
+}
+
 absl::StatusOr<Backend*> AttentionServiceImpl::BackendFor(const std::string& name) const {
   if (name.empty()) return options_.backends.front();
   auto it = backends_by_name_.find(name);
@@ -361,15 +371,9 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
                                           absl::Time received, v1::AttendResponse* response,
                                           MemoryBudget::Reservation* reservation,
                                           std::function<void(absl::Status)> done) {
-  if (draining()) return Draining();
-
-  absl::StatusOr<Backend*> chosen = BackendFor(request.backend());
+  absl::StatusOr<Backend*> chosen = AdmissionBackend(request.backend(), request.priority());
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
-  if (request.priority() != 0 && request.priority() != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("priority: expected 0 (normal) or 1 (high), got ", request.priority()));
-  }
 
   absl::StatusOr<AttentionRequest> core = RequestFromProto(request);
   if (!core.ok()) return core.status();
@@ -487,21 +491,32 @@ void AttentionServiceImpl::FinishUnary(grpc::ServerUnaryReactor* reactor, const 
   reactor->Finish(ToGrpcStatus(status));
 }
 
+grpc::ServerUnaryReactor* AttentionServiceImpl::ScheduleUnary(
+    grpc::CallbackServerContext* context, const char* method, const AdmitFn& submit) {
+  const absl::Time received = absl::Now();
+  options_.metrics->RequestStarted();
+  auto* reactor = new CancellableUnaryReactor(options_.metrics, method);
+  absl::Status submitted = AdmitNoThrow([&] {
+    return submit(
+        DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
+        &reactor->reservation, [this, reactor, method, received](absl::Status s) {
+          FinishUnary(reactor, method, received, s);
+        });
+  });
+  if (!submitted.ok()) FinishUnary(reactor, method, received, submitted);
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
                                                        const v1::AttendRequest* request,
                                                        v1::AttendResponse* response) {
-  const absl::Time received = absl::Now();
-  options_.metrics->RequestStarted();
-  auto* reactor = new CancellableUnaryReactor(options_.metrics, kAttend);
-  absl::Status submitted = AdmitNoThrow([&] {
-    return Submit(
-        *request, DeadlineOf(context), [reactor] { return reactor->cancelled(); }, received,
-        response, &reactor->reservation, [this, reactor, received](absl::Status s) {
-          FinishUnary(reactor, kAttend, received, s);
-        });
-  });
-  if (!submitted.ok()) FinishUnary(reactor, kAttend, received, submitted);
-  return reactor;
+  return ScheduleUnary(context, kAttend,
+                       [&](absl::Time deadline, std::function<bool()> is_cancelled,
+                           absl::Time received, MemoryBudget::Reservation* reservation,
+                           std::function<void(absl::Status)> done) {
+                         return Submit(*request, deadline, std::move(is_cancelled), received,
+                                       response, reservation, std::move(done));
+                       });
 }
 
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>*

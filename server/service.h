@@ -152,6 +152,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
 
   // The backend `name` names; the default for "". NOT_FOUND lists the known ones.
   absl::StatusOr<Backend*> BackendFor(const std::string& name) const;
+  // The checks every call to the scheduler starts with: UNAVAILABLE while
+  // draining, the priority (0 or 1), then the backend `name` names.
+  absl::StatusOr<Backend*> AdmissionBackend(const std::string& name, int32_t priority) const;
   // The model loaded as `name`; NOT_FOUND naming `field` and the loaded ones.
   absl::StatusOr<const Model*> ModelFor(const std::string& name, absl::string_view field) const;
 
@@ -243,6 +246,16 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // over a limit, a variant without entropy, or a backend that cannot
   // compute it (cuda). The request is then served unsampled, never refused.
   std::unique_ptr<AttentionJob> PlanSampled(AttentionRequest& core, const Backend& backend) const;
+
+  // A unary call that goes through the scheduler (Attend, AttendLayer):
+  // `submit` admits it (as Submit, with the call's deadline, cancellation,
+  // receive time and reservation) and its `done` finishes the call; an
+  // admission error finishes it at once.
+  using AdmitFn = std::function<absl::Status(
+      absl::Time deadline, std::function<bool()> is_cancelled, absl::Time received,
+      MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done)>;
+  grpc::ServerUnaryReactor* ScheduleUnary(grpc::CallbackServerContext* context,
+                                          const char* method, const AdmitFn& submit);
 
   // Records the call in the metrics and finishes it.
   void FinishUnary(grpc::ServerUnaryReactor* reactor, const char* method, absl::Time received,

@@ -51,6 +51,26 @@ absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
+// Calls fn(model, layer, group) for each group of `steps` that are model
+// sessions' steps of one model and layer (in the steps' order), until one
+// returns an error.
+template <typename Step, typename Fn>
+absl::Status ForEachModelLayer(absl::Span<Step* const> steps, Fn fn) {
+  std::vector<bool> done(steps.size(), false);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    if (done[i] || steps[i]->model == nullptr) continue;
+    std::vector<Step*> group;
+    for (size_t j = i; j < steps.size(); ++j) {
+      if (!done[j] && steps[j]->model == steps[i]->model && steps[j]->layer == steps[i]->layer) {
+        group.push_back(steps[j]);
+        done[j] = true;
+      }
+    }
+    if (absl::Status s = fn(*steps[i]->model, steps[i]->layer, group); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 // Converts `t` to `dtype` (a copy), keeping its shape.
 Tensor ConvertTensor(const Tensor& t, DType dtype) {
   Tensor out = Tensor::Zeros(dtype, t.shape);
@@ -284,10 +304,7 @@ absl::StatusOr<Backend*> AttentionServiceImpl::StepBackend(const std::string& na
                                                           int32_t priority) const {
   if (draining()) return Draining();
   if (options_.sessions == nullptr) return SessionsDisabled();
-  if (priority != 0 && priority != 1) {
-    return Invalid("priority", "0 (normal) or 1 (high)", absl::StrCat(priority));
-  }
-  return BackendFor(name);
+  return AdmissionBackend(name, priority);
 }
 
 absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
@@ -372,18 +389,8 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
 
 absl::Status AttentionServiceImpl::ProjectSteps(absl::Span<SessionStep* const> steps) {
   // One matmul per projection for the steps of one model layer.
-  std::vector<bool> done(steps.size(), false);
-  for (size_t i = 0; i < steps.size(); ++i) {
-    if (done[i] || steps[i]->model == nullptr) continue;
-    const Model& model = *steps[i]->model;
-    const int32_t layer = steps[i]->layer;
-    std::vector<SessionStep*> group;
-    for (size_t j = i; j < steps.size(); ++j) {
-      if (!done[j] && steps[j]->model == &model && steps[j]->layer == layer) {
-        group.push_back(steps[j]);
-        done[j] = true;
-      }
-    }
+  return ForEachModelLayer(steps, [](const Model& model, int32_t layer,
+                                     const std::vector<SessionStep*>& group) -> absl::Status {
     const ModelConfig& c = model.config();
     const int64_t hidden = c.hidden_size, q_width = int64_t{c.num_heads} * c.head_dim,
                   kv_width = int64_t{c.num_kv_heads} * c.head_dim;
@@ -418,23 +425,13 @@ absl::Status AttentionServiceImpl::ProjectSteps(absl::Span<SessionStep* const> s
       }
       at += t;
     }
-  }
-  return absl::OkStatus();
+    return absl::OkStatus();
+  });
 }
 
 absl::Status AttentionServiceImpl::FinishModelSteps(absl::Span<SessionStep* const> steps) {
-  std::vector<bool> done(steps.size(), false);
-  for (size_t i = 0; i < steps.size(); ++i) {
-    if (done[i] || steps[i]->model == nullptr) continue;
-    const Model& model = *steps[i]->model;
-    const int32_t layer = steps[i]->layer;
-    std::vector<SessionStep*> group;
-    for (size_t j = i; j < steps.size(); ++j) {
-      if (!done[j] && steps[j]->model == &model && steps[j]->layer == layer) {
-        group.push_back(steps[j]);
-        done[j] = true;
-      }
-    }
+  return ForEachModelLayer(steps, [](const Model& model, int32_t layer,
+                                     const std::vector<SessionStep*>& group) -> absl::Status {
     const ModelConfig& c = model.config();
     const int64_t hidden = c.hidden_size, width = int64_t{c.num_heads} * c.head_dim;
     std::vector<float> attn;
@@ -458,8 +455,8 @@ absl::Status AttentionServiceImpl::FinishModelSteps(absl::Span<SessionStep* cons
       ConvertFloats(from, DType::kF32, step->y.data.data(), step->hidden_dtype, n);
       from += n;
     }
-  }
-  return absl::OkStatus();
+    return absl::OkStatus();
+  });
 }
 
 absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_context_tokens,
@@ -727,19 +724,14 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
 grpc::ServerUnaryReactor* AttentionServiceImpl::BatchDecode(
     grpc::CallbackServerContext* context, const v1::BatchDecodeRequest* request,
     v1::BatchDecodeResponse* response) {
-  const absl::Time received = absl::Now();
-  options_.metrics->RequestStarted();
-  auto* reactor = new CancellableUnaryReactor(options_.metrics, kBatchDecode);
-  absl::Status submitted = AdmitNoThrow([&] {
-    return SubmitBatchDecode(
-        CallerOf(context), *request, DeadlineOf(context),
-        [reactor] { return reactor->cancelled(); }, received, response, &reactor->reservation,
-        [this, reactor, received](absl::Status s) {
-          FinishUnary(reactor, kBatchDecode, received, s);
-        });
-  });
-  if (!submitted.ok()) FinishUnary(reactor, kBatchDecode, received, submitted);
-  return reactor;
+  return ScheduleUnary(context, kBatchDecode,
+                       [&](absl::Time deadline, std::function<bool()> is_cancelled,
+                           absl::Time received, MemoryBudget::Reservation* reservation,
+                           std::function<void(absl::Status)> done) {
+                         return SubmitBatchDecode(CallerOf(context), *request, deadline,
+                                                  std::move(is_cancelled), received, response,
+                                                  reservation, std::move(done));
+                       });
 }
 
 absl::Status AttentionServiceImpl::SubmitBatchDecode(

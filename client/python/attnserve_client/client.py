@@ -371,10 +371,10 @@ def build_layer_request(model, layer, x, *, memory=None, positions=None, causal=
     return r
 
 
-def layer_result_from_proto(response):
-    """AttendLayerResponse -> AttendLayerResult."""
-    return AttendLayerResult(
-        y=tensors.from_proto(response.y),
+def _attention_fields(response):
+    """The fields AttendResponse and AttendLayerResponse share, as keyword
+    arguments of their result classes."""
+    return dict(
         lse=_optional(response, "lse"),
         entropy=_optional(response, "entropy"),
         weights=_optional(response, "weights"),
@@ -383,20 +383,16 @@ def layer_result_from_proto(response):
         backend=response.backend,
         request_id=response.request_id,
         timing=_timing(response.timing))
+
+
+def layer_result_from_proto(response):
+    """AttendLayerResponse -> AttendLayerResult."""
+    return AttendLayerResult(y=tensors.from_proto(response.y), **_attention_fields(response))
 
 
 def result_from_proto(response):
     """AttendResponse -> AttendResult."""
-    return AttendResult(
-        output=tensors.from_proto(response.output),
-        lse=_optional(response, "lse"),
-        entropy=_optional(response, "entropy"),
-        weights=_optional(response, "weights"),
-        top_k_indices=_optional(response, "top_k_indices"),
-        top_k_weights=_optional(response, "top_k_weights"),
-        backend=response.backend,
-        request_id=response.request_id,
-        timing=_timing(response.timing))
+    return AttendResult(output=tensors.from_proto(response.output), **_attention_fields(response))
 
 
 def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=False,
