@@ -181,6 +181,8 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
     request.bias = *std::move(bias);
   }
   request.key_lengths.assign(proto.key_lengths().begin(), proto.key_lengths().end());
+  request.key_offset = proto.key_offset();
+  request.total_keys = proto.total_keys();
 
   absl::StatusOr<AttentionOptions> options = OptionsFromProto(proto.options());
   if (!options.ok()) return options.status();

@@ -71,7 +71,7 @@ inline constexpr double kLinearFactor = 24;
 // (the same convention as AttentionFlops).
 inline double AttentionScores(const AttentionParams& p) {
   double s = double(p.batch) * p.num_heads_q * double(p.seqlen_q) * double(p.seqlen_k);
-  if (p.causal && p.seqlen_q == p.seqlen_k) s /= 2;
+  if (CausalSquare(p)) s /= 2;
   return s;
 }
 

@@ -280,8 +280,23 @@ absl::Status CheckOptions(const AttentionRequest& request, const Dims& dims) {
   return absl::OkStatus();
 }
 
-// Step 3: key_lengths, one per batch row within [0, Lk].
+// Step 3: key_lengths, one per batch row within [0, Lk]; or sharded keys
+// within their declared sequence.
 absl::Status CheckKeyLengths(const AttentionRequest& request, const Dims& dims) {
+  if (request.key_offset < 0 || request.key_offset > (int64_t{1} << 40)) {
+    return Invalid("key_offset", "a position in [0, 2^40]", absl::StrCat(request.key_offset));
+  }
+  if (request.total_keys != 0 && (request.total_keys < request.key_offset + dims.Lk ||
+                                  request.total_keys > (int64_t{1} << 40))) {
+    return Invalid("total_keys",
+                   absl::StrCat("0 or at least key_offset + Lk = ", request.key_offset + dims.Lk,
+                                " (the keys sent lie in the sequence), at most 2^40"),
+                   absl::StrCat(request.total_keys));
+  }
+  if ((request.key_offset != 0 || request.total_keys != 0) && !request.key_lengths.empty()) {
+    return Invalid("key_lengths", "none with key_offset or total_keys (sharded keys)",
+                   absl::StrCat(request.key_lengths.size(), " lengths"));
+  }
   if (request.key_lengths.empty()) return absl::OkStatus();
   if (static_cast<int64_t>(request.key_lengths.size()) != dims.B) {
     return Invalid("key_lengths", absl::StrCat(dims.B, " lengths (one per batch row) or none"),
@@ -402,6 +417,10 @@ void FillParams(const AttentionRequest& request, const Dims& dims, AttentionJob&
   if (!request.key_lengths.empty()) {
     job.key_lengths = request.key_lengths;
     p.key_lengths = job.key_lengths.data();
+  }
+  if (request.key_offset != 0 || request.total_keys != 0) {
+    p.key_offset = request.key_offset;
+    p.total_keys = request.total_keys != 0 ? request.total_keys : request.key_offset + Lk;
   }
   job.input_bytes = static_cast<int64_t>(request.query.data.size() + request.key.data.size() +
                                          request.value.data.size());

@@ -61,6 +61,13 @@ struct AttentionParams {
 
   const int32_t* key_lengths = nullptr;  // [batch] or null: keys >= length are padding
 
+  // Sharded keys: these are keys [key_offset, key_offset + seqlen_k) of a
+  // sequence of total_keys, and causal alignment, windows and ALiBi count
+  // positions in that sequence (see DiagonalOffset). total_keys 0: not
+  // sharded (never set together with key_lengths).
+  int64_t key_offset = 0;
+  int64_t total_keys = 0;
+
   // Paged K/V (KV-cache sessions; batch == 1). When kv_blocks is set, k and v
   // are unused: key row j lives in block kv_blocks[j / kv_block_tokens], its K
   // at element (j % kv_block_tokens) * k_row_stride + h * k_head_stride from
@@ -94,7 +101,11 @@ inline int32_t KeyLength(const AttentionParams& p, int64_t b) {
 }
 
 // Offset of the diagonal: query i is aligned with key i + DiagonalOffset.
+// With sharded keys the query sits where it does in the whole sequence
+// (bottom-right: the last query at total_keys - 1) and keys are counted from
+// the shard's first, key_offset.
 inline int64_t DiagonalOffset(const AttentionParams& p, int64_t b) {
+  if (p.total_keys > 0) return (p.bottom_right ? p.total_keys - p.seqlen_q : 0) - p.key_offset;
   return p.bottom_right ? int64_t{KeyLength(p, b)} - p.seqlen_q : 0;
 }
 
@@ -157,11 +168,18 @@ inline const void* ValueRow(const AttentionParams& p, int64_t b, int64_t j, int6
          (b * p.v_batch_stride + j * p.v_row_stride + h * p.v_head_stride) * es;
 }
 
+// Causal self-attention, whose scores are counted half: Lq == Lk, and the keys
+// are the whole sequence (not a shard of it, which may see all its keys).
+inline bool CausalSquare(const AttentionParams& p) {
+  return p.causal && p.seqlen_q == p.seqlen_k &&
+         (p.total_keys == 0 || (p.key_offset == 0 && p.total_keys == p.seqlen_k));
+}
+
 // Useful FLOPs of one request, 4·B·Hq·Lq·Lk·D, halved for causal self-attention
-// (Lq == Lk), as docs/ARCHITECTURE.md defines them for benchmarks and cost budgets.
+// (CausalSquare), as docs/ARCHITECTURE.md defines them for benchmarks and cost budgets.
 inline double AttentionFlops(const AttentionParams& p) {
   double f = 4.0 * p.batch * p.num_heads_q * double(p.seqlen_q) * p.seqlen_k * p.head_dim;
-  if (p.causal && p.seqlen_q == p.seqlen_k) f /= 2;
+  if (CausalSquare(p)) f /= 2;
   return f;
 }
 

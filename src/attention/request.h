@@ -57,6 +57,11 @@ struct AttentionRequest {
   std::optional<PagedKvView> paged_kv;
   std::optional<TensorView> bias;   // broadcastable to [B, Hq, Lq, Lk]
   std::vector<int32_t> key_lengths;  // empty or one per batch row
+  // Sharded keys (one part of a longer sequence, for merging by lse): the
+  // keys are positions [key_offset, key_offset + Lk) of a sequence of
+  // total_keys (0: key_offset + Lk, the last part). Not with key_lengths.
+  int64_t key_offset = 0;
+  int64_t total_keys = 0;
   AttentionOptions options;
   OutputSpec outputs;
 };

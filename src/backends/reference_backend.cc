@@ -11,7 +11,7 @@ class ReferenceBackend final : public Backend {
     info_.name = "reference";
     info_.description = "exact reference kernel (double accumulation, one thread); slow";
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
-    info_.features = {"causal", "window",      "softcap", "alibi",   "bias", "key_lengths",
+    info_.features = {"causal", "window",      "softcap", "alibi",   "bias", "key_lengths", "key_offset",
                       "gqa",    "linear",      "lse",     "entropy",     "weights", "top_k"};
     info_.max_head_dim = 1024;
   }

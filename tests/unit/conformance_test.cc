@@ -180,6 +180,38 @@ std::vector<RequestSpec> Cases() {
     s.options.alibi_slopes = AlibiSlopes(s.heads_q);
     c.push_back(s);
   }
+  // --- Sharded keys: one part of a longer sequence, positions counted in it.
+  {
+    RequestSpec s = Base("shard_causal_middle");  // keys 100..164 of 300, queries 267..299
+    s.key_offset = 100;
+    s.total_keys = 300;
+    s.options.causal = true;
+    s.outputs.lse = true;
+    s.outputs.entropy = true;
+    c.push_back(s);
+    s = Base("shard_causal_crossing");  // the diagonal runs through the part
+    s.key_offset = 250;
+    s.total_keys = 0;  // the last part: 250 + 65 keys
+    s.options.causal = true;
+    s.outputs.lse = true;
+    c.push_back(s);
+    s = Base("shard_causal_after_queries");  // every row fully masked
+    s.seqlen_q = 4;
+    s.key_offset = 10;
+    s.total_keys = 120;
+    s.options.causal = true;
+    s.options.causal_alignment = CausalAlignment::kTopLeft;
+    s.outputs.lse = true;
+    c.push_back(s);
+    s = Base("shard_window_alibi");
+    s.key_offset = 40;
+    s.total_keys = 140;
+    s.options.window_left = 50;
+    s.options.window_right = 5;
+    s.options.alibi_slopes = AlibiSlopes(s.heads_q);
+    s.outputs.lse = true;
+    c.push_back(s);
+  }
   // --- GQA / MQA.
   {
     RequestSpec s = Base("gqa_8_2");

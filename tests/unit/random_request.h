@@ -34,6 +34,8 @@ struct RequestSpec {
   // (so the first row of the first bias slice is fully masked).
   bool bias_masks = false;
   std::vector<int32_t> key_lengths;
+  int64_t key_offset = 0;  // sharded keys (AttentionRequest::key_offset)
+  int64_t total_keys = 0;
   OutputSpec outputs;
 
   // Feature names (BackendInfo::features) the spec exercises.
@@ -45,6 +47,7 @@ struct RequestSpec {
     if (!options.alibi_slopes.empty()) f.push_back("alibi");
     if (bias_shape.has_value()) f.push_back("bias");
     if (!key_lengths.empty()) f.push_back("key_lengths");
+    if (key_offset != 0 || total_keys != 0) f.push_back("key_offset");
     if (heads_q != heads_kv) f.push_back("gqa");
     if (options.variant == Variant::kLinear) f.push_back("linear");
     if (outputs.lse) f.push_back("lse");
@@ -86,6 +89,8 @@ class RandomRequest {
       req_.bias = bias;
     }
     req_.key_lengths = spec.key_lengths;
+    req_.key_offset = spec.key_offset;
+    req_.total_keys = spec.total_keys;
     req_.options = spec.options;
     req_.outputs = spec.outputs;
   }

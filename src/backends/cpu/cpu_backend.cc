@@ -125,7 +125,7 @@ class CpuBackend final : public Backend {
     info_.description = absl::StrCat("attnserve tiled flash attention (", isa, ", ",
                                      pool_.num_threads(), " threads)");
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
-    info_.features = {"causal", "window", "softcap", "alibi", "bias", "key_lengths",
+    info_.features = {"causal", "window", "softcap", "alibi", "bias", "key_lengths", "key_offset",
                       "gqa",    "linear", "lse",     "entropy",     "weights", "top_k"};
     info_.max_head_dim = 1024;
   }

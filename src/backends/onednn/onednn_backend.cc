@@ -187,7 +187,7 @@ class OnednnBackend final : public Backend {
                                      " matmul + softmax primitives (F32 compute), ", threads,
                                      " threads");
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
-    info_.features = {"causal", "window", "softcap", "alibi",   "bias", "key_lengths",
+    info_.features = {"causal", "window", "softcap", "alibi",   "bias", "key_lengths", "key_offset",
                       "gqa",    "linear", "lse",     "entropy",     "weights", "top_k"};
     info_.max_head_dim = kMaxHeadDim;
   }
