@@ -9,24 +9,32 @@
         v = np.random.randn(1, 128, 8, 64).astype(np.float32)
         r = c.attend(q, k, v, causal=True, lse=True)
         print(r.output.shape, r.lse.shape, r.backend)
+
+    # The same attention with the keys split over three replicas, merged by lse:
+    clients = [attnserve_client.Client(t) for t in ("a:50051", "b:50051", "c:50051")]
+    r = attnserve_client.sharded_attend(clients, q, k, v, causal=True, lse=True)
 """
 
-from .client import (AttendLayerResult, AttendResult, BatchDecodeError, BatchResult, Client,
-                     DecodeResult, ForkedSession, ModelSession, Session,
+from .client import (AttendFuture, AttendLayerResult, AttendResult, BatchDecodeError,
+                     BatchResult, Client, DecodeResult, ForkedSession, ModelSession, Session,
                      batch_results_from_proto, build_batch_decode_request,
                      build_decode_request, build_layer_request, build_request,
                      decode_result_from_proto, layer_result_from_proto, raise_first_error,
                      result_from_proto, rotary_to_proto, tls_credentials)
+from .sharded import (ShardedAttendError, key_ranges, merge_attention_state_pair,
+                      merge_attention_states, sharded_attend)
 from .tensors import BF16, F16, F32, round_to
 from . import _stubs
 
 attention_pb2, attention_pb2_grpc, health_pb2, health_pb2_grpc = _stubs.load()
 
-__all__ = ["AttendLayerResult", "AttendResult", "BatchDecodeError", "BatchResult", "Client",
-           "DecodeResult", "ForkedSession", "ModelSession", "Session",
+__all__ = ["AttendFuture", "AttendLayerResult", "AttendResult", "BatchDecodeError",
+           "BatchResult", "Client", "DecodeResult", "ForkedSession", "ModelSession", "Session",
            "batch_results_from_proto", "build_batch_decode_request", "build_decode_request",
            "build_layer_request", "build_request", "decode_result_from_proto",
            "layer_result_from_proto", "raise_first_error", "result_from_proto",
            "rotary_to_proto", "tls_credentials",
+           "ShardedAttendError", "key_ranges", "merge_attention_state_pair",
+           "merge_attention_states", "sharded_attend",
            "F32", "F16", "BF16", "round_to", "attention_pb2", "attention_pb2_grpc", "health_pb2",
            "health_pb2_grpc"]

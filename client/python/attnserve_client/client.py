@@ -399,7 +399,8 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
                   window_left=None, window_right=None, softcap=0.0, alibi_slopes=None,
                   linear=False, bias=None, key_lengths=None, lse=False, weights=False,
                   top_k=0, backend="", priority=0, request_id="", rotary=None,
-                  query_positions=None, key_positions=None, entropy=False):
+                  query_positions=None, key_positions=None, entropy=False, key_offset=0,
+                  total_keys=0):
     """Builds an AttendRequest proto from NumPy arrays.
 
     q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (or 3-D, batch 1).
@@ -410,6 +411,11 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     per token, or B x tokens; default: keys 0..Lk-1, queries the last Lq of
     them). Extra outputs: lse, entropy (-sum p ln p per query and head, in
     nats), weights (the probabilities; size-capped by the server) and top_k.
+    key_offset, total_keys: k and v are keys [key_offset, key_offset + Lk)
+    of a sequence of total_keys keys (0: key_offset + Lk), for attention
+    split along the keys (see sharded_attend); causal, windows and ALiBi
+    count positions in that sequence, and a row that sees none of these
+    keys has lse -inf and output 0. Not with key_lengths.
     Nothing is validated here: the server answers INVALID_ARGUMENT naming
     the field.
     """
@@ -446,6 +452,8 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
         r.query_positions[:] = [int(p) for p in np.asarray(query_positions).reshape(-1)]
     if key_positions is not None:
         r.key_positions[:] = [int(p) for p in np.asarray(key_positions).reshape(-1)]
+    r.key_offset = int(key_offset)
+    r.total_keys = int(total_keys)
     return r
 
 
@@ -505,6 +513,38 @@ class _CallDetails(
     pass
 
 
+class AttendFuture:
+    """An Attend in flight (Client.attend_future): a grpc.Future whose
+    result() is an AttendResult."""
+
+    def __init__(self, future):
+        self._future = future
+
+    def result(self, timeout=None):
+        """Waits (at most timeout s, None: the call's deadline); returns the
+        AttendResult or raises the call's grpc.RpcError."""
+        return result_from_proto(self._future.result(timeout=timeout))
+
+    def exception(self, timeout=None):
+        return self._future.exception(timeout=timeout)
+
+    def cancel(self):
+        return self._future.cancel()
+
+    def cancelled(self):
+        return self._future.cancelled()
+
+    def done(self):
+        return self._future.done()
+
+    def running(self):
+        return self._future.running()
+
+    def add_done_callback(self, fn):
+        """Calls fn(self) once the call ends (at once if it has)."""
+        self._future.add_done_callback(lambda _: fn(self))
+
+
 class Client:
     """A connection to one attnserve target ("host:port")."""
 
@@ -549,6 +589,19 @@ class Client:
         response = self._stub.Attend(request, timeout=timeout or self.timeout,
                                      metadata=metadata)
         return result_from_proto(response)
+
+    def attend_future(self, q, k, v, *, timeout=None, metadata=None, **options):
+        """Starts one Attend without waiting for it; options as in
+        build_request. Returns an AttendFuture: result() waits and returns
+        the AttendResult or raises grpc.RpcError; cancel(), done() and
+        add_done_callback(fn) (fn gets the AttendFuture) as grpc.Future's."""
+        return self.attend_proto_future(build_request(q, k, v, **options), timeout=timeout,
+                                        metadata=metadata)
+
+    def attend_proto_future(self, request, *, timeout=None, metadata=None):
+        """attend_future for a ready AttendRequest proto."""
+        return AttendFuture(self._stub.Attend.future(request, timeout=timeout or self.timeout,
+                                                     metadata=metadata))
 
     def attend_stream(self, requests, *, timeout=None, metadata=None):
         """Sends AttendRequest protos on one AttendStream; yields AttendResults
