@@ -229,8 +229,10 @@ def sharded_attend(clients, q, k, v, **attend_kwargs):
     when they differ), and timing: queue_us, compute_us, total_us and
     batch_size of the slowest part by the server's clock, client_us (the
     whole call measured here), merge_us, and parts: one dict per part with
-    index, target, keys, its server timing and client_us (its round trip
-    measured here, from building its request to its answer).
+    index, target, keys, its server timing, start_us (when it started,
+    from the call's start: the parts before it were built and sent first)
+    and client_us (its round trip measured here, from building its request
+    to its answer).
 
     A part's RPC error is raised as ShardedAttendError (a grpc.RpcError:
     code() the part's code, details() naming the part's index, target and
@@ -322,6 +324,7 @@ def sharded_attend(clients, q, k, v, **attend_kwargs):
         finished = part.finished if part.finished is not None else t_merge
         part_timing.append(dict(r.timing, index=part.index,
                                 target=getattr(part.client, "target", "?"), keys=part.keys,
+                                start_us=int((part.started - t0) * 1e6),
                                 client_us=int((finished - part.started) * 1e6)))
     slowest = max(results, key=lambda r: r.timing.get("total_us", 0)).timing
     timing = dict(slowest, client_us=int((t_end - t0) * 1e6),
