@@ -4,13 +4,18 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <unistd.h>
+
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_join.h"
 #include "core/openmp_waits.h"
 #include "server/server.h"
@@ -80,6 +85,19 @@ ABSL_FLAG(std::string, model, "",
           "NAME=DIR: load the attention weights of a Hugging Face-style model directory "
           "(config.json and *.safetensors; families llama, mistral, qwen2, qwen3, bert, roberta) "
           "as NAME, for AttendLayer and model sessions. Repeat the flag for more models");
+ABSL_FLAG(std::vector<std::string>, peers, {},
+          "replicas a session may be split over (CreateSession.shards): comma-separated "
+          "host:port, or dns:NAME:PORT for every A/AAAA record of NAME (a Kubernetes headless "
+          "Service); may include this replica");
+ABSL_FLAG(std::string, replica_id, "", "this replica's name (ServerInfo); empty: the host name");
+ABSL_FLAG(std::string, peer_token_file, "",
+          "file holding the bearer token this replica presents to its peers (PartialAttend, "
+          "CreateSession, CloseSession of shards); empty: none");
+ABSL_FLAG(std::string, peer_tls_ca, "",
+          "PEM CA bundle to call peers over TLS with; empty: plaintext");
+ABSL_FLAG(std::vector<std::string>, peer_callers, {"peer"},
+          "with authentication on, the caller names (--auth_tokens_file names, or client "
+          "certificate names) allowed to call PartialAttend");
 ABSL_FLAG(std::string, auth_tokens_file, "",
           "file of 'name token' lines ('#' comments); set: every call but health and reflection "
           "needs metadata 'authorization: Bearer <token>' with one of them, else UNAUTHENTICATED");
@@ -158,6 +176,27 @@ int main(int argc, char** argv) {
     }
     options.models.push_back({value.substr(0, eq), value.substr(eq + 1)});
   }
+  options.shards.peers = absl::GetFlag(FLAGS_peers);
+  options.shards.replica_id = absl::GetFlag(FLAGS_replica_id);
+  if (options.shards.replica_id.empty()) {
+    char host[256] = {};
+    if (gethostname(host, sizeof(host) - 1) == 0) options.shards.replica_id = host;
+  }
+  for (auto [flag, out] : {std::pair{&FLAGS_peer_token_file, &options.shards.peer_token},
+                           std::pair{&FLAGS_peer_tls_ca, &options.shards.peer_tls_ca_pem}}) {
+    const std::string path = absl::GetFlag(*flag);
+    if (path.empty()) continue;
+    std::ifstream in(path);
+    std::stringstream text;
+    text << in.rdbuf();
+    if (!in.good() && !in.eof()) {
+      std::fprintf(stderr, "attnserve: cannot read %s\n", path.c_str());
+      return 1;
+    }
+    *out = std::string(absl::StripAsciiWhitespace(text.str()));
+    if (out == &options.shards.peer_tls_ca_pem) *out = text.str();
+  }
+  options.peer_callers = absl::GetFlag(FLAGS_peer_callers);
   const std::string eviction = absl::GetFlag(FLAGS_kv_eviction);
   if (eviction == "lru_idle") {
     options.sessions.eviction = attnserve::EvictionPolicy::kLruIdle;

@@ -175,12 +175,21 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   service_options.caller_identity = CallerIdentity;
   service_options.attention_stats_sample = options.attention_stats_sample;
   for (const auto& model : server->models_) service_options.models.push_back(model.get());
+  ShardOptions shard_options = options.shards;
+  shard_options.idle_timeout = options.sessions.idle_timeout;
+  server->shards_ = std::make_unique<ShardCoordinator>(shard_options, server->metrics_.get());
+  service_options.shards = server->shards_.get();
+  service_options.auth_enabled =
+      !options.auth.auth_tokens_file.empty() || !options.auth.tls_client_ca_file.empty();
+  service_options.peer_callers = options.peer_callers;
+  service_options.replica_id = options.shards.replica_id;
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
 
   Server* raw = server.get();
   server->sweeper_ = std::thread([raw] {
     while (!raw->stop_sweeper_.WaitForNotificationWithTimeout(absl::Seconds(1))) {
       raw->sessions_->ExpireIdle();
+      raw->shards_->ExpireIdle();
       raw->session_metrics_->Update(raw->sessions_->stats());
     }
   });

@@ -32,6 +32,7 @@
 #include "scheduler/scheduler.h"
 #include "server/auth.h"
 #include "server/service.h"
+#include "server/shards.h"
 
 namespace attnserve {
 
@@ -74,6 +75,12 @@ struct ServerOptions {
     std::string dir;
   };
   std::vector<ModelSpec> models;
+  // Sessions split over replicas (server/shards.h): --peers, --replica_id,
+  // the token this replica presents to its peers and the CA it checks them
+  // with (empty: plaintext), and the caller names allowed PartialAttend when
+  // authentication is on (--peer_callers).
+  ShardOptions shards;
+  std::vector<std::string> peer_callers = {"peer"};
 };
 
 class Server {
@@ -125,6 +132,7 @@ class Server {
   // joins the scheduler's workers, whose callbacks use the service.
   std::vector<std::unique_ptr<Backend>> backends_;
   std::vector<std::unique_ptr<Model>> models_;
+  std::unique_ptr<ShardCoordinator> shards_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<MemoryBudget> memory_budget_;  // for requests
   int64_t transport_bytes_ = 0;                   // gRPC's ResourceQuota

@@ -14,6 +14,7 @@
 #include "absl/strings/str_join.h"
 #include "server/call_context.h"
 #include "server/convert.h"
+#include "server/shards.h"
 #include "server/status.h"
 
 namespace attnserve {
@@ -588,6 +589,13 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     sessions->set_kv_blocks_shared(stats.shared_blocks);
   }
   for (const Model* model : options_.models) ModelToProto(*model, response->add_models());
+  response->set_replica_id(options_.replica_id);
+  if (options_.shards != nullptr) {
+    absl::StatusOr<std::vector<std::string>> peers = options_.shards->Peers();
+    if (peers.ok()) {
+      for (const std::string& peer : *peers) response->add_peers(peer);
+    }
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   FinishUnary(reactor, "GetServerInfo", received, absl::OkStatus());
   return reactor;

@@ -44,6 +44,8 @@
 
 namespace attnserve {
 
+class ShardCoordinator;
+
 // Fills a response's timing; total_us runs from `received` to now.
 void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* out);
 
@@ -79,6 +81,14 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     // Models loaded with --model (not owned), for AttendLayer and model
     // sessions, by name.
     std::vector<const Model*> models;
+    // PartialAttend's callers when authentication is on (auth_enabled): the
+    // identities named here (--peer_callers); any caller when it is off.
+    bool auth_enabled = false;
+    std::vector<std::string> peer_callers;
+    // Sessions split over replicas (CreateSession.shards); not owned. Null:
+    // none.
+    ShardCoordinator* shards = nullptr;
+    std::string replica_id;  // for ServerInfo
   };
 
   // `options.backends` must not be empty; scheduler and metrics must be set.
@@ -110,6 +120,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                                         v1::BatchDecodeResponse* response) override;
   grpc::ServerBidiReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>* BatchDecodeStream(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* PartialAttend(grpc::CallbackServerContext* context,
+                                          const v1::BatchDecodeRequest* request,
+                                          v1::BatchDecodeResponse* response) override;
   grpc::ServerUnaryReactor* AttendLayer(grpc::CallbackServerContext* context,
                                         const v1::AttendLayerRequest* request,
                                         v1::AttendLayerResponse* response) override;
@@ -195,6 +208,10 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::Status PlanStep(std::optional<int64_t> expected_context_tokens,
                         const AttentionOptions& options, const v1::OutputSpec& outputs,
                         const Backend& backend, SessionStep* step);
+  // Drops `layer`'s tokens past `tokens` (BatchDecodeEntry.truncate_to);
+  // context_tokens into `result`. Errors name the field. (session_rpcs.cc)
+  absl::Status TruncateLayer(const std::string& caller, const std::string& session_id,
+                             int32_t layer, int64_t tokens, v1::BatchDecodeResult* result);
   // Appends the planned step's K/V and plans its job over the cache.
   absl::Status AppendStep(SessionStep* step);
   // A computed step's entropy into attnserve_attention_entropy_nats{layer}
@@ -207,7 +224,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                                  absl::Time deadline, std::function<bool()> is_cancelled,
                                  absl::Time received, v1::BatchDecodeResponse* response,
                                  MemoryBudget::Reservation* reservation,
-                                 std::function<void(absl::Status)> done);
+                                 std::function<void(absl::Status)> done, bool partial = false);
   void ReportSessions();
   // A session call answered at once (CreateSession, ForkSession,
   // CloseSession): counts it, runs `body` unless sessions are disabled (an

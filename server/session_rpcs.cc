@@ -6,6 +6,7 @@
 // entries always run in one. A step that fails for any reason leaves the
 // session's cache as it was (SessionLease::Rollback), so a client may simply
 // retry.
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <optional>
@@ -17,11 +18,13 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "core/half.h"
 #include "model/layer.h"
 #include "server/call_context.h"
 #include "server/convert.h"
 #include "server/service.h"
+#include "server/shards.h"
 
 namespace attnserve {
 namespace {
@@ -30,6 +33,7 @@ constexpr char kCreateSession[] = "CreateSession";
 constexpr char kForkSession[] = "ForkSession";
 constexpr char kDecode[] = "Decode";
 constexpr char kBatchDecode[] = "BatchDecode";
+constexpr char kPartialAttend[] = "PartialAttend";
 constexpr char kCloseSession[] = "CloseSession";
 
 // Entries of one BatchDecode; past it, INVALID_ARGUMENT (the memory budget
@@ -152,6 +156,11 @@ struct AttentionServiceImpl::SessionStep {
   // A model session's step (CreateSession.model): the hidden states in F32,
   // their projections (the views above point at them), and after the
   // attention the layer's output y in the hidden states' dtype and rank.
+  // false: the step only attends (no key/value given).
+  bool append = true;
+  // The cache as a shard of a longer sequence (BatchDecodeEntry).
+  int64_t key_offset = 0;
+  int64_t total_keys = 0;
   const Model* model = nullptr;
   DType hidden_dtype = DType::kF32;
   std::vector<int64_t> hidden_shape;
@@ -247,6 +256,22 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
       if (!rope.ok()) return rope.status();
       config.rope = *rope;
     }
+    if (request->shards() != 0) {
+      if (request->shards() < 0) {
+        return Invalid("shards", "0 (one replica) or more", absl::StrCat(request->shards()));
+      }
+      if (options_.shards == nullptr) {
+        return absl::FailedPreconditionError("shards: this server splits no sessions (no --peers)");
+      }
+      absl::StatusOr<ShardCoordinator::Created> created =
+          options_.shards->Create(*request, CallerOf(context));
+      if (!created.ok()) return created.status();
+      response->set_session_id(created->session_id);
+      response->set_capacity_tokens(created->capacity_tokens);
+      response->set_block_tokens(options_.sessions->options().block_tokens);
+      response->set_num_layers(config.num_layers == 0 ? 1 : config.num_layers);
+      return absl::OkStatus();
+    }
     if (!request->model().empty()) {
       absl::StatusOr<const Model*> model = ModelFor(request->model(), "model");
       if (!model.ok()) return model.status();
@@ -268,6 +293,10 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
     v1::ForkSessionResponse* response) {
   return AnswerSessionCall(context, kForkSession, [&]() -> absl::Status {
     if (draining()) return Draining();
+    if (options_.shards != nullptr && options_.shards->Owns(request->session_id())) {
+      return Invalid("session_id", "a session held by this replica alone",
+                     "a session split over replicas (shards)");
+    }
     absl::StatusOr<SessionStore::Forked> forked =
         options_.sessions->Fork(request->session_id(), request->tokens(), CallerOf(context));
     if (!forked.ok()) return forked.status();
@@ -283,6 +312,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CloseSession(
     v1::CloseSessionResponse* /*response*/) {
   // Closing stays allowed while draining: it only frees memory.
   return AnswerSessionCall(context, kCloseSession, [&] {
+    if (options_.shards != nullptr && options_.shards->Owns(request->session_id())) {
+      return options_.shards->Close(request->session_id(), CallerOf(context));
+    }
     return options_.sessions->Close(request->session_id(), CallerOf(context));
   });
 }
@@ -326,9 +358,11 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
   // needs hidden states rather than which of q/k/v is malformed.
   absl::Status views;
   if (hidden_proto == nullptr) {
+    step->append = key_proto.ByteSizeLong() != 0 || value_proto.ByteSizeLong() != 0;
     for (auto [t, field, view] : {std::tuple{&query_proto, "query", &step->query},
                                   std::tuple{&key_proto, "key", &step->key},
                                   std::tuple{&value_proto, "value", &step->value}}) {
+      if (!step->append && view != &step->query) continue;
       absl::StatusOr<TensorView> v = ViewFromProto(*t, field);
       if (!v.ok()) {
         views = v.status();
@@ -496,8 +530,14 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
   // tokens' shapes, the step's options against the grown cache and the
   // backend. Only then does Append touch the cache (and, under lru_idle,
   // other sessions).
-  absl::StatusOr<int64_t> new_tokens = session.CheckAppend(layer, *key, *value);
+  absl::StatusOr<int64_t> new_tokens =
+      step->append ? session.CheckAppend(layer, *key, *value) : absl::StatusOr<int64_t>(0);
   if (!new_tokens.ok()) return new_tokens.status();
+  if (*new_tokens == 0 && session.length(layer) == 0) {
+    return Invalid("key", absl::StrCat("new tokens: layer ", layer,
+                                       " of the session holds none to attend over"),
+                   "none");
+  }
 
   const DType cache_dtype = config.dtype;
   step->core.query = *query;
@@ -548,6 +588,8 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
   }
   step->core.outputs.lse = outputs.lse();
   step->core.outputs.entropy = outputs.entropy();
+  step->core.key_offset = step->key_offset;
+  step->core.total_keys = step->total_keys;
   // The step as it will run, over the cache grown by the new tokens; the
   // blocks are not read here, so the current ones stand in for them.
   static const void* const kNoBlocks[1] = {nullptr};
@@ -584,6 +626,12 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
 
 absl::Status AttentionServiceImpl::AppendStep(SessionStep* step) {
   SessionLease& session = *step->lease;
+  if (!step->append) {
+    const PagedKvView view = session.View(step->layer);
+    step->core.paged_kv = view;
+    step->job->params.kv_blocks = view.blocks;
+    return absl::OkStatus();
+  }
   if (absl::Status s = session.Append(step->layer, step->key, step->value); !s.ok()) return s;
   step->appended = true;
   const PagedKvView view = session.View(step->layer);
@@ -645,6 +693,32 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   Backend* backend = *chosen;
   absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), request.outputs());
   if (!options.ok()) return options.status();
+  if (options_.shards != nullptr && options_.shards->Owns(request.session_id())) {
+    if (request.has_hidden()) {
+      return Invalid("hidden", "unset for a session split over replicas", "hidden states");
+    }
+    ShardCoordinator::Entry entry{request.session_id(), &request.query(), &request.key(),
+                                  &request.value(), std::nullopt};
+    if (request.has_expected_context_tokens()) {
+      entry.expected_context_tokens = request.expected_context_tokens();
+    }
+    response->set_request_id(request.request_id());
+    options_.shards->Step(
+        CallerOf(context), request.layer(), {entry}, request.options(), request.outputs(),
+        request.backend(), request.priority(), DeadlineOf(context),
+        [this, reactor, response, received](std::vector<ShardCoordinator::Result> results) {
+          ShardCoordinator::Result& r = results[0];
+          if (r.status.ok()) {
+            *response->mutable_output() = std::move(r.output);
+            if (r.lse.ByteSizeLong() != 0) *response->mutable_lse() = std::move(r.lse);
+            response->set_context_tokens(r.context_tokens);
+            response->mutable_timing()->set_total_us(
+                absl::ToInt64Microseconds(absl::Now() - received));
+          }
+          FinishUnary(reactor, kDecode, received, r.status);
+        });
+    return absl::OkStatus();
+  }
   SessionStep& step = reactor->step;
   std::optional<int64_t> expected;
   if (request.has_expected_context_tokens()) expected = request.expected_context_tokens();
@@ -734,14 +808,64 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::BatchDecode(
                        });
 }
 
+grpc::ServerUnaryReactor* AttentionServiceImpl::PartialAttend(
+    grpc::CallbackServerContext* context, const v1::BatchDecodeRequest* request,
+    v1::BatchDecodeResponse* response) {
+  return ScheduleUnary(context, kPartialAttend,
+                       [&](absl::Time deadline, std::function<bool()> is_cancelled,
+                           absl::Time received, MemoryBudget::Reservation* reservation,
+                           std::function<void(absl::Status)> done) -> absl::Status {
+                         const std::string caller = CallerOf(context);
+                         if (options_.auth_enabled &&
+                             std::find(options_.peer_callers.begin(),
+                                       options_.peer_callers.end(),
+                                       caller) == options_.peer_callers.end()) {
+                           return absl::PermissionDeniedError(absl::StrCat(
+                               "PartialAttend is for replicas of this service (--peer_callers: ",
+                               absl::StrJoin(options_.peer_callers, ", "), "), not \"", caller,
+                               "\""));
+                         }
+                         return SubmitBatchDecode(caller, *request, deadline,
+                                                  std::move(is_cancelled), received, response,
+                                                  reservation, std::move(done), /*partial=*/true);
+                       });
+}
+
+absl::Status AttentionServiceImpl::TruncateLayer(const std::string& caller,
+                                                 const std::string& session_id, int32_t layer,
+                                                 int64_t tokens, v1::BatchDecodeResult* result) {
+  absl::StatusOr<SessionLease> lease = options_.sessions->Acquire(session_id, caller);
+  if (!lease.ok()) return lease.status();
+  if (layer < 0 || layer >= lease->config().num_layers) {
+    return Invalid("layer",
+                   absl::StrCat("a value in [0, ", lease->config().num_layers, ") (num_layers)"),
+                   absl::StrCat(layer));
+  }
+  if (tokens < 0 || tokens > lease->length(layer)) {
+    return Invalid("truncate_to",
+                   absl::StrCat("a count in [0, ", lease->length(layer), "] (the layer's tokens)"),
+                   absl::StrCat(tokens));
+  }
+  if (lease->config().window_tokens > 0) {
+    return Invalid("truncate_to", "a session without a sinks window", "a windowed session");
+  }
+  lease->Truncate(layer, tokens);
+  result->set_context_tokens(lease->length(layer));
+  return absl::OkStatus();
+}
+
 absl::Status AttentionServiceImpl::SubmitBatchDecode(
     const std::string& caller, const v1::BatchDecodeRequest& request, absl::Time deadline,
     std::function<bool()> is_cancelled, absl::Time received, v1::BatchDecodeResponse* response,
-    MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done) {
+    MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done,
+    bool partial) {
   absl::StatusOr<Backend*> chosen = StepBackend(request.backend(), request.priority());
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
-  absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), request.outputs());
+  // A shard's part (PartialAttend) always returns its lse, for the merge.
+  v1::OutputSpec outputs = outputs;
+  if (partial) outputs.set_lse(true);
+  absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), outputs);
   if (!options.ok()) return options.status();
   const int entries = request.entries_size();
   if (entries < 1 || entries > kMaxBatchEntries) {
@@ -749,6 +873,63 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
                    absl::StrCat(entries));
   }
   options_.metrics->RecordBatchDecodeEntries(entries);
+  if (options_.shards != nullptr && options_.shards->Owns(request.entries(0).session_id())) {
+    // Sessions split over replicas: every entry one, the steps fanned out.
+    std::vector<ShardCoordinator::Entry> sharded;
+    for (int i = 0; i < entries; ++i) {
+      const v1::BatchDecodeEntry& e = request.entries(i);
+      if (!options_.shards->Owns(e.session_id()) || e.has_hidden() || e.has_truncate_to()) {
+        return Invalid(absl::StrCat("entries[", i, "]"),
+                       "a q/k/v step of a session split over replicas, like entries[0]",
+                       "another kind of entry");
+      }
+      ShardCoordinator::Entry entry{e.session_id(), &e.query(), &e.key(), &e.value(),
+                                    std::nullopt};
+      if (e.has_expected_context_tokens()) entry.expected_context_tokens = e.expected_context_tokens();
+      sharded.push_back(entry);
+    }
+    response->set_request_id(request.request_id());
+    options_.shards->Step(
+        caller, request.layer(), sharded, request.options(), outputs, request.backend(),
+        request.priority(), deadline,
+        [response, received, done](std::vector<ShardCoordinator::Result> results) {
+          for (size_t i = 0; i < results.size(); ++i) {
+            ShardCoordinator::Result& r = results[i];
+            v1::BatchDecodeResult* result = response->add_results();
+            result->set_code(static_cast<int>(r.status.code()));
+            result->set_message(r.status.ok() ? std::string()
+                                              : absl::StrCat("entries[", i, "].",
+                                                             r.status.message()));
+            if (!r.status.ok()) continue;
+            *result->mutable_output() = std::move(r.output);
+            if (r.lse.ByteSizeLong() != 0) *result->mutable_lse() = std::move(r.lse);
+            result->set_context_tokens(r.context_tokens);
+          }
+          response->mutable_timing()->set_total_us(
+              absl::ToInt64Microseconds(absl::Now() - received));
+          done(absl::OkStatus());
+        });
+    return absl::OkStatus();
+  }
+  if (request.entries(0).has_truncate_to()) {
+    // A coordinator undoing appends: every entry truncates, nothing computes.
+    for (int i = 0; i < entries; ++i) {
+      const v1::BatchDecodeEntry& e = request.entries(i);
+      v1::BatchDecodeResult* result = response->add_results();
+      absl::Status s = e.has_truncate_to()
+                           ? TruncateLayer(caller, e.session_id(), request.layer(),
+                                           e.truncate_to(), result)
+                           : Invalid("truncate_to", "set in every entry when in entries[0]",
+                                     "unset");
+      if (!s.ok()) s = Prefixed(absl::StrCat("entries[", i, "]."), s);
+      result->set_code(static_cast<int>(s.code()));
+      result->set_message(std::string(s.message()));
+    }
+    response->set_request_id(request.request_id());
+    ReportSessions();
+    done(absl::OkStatus());
+    return absl::OkStatus();
+  }
 
   // Every entry is checked and planned before any cache changes; a bad entry
   // fails alone.
@@ -767,6 +948,13 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
                        absl::StrCat("the session of entries[", it->second, "] again"));
       continue;
     }
+    if (e.has_truncate_to()) {
+      status = Invalid(absl::StrCat("entries[", i, "].truncate_to"),
+                       "unset unless entries[0] truncates too", absl::StrCat(e.truncate_to()));
+      continue;
+    }
+    step.key_offset = e.key_offset();
+    step.total_keys = e.total_keys();
     status = BeginStep(caller, e.session_id(), request.layer(), e.query(), e.key(), e.value(),
                        e.has_hidden() ? &e.hidden() : nullptr, &step);
     if (!status.ok()) {
@@ -789,7 +977,7 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     if (status.ok()) {
       std::optional<int64_t> expected;
       if (e.has_expected_context_tokens()) expected = e.expected_context_tokens();
-      status = PlanStep(expected, *options, request.outputs(), *backend, &step);
+      status = PlanStep(expected, *options, outputs, *backend, &step);
     }
     if (status.ok() && first_ok >= 0) {
       // The entries share one call: the same heads, dims and dtypes.

@@ -112,6 +112,17 @@ Metrics::Metrics()
                                .Help("Entries (sessions) per BatchDecode message.")
                                .Register(*registry_)
                                .Add({}, BatchSizeBuckets());
+  partial_attend_total_ = &prometheus::BuildCounter()
+                              .Name("attnserve_partial_attend_total")
+                              .Help("PartialAttend calls this replica sent its peers for "
+                                    "sessions split over replicas, by peer and status code.")
+                              .Register(*registry_);
+  fanout_duration_ = &prometheus::BuildHistogram()
+                          .Name("attnserve_partial_attend_fanout_seconds")
+                          .Help("A sharded session step's fan-out: from its first PartialAttend "
+                                "sent to its last answer.")
+                          .Register(*registry_)
+                          .Add({}, DurationBuckets());
   queue_depth_ = &prometheus::BuildGauge()
                       .Name("attnserve_queue_depth")
                       .Help("Requests admitted to the scheduler and not yet started.")
@@ -183,6 +194,16 @@ void Metrics::RecordRejection(absl::string_view reason) {
 
 void Metrics::RecordBatchDecodeEntries(int64_t entries) {
   batch_decode_entries_->Observe(static_cast<double>(entries));
+}
+
+void Metrics::RecordPartialAttend(absl::string_view peer, absl::StatusCode code) {
+  partial_attend_total_
+      ->Add({{"peer", std::string(peer)}, {"code", absl::StatusCodeToString(code)}})
+      .Increment();
+}
+
+void Metrics::RecordFanout(absl::Duration duration) {
+  fanout_duration_->Observe(absl::ToDoubleSeconds(duration));
 }
 
 void Metrics::SetMemoryReserved(int64_t bytes) {

@@ -94,6 +94,13 @@ class Metrics : public SchedulerObserver {
   // attnserve_batch_decode_entries: entries of one BatchDecode message.
   void RecordBatchDecodeEntries(int64_t entries);
 
+  // attnserve_partial_attend_total{peer,code}: one PartialAttend this
+  // replica sent a peer for a session split over replicas, by its status
+  // code name; attnserve_partial_attend_fanout_seconds: from a step's first
+  // PartialAttend sent to its last answer.
+  void RecordPartialAttend(absl::string_view peer, absl::StatusCode code);
+  void RecordFanout(absl::Duration duration);
+
   // attnserve_attention_entropy_nats{layer}: the per-row entropies of one
   // request sampled by --attention_stats_sample ([B, Hq, Lq] values, in
   // nats). `layer`: a model-session step's layer (layers from
@@ -157,6 +164,8 @@ class Metrics : public SchedulerObserver {
   prometheus::Family<prometheus::Histogram>* compute_duration_ = nullptr;
   prometheus::Histogram* batch_size_ = nullptr;
   prometheus::Histogram* batch_decode_entries_ = nullptr;
+  prometheus::Family<prometheus::Counter>* partial_attend_total_ = nullptr;
+  prometheus::Histogram* fanout_duration_ = nullptr;
   prometheus::Gauge* queue_depth_ = nullptr;
   prometheus::Gauge* inflight_ = nullptr;
   prometheus::Family<prometheus::Counter>* flops_total_ = nullptr;
