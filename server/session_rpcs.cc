@@ -712,6 +712,9 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
             *response->mutable_output() = std::move(r.output);
             if (r.lse.ByteSizeLong() != 0) *response->mutable_lse() = std::move(r.lse);
             response->set_context_tokens(r.context_tokens);
+            // compute_us: the fan-out to the shards; the rest of total_us is
+            // this replica's own work (placement, RoPE, the merge).
+            response->mutable_timing()->set_compute_us(absl::ToInt64Microseconds(r.fanout));
             response->mutable_timing()->set_total_us(
                 absl::ToInt64Microseconds(absl::Now() - received));
           }
@@ -904,6 +907,10 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
             *result->mutable_output() = std::move(r.output);
             if (r.lse.ByteSizeLong() != 0) *result->mutable_lse() = std::move(r.lse);
             result->set_context_tokens(r.context_tokens);
+          }
+          if (!results.empty()) {
+            response->mutable_timing()->set_compute_us(
+                absl::ToInt64Microseconds(results[0].fanout));
           }
           response->mutable_timing()->set_total_us(
               absl::ToInt64Microseconds(absl::Now() - received));

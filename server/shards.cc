@@ -523,6 +523,9 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
 
 void ShardCoordinator::Finish(std::shared_ptr<StepCall> call) {
   // Each entry's parts, in shard order; the first failure fails the entry.
+  const absl::Duration fanout =
+      call->calls.empty() ? absl::ZeroDuration() : absl::Now() - call->sent;
+  for (Result& r : call->results) r.fanout = fanout;
   std::vector<std::vector<const StepCall::Part*>> parts(call->entries.size());
   for (const StepCall::Part& part : call->parts) parts[part.entry].push_back(&part);
   std::vector<const StepCall::Part*> undo;

@@ -97,6 +97,9 @@ class ShardCoordinator {
     v1::Tensor output;  // the query's dtype and rank
     v1::Tensor lse;     // [1, Hq, Lq] when asked
     int64_t context_tokens = 0;
+    // The step's fan-out: from its first PartialAttend sent to its last
+    // answer (the slowest shard, with the transport); zero when none was sent.
+    absl::Duration fanout;
   };
   // One layer-step of `entries` (each a sharded session of `owner`): the
   // appends and the fan-out; `done` runs once with a result per entry, on a
