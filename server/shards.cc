@@ -136,7 +136,11 @@ struct ShardCoordinator::StepCall {
 ShardCoordinator::ShardCoordinator(ShardOptions options, Metrics* metrics)
     : options_(std::move(options)), metrics_(metrics) {}
 
-ShardCoordinator::~ShardCoordinator() = default;
+ShardCoordinator::~ShardCoordinator() {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return steps_in_flight_ == 0; };
+  mu_.AwaitWithTimeout(absl::Condition(&idle), options_.call_timeout);
+}
 
 absl::StatusOr<std::vector<std::string>> ShardCoordinator::Peers() const {
   std::set<std::string> peers;
@@ -503,6 +507,10 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
   }
   call->pending.store(static_cast<int>(call->calls.size()));
   call->sent = absl::Now();
+  {
+    absl::MutexLock lock(&mu_);
+    ++steps_in_flight_;
+  }
   for (auto& pc : call->calls) {
     pc->context.set_deadline(absl::ToChronoTime(deadline));
     if (!options_.peer_token.empty()) {
@@ -516,6 +524,8 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
           if (call->pending.fetch_sub(1) == 1) {
             metrics_->RecordFanout(absl::Now() - call->sent);
             Finish(call);
+            absl::MutexLock lock(&mu_);
+            --steps_in_flight_;
           }
         });
   }

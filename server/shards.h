@@ -101,6 +101,8 @@ class ShardCoordinator {
     // answer (the slowest shard, with the transport); zero when none was sent.
     absl::Duration fanout;
   };
+  // The destructor waits (up to call_timeout) for steps whose fan-out is in
+  // flight: their callbacks use this object.
   // One layer-step of `entries` (each a sharded session of `owner`): the
   // appends and the fan-out; `done` runs once with a result per entry, on a
   // gRPC thread, or at once when nothing could be sent.
@@ -123,6 +125,7 @@ class ShardCoordinator {
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, std::unique_ptr<v1::AttentionService::Stub>> stubs_ ABSL_GUARDED_BY(mu_);
   uint64_t next_start_ ABSL_GUARDED_BY(mu_) = 0;  // rotates the first shard over the peers
+  int64_t steps_in_flight_ ABSL_GUARDED_BY(mu_) = 0;  // fan-outs not yet finished
 };
 
 }  // namespace attnserve
