@@ -204,6 +204,9 @@ Server::~Server() {
   // join them first, while both are alive. A timed-out drain has stopped
   // their running batches (cancel tokens), so this does not wait long.
   scheduler_.reset();
+  // Fan-outs of sessions split over replicas finish their calls through the
+  // service too: wait for them next.
+  shards_.reset();
   server_.reset();
   service_.reset();
 }
