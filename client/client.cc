@@ -1,5 +1,6 @@
 #include "client/client.h"
 
+#include <algorithm>
 #include <fstream>
 #include <sstream>
 #include <tuple>
@@ -12,7 +13,10 @@
 #include <grpcpp/support/client_interceptor.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/blocking_counter.h"
 #include "absl/time/clock.h"
+#include "attention/merge.h"
 
 namespace attnserve::client {
 namespace {
@@ -274,6 +278,224 @@ void AttnClient::AttendAsync(const v1::AttendRequest& request, AttendCallback do
                              std::move(owned->done)(std::move(status));
                            }
                          });
+}
+
+namespace {
+
+// ShardedAttend's cut of a request: `parts` contiguous ranges of its Lk keys.
+struct KeySplit {
+  int64_t keys = 0;         // Lk
+  int64_t total_keys = 0;   // of the sequence the parts lie in
+  bool slice_bias = false;  // the bias's last dim is Lk (else 1: sent whole)
+  int parts = 0;
+  int64_t begin(int part) const { return Cut(part); }
+  int64_t end(int part) const { return Cut(part + 1); }
+
+ private:
+  // The first keys % parts ranges are one key longer.
+  int64_t Cut(int part) const {
+    const int64_t base = keys / parts, longer = keys % parts;
+    return part * base + std::min<int64_t>(part, longer);
+  }
+};
+
+absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
+}
+
+// Whether `t`'s bytes are exactly what its shape says.
+absl::Status CheckBytes(const TensorView& t, absl::string_view field) {
+  const int64_t n = CheckedElementCount(t.shape, INT64_MAX / 8);
+  const int64_t want = n * static_cast<int64_t>(DTypeSize(t.dtype));
+  if (n < 0 || static_cast<int64_t>(t.data.size()) != want) {
+    return Invalid(absl::StrCat(field, ".data"),
+                   absl::StrCat("the bytes of ", DTypeName(t.dtype), " ", ShapeString(t.shape)),
+                   absl::StrCat(t.data.size(), " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+// What ShardedAttend needs of its arguments before it can cut the request;
+// the servers check the rest (and name the field).
+absl::StatusOr<KeySplit> PlanKeySplit(absl::Span<AttnClient* const> targets,
+                                      const AttentionRequest& request) {
+  if (targets.empty()) return Invalid("targets", "at least one AttnClient", "none");
+  for (size_t i = 0; i < targets.size(); ++i) {
+    if (targets[i] == nullptr) return Invalid(absl::StrCat("targets[", i, "]"), "a client", "null");
+  }
+  // "<field>: expected <expected> with ShardedAttend (<why>), got <got>".
+  const auto refuse = [](absl::string_view field, absl::string_view expected,
+                         absl::string_view why, absl::string_view got) {
+    return Invalid(field, absl::StrCat(expected, " with ShardedAttend (", why, ")"), got);
+  };
+  if (!request.key_lengths.empty()) {
+    return refuse("key_lengths", "none", "they do not combine with key_offset",
+                  absl::StrCat(request.key_lengths.size(), " lengths"));
+  }
+  if (request.paged_kv.has_value()) {
+    return refuse("paged_kv", "none", "the keys are sent", "a paged view");
+  }
+  constexpr absl::string_view kMerged = "the parts merge their output and lse only";
+  if (request.outputs.weights) return refuse("outputs.weights", "false", kMerged, "true");
+  if (request.outputs.entropy) return refuse("outputs.entropy", "false", kMerged, "true");
+  if (request.outputs.top_k != 0) {
+    return refuse("outputs.top_k", "0", kMerged, absl::StrCat(request.outputs.top_k));
+  }
+  if (request.options.variant != Variant::kSoftmax) {
+    return refuse("options.variant", "SOFTMAX", "the parts merge by lse", "LINEAR");
+  }
+
+  const TensorView& key = request.key;
+  const TensorView& value = request.value;
+  const int64_t rank = key.rank();
+  if (rank != 3 && rank != 4) {
+    return Invalid("key.shape", "[B, Lk, Hkv, D] or [Lk, Hkv, D]", ShapeString(key.shape));
+  }
+  KeySplit split;
+  split.keys = key.shape[rank - 3];
+  if (value.rank() != rank || value.shape[rank - 3] != split.keys ||
+      (rank == 4 && value.shape[0] != key.shape[0])) {
+    return Invalid("value.shape",
+                   absl::StrCat("[B, Lk, Hkv, Dv] with the key's B and Lk = ", split.keys),
+                   ShapeString(value.shape));
+  }
+  if (absl::Status s = CheckBytes(key, "key"); !s.ok()) return s;
+  if (absl::Status s = CheckBytes(value, "value"); !s.ok()) return s;
+  if (request.bias.has_value() && request.bias->rank() > 0) {
+    const int64_t last = request.bias->shape.back();
+    if (last != split.keys && last != 1) {
+      return Invalid("bias.shape", absl::StrCat("a last dim of Lk = ", split.keys, " or 1"),
+                     ShapeString(request.bias->shape));
+    }
+    split.slice_bias = last == split.keys && split.keys > 1;
+    if (split.slice_bias) {
+      if (absl::Status s = CheckBytes(*request.bias, "bias"); !s.ok()) return s;
+    }
+  }
+  split.total_keys = request.total_keys != 0 ? request.total_keys : request.key_offset + split.keys;
+  split.parts = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(targets.size()), split.keys)));
+  return split;
+}
+
+// Appends `t`'s slice [begin, end) along `axis` to `out` (row-major).
+void AppendSlice(const TensorView& t, int64_t axis, int64_t begin, int64_t end, std::string* out) {
+  int64_t outer = 1, inner_bytes = static_cast<int64_t>(DTypeSize(t.dtype));
+  for (int64_t a = 0; a < axis; ++a) outer *= t.shape[a];
+  for (int64_t a = axis + 1; a < t.rank(); ++a) inner_bytes *= t.shape[a];
+  const int64_t len = t.shape[axis];
+  out->reserve(out->size() + outer * (end - begin) * inner_bytes);
+  for (int64_t o = 0; o < outer; ++o) {
+    out->append(t.data.substr((o * len + begin) * inner_bytes, (end - begin) * inner_bytes));
+  }
+}
+
+// `t`'s metadata with `axis` cut to [begin, end), and its bytes written
+// straight into the wire tensor (ToProto would copy them once more).
+void SliceToProto(const TensorView& t, int64_t axis, int64_t begin, int64_t end, v1::Tensor* out) {
+  std::vector<int64_t> shape = t.shape;
+  shape[axis] = end - begin;
+  ToProto(TensorView{t.dtype, std::move(shape), {}}, out);
+  AppendSlice(t, axis, begin, end, out->mutable_data());
+}
+
+// The wire request of part `part`: its keys, values (and bias columns), the
+// whole query, placed in the sequence by key_offset / total_keys, asking for
+// the lse only.
+v1::AttendRequest PartRequest(const AttentionRequest& request, const CallOptions& call,
+                              const KeySplit& split, int part) {
+  AttentionRequest shell = request;
+  shell.key = TensorView{};
+  shell.value = TensorView{};
+  if (split.slice_bias) shell.bias.reset();
+  shell.outputs = OutputSpec{};
+  shell.outputs.lse = true;
+  v1::AttendRequest wire = ToProto(shell, call);
+  const int64_t begin = split.begin(part), end = split.end(part);
+  const int64_t key_axis = request.key.rank() - 3;
+  SliceToProto(request.key, key_axis, begin, end, wire.mutable_key());
+  SliceToProto(request.value, key_axis, begin, end, wire.mutable_value());
+  if (split.slice_bias) {
+    SliceToProto(*request.bias, request.bias->rank() - 1, begin, end, wire.mutable_bias());
+  }
+  wire.set_key_offset(request.key_offset + begin);
+  wire.set_total_keys(split.total_keys);
+  return wire;
+}
+
+// The parts' answers merged into the caller's result.
+absl::StatusOr<AttendResult> MergeParts(std::vector<AttendResult>& parts,
+                                        const AttentionRequest& request, const CallOptions& call) {
+  std::vector<AttentionStateView> states;
+  std::vector<std::string> backends;
+  AttendResult out;
+  out.request_id = call.request_id;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const AttendResult& part = parts[i];
+    if (!part.lse.has_value()) {
+      return absl::InternalError(
+          absl::StrCat("ShardedAttend: part ", i, " answered without the lse it was asked for"));
+    }
+    states.push_back({part.output.view(), part.lse->view()});
+    if (std::find(backends.begin(), backends.end(), part.backend) == backends.end()) {
+      backends.push_back(part.backend);
+    }
+    out.timing.queue_us = std::max(out.timing.queue_us, part.timing.queue_us);
+    out.timing.compute_us = std::max(out.timing.compute_us, part.timing.compute_us);
+    out.timing.batch_size = std::max(out.timing.batch_size, part.timing.batch_size);
+    out.timing.total_us = std::max(out.timing.total_us, part.timing.total_us);
+  }
+  absl::StatusOr<MergedAttention> merged = MergeAttentionStates(states, request.query.dtype);
+  if (!merged.ok()) {
+    return absl::InternalError(absl::StrCat("ShardedAttend: the parts' answers do not merge: ",
+                                            merged.status().message()));
+  }
+  out.output = std::move(merged->output);
+  if (request.outputs.lse) out.lse = std::move(merged->lse);
+  out.backend = absl::StrJoin(backends, ",");
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<AttendResult> AttnClient::ShardedAttend(absl::Span<AttnClient* const> targets,
+                                                       const AttentionRequest& request,
+                                                       const CallOptions& call) {
+  absl::StatusOr<KeySplit> split = PlanKeySplit(targets, request);
+  if (!split.ok()) return split.status();
+  const int n = split->parts;
+  std::vector<v1::AttendRequest> wire(n);
+  for (int i = 0; i < n; ++i) wire[i] = PartRequest(request, call, *split, i);
+
+  // Each callback writes its own slot; Wait() orders those writes before
+  // the reads below.
+  std::vector<absl::StatusOr<v1::AttendResponse>> answers(n, absl::UnknownError("no answer"));
+  absl::BlockingCounter pending(n);
+  for (int i = 0; i < n; ++i) {
+    targets[i]->AttendAsync(
+        wire[i],
+        [&answers, &pending, i](absl::StatusOr<v1::AttendResponse> answer) {
+          answers[i] = std::move(answer);
+          pending.DecrementCount();
+        },
+        call.deadline);
+  }
+  pending.Wait();
+
+  std::vector<AttendResult> parts;
+  parts.reserve(n);
+  for (int i = 0; i < n; ++i) {
+    absl::StatusOr<AttendResult> part =
+        answers[i].ok() ? FromProto(*std::move(answers[i])) : answers[i].status();
+    if (!part.ok()) {
+      return absl::Status(part.status().code(),
+                          absl::StrCat("part ", i, " of ", n, " (targets[", i, "] ",
+                                       targets[i]->target(), ", keys [", split->begin(i), ", ",
+                                       split->end(i), ")): ", part.status().message()));
+    }
+    parts.push_back(*std::move(part));
+  }
+  return MergeParts(parts, request, call);
 }
 
 absl::StatusOr<CreatedSession> AttnClient::CreateSession(const SessionSpec& spec,

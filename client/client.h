@@ -21,6 +21,7 @@
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "attention/request.h"
 #include "attnserve/v1/attention.grpc.pb.h"
 #include "client/attend_stream.h"
@@ -105,6 +106,48 @@ class AttnClient {
   // `deadline` zero means the default.
   void AttendAsync(const v1::AttendRequest& request, AttendCallback done,
                    absl::Duration deadline = absl::ZeroDuration());
+
+  // Attention over keys split across servers (replicas), merged by lse: the
+  // keys and values of `request` are cut along Lk into N = min(targets.size(),
+  // Lk) contiguous ranges, as even as possible and in order (the first Lk % N
+  // one key longer); targets[i] computes range i against the whole query as
+  // sharded keys (key_offset, total_keys: causal alignment, windows and ALiBi
+  // count positions in the whole sequence) with its lse, all the parts at
+  // once (AttendAsync), and the answers are merged in target order
+  // (MergeAttentionStates, attention/merge.h). Blocks until every part has
+  // answered, so it must not run on a gRPC callback thread. Targets past the
+  // N-th get nothing. `targets` are borrowed; several may be one client.
+  //
+  // The result is Attend's on one server within rounding: output in the
+  // query's dtype (an F16/BF16 part's output arrives rounded, so the merge
+  // differs from one Attend by up to a 16-bit rounding), lse when
+  // request.outputs.lse; request_id is call.request_id; timing holds each
+  // field's largest over the parts (they ran concurrently); backend names
+  // the parts' backends, comma-separated where they differ. `call` applies
+  // to every part, call.deadline to each part's call.
+  //
+  // A bias whose last dim is Lk is cut with the keys; one whose last dim is 1
+  // (or a scalar) goes whole to every part. A request that is itself a shard
+  // (key_offset / total_keys set) stays one: its parts lie at key_offset +
+  // their start in its total_keys.
+  //
+  // Errors: INVALID_ARGUMENT, before any call, naming the field, for no
+  // targets or a null one, key_lengths (they do not combine with
+  // key_offset), outputs.weights, outputs.entropy or outputs.top_k (the
+  // merge combines the output and lse only), variant LINEAR (it has no lse),
+  // paged_kv, a key or value not [B, Lk, H, D] / [Lk, H, D] of matching Lk
+  // and bytes, or a bias whose last dim is neither Lk nor 1. A part that
+  // fails fails the call with that part's code and its message prefixed by
+  // the part, target index and address ("part 1 of 3 (targets[1]
+  // 10.0.0.7:50051, keys [11, 22)): ..."), the first failure in target
+  // order. INTERNAL when the answers do not merge (a part without lse or of
+  // another shape). Every target must know key_offset / total_keys (its
+  // backends list the "key_offset" feature): a server that predates them
+  // ignores the fields and computes each part as a whole sequence, which is
+  // wrong with causal, windows or ALiBi.
+  static absl::StatusOr<AttendResult> ShardedAttend(absl::Span<AttnClient* const> targets,
+                                                    const AttentionRequest& request,
+                                                    const CallOptions& call = {});
 
   // KV-cache sessions (see DecodeStep in convert.h). Synchronous calls block
   // until the answer or the deadline; `deadline` zero means the default.
