@@ -866,7 +866,7 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
   // A shard's part (PartialAttend) always returns its lse, for the merge.
-  v1::OutputSpec outputs = outputs;
+  v1::OutputSpec outputs = request.outputs();
   if (partial) outputs.set_lse(true);
   absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), outputs);
   if (!options.ok()) return options.status();
