@@ -167,6 +167,8 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
   ToProto(request.value, out.mutable_value());
   if (request.bias.has_value()) ToProto(*request.bias, out.mutable_bias());
   out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
+  out.set_key_offset(request.key_offset);
+  out.set_total_keys(request.total_keys);
 
   ToProto(request.options, out.mutable_options());
 
