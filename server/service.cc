@@ -74,7 +74,11 @@ AttentionServiceImpl::RotateInputs(const v1::AttendRequest& request, const Atten
   if (absl::Status s = ValidateRope(*rope, p.head_dim, "rotary"); !s.ok()) return s;
   // By default a row's queries end where its keys do (key_lengths[b] with
   // padding), as the causal diagonal has it.
-  std::vector<int64_t> q_first(p.batch, p.seqlen_k - p.seqlen_q);
+  // Sharded keys sit at key_offset.. of a sequence of total_keys, and the
+  // queries end where that sequence does.
+  const bool sharded = core->key_offset != 0 || core->total_keys != 0;
+  const int64_t total = core->total_keys != 0 ? core->total_keys : core->key_offset + p.seqlen_k;
+  std::vector<int64_t> q_first(p.batch, (sharded ? total : p.seqlen_k) - p.seqlen_q);
   for (int64_t b = 0; b < p.batch && !core->key_lengths.empty(); ++b) {
     q_first[b] = core->key_lengths[b] - p.seqlen_q;
   }
@@ -83,7 +87,7 @@ AttentionServiceImpl::RotateInputs(const v1::AttendRequest& request, const Atten
   if (!q_pos.ok()) return q_pos.status();
   absl::StatusOr<std::vector<int64_t>> k_pos = ExpandPositions(
       request.key_positions(), "key_positions", p.batch, p.seqlen_k,
-      std::vector<int64_t>(p.batch, 0));
+      std::vector<int64_t>(p.batch, core->key_offset));
   if (!k_pos.ok()) return k_pos.status();
   // DYNAMIC scales by the call's last position, queries and keys alike.
   const int64_t last = std::max(*std::max_element(q_pos->begin(), q_pos->end()),
