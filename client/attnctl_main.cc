@@ -376,6 +376,12 @@ int CmdInfo() {
               << "  dtypes " << DTypeList(b.dtypes()) << ", max_head_dim " << b.max_head_dim()
               << "\n  features " << absl::StrJoin(b.features(), ",") << "\n";
   }
+  if (!info->replica_id().empty() || info->peers_size() > 0) {
+    std::cout << "replica " << info->replica_id() << ", peers "
+              << (info->peers().empty() ? std::string("none")
+                                        : absl::StrJoin(info->peers(), ","))
+              << "\n";
+  }
   for (const v1::ModelDescription& m : info->models()) {
     std::cout << absl::StrFormat(
         "model %s: %s (%s), %d layers, hidden %d, heads %d/%d, head_dim %d, %s weights%s%s\n",
