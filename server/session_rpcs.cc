@@ -263,25 +263,29 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
       if (options_.shards == nullptr) {
         return absl::FailedPreconditionError("shards: this server splits no sessions (no --peers)");
       }
-      absl::StatusOr<ShardCoordinator::Created> created =
-          options_.shards->Create(*request, CallerOf(context));
-      if (!created.ok()) return created.status();
-      response->set_session_id(created->session_id);
-      response->set_capacity_tokens(created->capacity_tokens);
-      response->set_block_tokens(options_.sessions->options().block_tokens);
-      response->set_num_layers(config.num_layers == 0 ? 1 : config.num_layers);
-      return absl::OkStatus();
     }
     if (!request->model().empty()) {
       absl::StatusOr<const Model*> model = ModelFor(request->model(), "model");
       if (!model.ok()) return model.status();
       if (absl::Status s = ModelSessionConfig(**model, *request, &config); !s.ok()) return s;
     }
-    absl::StatusOr<SessionStore::Created> created =
-        options_.sessions->CreateSession(config, CallerOf(context));
-    if (!created.ok()) return created.status();
-    response->set_session_id(created->session_id);
-    response->set_capacity_tokens(created->capacity_tokens);
+    std::string session_id;
+    int64_t capacity = 0;
+    if (request->shards() != 0) {
+      absl::StatusOr<ShardCoordinator::Created> created =
+          options_.shards->Create(*request, CallerOf(context));
+      if (!created.ok()) return created.status();
+      session_id = created->session_id;
+      capacity = created->capacity_tokens;
+    } else {
+      absl::StatusOr<SessionStore::Created> created =
+          options_.sessions->CreateSession(config, CallerOf(context));
+      if (!created.ok()) return created.status();
+      session_id = created->session_id;
+      capacity = created->capacity_tokens;
+    }
+    response->set_session_id(session_id);
+    response->set_capacity_tokens(capacity);
     response->set_block_tokens(options_.sessions->options().block_tokens);
     response->set_num_layers(config.num_layers == 0 ? 1 : config.num_layers);
     return absl::OkStatus();
