@@ -2,9 +2,10 @@
 # Every check of deploy/, Dockerfile* and .dockerignore that runs without a
 # cluster, a Docker engine or a Grafana: Prometheus rules and their unit tests,
 # the dashboard's structure and PromQL, the PrometheusRule kept equal to the
-# rules file, each kustomize overlay rendered and schema-validated, the
-# Dockerfiles' sources, stages and runtime packages, and the nginx proxy config
-# (nginx -t, then routing through a real nginx to stand-in replicas).
+# rules file, each kustomize overlay rendered and schema-validated (sharded: its
+# StatefulSet, peer discovery and peer token too), the Dockerfiles' sources,
+# stages and runtime packages, and the nginx proxy config (nginx -t, then
+# routing through a real nginx to stand-in replicas).
 #
 #   tests/deploy/run.sh [BUILD_DIR]   BUILD_DIR: a build tree whose attnserve and
 #                                     attnctl the runtime image must be able to load
@@ -68,15 +69,25 @@ prometheusrule_in_sync() {
 }
 check "PrometheusRule generated from the rules file" prometheusrule_in_sync
 
-overlay_check() {
-  local overlay="$1"
+render_overlay() {  # OVERLAY OUT
   # kustomize v5 warns about the v2-compatible fields on stderr; errors still fail.
-  kubectl kustomize "$root/deploy/kubernetes/overlays/$overlay" > "$work/$overlay.yaml" 2> "$work/$overlay.err" ||
-    { cat "$work/$overlay.err" >&2; return 1; }
-  node "$here/check-kubernetes.mjs" "$overlay" "$work/$overlay.yaml" "$rules"
+  kubectl kustomize "$root/deploy/kubernetes/overlays/$1" > "$2" 2> "$2.err" ||
+    { cat "$2.err" >&2; return 1; }
+}
+overlay_check() {
+  local overlay="$1" reference=()
+  render_overlay "$overlay" "$work/$overlay.yaml" || return 1
+  # sharded turns the base's Deployment into a StatefulSet: its pod template is
+  # compared with the cpu overlay's Deployment, rendered on its own here.
+  if [ "$overlay" = sharded ]; then
+    render_overlay cpu "$work/sharded-reference.yaml" || return 1
+    reference=("$work/sharded-reference.yaml")
+  fi
+  node "$here/check-kubernetes.mjs" "$overlay" "$work/$overlay.yaml" "$rules" "${reference[@]}"
 }
 check "kubernetes overlay cpu" overlay_check cpu
 check "kubernetes overlay gpu" overlay_check gpu
+check "kubernetes overlay sharded" overlay_check sharded
 
 dockerfiles_check() {
   node "$here/check-dockerfile.mjs" "$root" Dockerfile cpu $build_dir > "$work/docker-cpu.out" &&
