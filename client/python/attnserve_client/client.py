@@ -635,7 +635,7 @@ class Client:
 
     def create_session(self, num_kv_heads=0, head_dim=0, *, model="", value_dim=0, dtype="f32",
                        max_tokens=0, num_layers=None, rotary=None, sink_tokens=0,
-                       window_tokens=0, timeout=None, metadata=None):
+                       window_tokens=0, shards=0, timeout=None, metadata=None):
         """Opens a KV-cache session; returns a Session.
 
         dtype: storage of the cache, 'f32', 'f16' or 'bf16'. max_tokens: bound
@@ -655,6 +655,13 @@ class Client:
         num_layers and rotary then come from the model (any given must
         agree). NOT_FOUND for an unknown model, INVALID_ARGUMENT for one of
         another family.
+
+        shards: > 0 splits the session's context over that many of the
+        server's --peers (this server coordinating): each peer holds a
+        contiguous range of the tokens, every step fans out to them and is
+        merged by lse, and capacity_tokens is the shards' together.
+        FAILED_PRECONDITION when fewer peers are found; not with model,
+        sinks windows or max_tokens, and such a session is not forked.
         """
         if num_layers is None:
             num_layers = 0 if model else 1
@@ -662,7 +669,7 @@ class Client:
             num_kv_heads=int(num_kv_heads), head_dim=int(head_dim), value_dim=int(value_dim),
             dtype=tensors.wire_dtype(dtype), max_tokens=int(max_tokens),
             num_layers=int(num_layers), sink_tokens=int(sink_tokens),
-            window_tokens=int(window_tokens), model=str(model))
+            window_tokens=int(window_tokens), model=str(model), shards=int(shards))
         if rotary is not None:
             rotary_to_proto(rotary, request.rotary)
         response = self._stub.CreateSession(request, timeout=timeout or self.timeout,
