@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Serving benchmarks against a local attnserve on loopback (the numbers in the
 # notes of the scheduler and KV-cache work come from here). Each scenario starts
-# its own server on a free-ish port, drives it with attnctl bench and prints one
-# summary line; every server must exit 0 on SIGTERM.
+# its own server on a free-ish port (shards: three), drives it with attnctl bench
+# (or a bench/*.py load) and prints one summary line; every server must exit 0
+# on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|all]     (default: all)
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|shards|all]     (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
 # machine should be otherwise idle.
@@ -191,6 +192,38 @@ stats() {
     /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  %.3f ms with entropy, %.3f without: %+.1f%%" % (d["ms"], d["ms_without_entropy"], 100 * d["entropy_overhead"]))'
 }
 
+shards() {
+  # Three replicas naming each other in --peers; bench/shard_fanout.py opens
+  # its sessions on the first (the coordinator) with shards=3 and without.
+  local kv=$((512 * 1024 * 1024)) peers="" pids="" i
+  for i in 0 1 2; do peers="$peers${peers:+,}127.0.0.1:$((50181 + i))"; done
+  echo "== shards: P4-sized BatchDecode steps (16 sessions x 4096 tokens, Hq 32, Hkv 8, D 128, BF16"
+  echo "   cache) split over 3 replicas (shards=3) vs on one; --kv_cache_bytes=$kv each"
+  for i in 0 1 2; do
+    "$S" --listen="127.0.0.1:$((50181 + i))" --metrics_listen="127.0.0.1:$((9581 + i))" \
+      --peers="$peers" --replica_id="bench-$i" --kv_cache_bytes=$kv \
+      2>"/tmp/serving_bench.shard$i.log" &
+    pids="$pids $!"
+  done
+  for i in 0 1 2; do
+    local up=""
+    for _ in $(seq 100); do
+      "$C" --target="127.0.0.1:$((50181 + i))" health >/dev/null 2>&1 && { up=1; break; }
+      sleep 0.1
+    done
+    [ -n "$up" ] || { echo "replica $i did not start: $(cat "/tmp/serving_bench.shard$i.log")" >&2; exit 1; }
+  done
+  echo "-- packed: caches that hold whole sessions, so each lives on one replica"
+  echo "  $(/usr/bin/python3 "$root/bench/shard_fanout.py" --targets="$peers")"
+  echo "-- split: every session a third on each replica (--split)"
+  echo "  $(/usr/bin/python3 "$root/bench/shard_fanout.py" --targets="$peers" --split)"
+  for pid in $pids; do
+    kill -TERM "$pid"
+    wait "$pid"
+    echo "  server exit code $?"
+  done
+}
+
 case "${1:-all}" in
   s1) s1 ;;
   tier) tier ;;
@@ -200,6 +233,7 @@ case "${1:-all}" in
   overload) overload ;;
   sessions) sessions ;;
   abuse) abuse ;;
-  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer ;;
-  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|all]" >&2; exit 2 ;;
+  shards) shards ;;
+  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer; shards ;;
+  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|shards|all]" >&2; exit 2 ;;
 esac
