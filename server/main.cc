@@ -96,8 +96,8 @@ ABSL_FLAG(std::string, peer_token_file, "",
 ABSL_FLAG(std::string, peer_tls_ca, "",
           "PEM CA bundle to call peers over TLS with; empty: plaintext");
 ABSL_FLAG(std::vector<std::string>, peer_callers, {"peer"},
-          "with authentication on, the caller names (--auth_tokens_file names, or client "
-          "certificate names) allowed to call PartialAttend");
+          "with authentication on, the caller names (--auth_tokens_file names) allowed to call "
+          "PartialAttend; peers present --peer_token_file's token (not a client certificate)");
 ABSL_FLAG(std::string, auth_tokens_file, "",
           "file of 'name token' lines ('#' comments); set: every call but health and reflection "
           "needs metadata 'authorization: Bearer <token>' with one of them, else UNAUTHENTICATED");

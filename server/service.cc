@@ -591,6 +591,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
     sessions->set_eviction(so.eviction == EvictionPolicy::kLruIdle ? "lru_idle" : "reject");
     sessions->set_kv_cache_shared_bytes(stats.shared_bytes);
     sessions->set_kv_blocks_shared(stats.shared_blocks);
+    if (options_.shards != nullptr) sessions->set_split_sessions(options_.shards->active());
   }
   for (const Model* model : options_.models) ModelToProto(*model, response->add_models());
   response->set_replica_id(options_.replica_id);

@@ -90,6 +90,7 @@ struct ShardCoordinator::Session {
     std::string peer;
     std::string session_id;  // the shard's session on that peer
     int64_t capacity = 0;    // tokens per layer
+    absl::Time touched;      // the last call that reached it (guarded by mu_)
   };
   std::vector<Shard> shards;
   // Guarded by the coordinator's mu_:
@@ -254,7 +255,8 @@ absl::StatusOr<ShardCoordinator::Created> ShardCoordinator::Create(
       CloseShards(*session);
       return ShardError(s, peer, FromGrpc(status));
     }
-    session->shards.push_back({peer, response.session_id(), response.capacity_tokens()});
+    session->shards.push_back(
+        {peer, response.session_id(), response.capacity_tokens(), absl::Now()});
   }
   session->length.assign(session->num_layers, std::vector<int64_t>(shards, 0));
   session->id = RandomId();
@@ -310,19 +312,49 @@ absl::Status ShardCoordinator::Close(const std::string& session_id, const std::s
 
 void ShardCoordinator::ExpireIdle() {
   std::vector<std::shared_ptr<Session>> expired;
+  std::vector<std::pair<std::string, std::string>> touch;  // peer, shard session
   {
     absl::MutexLock lock(&mu_);
     const absl::Time now = absl::Now();
     for (auto it = sessions_.begin(); it != sessions_.end();) {
-      if (!it->second->busy && now - it->second->last_used >= options_.idle_timeout) {
+      Session& session = *it->second;
+      if (!session.busy && now - session.last_used >= options_.idle_timeout) {
         expired.push_back(it->second);
         it = sessions_.erase(it);
-      } else {
-        ++it;
+        continue;
       }
+      for (size_t s = 0; s < session.shards.size(); ++s) {
+        Session::Shard& shard = session.shards[s];
+        const bool empty = std::all_of(session.length.begin(), session.length.end(),
+                                       [s](const std::vector<int64_t>& l) { return l[s] == 0; });
+        if (empty && now - shard.touched >= options_.idle_timeout / 4) {
+          touch.emplace_back(shard.peer, shard.session_id);
+          shard.touched = now;
+        }
+      }
+      ++it;
     }
   }
   for (const auto& session : expired) CloseShards(*session);
+  for (const auto& [peer, session_id] : touch) {
+    // An empty truncation of a shard that holds no tokens: it only marks the
+    // shard's session used. A shard with tokens is reached by every step, so
+    // it stays alive as long as the session does.
+    struct Touch {
+      grpc::ClientContext context;
+      v1::BatchDecodeRequest request;
+      v1::BatchDecodeResponse response;
+    };
+    auto* t = new Touch;
+    t->context.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+    if (!options_.peer_token.empty()) {
+      t->context.AddMetadata("authorization", "Bearer " + options_.peer_token);
+    }
+    t->request.add_entries()->set_session_id(session_id);
+    t->request.mutable_entries(0)->set_truncate_to(0);
+    StubFor(peer)->async()->PartialAttend(&t->context, &t->request, &t->response,
+                                           [t](grpc::Status) { delete t; });
+  }
 }
 
 void ShardCoordinator::Step(const std::string& owner, int32_t layer,

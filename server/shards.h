@@ -81,7 +81,9 @@ class ShardCoordinator {
   // left to their own idle timeout). NOT_FOUND for an unknown or foreign id.
   absl::Status Close(const std::string& session_id, const std::string& owner);
 
-  // Closes sessions unused for idle_timeout.
+  // Closes sessions unused for idle_timeout, and keeps the shards of the
+  // others alive on their peers: a shard that holds no tokens yet gets no
+  // step, so it is touched (an empty truncation) every idle_timeout / 4.
   void ExpireIdle();
   int64_t active() const;
 

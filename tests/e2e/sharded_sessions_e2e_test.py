@@ -447,12 +447,9 @@ class ShardedSessionsE2ETest(SessionSteps, unittest.TestCase):
                 x.close_session(f)
             c.close_session(s)
 
-    @unittest.expectedFailure
     def test_batch_decode_outputs(self):
-        # BatchDecode's outputs (lse, entropy) as Decode's. Fails while the
-        # server's SubmitBatchDecode copies an uninitialized OutputSpec
-        # instead of request.outputs(): no lse comes back, entropy is not
-        # refused (and plain sessions lose lse/entropy the same way).
+        # BatchDecode's outputs (lse, entropy) as Decode's: lse comes back,
+        # entropy is refused for a split session.
         c = self.clients[0]
         s = c.create_session(HKV, D, shards=3)
         try:
