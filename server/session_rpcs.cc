@@ -263,6 +263,10 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
       if (options_.shards == nullptr) {
         return absl::FailedPreconditionError("shards: this server splits no sessions (no --peers)");
       }
+      if (!request->model().empty()) {
+        return Invalid("model", "unset for a session split over replicas (shards)",
+                       request->model());
+      }
     }
     if (!request->model().empty()) {
       absl::StatusOr<const Model*> model = ModelFor(request->model(), "model");
