@@ -210,8 +210,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                         const Backend& backend, SessionStep* step);
   // Drops `layer`'s tokens past `tokens` (BatchDecodeEntry.truncate_to);
   // context_tokens into `result`. Errors name the field. (session_rpcs.cc)
+  // Refused (FAILED_PRECONDITION) unless the layer holds `expected` tokens,
+  // when given.
   absl::Status TruncateLayer(const std::string& caller, const std::string& session_id,
-                             int32_t layer, int64_t tokens, v1::BatchDecodeResult* result);
+                             int32_t layer, int64_t tokens, std::optional<int64_t> expected,
+                             v1::BatchDecodeResult* result);
   // Appends the planned step's K/V and plans its job over the cache.
   absl::Status AppendStep(SessionStep* step);
   // A computed step's entropy into attnserve_attention_entropy_nats{layer}

@@ -844,13 +844,19 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::PartialAttend(
 
 absl::Status AttentionServiceImpl::TruncateLayer(const std::string& caller,
                                                  const std::string& session_id, int32_t layer,
-                                                 int64_t tokens, v1::BatchDecodeResult* result) {
+                                                 int64_t tokens, std::optional<int64_t> expected,
+                                                 v1::BatchDecodeResult* result) {
   absl::StatusOr<SessionLease> lease = options_.sessions->Acquire(session_id, caller);
   if (!lease.ok()) return lease.status();
   if (layer < 0 || layer >= lease->config().num_layers) {
     return Invalid("layer",
                    absl::StrCat("a value in [0, ", lease->config().num_layers, ") (num_layers)"),
                    absl::StrCat(layer));
+  }
+  if (expected.has_value() && *expected != lease->length(layer)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "expected_context_tokens: layer ", layer, " of the session holds ", lease->length(layer),
+        " tokens, the truncation expected ", *expected));
   }
   if (tokens < 0 || tokens > lease->length(layer)) {
     return Invalid("truncate_to",
@@ -933,7 +939,11 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
       v1::BatchDecodeResult* result = response->add_results();
       absl::Status s = e.has_truncate_to()
                            ? TruncateLayer(caller, e.session_id(), request.layer(),
-                                           e.truncate_to(), result)
+                                           e.truncate_to(),
+                                           e.has_expected_context_tokens()
+                                               ? std::optional<int64_t>(e.expected_context_tokens())
+                                               : std::nullopt,
+                                           result)
                            : Invalid("truncate_to", "set in every entry when in entries[0]",
                                      "unset");
       if (!s.ok()) s = Prefixed(absl::StrCat("entries[", i, "]."), s);

@@ -327,7 +327,7 @@ void ShardCoordinator::ExpireIdle() {
         Session::Shard& shard = session.shards[s];
         const bool empty = std::all_of(session.length.begin(), session.length.end(),
                                        [s](const std::vector<int64_t>& l) { return l[s] == 0; });
-        if (empty && now - shard.touched >= options_.idle_timeout / 4) {
+        if (empty && !session.busy && now - shard.touched >= options_.idle_timeout / 4) {
           touch.emplace_back(shard.peer, shard.session_id);
           shard.touched = now;
         }
@@ -352,6 +352,8 @@ void ShardCoordinator::ExpireIdle() {
     }
     t->request.add_entries()->set_session_id(session_id);
     t->request.mutable_entries(0)->set_truncate_to(0);
+    // Still empty, or left alone: a step may have filled it meanwhile.
+    t->request.mutable_entries(0)->set_expected_context_tokens(0);
     StubFor(peer)->async()->PartialAttend(&t->context, &t->request, &t->response,
                                            [t](grpc::Status) { delete t; });
   }
@@ -649,6 +651,8 @@ void ShardCoordinator::Finish(std::shared_ptr<StepCall> call) {
     v1::BatchDecodeEntry* e = u->request.add_entries();
     e->set_session_id(shard.session_id);
     e->set_truncate_to(part->before);
+    // Only the step's own append: a shard that moved on is left alone.
+    e->set_expected_context_tokens(part->before + part->added);
     StubFor(shard.peer)->async()->PartialAttend(&u->context, &u->request, &u->response,
                                                  [u](grpc::Status) { delete u; });
   }
