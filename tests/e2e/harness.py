@@ -8,6 +8,7 @@ exit status. Its log goes to a file that is printed when a test fails.
 import argparse
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,16 +44,18 @@ def run_e2e(script_globals, *extra_flags):
     unittest.main(module=script_globals["__name__"], argv=[sys.argv[0], *rest], verbosity=2)
 
 
-def start_serving(binary, work_dir, extra_args=()):
-    """Starts attnserve with its log in `work_dir` (made if missing) and a
-    Client to it, and waits until it is SERVING; stops the server if that
-    fails. Returns (server, client). Needs run_e2e's client import."""
+def start_serving(binary, work_dir, extra_args=(), *, log_name="attnserve.log", port=None,
+                  token=None):
+    """Starts attnserve with its log `log_name` in `work_dir` (made if
+    missing), on `port` (default: a free one), and a Client to it (sending
+    `token`), and waits until it is SERVING; stops the server if that fails.
+    Returns (server, client). Needs run_e2e's client import."""
     import attnserve_client
     work = pathlib.Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(binary, work / "attnserve.log", extra_args)
+    server = ServerProcess(binary, work / log_name, extra_args, port=port)
     try:
-        client = attnserve_client.Client(server.target, timeout=30)
+        client = attnserve_client.Client(server.target, timeout=30, token=token)
         server.wait_serving(client)
     except Exception:
         server.stop()
@@ -68,9 +71,19 @@ def add_client_to_path(repo_root, gen_dir):
         sys.path.insert(0, path)
 
 
+def fresh_dir(path):
+    """`path` as an empty directory (removed first if it exists)."""
+    path = pathlib.Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 class ServerProcess:
-    def __init__(self, binary, log_path, extra_args=()):
-        self.port = free_port()
+    def __init__(self, binary, log_path, extra_args=(), port=None):
+        # A port chosen before the start lets replicas name each other (--peers).
+        self.port = port if port is not None else free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_path

@@ -75,10 +75,7 @@ def requests_by_method(metrics_port):
 class ScaleOutE2ETest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.work = pathlib.Path(ARGS.work_dir)
-        if cls.work.exists():
-            shutil.rmtree(cls.work)
-        cls.work.mkdir(parents=True)
+        cls.work = harness.fresh_dir(ARGS.work_dir)
         cls.replicas = []
         cls.nginx = None
         try:

@@ -20,7 +20,6 @@ Usage: sharded_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
 """
 
 import pathlib
-import shutil
 import sys
 import unittest
 
@@ -56,14 +55,7 @@ def max_abs(got, want):
 
 
 def start_replica(work, name):
-    server = harness.ServerProcess(ARGS.server, work / f"{name}.log", REPLICA_FLAGS)
-    try:
-        client = attnserve_client.Client(server.target, timeout=30)
-        server.wait_serving(client)
-    except Exception:
-        server.stop()
-        raise
-    return server, client
+    return harness.start_serving(ARGS.server, work, REPLICA_FLAGS, log_name=f"{name}.log")
 
 
 class ShardedE2ETest(unittest.TestCase):
@@ -72,10 +64,7 @@ class ShardedE2ETest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.work = pathlib.Path(ARGS.work_dir)
-        if cls.work.exists():
-            shutil.rmtree(cls.work)
-        cls.work.mkdir(parents=True)
+        cls.work = harness.fresh_dir(ARGS.work_dir)
         cls.servers, cls.clients = [], []
         try:
             for i in range(REPLICAS):

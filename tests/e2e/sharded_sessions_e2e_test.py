@@ -34,8 +34,6 @@ Usage: sharded_sessions_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
 import math
 import pathlib
 import re
-import shutil
-import subprocess
 import sys
 import time
 import unittest
@@ -84,21 +82,6 @@ def rel_error(got, want):
     return float(np.max(np.abs(got[finite] - want[finite])) / scale)
 
 
-class Replica(harness.ServerProcess):
-    """harness.ServerProcess on a gRPC port chosen before it starts, so that
-    replicas can name each other in --peers."""
-
-    def __init__(self, binary, log_path, port, extra_args=()):
-        self.port = port
-        self.metrics_port = harness.free_port()
-        self.target = f"127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.args = [binary, f"--listen={self.target}",
-                     f"--metrics_listen=127.0.0.1:{self.metrics_port}", *extra_args]
-        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
-
-
 def start_replicas(work, name, count, flags, *, peers=None, token=None):
     """Starts `count` replicas with `flags`; --peers lists them all unless
     `peers` (targets) is given. Returns (servers, clients), clients sending
@@ -109,12 +92,11 @@ def start_replicas(work, name, count, flags, *, peers=None, token=None):
     servers, clients = [], []
     try:
         for i, port in enumerate(ports):
-            servers.append(Replica(ARGS.server, work / f"{name}-{i}.log", port,
-                                   [*flags, f"--peers={','.join(peers)}",
-                                    f"--replica_id={name}-{i}"]))
-        for server in servers:
-            clients.append(attnserve_client.Client(server.target, timeout=30, token=token))
-            server.wait_serving(clients[-1])
+            server, client = harness.start_serving(
+                ARGS.server, work, [*flags, f"--peers={','.join(peers)}", f"--replica_id={name}-{i}"],
+                log_name=f"{name}-{i}.log", port=port, token=token)
+            servers.append(server)
+            clients.append(client)
     except Exception:
         stop_all(servers, clients)
         raise
@@ -253,10 +235,7 @@ class ShardedSessionsE2ETest(SessionSteps, unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.work = pathlib.Path(ARGS.work_dir)
-        if cls.work.exists():
-            shutil.rmtree(cls.work)
-        cls.work.mkdir(parents=True)
+        cls.work = harness.fresh_dir(ARGS.work_dir)
         cls.servers, cls.clients = start_replicas(cls.work, "replica", 3, REPLICA_FLAGS)
         cls.peers = sorted(s.target for s in cls.servers)
         try:
