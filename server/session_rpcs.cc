@@ -75,13 +75,6 @@ absl::Status ForEachModelLayer(absl::Span<Step* const> steps, Fn fn) {
   return absl::OkStatus();
 }
 
-// Converts `t` to `dtype` (a copy), keeping its shape.
-Tensor ConvertTensor(const Tensor& t, DType dtype) {
-  Tensor out = Tensor::Zeros(dtype, t.shape);
-  ConvertFloats(t.data.data(), t.dtype, out.data.data(), dtype, t.num_elements());
-  return out;
-}
-
 // The options of a session step (Decode or BatchDecode): softmax, causal
 // with bottom-right alignment, lse and entropy the only optional outputs.
 absl::StatusOr<AttentionOptions> StepOptions(const v1::AttentionOptions& proto,
@@ -671,7 +664,7 @@ void AttentionServiceImpl::RecordStepEntropy(const SessionStep& step, AttentionJ
 static absl::StatusOr<Tensor> StepOutput(AttentionJob& job, DType query_dtype) {
   if (job.output.dtype == query_dtype) return std::move(job.output);
   try {
-    return ConvertTensor(job.output, query_dtype);
+    return ConvertedCopy(job.output.view(), query_dtype);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory converting the output");
   }
@@ -777,19 +770,21 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     // so do not keep what it appended (a retry would add it twice).
     if (status.ok() && reactor->cancelled()) status = absl::CancelledError("the call was cancelled");
     if (status.ok()) {
+      // The step holds its computed job, as a BatchDecode's steps do, for
+      // FinishModelSteps; Abandon drops it before the lease.
       step.job = std::move(job);
+      AttentionJob& computed = *step.job;
       SessionStep* const steps[1] = {&step};
       absl::Status projected = AdmitNoThrow([&] { return FinishModelSteps(steps); });
-      job = std::move(step.job);
       absl::StatusOr<Tensor> output = !projected.ok()       ? absl::StatusOr<Tensor>(projected)
                                       : step.model != nullptr ? std::move(step.y)
-                                                              : StepOutput(*job, step.query_dtype);
+                                                              : StepOutput(computed, step.query_dtype);
       if (output.ok()) {
-        RecordStepEntropy(step, *job);
+        RecordStepEntropy(step, computed);
         TensorToProto(*output, response->mutable_output());
-        if (job->params.lse != nullptr) TensorToProto(job->lse, response->mutable_lse());
-        if (job->params.entropy != nullptr) {
-          TensorToProto(job->entropy, response->mutable_entropy());
+        if (computed.params.lse != nullptr) TensorToProto(computed.lse, response->mutable_lse());
+        if (computed.params.entropy != nullptr) {
+          TensorToProto(computed.entropy, response->mutable_entropy());
         }
         TimingToProto(timing, received, response->mutable_timing());
         response->set_backend(backend->info().name);

@@ -44,13 +44,6 @@ std::string RandomId() {
                          absl::Uniform<uint64_t>(gen));
 }
 
-// A tensor's values as F32 (a copy), shape kept.
-Tensor ToF32(const TensorView& t) {
-  Tensor out = Tensor::Zeros(DType::kF32, t.shape);
-  ConvertFloats(t.data.data(), t.dtype, out.data.data(), DType::kF32, out.num_elements());
-  return out;
-}
-
 // [n, heads, dim] (or [1, n, heads, dim]) with the given heads and dim; n.
 absl::StatusOr<int64_t> RowsOf(const TensorView& t, const char* field, int64_t heads, int64_t dim,
                                bool heads_multiple) {
@@ -245,10 +238,7 @@ absl::StatusOr<ShardCoordinator::Created> ShardCoordinator::Create(
   for (int s = 0; s < shards; ++s) {
     const std::string& peer = (*peers)[(start + s) % peers->size()];
     grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
-    if (!options_.peer_token.empty()) {
-      context.AddMetadata("authorization", "Bearer " + options_.peer_token);
-    }
+    PreparePeerCall(&context, absl::Now() + options_.call_timeout);
     v1::CreateSessionResponse response;
     const grpc::Status status = StubFor(peer)->CreateSession(&context, shard_request, &response);
     if (!status.ok()) {
@@ -283,10 +273,7 @@ void ShardCoordinator::CloseShards(const Session& session) {
   for (size_t s = 0; s < session.shards.size(); ++s) {
     const Session::Shard& shard = session.shards[s];
     grpc::ClientContext context;
-    context.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
-    if (!options_.peer_token.empty()) {
-      context.AddMetadata("authorization", "Bearer " + options_.peer_token);
-    }
+    PreparePeerCall(&context, absl::Now() + options_.call_timeout);
     v1::CloseSessionRequest request;
     request.set_session_id(shard.session_id);
     v1::CloseSessionResponse response;
@@ -340,22 +327,33 @@ void ShardCoordinator::ExpireIdle() {
     // An empty truncation of a shard that holds no tokens: it only marks the
     // shard's session used. A shard with tokens is reached by every step, so
     // it stays alive as long as the session does.
-    struct Touch {
-      grpc::ClientContext context;
-      v1::BatchDecodeRequest request;
-      v1::BatchDecodeResponse response;
-    };
-    auto* t = new Touch;
-    t->context.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
-    if (!options_.peer_token.empty()) {
-      t->context.AddMetadata("authorization", "Bearer " + options_.peer_token);
-    }
-    t->request.add_entries()->set_session_id(session_id);
-    t->request.mutable_entries(0)->set_truncate_to(0);
     // Still empty, or left alone: a step may have filled it meanwhile.
-    t->request.mutable_entries(0)->set_expected_context_tokens(0);
-    StubFor(peer)->async()->PartialAttend(&t->context, &t->request, &t->response,
-                                           [t](grpc::Status) { delete t; });
+    SendTruncation(peer, session_id, /*layer=*/0, /*tokens=*/0, /*expected=*/0);
+  }
+}
+
+void ShardCoordinator::SendTruncation(const std::string& peer, const std::string& session_id,
+                                      int32_t layer, int64_t tokens, int64_t expected) {
+  struct Call {
+    grpc::ClientContext context;
+    v1::BatchDecodeRequest request;
+    v1::BatchDecodeResponse response;
+  };
+  auto* call = new Call;
+  PreparePeerCall(&call->context, absl::Now() + options_.call_timeout);
+  call->request.set_layer(layer);
+  v1::BatchDecodeEntry* e = call->request.add_entries();
+  e->set_session_id(session_id);
+  e->set_truncate_to(tokens);
+  e->set_expected_context_tokens(expected);
+  StubFor(peer)->async()->PartialAttend(&call->context, &call->request, &call->response,
+                                         [call](grpc::Status) { delete call; });
+}
+
+void ShardCoordinator::PreparePeerCall(grpc::ClientContext* context, absl::Time deadline) const {
+  context->set_deadline(absl::ToChronoTime(deadline));
+  if (!options_.peer_token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.peer_token);
   }
 }
 
@@ -483,13 +481,13 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
       }
       const int64_t total = before + n;
       // The queries and keys in F32, rotated at their global positions.
-      Tensor qf = ToF32(*q);
+      Tensor qf = ConvertedCopy(*q, DType::kF32);
       qf.shape = {*lq, hq, session.head_dim};
       Tensor kf, vf;
       if (n > 0) {
-        kf = ToF32(*k);
+        kf = ConvertedCopy(*k, DType::kF32);
         kf.shape = {n, session.num_kv_heads, session.head_dim};
-        vf = ToF32(*v);
+        vf = ConvertedCopy(*v, DType::kF32);
         vf.shape = {n, session.num_kv_heads, session.value_dim};
       }
       if (session.rope.has_value()) {
@@ -546,10 +544,7 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
     ++steps_in_flight_;
   }
   for (auto& pc : call->calls) {
-    pc->context.set_deadline(absl::ToChronoTime(deadline));
-    if (!options_.peer_token.empty()) {
-      pc->context.AddMetadata("authorization", "Bearer " + options_.peer_token);
-    }
+    PreparePeerCall(&pc->context, deadline);
     StepCall::PeerCall* raw = pc.get();
     StubFor(raw->peer)->async()->PartialAttend(
         &raw->context, &raw->request, &raw->response, [this, call, raw](grpc::Status status) {
@@ -635,26 +630,10 @@ void ShardCoordinator::Finish(std::shared_ptr<StepCall> call) {
     // Sent and not waited for (this runs on a gRPC thread); a truncation
     // that fails leaves the shard as the next step's expected_context_tokens
     // will find it: that step then fails FAILED_PRECONDITION.
-    const Session& session = *call->entries[part->entry].session;
-    const Session::Shard& shard = session.shards[part->shard];
-    struct Undo {
-      grpc::ClientContext context;
-      v1::BatchDecodeRequest request;
-      v1::BatchDecodeResponse response;
-    };
-    auto* u = new Undo;
-    u->context.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
-    if (!options_.peer_token.empty()) {
-      u->context.AddMetadata("authorization", "Bearer " + options_.peer_token);
-    }
-    u->request.set_layer(call->layer);
-    v1::BatchDecodeEntry* e = u->request.add_entries();
-    e->set_session_id(shard.session_id);
-    e->set_truncate_to(part->before);
     // Only the step's own append: a shard that moved on is left alone.
-    e->set_expected_context_tokens(part->before + part->added);
-    StubFor(shard.peer)->async()->PartialAttend(&u->context, &u->request, &u->response,
-                                                 [u](grpc::Status) { delete u; });
+    const Session::Shard& shard = call->entries[part->entry].session->shards[part->shard];
+    SendTruncation(shard.peer, shard.session_id, call->layer, part->before,
+                   part->before + part->added);
   }
   {
     absl::MutexLock lock(&mu_);

@@ -119,6 +119,12 @@ class ShardCoordinator {
   v1::AttentionService::Stub* StubFor(const std::string& peer);
   void Finish(std::shared_ptr<StepCall> call);
   void CloseShards(const Session& session);
+  // The deadline and the peer token of a call to a peer.
+  void PreparePeerCall(grpc::ClientContext* context, absl::Time deadline) const;
+  // Truncates a shard's layer to `tokens` if it holds `expected`, without
+  // waiting for the answer (undoing a step's append, keeping a shard open).
+  void SendTruncation(const std::string& peer, const std::string& session_id, int32_t layer,
+                      int64_t tokens, int64_t expected);
 
   const ShardOptions options_;
   Metrics* const metrics_;

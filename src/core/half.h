@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "core/dtype.h"
+#include "core/tensor.h"
 
 namespace attnserve {
 
@@ -122,6 +123,13 @@ inline void ConvertFloats(const void* src, DType from, void* dst, DType to, int6
     return;
   }
   for (int64_t i = 0; i < count; ++i) StoreFloat(dst, to, i, LoadFloat(src, from, i));
+}
+
+// A copy of `t` in `dtype`, shape kept (ConvertFloats over its elements).
+inline Tensor ConvertedCopy(const TensorView& t, DType dtype) {
+  Tensor out = Tensor::Zeros(dtype, t.shape);
+  ConvertFloats(t.data.data(), t.dtype, out.data.data(), dtype, out.num_elements());
+  return out;
 }
 
 }  // namespace attnserve
