@@ -28,12 +28,13 @@ void FuzzSafetensors(const uint8_t* data, size_t size) {
   absl::StatusOr<std::unique_ptr<attnserve::SafetensorsFile>> file =
       attnserve::SafetensorsFile::Open("/proc/self/fd/" + std::to_string(fd));
   if (file.ok()) {
-    uint64_t sum = 0;
+    // Every byte of every tensor is read (a range past the mapping faults);
+    // the volatile sink keeps the reads.
+    volatile uint64_t sum = 0;
     for (const auto& [name, entry] : (*file)->tensors()) {
       if (entry.bytes < 0 || static_cast<size_t>(entry.bytes) > size) std::abort();
-      for (int64_t i = 0; i < entry.bytes; ++i) sum += entry.data[i];
+      for (int64_t i = 0; i < entry.bytes; ++i) sum = sum + entry.data[i];
     }
-    if (sum == 1) std::abort();  // keeps the reads
   } else if (file.status().message().empty()) {
     std::abort();  // an error must say why
   }
