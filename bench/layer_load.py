@@ -7,7 +7,10 @@ queue time and the rest (transport, conversion).
     bench/layer_load.py --target=127.0.0.1:50171 --model=l1 [--tokens=512] [--calls=10]
 
 Prints one JSON line: {"model", "tokens", "calls", "p50_ms", "min_ms",
-"server_compute_ms", "server_queue_ms"} (medians).
+"server_compute_ms", "server_queue_ms", "server_total_ms", "transport_ms"}
+(medians): server_total_ms is the server's timing.total_us (its handling
+from receiving the request to answering it), transport_ms the call's time
+less it (gRPC, serialization, the client).
 """
 import argparse
 import json
@@ -35,18 +38,22 @@ def main():
     hidden = client.models()[args.model].hidden_size
     x = np.random.default_rng(0).uniform(-1, 1, (1, args.tokens, hidden)).astype(np.float32)
     client.attend_layer(args.model, args.layer, x)  # warm-up: primitives, pages
-    latency, compute, queue = [], [], []
+    latency, compute, queue, total, transport = [], [], [], [], []
     for _ in range(args.calls):
         start = time.perf_counter()
         result = client.attend_layer(args.model, args.layer, x)
         latency.append((time.perf_counter() - start) * 1e3)
         compute.append(result.timing["compute_us"] / 1e3)
         queue.append(result.timing["queue_us"] / 1e3)
+        total.append(result.timing["total_us"] / 1e3)
+        transport.append(latency[-1] - total[-1])
     print(json.dumps({
         "model": args.model, "tokens": args.tokens, "calls": args.calls,
         "p50_ms": round(statistics.median(latency), 3), "min_ms": round(min(latency), 3),
         "server_compute_ms": round(statistics.median(compute), 3),
-        "server_queue_ms": round(statistics.median(queue), 3)}))
+        "server_queue_ms": round(statistics.median(queue), 3),
+        "server_total_ms": round(statistics.median(total), 3),
+        "transport_ms": round(statistics.median(transport), 3)}))
 
 
 if __name__ == "__main__":
