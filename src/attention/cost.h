@@ -13,6 +13,7 @@
 #ifndef ATTNSERVE_ATTENTION_COST_H_
 #define ATTNSERVE_ATTENTION_COST_H_
 
+#include <algorithm>
 #include <cmath>
 
 #include "attention/params.h"
@@ -68,10 +69,12 @@ inline constexpr double kTileFlops = 16000;
 inline constexpr double kLinearFactor = 24;
 
 // Scores a request computes: B·Hq·Lq·Lk, halved for causal self-attention
-// (the same convention as AttentionFlops).
+// (the same convention as AttentionFlops); for a sparse pattern, at most its
+// bound (SparseScoresBound in sparse.h).
 inline double AttentionScores(const AttentionParams& p) {
   double s = double(p.batch) * p.num_heads_q * double(p.seqlen_q) * double(p.seqlen_k);
   if (CausalSquare(p)) s /= 2;
+  if (p.sparse.score_bound >= 0) s = std::min(s, p.sparse.score_bound);
   return s;
 }
 

@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/string_view.h"
 #include "attention/cost.h"
+#include "attention/sparse.h"
 #include "core/half.h"
 
 namespace attnserve {
@@ -431,7 +432,11 @@ void FillParams(const AttentionRequest& request, const Dims& dims, AttentionJob&
 int64_t AttentionJob::converted_input_bytes() const {
   int64_t bytes = static_cast<int64_t>(bias_f32.size() * sizeof(float) +
                                        alibi_slopes.size() * sizeof(float) +
-                                       key_lengths.size() * sizeof(int32_t));
+                                       key_lengths.size() * sizeof(int32_t) +
+                                       sparse_offsets.size() * sizeof(int32_t) +
+                                       sparse_units.size() * sizeof(int32_t) +
+                                       global_tokens.size() * sizeof(int32_t) +
+                                       sink_logits.size() * sizeof(float));
   for (const std::string& copy : aligned_copies) bytes += static_cast<int64_t>(copy.size());
   return bytes;
 }
@@ -487,6 +492,11 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttentionUnguarded(
     absl::Status s = CheckBias(*request.bias, request.query.dtype,
                                {dims->B, dims->Hq, dims->Lq, dims->Lk}, *job);
     if (!s.ok()) return s;
+  }
+  if (!request.sparsity.empty()) {
+    const SparseDims sd{dims->B, dims->Lq, dims->Hq, dims->Lk, dims->Hkv};
+    if (absl::Status s = PlanSparsity(request.sparsity, sd, limits, *job); !s.ok()) return s;
+    job->params.sparse.score_bound = SparseScoresBound(job->params, AttentionScores(job->params));
   }
   job->flops = AttentionRealFlops(job->params);
   job->cost = AttentionCost(job->params, job->outputs);

@@ -29,6 +29,9 @@ struct RequestLimits {
   int64_t max_weights_bytes = int64_t{64} << 20;   // the optional `weights` output
   int32_t max_top_k = 1024;
   int32_t max_head_dim = 1024;
+  // A sparse pattern's description (index tensors and global tokens) and
+  // the key lists built from it, together.
+  int64_t max_sparse_bytes = int64_t{256} << 20;
 };
 
 struct AttentionJob {
@@ -59,6 +62,10 @@ struct AttentionJob {
   std::vector<float> bias_f32;
   std::vector<float> alibi_slopes;
   std::vector<int32_t> key_lengths;
+  std::vector<int32_t> sparse_offsets;  // SparseParams::list_offsets
+  std::vector<int32_t> sparse_units;    // list_units, when not the request's own indices
+  std::vector<int32_t> global_tokens;   // sorted
+  std::vector<float> sink_logits;
   std::string aligned_copies[3];  // Q, K, V bytes whose address was misaligned
 };
 

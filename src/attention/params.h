@@ -16,6 +16,50 @@
 
 namespace attnserve {
 
+// Sparse attention as kernels see it (see SparsitySpec in request.h for the
+// semantics). A block mask and a key selection both become key lists: list
+// (b, h, r) holds increasing unit numbers, unit u covering keys
+// [u·unit_keys, (u+1)·unit_keys), for query rows [r·list_row_queries,
+// (r+1)·list_row_queries) of batch row b and query head h.
+struct SparseParams {
+  // Null: no key lists (every key of the row's range is a candidate).
+  // Otherwise list n = (lb · list_heads + lh) · list_rows + r, with lb = b
+  // (or 0 when list_batches is 1) and lh = h / list_head_div, spans
+  // list_units[list_offsets[n] .. list_offsets[n + 1]).
+  const int32_t* list_offsets = nullptr;
+  const int32_t* list_units = nullptr;
+  int32_t list_batches = 0;
+  int32_t list_heads = 0;
+  int32_t list_head_div = 1;  // query heads per list head
+  int32_t list_rows = 0;
+  int32_t list_row_queries = 1;
+  int32_t unit_keys = 1;
+
+  // Global key positions, increasing; null when there are none.
+  const int32_t* global_tokens = nullptr;
+  int32_t num_global_tokens = 0;
+
+  // Per query head, a logit added to the softmax denominator; null: none.
+  const float* sink_logits = nullptr;
+
+  // >= 0: an upper bound of the scores a tiled kernel computes (the cost
+  // model's count, SparseScoresBound in sparse.h); -1: dense.
+  double score_bound = -1;
+
+  bool any() const {
+    return list_offsets != nullptr || global_tokens != nullptr || sink_logits != nullptr;
+  }
+  // Whether some keys of a row's range may be invisible (lists), or keys
+  // outside it visible (global tokens). Sinks alone mask nothing.
+  bool masks() const { return list_offsets != nullptr || global_tokens != nullptr; }
+};
+
+// The units (increasing) a key list selects.
+struct KeyList {
+  const int32_t* units = nullptr;
+  int32_t count = 0;
+};
+
 struct AttentionParams {
   // Inputs, in `dtype`. Strides are in elements. Layout [B, L, H, D].
   const void* q = nullptr;
@@ -76,6 +120,8 @@ struct AttentionParams {
   const void* const* kv_blocks = nullptr;
   int32_t kv_block_tokens = 0;
   int64_t v_block_offset = 0;  // elements
+
+  SparseParams sparse;
 
   // Optional outputs (F32 / I32), contiguous.
   float* lse = nullptr;      // [B, Hq, Lq], natural log; -inf for a fully masked row
@@ -166,6 +212,40 @@ inline const void* ValueRow(const AttentionParams& p, int64_t b, int64_t j, int6
   }
   return static_cast<const char*>(p.v) +
          (b * p.v_batch_stride + j * p.v_row_stride + h * p.v_head_stride) * es;
+}
+
+// The key list of query row i of head h in batch row b (only when
+// p.sparse.list_offsets is set).
+inline KeyList SparseKeyList(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
+  const SparseParams& s = p.sparse;
+  const int64_t lb = s.list_batches == 1 ? 0 : b;
+  const int64_t n = (lb * s.list_heads + h / s.list_head_div) * s.list_rows + i / s.list_row_queries;
+  return KeyList{s.list_units + s.list_offsets[n], s.list_offsets[n + 1] - s.list_offsets[n]};
+}
+
+inline bool SortedContains(const int32_t* values, int32_t count, int64_t x) {
+  return std::binary_search(values, values + count, x);
+}
+
+inline bool GlobalToken(const AttentionParams& p, int64_t position) {
+  return p.sparse.global_tokens != nullptr &&
+         SortedContains(p.sparse.global_tokens, p.sparse.num_global_tokens, position);
+}
+
+// Whether key j is visible to query row i of head h in batch row b: the one
+// definition of the mask, sparse patterns included (the reference kernel uses
+// it per key; fast kernels use VisibleKeyRange and the lists, and must agree).
+inline bool KeyVisibleToHead(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  if (j < 0 || j >= KeyLength(p, b)) return false;
+  const SparseParams& s = p.sparse;
+  if (s.global_tokens != nullptr) {
+    const int64_t diag = i + DiagonalOffset(p, b);
+    if ((GlobalToken(p, j) || GlobalToken(p, diag)) && (!p.causal || j <= diag)) return true;
+  }
+  if (!KeyVisible(p, b, i, j)) return false;
+  if (s.list_offsets == nullptr) return true;
+  const KeyList list = SparseKeyList(p, b, h, i);
+  return SortedContains(list.units, list.count, j / s.unit_keys);
 }
 
 // Causal self-attention, whose scores are counted half: Lq == Lk, and the keys

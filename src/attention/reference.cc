@@ -27,6 +27,7 @@ constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 struct RowWeights {
   std::vector<double> weight;  // normalised to probabilities by Normalise()
   std::vector<char> attended;
+  double sink_weight = 0;      // the sink's weight, on the scale of `weight`
   double log_normaliser = kNegInf;
   bool fully_masked = true;
 };
@@ -44,17 +45,22 @@ double LoadV(const AttentionParams& p, int64_t b, int64_t j, int64_t h, int64_t 
 }
 
 // Softmax: score s_j = scale·q·k_j, soft-capped, plus ALiBi and bias; keys
-// outside the visible range or with a -inf score are masked. The weights are
-// exp(s_j - max) and the log-normaliser is the row's log-sum-exp.
+// that are not visible (KeyVisibleToHead) or have a -inf score are masked.
+// The weights are exp(s_j - max) and the log-normaliser is the row's
+// log-sum-exp, the sink (if any) counted as one more score.
 RowWeights SoftmaxRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
   const int64_t kv_head = h / p.group_size;
   RowWeights row;
   row.weight.assign(p.seqlen_k, 0.0);
   row.attended.assign(p.seqlen_k, 0);
   std::vector<double> score(p.seqlen_k, kNegInf);
-  const KeyRange range = VisibleKeyRange(p, b, i);
+  // A sparse pattern may show keys outside the range (global tokens): walk
+  // every key and ask the mask.
+  const bool sparse = p.sparse.masks();
+  const KeyRange range = sparse ? KeyRange{0, p.seqlen_k} : VisibleKeyRange(p, b, i);
   double max_score = kNegInf;
   for (int64_t j = range.begin; j < range.end; ++j) {
+    if (sparse && !KeyVisibleToHead(p, b, h, i, j)) continue;
     double s = 0;
     for (int64_t d = 0; d < p.head_dim; ++d) s += LoadQ(p, b, i, h, d) * LoadK(p, b, j, kv_head, d);
     s *= static_cast<double>(p.scale);
@@ -67,7 +73,12 @@ RowWeights SoftmaxRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i)
     score[j] = s;
     max_score = std::max(max_score, s);
   }
-  if (max_score == kNegInf) return row;  // no key, or every visible key biased to -inf
+  const double sink = p.sparse.sink_logits != nullptr ? p.sparse.sink_logits[h] : kNegInf;
+  if (max_score == kNegInf) {  // no key, or every visible key biased to -inf
+    row.log_normaliser = sink;  // the sink alone takes the row's mass
+    return row;
+  }
+  max_score = std::max(max_score, sink);
 
   double sum = 0;
   for (int64_t j = range.begin; j < range.end; ++j) {
@@ -75,6 +86,10 @@ RowWeights SoftmaxRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i)
     row.attended[j] = 1;
     row.weight[j] = std::exp(score[j] - max_score);
     sum += row.weight[j];
+  }
+  if (sink != kNegInf) {
+    row.sink_weight = std::exp(sink - max_score);
+    sum += row.sink_weight;
   }
   row.log_normaliser = max_score + std::log(sum);
   row.fully_masked = false;
@@ -112,8 +127,10 @@ RowWeights LinearRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i) 
 
 void Normalise(RowWeights& row) {
   if (row.fully_masked) return;
-  const double total = std::accumulate(row.weight.begin(), row.weight.end(), 0.0);
+  const double total =
+      std::accumulate(row.weight.begin(), row.weight.end(), 0.0) + row.sink_weight;
   for (double& w : row.weight) w /= total;
+  row.sink_weight /= total;
 }
 
 // Top-k over the attended keys: decreasing weight, ties broken by the lower
@@ -149,8 +166,9 @@ void ComputeRow(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
   const int64_t row_index = (b * p.num_heads_q + h) * p.seqlen_q + i;
   if (p.lse != nullptr) p.lse[row_index] = static_cast<float>(row.log_normaliser);
   if (p.entropy != nullptr) {
-    // H = −Σ p·ln p over the attended keys, directly from the probabilities.
-    double h_nats = 0;
+    // H = −Σ p·ln p over the attended keys and the sink, directly from the
+    // probabilities.
+    double h_nats = row.sink_weight > 0 ? -row.sink_weight * std::log(row.sink_weight) : 0;
     for (int64_t j = 0; j < p.seqlen_k; ++j) {
       const double w = row.weight[j];
       if (w > 0) h_nats -= w * std::log(w);

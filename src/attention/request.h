@@ -48,6 +48,51 @@ struct PagedKvView {
   const void* const* blocks = nullptr;  // ceil(length / block_tokens) blocks
 };
 
+// Sparse attention (AttentionRequest::sparsity). Index tensors are I32 views
+// into the caller's bytes. A query row's visible keys are, in this order:
+//   1. keys inside the row's range (key_lengths, causal, window) that its
+//      block_mask row lists, or its key_indices row selects (every key of the
+//      range when neither is given);
+//   2. united with the global tokens: a global key is seen by every query
+//      row, a global query row sees every key; both within key_lengths and,
+//      with causal, not after the query's diagonal (the window does not apply).
+// Sink logits then add exp(sink_logits[h]) to the softmax denominator.
+struct BlockMaskSpec {
+  int32_t block_rows = 0;  // R: query block q covers rows [q·R, (q+1)·R)
+  int32_t block_cols = 0;  // C: key block c covers keys [c·C, (c+1)·C)
+  // [B or 1, Hq or 1, ceil(Lq / R) + 1]: row block q of slice (b, h) lists
+  // indices[indptr[b, h, q] .. indptr[b, h, q + 1]), increasing key-block
+  // numbers below ceil(Lk / C). Slices follow one another in `indices`: the
+  // first starts at 0, each next where the previous ended, the last at nnz.
+  TensorView indptr;
+  TensorView indices;  // [nnz]
+  // Optional, same layout: blocks the caller knows to be fully visible
+  // (FlexAttention's full blocks). They join the pattern (the union of both
+  // is visible) and must not repeat a block of `indices` in the same row.
+  std::optional<TensorView> full_indptr;
+  std::optional<TensorView> full_indices;
+};
+
+// Per query (or query block), the keys (or key blocks) to attend: DSA-, NSA-
+// and MoBA-style selection. -1 pads; no duplicates in a row; any order.
+struct KeySelectionSpec {
+  TensorView indices;       // [B, Hq or Hkv or 1, ceil(Lq / query_block), k]
+  int32_t query_block = 1;  // query rows per index row
+  int32_t key_block = 1;    // keys per index (index c selects keys [c·kb, (c+1)·kb))
+};
+
+struct SparsitySpec {
+  std::optional<BlockMaskSpec> block_mask;
+  std::optional<KeySelectionSpec> key_indices;  // not together with block_mask
+  std::vector<int64_t> global_tokens;  // key positions, distinct, within [0, Lk)
+  std::vector<float> sink_logits;      // empty or one per query head, finite
+
+  bool empty() const {
+    return !block_mask.has_value() && !key_indices.has_value() && global_tokens.empty() &&
+           sink_logits.empty();
+  }
+};
+
 struct AttentionRequest {
   TensorView query;  // [B, Lq, Hq, D] or [Lq, Hq, D]
   TensorView key;    // [B, Lk, Hkv, D]
@@ -63,6 +108,7 @@ struct AttentionRequest {
   int64_t key_offset = 0;
   int64_t total_keys = 0;
   AttentionOptions options;
+  SparsitySpec sparsity;
   OutputSpec outputs;
 };
 

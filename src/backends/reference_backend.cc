@@ -12,7 +12,8 @@ class ReferenceBackend final : public Backend {
     info_.description = "exact reference kernel (double accumulation, one thread); slow";
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
     info_.features = {"causal", "window",      "softcap", "alibi",   "bias", "key_lengths", "key_offset",
-                      "gqa",    "linear",      "lse",     "entropy",     "weights", "top_k"};
+                      "gqa",    "linear",      "lse",     "entropy",     "weights", "top_k",
+                      "block_mask", "key_indices", "global_tokens", "sink_logits"};
     info_.max_head_dim = 1024;
   }
 

@@ -114,7 +114,7 @@ struct SplitTile {
 };
 
 bool NeedsScalarPath(const AttentionParams& p) {
-  return p.variant == Variant::kLinear || p.weights != nullptr || p.top_k > 0;
+  return p.variant == Variant::kLinear || p.weights != nullptr || p.top_k > 0 || p.sparse.any();
 }
 
 class CpuBackend final : public Backend {
@@ -126,7 +126,8 @@ class CpuBackend final : public Backend {
                                      pool_.num_threads(), " threads)");
     info_.dtypes = {DType::kF32, DType::kF16, DType::kBF16};
     info_.features = {"causal", "window", "softcap", "alibi", "bias", "key_lengths", "key_offset",
-                      "gqa",    "linear", "lse",     "entropy",     "weights", "top_k"};
+                      "gqa",    "linear", "lse",     "entropy",     "weights", "top_k",
+                      "block_mask", "key_indices", "global_tokens", "sink_logits"};
     info_.max_head_dim = 1024;
   }
 

@@ -28,6 +28,7 @@ struct Row {
   std::vector<char> attended;  // [seqlen_k]
   std::vector<int32_t> order;  // top-k candidates
   double log_normaliser = kNegInf;
+  double sink = 0;             // the sink's probability
 };
 
 // SOFTMAX: fills row.weight/attended/log_normaliser for query row i; false
@@ -38,9 +39,12 @@ bool Weigh(const AttentionParams& p, int64_t b, int64_t h, int64_t i, Row& row) 
   for (int64_t d = 0; d < p.head_dim; ++d) row.q[d] = LoadFloat(p.q, p.dtype, q0 + d);
   std::fill(row.weight.begin(), row.weight.end(), 0.0);
   std::fill(row.attended.begin(), row.attended.end(), 0);
-  const KeyRange range = VisibleKeyRange(p, b, i);
+  // A sparse pattern may show keys outside the range (global tokens).
+  const bool sparse = p.sparse.masks();
+  const KeyRange range = sparse ? KeyRange{0, p.seqlen_k} : VisibleKeyRange(p, b, i);
   double max_score = kNegInf;
   for (int64_t j = range.begin; j < range.end; ++j) {
+    if (sparse && !KeyVisibleToHead(p, b, h, i, j)) continue;
     const void* krow = KeyRow(p, b, j, kv);
     double dot = 0;
     for (int64_t d = 0; d < p.head_dim; ++d) dot += row.q[d] * LoadFloat(krow, p.dtype, d);
@@ -54,17 +58,26 @@ bool Weigh(const AttentionParams& p, int64_t b, int64_t h, int64_t i, Row& row) 
       max_score = std::max(max_score, s);
     }
   }
+  const double sink = p.sparse.sink_logits != nullptr ? p.sparse.sink_logits[h] : kNegInf;
+  row.sink = 0;
   if (max_score == kNegInf) {
     std::fill(row.weight.begin(), row.weight.end(), 0.0);
+    row.log_normaliser = sink;  // the sink alone takes the row's mass
     return false;
   }
+  max_score = std::max(max_score, sink);
   double sum = 0;
   for (int64_t j = range.begin; j < range.end; ++j) {
     row.weight[j] = row.attended[j] ? std::exp(row.weight[j] - max_score) : 0.0;
     sum += row.weight[j];
   }
+  if (sink != kNegInf) {
+    row.sink = std::exp(sink - max_score);
+    sum += row.sink;
+  }
   row.log_normaliser = max_score + std::log(sum);
   for (int64_t j = range.begin; j < range.end; ++j) row.weight[j] /= sum;
+  row.sink /= sum;
   return true;
 }
 
@@ -158,9 +171,9 @@ void RunScalarHead(const AttentionParams& p, int64_t b, int64_t h, int64_t row_b
     }
 
     const int64_t r = (b * p.num_heads_q + h) * p.seqlen_q + i;
-    if (p.lse != nullptr) p.lse[r] = live ? static_cast<float>(row.log_normaliser) : -INFINITY;
+    if (p.lse != nullptr) p.lse[r] = static_cast<float>(row.log_normaliser);
     if (p.entropy != nullptr) {
-      double h_nats = 0;
+      double h_nats = live && row.sink > 0 ? -row.sink * std::log(row.sink) : 0;
       for (int64_t j = 0; live && j < p.seqlen_k; ++j) {
         if (row.weight[j] > 0) h_nats -= row.weight[j] * std::log(row.weight[j]);
       }

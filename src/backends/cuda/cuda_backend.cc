@@ -157,6 +157,7 @@ class CudaBackend final : public Backend {
     if (p.variant != Variant::kSoftmax) return unimplemented("variant LINEAR");
     if (p.kv_blocks != nullptr) return unimplemented("paged K/V (session decode)");
     if (p.total_keys > 0) return unimplemented("key_offset/total_keys (sharded keys)");
+    if (p.sparse.any()) return unimplemented("sparse attention (sparsity)");
     if (p.weights != nullptr) return unimplemented("outputs.weights");
     if (p.entropy != nullptr) return unimplemented("outputs.entropy");
     if (p.top_k != 0) return unimplemented("outputs.top_k");

@@ -195,6 +195,10 @@ class OnednnBackend final : public Backend {
   const BackendInfo& info() const override { return info_; }
 
   absl::Status Supports(const AttentionParams& p) const override {
+    if (p.sparse.any()) {
+      return absl::UnimplementedError(
+          "onednn: sparse attention (sparsity) is not supported; use the cpu backend");
+    }
     if (p.kv_blocks != nullptr) {
       return absl::UnimplementedError(
           "onednn: paged K/V (session decode) is not supported; use the cpu backend");
