@@ -18,12 +18,19 @@
 // `attnctl bench --sessions=16 --context=1024 --layers=8 --batched`: every
 // sequence keeps one paged cache per layer, and a layer-step is one backend
 // call over the batch's decode jobs of one layer, the layers taken in turn.
+//
+//   attn_bench --shape=SP1 --json
+//
+// times a sparse shape (SP1-SP3, sparse_shapes.h) and, in the same run, the
+// dense request it thins out; its output is checked against the reference
+// kernel on a few rows first.
 #include <sys/resource.h>
 #include <time.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -35,6 +42,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "attention/job.h"
+#include "attention/sparse.h"
 #include "backends/cpu/cpu_backend.h"
 #include "backends/registry.h"
 #include "core/half.h"
@@ -42,8 +50,10 @@
 #include "kvcache/session_store.h"
 #include "layer_bench.h"
 #include "machine_peak.h"
+#include "sparse_shapes.h"
 
-ABSL_FLAG(std::string, shape, "P1", "P1, P2, P3, P4, S1, or custom (use --b --hq ... )");
+ABSL_FLAG(std::string, shape, "P1",
+          "P1, P2, P3, P4, S1, the sparse SP1, SP2, SP3, or custom (use --b --hq ... )");
 ABSL_FLAG(int, b, 1, "batch (custom shape)");
 ABSL_FLAG(int, hq, 8, "query heads (custom shape)");
 ABSL_FLAG(int, hkv, 8, "KV heads (custom shape)");
@@ -88,6 +98,10 @@ ABSL_FLAG(std::string, layer, "",
 ABSL_FLAG(double, peak_gflops, 0,
           "use this FP32 FMA peak (GFLOP/s) instead of measuring it (e.g. under a profiler)");
 ABSL_FLAG(double, peak_gbps, 0, "use this read bandwidth (GB/s) instead of measuring it");
+ABSL_FLAG(uint32_t, sparse_seed, 1, "seed of the sparse shapes' random blocks and keys");
+ABSL_FLAG(bool, sparse_per_head, false,
+          "SP1: draw the random blocks per query head (indptr [1, Hq, rows + 1]) instead of "
+          "once for all heads");
 
 namespace attnserve {
 namespace {
@@ -96,12 +110,15 @@ struct Shape {
   std::string id;
   int b, hq, hkv, lq, lk, d;
   bool causal;
+  bool paged;  // K/V in KV-cache sessions whatever --paged says
 };
 
+// SP1 and SP2 thin out P3; SP3 is one decode step over a 32k-token session.
 constexpr Shape kShapes[] = {
-    {"P1", 4, 12, 12, 512, 512, 64, false},   {"P2", 1, 32, 8, 2048, 2048, 128, true},
-    {"P3", 1, 8, 8, 8192, 8192, 64, true},    {"P4", 16, 32, 8, 1, 4096, 128, false},
-    {"S1", 1, 8, 8, 128, 128, 64, false},
+    {"P1", 4, 12, 12, 512, 512, 64, false, false},  {"P2", 1, 32, 8, 2048, 2048, 128, true, false},
+    {"P3", 1, 8, 8, 8192, 8192, 64, true, false},   {"P4", 16, 32, 8, 1, 4096, 128, false, false},
+    {"S1", 1, 8, 8, 128, 128, 64, false, false},    {"SP1", 1, 8, 8, 8192, 8192, 64, true, false},
+    {"SP2", 1, 8, 8, 8192, 8192, 64, true, false},  {"SP3", 1, 32, 8, 1, 32768, 128, false, true},
 };
 
 std::string RandomBytes(DType dtype, int64_t n, std::mt19937& rng) {
@@ -143,7 +160,8 @@ int Main() {
               absl::GetFlag(FLAGS_lq),
               absl::GetFlag(FLAGS_lk),
               absl::GetFlag(FLAGS_d),
-              absl::GetFlag(FLAGS_causal)};
+              absl::GetFlag(FLAGS_causal),
+              false};
   const std::string id = absl::GetFlag(FLAGS_shape);
   if (id != "custom") {
     const Shape* found = nullptr;
@@ -151,7 +169,8 @@ int Main() {
       if (s.id == id) found = &s;
     }
     if (found == nullptr) {
-      std::fprintf(stderr, "--shape: expected P1, P2, P3, P4, S1 or custom, got %s\n", id.c_str());
+      std::fprintf(stderr, "--shape: expected P1, P2, P3, P4, S1, SP1, SP2, SP3 or custom, got %s\n",
+                   id.c_str());
       return 2;
     }
     shape = *found;
@@ -163,12 +182,23 @@ int Main() {
                  static_cast<long long>(absl::GetFlag(FLAGS_context)));
     return 2;
   }
+  if (absl::GetFlag(FLAGS_context) > 0 && (id == "SP1" || id == "SP2")) {
+    std::fprintf(stderr, "--context: SP1 and SP2 are self-attention (Lq = Lk); not with %s\n",
+                 id.c_str());
+    return 2;
+  }
   if (absl::GetFlag(FLAGS_sessions) > 0) shape.b = absl::GetFlag(FLAGS_sessions);
   if (absl::GetFlag(FLAGS_context) > 0) shape.lk = static_cast<int>(absl::GetFlag(FLAGS_context));
+  // A sparse shape's pattern; its request is timed beside the same request
+  // without it (the dense jobs).
+  const std::optional<bench::SparsePattern> pattern = bench::MakeSparsePattern(
+      shape.id, {shape.hq, shape.hkv, shape.lq, shape.lk}, absl::GetFlag(FLAGS_sparse_seed),
+      absl::GetFlag(FLAGS_sparse_per_head));
   const int layers = absl::GetFlag(FLAGS_layers);
-  if (layers < 1 || (layers > 1 && !absl::GetFlag(FLAGS_paged))) {
+  const bool paged = absl::GetFlag(FLAGS_paged) || shape.paged;
+  if (layers < 1 || (layers > 1 && !paged)) {
     std::fprintf(stderr, "--layers: expected >= 1, and > 1 only with --paged, got %d%s\n", layers,
-                 absl::GetFlag(FLAGS_paged) ? "" : " without --paged");
+                 paged ? "" : " without --paged");
     return 2;
   }
   const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
@@ -228,9 +258,29 @@ int Main() {
   RequestLimits limits;
   limits.max_output_bytes = int64_t{1} << 34;
   limits.max_weights_bytes = int64_t{1} << 34;
-  const bool paged = absl::GetFlag(FLAGS_paged);
   // The jobs of one backend call; with --paged, one such batch per layer.
   std::vector<std::vector<std::unique_ptr<AttentionJob>>> layer_jobs(layers);
+  std::vector<std::vector<std::unique_ptr<AttentionJob>>> dense_jobs(layers);
+  // Prepares `request` into `layer`'s batch: with a sparse shape's pattern,
+  // and without it into dense_jobs.
+  auto prepare = [&](AttentionRequest request, int layer) {
+    if (pattern.has_value()) {
+      auto dense = PrepareAttention(request, limits);
+      if (!dense.ok()) {
+        std::fprintf(stderr, "PrepareAttention (dense): %s\n", dense.status().ToString().c_str());
+        return false;
+      }
+      dense_jobs[layer].push_back(*std::move(dense));
+      request.sparsity = pattern->spec();
+    }
+    auto job = PrepareAttention(request, limits);
+    if (!job.ok()) {
+      std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
+      return false;
+    }
+    layer_jobs[layer].push_back(*std::move(job));
+    return true;
+  };
   std::unique_ptr<SessionStore> store;
   std::vector<SessionLease> leases;
   if (!paged) {
@@ -244,12 +294,7 @@ int Main() {
     request.outputs.weights = absl::GetFlag(FLAGS_weights);
     request.outputs.top_k = absl::GetFlag(FLAGS_top_k);
     request.outputs.entropy = absl::GetFlag(FLAGS_entropy);
-    auto job = PrepareAttention(request, limits);
-    if (!job.ok()) {
-      std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
-      return 1;
-    }
-    layer_jobs[0].push_back(*std::move(job));
+    if (!prepare(std::move(request), 0)) return 1;
   } else {
     if (dv != shape.d || !bias.empty() || absl::GetFlag(FLAGS_linear) ||
         absl::GetFlag(FLAGS_weights) || absl::GetFlag(FLAGS_top_k) > 0) {
@@ -304,12 +349,7 @@ int Main() {
         request.paged_kv = lease->View(layer);
         request.options.causal = shape.causal;
         request.outputs.entropy = absl::GetFlag(FLAGS_entropy);
-        auto job = PrepareAttention(request, limits);
-        if (!job.ok()) {
-          std::fprintf(stderr, "PrepareAttention: %s\n", job.status().ToString().c_str());
-          return 1;
-        }
-        layer_jobs[layer].push_back(*std::move(job));
+        if (!prepare(std::move(request), layer)) return 1;
       }
       leases.push_back(*std::move(lease));
     }
@@ -326,6 +366,7 @@ int Main() {
   // One backend call's params per layer; flops, cost and bytes are one
   // call's (every layer's batch has the same shape).
   std::vector<std::vector<AttentionParams>> layer_params(layers);
+  std::vector<std::vector<AttentionParams>> dense_params(layers);
   double flops = 0;
   double cost = 0;
   int64_t output_bytes = 0;
@@ -341,6 +382,20 @@ int Main() {
       cost += job->cost;
       output_bytes += static_cast<int64_t>(job->output.data.size());
     }
+    for (const auto& job : dense_jobs[layer]) dense_params[layer].push_back(job->params);
+  }
+  // A sparse shape's work: the visible pairs' FLOPs (2·pairs·(D + Dv)), and
+  // the bytes it must read, K/V of the listed blocks only.
+  double pairs = 0;
+  double dense_pairs = 0;
+  int64_t kv_read_bytes = 0;
+  if (pattern.has_value()) {
+    for (const auto& job : layer_jobs[0]) {
+      pairs += CountVisiblePairs(job->params);
+      kv_read_bytes += bench::ListedKvBytes(job->params);
+    }
+    for (const auto& job : dense_jobs[0]) dense_pairs += CountVisiblePairs(job->params);
+    flops = 2 * pairs * (double(shape.d) + dv);
   }
 
   using Clock = std::chrono::steady_clock;
@@ -355,8 +410,11 @@ int Main() {
   for (auto& batch : plain_params) {
     for (AttentionParams& p : batch) p.entropy = nullptr;
   }
-  // Runs the next layer's batch (the layers in turn).
+  // Runs the next layer's batch (the layers in turn); CPU seconds of the
+  // timed batches (not of those timed beside them) add up in cpu_total.
   int next_layer = 0;
+  int next_dense_layer = 0;
+  double cpu_total = 0;
   auto run_params = [&](const std::vector<AttentionParams>& params) -> double {
     const auto start = Clock::now();
     if (absl::Status s = (*backend)->Run(params); !s.ok()) {
@@ -366,40 +424,73 @@ int Main() {
     return std::chrono::duration<double>(Clock::now() - start).count();
   };
   auto run_once = [&]() -> double {
+    const double cpu_start = process_cpu_seconds();
     const double t = run_params(layer_params[next_layer]);
+    cpu_total += process_cpu_seconds() - cpu_start;
     next_layer = (next_layer + 1) % layers;
+    return t;
+  };
+  auto run_dense = [&]() -> double {
+    const double t = run_params(dense_params[next_dense_layer]);
+    next_dense_layer = (next_dense_layer + 1) % layers;
     return t;
   };
   std::vector<double> plain_times;
   auto run_plain = [&]() { plain_times.push_back(run_params(plain_params[next_layer])); };
   // Warm-up, every layer once: workspace, page faults, caches.
   for (int layer = 0; layer < layers; ++layer) run_once();
+  cpu_total = 0;
+  // The scratch of the timed batches, before the dense ones can grow it.
+  const int64_t workspace = (*backend)->workspace_bytes();
   if (entropy) {
     run_plain();
     plain_times.clear();
   }
+  // A sparse shape: is its output right (layer 0's jobs, run just now)?
+  double check_error = 0;
+  if (pattern.has_value()) {
+    for (const AttentionParams& p : layer_params[0]) {
+      absl::StatusOr<double> error = bench::CheckAgainstReference(p, 64);
+      if (!error.ok()) {
+        std::fprintf(stderr, "%s: %s\n", shape.id.c_str(), error.status().ToString().c_str());
+        return 1;
+      }
+      check_error = std::max(check_error, *error);
+    }
+    for (int layer = 0; layer < layers; ++layer) run_dense();
+  }
   const int fixed_iters = absl::GetFlag(FLAGS_iters);
   const double min_time = absl::GetFlag(FLAGS_min_time);
+  auto more = [&](const std::vector<double>& t, double total) {
+    return fixed_iters > 0 ? static_cast<int>(t.size()) < fixed_iters
+                           : (total < min_time || t.size() < 3);
+  };
   std::vector<double> times;
+  std::vector<double> dense_times;  // a sparse shape's dense batches, interleaved
   double total = 0;
-  const double cpu_start = process_cpu_seconds();
-  while (fixed_iters > 0 ? static_cast<int>(times.size()) < fixed_iters
-                         : (total < min_time || times.size() < 3)) {
-    if (entropy) run_plain();  // the same layer's batch, without entropy
-    times.push_back(run_once());
-    total += times.back();
+  double dense_total = 0;
+  while (more(times, total) || (pattern.has_value() && more(dense_times, dense_total))) {
+    if (more(times, total)) {
+      if (entropy) run_plain();  // the same layer's batch, without entropy
+      times.push_back(run_once());
+      total += times.back();
+    }
+    if (pattern.has_value() && more(dense_times, dense_total)) {
+      dense_times.push_back(run_dense());
+      dense_total += dense_times.back();
+    }
   }
   // CPU seconds per iteration and thread: what the wall time would be on an
   // otherwise idle machine (pool threads spin only briefly, so this is close).
-  const double cpu_seconds = (process_cpu_seconds() - cpu_start) / times.size() / threads;
+  const double cpu_seconds = cpu_total / times.size() / threads;
   // The median: robust against a neighbour stealing a core for one run.
-  std::sort(times.begin(), times.end());
-  const double seconds = times[times.size() / 2];
-  double plain_seconds = 0;
-  if (entropy) {
-    std::sort(plain_times.begin(), plain_times.end());
-    plain_seconds = plain_times[plain_times.size() / 2];
-  }
+  auto median = [](std::vector<double> t) {
+    std::sort(t.begin(), t.end());
+    return t.empty() ? 0.0 : t[t.size() / 2];
+  };
+  const double seconds = median(times);
+  const double plain_seconds = median(plain_times);
+  const double dense_seconds = median(dense_times);
 
   const double bytes = static_cast<double>(q.size() + k.size() + v.size() + output_bytes);
   const double gflops = flops / seconds / 1e9;
@@ -407,8 +498,11 @@ int Main() {
   // the tiled path's GFLOP/s whatever the options, when the model is right.
   const double cost_gflops = cost / seconds / 1e9;
   const double gbps = bytes / seconds / 1e9;
+  // Sparse shapes: bw_fraction is over the bytes the pattern makes a kernel
+  // read (Q, the listed blocks' K/V, the output), not over all of K and V.
+  const double bytes_read = static_cast<double>(q.size() + kv_read_bytes + output_bytes);
+  const double read_gbps = pattern.has_value() ? bytes_read / seconds / 1e9 : gbps;
   const int64_t peak_rss_bytes = PeakRssBytes();
-  const int64_t workspace = (*backend)->workspace_bytes();
 
   std::string options;  // the non-default paths, for the report
   if (absl::GetFlag(FLAGS_linear)) options += "linear,";
@@ -436,6 +530,29 @@ int Main() {
       paged ? absl::StrFormat(", %d layer(s): %.3f ms per layer-step, %.1f whole-model tokens/s",
                               layers, seconds * 1e3, tokens_per_s)
             : "";
+  // A sparse shape against its dense request: density is the fraction of
+  // the dense request's visible pairs it keeps, efficiency the fraction of
+  // the dense kernel's rate per visible pair it reaches.
+  const double density = pattern.has_value() ? pairs / dense_pairs : 1;
+  const double speedup = pattern.has_value() ? dense_seconds / seconds : 1;
+  const std::string sparse_json =
+      pattern.has_value()
+          ? absl::StrFormat(",\"pattern\":\"%s\",\"seed\":%u,\"pairs\":%.0f,\"density\":%.5f,"
+                            "\"dense_ms\":%.4f,\"speedup\":%.3f,\"efficiency\":%.3f,"
+                            "\"bytes_read\":%.0f,\"read_gbps\":%.3f,\"check_max_err\":%.2e",
+                            pattern->description, absl::GetFlag(FLAGS_sparse_seed), pairs, density,
+                            dense_seconds * 1e3, speedup, speedup * density, bytes_read, read_gbps,
+                            check_error)
+          : "";
+  const std::string sparse_text =
+      pattern.has_value()
+          ? absl::StrFormat(
+                "\n  %s: density %.4f; dense %.3f ms, speedup %.2fx, efficiency %.2f; reads %.1f "
+                "MiB, %.2f GB/s (%.0f%% of read bandwidth); output within %.1e x rms of the "
+                "reference",
+                pattern->description, density, dense_seconds * 1e3, speedup, speedup * density,
+                bytes_read / (1 << 20), read_gbps, 100 * read_gbps / peak.read_gbps, check_error)
+          : "";
   if (absl::GetFlag(FLAGS_json)) {
     std::printf(
         "{\"shape\":\"%s\",\"backend\":\"%s\",\"dtype\":\"%s\",\"threads\":%d,\"B\":%d,\"Hq\":%d,"
@@ -444,23 +561,23 @@ int Main() {
         "\"gflops\":%.2f,\"peak_gflops\":%.2f,\"peak_fraction\":%.4f,\"gbps\":%.3f,"
         "\"peak_gbps\":%.3f,\"bw_fraction\":%.4f,\"workspace_bytes\":%lld,"
         "\"peak_rss_bytes\":%lld,\"peak_isa\":\"%s\",\"paged\":%s,\"Dv\":%d,\"cost\":%.6g,"
-        "\"cost_gflops\":%.2f,\"options\":\"%s\"%s%s}\n",
+        "\"cost_gflops\":%.2f,\"options\":\"%s\"%s%s%s}\n",
         shape.id.c_str(), backend_name.c_str(), dtype_name.c_str(), threads, shape.b, shape.hq, shape.hkv, shape.lq,
         shape.lk, shape.d, shape.causal ? "true" : "false", times.size(), seconds * 1e3, cpu_seconds * 1e3, gflops,
-        peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, gbps / peak.read_gbps,
+        peak.fma_gflops, gflops / peak.fma_gflops, gbps, peak.read_gbps, read_gbps / peak.read_gbps,
         static_cast<long long>(workspace), static_cast<long long>(peak_rss_bytes),
         peak.isa.c_str(), paged ? "true" : "false", dv, cost, cost_gflops, options.c_str(),
-        paged_json.c_str(), entropy_json.c_str());
+        paged_json.c_str(), entropy_json.c_str(), sparse_json.c_str());
   } else {
     std::printf(
         "%s%s %s %s threads=%d: %.3f ms (cpu %.3f ms), %.1f GFLOP/s (%.0f%% of %.1f FP32 FMA peak, %s), "
         "%.2f GB/s (%.0f%% of %.2f read bandwidth), workspace %lld B, peak RSS %lld MiB, "
-        "cost %.4g (%.1f G/s)%s%s%s%s\n",
+        "cost %.4g (%.1f G/s)%s%s%s%s%s\n",
         shape.id.c_str(), paged ? " paged" : "", backend_name.c_str(), dtype_name.c_str(), threads,
         seconds * 1e3, cpu_seconds * 1e3, gflops, 100 * gflops / peak.fma_gflops, peak.fma_gflops, peak.isa.c_str(), gbps,
         100 * gbps / peak.read_gbps, peak.read_gbps, static_cast<long long>(workspace),
         static_cast<long long>(peak_rss_bytes >> 20), cost, cost_gflops, options.empty() ? "" : " ",
-        options.c_str(), paged_text.c_str(), entropy_text.c_str());
+        options.c_str(), paged_text.c_str(), entropy_text.c_str(), sparse_text.c_str());
   }
   return 0;
 }
