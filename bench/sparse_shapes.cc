@@ -131,8 +131,8 @@ SparsePattern BigBirdBlockMask(int64_t heads, int64_t seqlen, const BigBirdOptio
       std::sort(row.begin(), row.end());
       indices.insert(indices.end(), row.begin(), row.end());
     }
+    indptr.push_back(static_cast<int32_t>(indices.size()));  // each slice ends where the next starts
   }
-  indptr.push_back(static_cast<int32_t>(indices.size()));
   SparsePattern pattern;
   pattern.description = absl::StrFormat(
       "BigBird-like block mask, blocks of %d: window %d, global %d, random %d per row block, %s",
