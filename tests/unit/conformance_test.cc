@@ -1,6 +1,6 @@
 // Backend conformance: every registered backend runs the same option matrix
-// (sizes that are not multiples of any tile, every option, every output, all
-// dtypes) in one batch and must match the reference kernel within the
+// (sizes that are not multiples of any tile, every option, every output,
+// sparse patterns, all dtypes) in one batch and must match the reference kernel within the
 // tolerances documented in tests/README.md. A case the backend's Supports()
 // refuses is skipped, counted and listed (RefusedCases), and is a failure when
 // the backend's BackendInfo claims the dtype and every feature the case uses.
@@ -62,6 +62,243 @@ RequestSpec Sized(std::string name, int64_t lq, int64_t lk, int64_t d, int64_t h
   s.heads_kv = hkv;
   s.head_dim = d;
   return s;
+}
+
+// Sparse attention: each pattern form crossed with every option that changes
+// which keys a row sees or how they are weighted, then decode-shaped and long
+// requests (which the cpu backend computes with other kernels or in key
+// chunks). The patterns are drawn from each case's seed (RandomRequest).
+std::vector<RequestSpec> SparseCases() {
+  using Heads = SparsePattern::Heads;
+  struct Form {
+    std::string name;
+    SparsePattern pattern;
+  };
+  std::vector<Form> forms;
+  auto block_mask = [](int32_t rows, int32_t cols) {
+    SparsePattern p;
+    p.block_rows = rows;
+    p.block_cols = cols;
+    return p;
+  };
+  auto selection = [](int32_t k, int32_t query_block, int32_t key_block, Heads heads) {
+    SparsePattern p;
+    p.select_k = k;
+    p.query_block = query_block;
+    p.key_block = key_block;
+    p.select_heads = heads;
+    return p;
+  };
+  {
+    SparsePattern p = block_mask(1, 1);  // broadcast over batch and heads
+    p.density = 0.3;
+    forms.push_back({"bm1x1", p});
+    p = block_mask(16, 16);
+    p.per_head = true;
+    p.full_blocks = true;
+    forms.push_back({"bm16x16_head_full", p});
+    p = block_mask(16, 64);  // R != C, the last key block short
+    p.per_batch = true;
+    p.density = 0.7;
+    forms.push_back({"bm16x64_batch", p});
+    p = block_mask(64, 16);  // one row block, padded past Lq
+    p.rank1 = true;
+    forms.push_back({"bm64x16_rank1", p});
+    forms.push_back({"ki_key_hq", selection(24, 1, 1, Heads::kQuery)});
+    forms.push_back({"ki_key_hkv_qb4", selection(16, 4, 1, Heads::kKv)});
+    p = selection(4, 16, 8, Heads::kOne);  // key blocks, broadcast over batch and heads
+    p.select_per_batch = false;
+    forms.push_back({"ki_block8_qb16_h1", p});
+    p = SparsePattern();
+    p.global_tokens = 5;
+    forms.push_back({"global5", p});
+    p = SparsePattern();
+    p.sinks = true;
+    forms.push_back({"sinks", p});
+    p = block_mask(16, 16);
+    p.per_head = true;
+    p.global_tokens = 4;
+    p.sinks = true;
+    forms.push_back({"bm16x16_global_sinks", p});
+    p = selection(12, 2, 1, Heads::kKv);
+    p.global_tokens = 4;
+    p.sinks = true;
+    forms.push_back({"ki_global_sinks", p});
+  }
+  struct Modifier {
+    std::string name;
+    std::function<void(RequestSpec&)> apply;
+  };
+  const std::vector<Modifier> modifiers = {
+      {"plain",
+       [](RequestSpec& s) {
+         s.outputs.lse = true;
+         s.outputs.entropy = true;
+       }},
+      {"causal_br",
+       [](RequestSpec& s) {
+         s.options.causal = true;
+         s.outputs.lse = true;
+       }},
+      {"causal_tl_lq65_lk33",
+       [](RequestSpec& s) {
+         s.seqlen_q = 65;
+         s.seqlen_k = 33;
+         s.options.causal = true;
+         s.options.causal_alignment = CausalAlignment::kTopLeft;
+         s.outputs.lse = true;
+         s.outputs.entropy = true;
+       }},
+      {"causal_br_lq65_lk33",  // bottom-right with Lq > Lk: fully masked rows
+       [](RequestSpec& s) {
+         s.seqlen_q = 65;
+         s.seqlen_k = 33;
+         s.options.causal = true;
+         s.outputs.lse = true;
+       }},
+      {"window_l8_r4",
+       [](RequestSpec& s) {
+         s.options.window_left = 8;
+         s.options.window_right = 4;
+         s.outputs.lse = true;
+       }},
+      {"softcap_alibi",
+       [](RequestSpec& s) {
+         s.options.scale = 1.f;
+         s.options.softcap = 5.f;
+         s.options.alibi_slopes = AlibiSlopes(s.heads_q);
+       }},
+      {"bias_masks",
+       [](RequestSpec& s) {
+         s.bias_shape = std::vector<int64_t>{2, 1, 33, 65};
+         s.bias_masks = true;
+         s.outputs.lse = true;
+       }},
+      {"key_lengths_0_40",
+       [](RequestSpec& s) {
+         s.key_lengths = {0, 40};
+         s.outputs.lse = true;
+         s.outputs.entropy = true;
+       }},
+      {"gqa_8_2", [](RequestSpec& s) { s.heads_q = 8; }},
+      {"mqa_4_1_causal",
+       [](RequestSpec& s) {
+         s.heads_kv = 1;
+         s.options.causal = true;
+       }},
+      {"weights_top_k5",
+       [](RequestSpec& s) {
+         s.outputs.weights = true;
+         s.outputs.top_k = 5;
+       }},
+  };
+  std::vector<RequestSpec> c;
+  for (const Form& form : forms) {
+    for (const Modifier& m : modifiers) {
+      RequestSpec s = Base(absl::StrCat("sparse_", form.name, "_", m.name));
+      s.sparse = form.pattern;
+      m.apply(s);
+      c.push_back(s);
+    }
+  }
+  // Block sizes of 64 and 100 on longer rows, and every form at once.
+  {
+    RequestSpec s = Sized("sparse_bm100x100_head_lq130_lk250_causal_tl", 130, 250, 64, 4, 2);
+    s.sparse = block_mask(100, 100);
+    s.sparse.per_head = true;
+    s.sparse.density = 0.6;
+    s.options.causal = true;
+    s.options.causal_alignment = CausalAlignment::kTopLeft;
+    s.outputs.lse = true;
+    c.push_back(s);
+    s = Sized("sparse_bm64x64_batch_head_full_lq130_lk130_key_lengths", 130, 130, 80, 4, 1);
+    s.batch = 2;
+    s.sparse = block_mask(64, 64);
+    s.sparse.per_batch = true;
+    s.sparse.per_head = true;
+    s.sparse.full_blocks = true;
+    s.sparse.density = 0.6;
+    s.options.causal = true;
+    s.key_lengths = {130, 77};
+    s.outputs = {.lse = true, .entropy = true};
+    c.push_back(s);
+    s = Sized("sparse_everything_lq47_lk90", 47, 90, 32, 4, 2);
+    s.batch = 2;
+    s.sparse = block_mask(8, 24);
+    s.sparse.per_batch = true;
+    s.sparse.per_head = true;
+    s.sparse.full_blocks = true;
+    s.sparse.global_tokens = 6;
+    s.sparse.sinks = true;
+    s.options.causal = true;
+    s.options.window_left = 30;
+    s.options.softcap = 8.f;
+    s.options.alibi_slopes = AlibiSlopes(s.heads_q);
+    s.bias_shape = std::vector<int64_t>{1, 4, 1, 90};
+    s.key_lengths = {90, 0};
+    s.outputs = {.lse = true, .entropy = true, .weights = true, .top_k = 3};
+    c.push_back(s);
+  }
+  // Decode-shaped: one query row, Hq 32 over Hkv 8, D and Dv multiples of 16
+  // (the cpu backend's decode kernel), Lk past 2048 (key chunks merged by lse).
+  {
+    RequestSpec s = Sized("sparse_decode_bm64x64_head_d64", 1, 2100, 64, 32, 8);
+    s.sparse = block_mask(64, 64);
+    s.sparse.per_head = true;
+    s.outputs.lse = true;
+    c.push_back(s);
+    s = Sized("sparse_decode_ki_key_hkv_d128_key_lengths", 1, 2100, 128, 32, 8);
+    s.batch = 2;
+    s.sparse = selection(200, 1, 1, Heads::kKv);
+    s.key_lengths = {1500, 0};
+    s.outputs = {.lse = true, .entropy = true};
+    c.push_back(s);
+    s = Sized("sparse_decode_ki_block32_hq_d64_dv32", 1, 2100, 64, 32, 8);
+    s.value_dim = 32;
+    s.sparse = selection(12, 1, 32, Heads::kQuery);
+    s.options.causal = true;
+    s.outputs.top_k = 4;
+    c.push_back(s);
+    s = Sized("sparse_decode_global_sinks_window_d64", 1, 2100, 64, 32, 8);
+    s.sparse.global_tokens = 16;
+    s.sparse.sinks = true;
+    s.options.causal = true;
+    s.options.window_left = 700;
+    s.outputs = {.lse = true, .entropy = true};
+    c.push_back(s);
+    s = Sized("sparse_decode_everything_d128", 1, 2100, 128, 32, 8);
+    s.batch = 2;
+    s.sparse = block_mask(1, 32);
+    s.sparse.per_batch = true;
+    s.sparse.per_head = true;
+    s.sparse.full_blocks = true;
+    s.sparse.global_tokens = 8;
+    s.sparse.sinks = true;
+    s.options.causal = true;
+    s.options.softcap = 20.f;
+    s.options.alibi_slopes = AlibiSlopes(32);
+    s.key_lengths = {2100, 901};
+    s.outputs = {.lse = true, .entropy = true};
+    c.push_back(s);
+  }
+  // Several query rows over long keys: tiles of rows, keys in chunks.
+  {
+    RequestSpec s = Sized("sparse_chunked_lq70_lk2100_bm16x64_global_sinks", 70, 2100, 64, 4, 2);
+    s.sparse = block_mask(16, 64);
+    s.sparse.per_head = true;
+    s.sparse.density = 0.25;
+    s.sparse.global_tokens = 10;
+    s.sparse.sinks = true;
+    s.options.causal = true;
+    s.outputs = {.lse = true, .entropy = true};
+    c.push_back(s);
+    s = Sized("sparse_chunked_lq70_lk2100_ki_key_qb8_hkv", 70, 2100, 64, 4, 2);
+    s.sparse = selection(300, 8, 1, Heads::kKv);
+    s.options.window_left = 1500;
+    s.outputs.lse = true;
+    c.push_back(s);
+  }
+  return c;
 }
 
 // The option matrix. Sizes stay small enough for the (slow, exact) reference.
@@ -302,6 +539,7 @@ std::vector<RequestSpec> Cases() {
     s.outputs = {.lse = true, .entropy = true, .weights = true, .top_k = 3};
     c.push_back(s);
   }
+  for (RequestSpec& s : SparseCases()) c.push_back(std::move(s));
   return c;
 }
 
