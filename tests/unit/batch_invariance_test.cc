@@ -23,9 +23,9 @@
 namespace attnserve {
 namespace {
 
-// A mix of shapes, options and dtypes. Heads and batch rows give a threaded
-// backend several work items per request; window_long is long enough that
-// tiled backends split its query rows too.
+// A mix of shapes, options, sparse patterns and dtypes. Heads and batch rows
+// give a threaded backend several work items per request; window_long is long
+// enough that tiled backends split its query rows too.
 std::vector<RequestSpec> Specs() {
   std::vector<RequestSpec> specs;
   RequestSpec s;
@@ -88,13 +88,66 @@ std::vector<RequestSpec> Specs() {
   s.bias_masks = true;
   s.outputs.weights = true;
   specs.push_back(s);
+
+  // Sparse patterns: a block mask per head with full blocks, global tokens
+  // and sinks; a key selection per KV head over query blocks; and a decode
+  // row over keys enough for key chunks.
+  s = RequestSpec();
+  s.name = "sparse_block_mask_global_sinks";
+  s.batch = 2;
+  s.seqlen_q = 40;
+  s.seqlen_k = 70;
+  s.heads_q = 4;
+  s.heads_kv = 2;
+  s.head_dim = 32;
+  s.options.causal = true;
+  s.sparse.block_rows = 16;
+  s.sparse.block_cols = 16;
+  s.sparse.per_head = true;
+  s.sparse.full_blocks = true;
+  s.sparse.global_tokens = 3;
+  s.sparse.sinks = true;
+  s.outputs.lse = true;
+  s.outputs.entropy = true;
+  specs.push_back(s);
+
+  s = RequestSpec();
+  s.name = "sparse_key_indices_key_lengths";
+  s.batch = 2;
+  s.seqlen_q = 21;
+  s.seqlen_k = 50;
+  s.heads_q = 4;
+  s.heads_kv = 2;
+  s.head_dim = 32;
+  s.key_lengths = {50, 0};
+  s.sparse.select_k = 12;
+  s.sparse.query_block = 4;
+  s.sparse.select_heads = SparsePattern::Heads::kKv;
+  s.outputs.weights = true;
+  s.outputs.top_k = 3;
+  specs.push_back(s);
+
+  s = RequestSpec();
+  s.name = "sparse_decode_long";
+  s.seqlen_q = 1;
+  s.seqlen_k = 2100;
+  s.heads_q = 16;
+  s.heads_kv = 4;
+  s.head_dim = 64;
+  s.sparse.block_rows = 1;
+  s.sparse.block_cols = 64;
+  s.sparse.per_head = true;
+  s.sparse.global_tokens = 4;
+  s.sparse.sinks = true;
+  s.outputs.lse = true;
+  specs.push_back(s);
   return specs;
 }
 
 // Every output's bytes, to compare bitwise.
 std::vector<std::string> OutputBytes(const AttentionJob& job) {
-  return {job.output.data, job.lse.data, job.weights.data, job.top_k_indices.data,
-          job.top_k_weights.data};
+  return {job.output.data,  job.lse.data,           job.entropy.data,
+          job.weights.data, job.top_k_indices.data, job.top_k_weights.data};
 }
 
 struct Workload {
@@ -184,8 +237,8 @@ void ExpectSameBytes(const Workload& w, const std::vector<std::vector<std::strin
                      const std::vector<std::vector<std::string>>& batched, const std::string& how) {
   for (size_t i = 0; i < w.requests.size(); ++i) {
     if (alone[i].empty() || batched[i].empty()) continue;
-    static const char* kOutputs[] = {"output", "lse", "weights", "top_k_indices",
-                                     "top_k_weights"};
+    static const char* kOutputs[] = {"output",        "lse",          "entropy", "weights",
+                                     "top_k_indices", "top_k_weights"};
     for (size_t o = 0; o < alone[i].size(); ++o) {
       EXPECT_TRUE(alone[i][o] == batched[i][o])
           << w.names[i] << ": " << kOutputs[o] << " differs bitwise " << how;
