@@ -344,6 +344,10 @@ absl::StatusOr<KeySplit> PlanKeySplit(absl::Span<AttnClient* const> targets,
   if (request.options.variant != Variant::kSoftmax) {
     return refuse("options.variant", "SOFTMAX", "the parts merge by lse", "LINEAR");
   }
+  if (!request.sparsity.empty()) {
+    return refuse("sparsity", "none", "sparse attention does not combine with sharded keys",
+                  "a sparse pattern or sinks");
+  }
 
   const TensorView& key = request.key;
   const TensorView& value = request.value;

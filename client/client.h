@@ -74,8 +74,10 @@ class AttnClient {
   AttnClient(const AttnClient&) = delete;
   AttnClient& operator=(const AttnClient&) = delete;
 
-  // One attention computation. Errors are the server's codes (see the proto),
-  // or UNAVAILABLE / DEADLINE_EXCEEDED from the transport.
+  // One attention computation, request.sparsity included. Errors are the
+  // server's codes (see the proto; UNIMPLEMENTED for sparsity on a backend
+  // other than cpu and reference), or UNAVAILABLE / DEADLINE_EXCEEDED from
+  // the transport.
   absl::StatusOr<AttendResult> Attend(const AttentionRequest& request,
                                       const CallOptions& call = {});
   // Same with a ready wire request; `deadline` zero means the default.
@@ -135,8 +137,9 @@ class AttnClient {
   // targets or a null one, key_lengths (they do not combine with
   // key_offset), outputs.weights, outputs.entropy or outputs.top_k (the
   // merge combines the output and lse only), variant LINEAR (it has no lse),
-  // paged_kv, a key or value not [B, Lk, H, D] / [Lk, H, D] of matching Lk
-  // and bytes, or a bias whose last dim is neither Lk nor 1. A part that
+  // sparsity (the server refuses it with sharded keys), paged_kv, a key
+  // or value not [B, Lk, H, D] / [Lk, H, D] of matching Lk and bytes, or a
+  // bias whose last dim is neither Lk nor 1. A part that
   // fails fails the call with that part's code and its message prefixed by
   // the part, target index and address ("part 1 of 3 (targets[1]
   // 10.0.0.7:50051, keys [11, 22)): ..."), the first failure in target

@@ -159,6 +159,29 @@ void OutputsToProto(const OutputSpec& outputs, v1::OutputSpec* out) {
   out->set_top_k(outputs.top_k);
 }
 
+void ToProto(const SparsitySpec& sparsity, v1::Sparsity* out) {
+  if (sparsity.block_mask.has_value()) {
+    const BlockMaskSpec& m = *sparsity.block_mask;
+    v1::BlockMask* pm = out->mutable_block_mask();
+    pm->set_block_rows(m.block_rows);
+    pm->set_block_cols(m.block_cols);
+    ToProto(m.indptr, pm->mutable_indptr());
+    ToProto(m.indices, pm->mutable_indices());
+    if (m.full_indptr.has_value()) ToProto(*m.full_indptr, pm->mutable_full_indptr());
+    if (m.full_indices.has_value()) ToProto(*m.full_indices, pm->mutable_full_indices());
+  }
+  if (sparsity.key_indices.has_value()) {
+    const KeySelectionSpec& k = *sparsity.key_indices;
+    v1::KeySelection* pk = out->mutable_key_indices();
+    ToProto(k.indices, pk->mutable_indices());
+    pk->set_query_block(k.query_block);
+    pk->set_key_block(k.key_block);
+  }
+  out->mutable_global_tokens()->Assign(sparsity.global_tokens.begin(),
+                                       sparsity.global_tokens.end());
+  out->mutable_sink_logits()->Assign(sparsity.sink_logits.begin(), sparsity.sink_logits.end());
+}
+
 v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {
   v1::AttendRequest out;
   out.set_request_id(call.request_id);
@@ -171,6 +194,8 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
   out.set_total_keys(request.total_keys);
 
   ToProto(request.options, out.mutable_options());
+  // Unset when dense, so a request without sparsity is byte-for-byte what it was.
+  if (!request.sparsity.empty()) ToProto(request.sparsity, out.mutable_sparsity());
 
   OutputsToProto(request.outputs, out.mutable_outputs());
 
@@ -260,6 +285,7 @@ v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
   if (step.expected_context_tokens.has_value()) {
     out.set_expected_context_tokens(*step.expected_context_tokens);
   }
+  if (!step.sparsity.empty()) ToProto(step.sparsity, out.mutable_sparsity());
   return out;
 }
 
@@ -307,6 +333,7 @@ absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
     if (step.expected_context_tokens.has_value()) {
       entry->set_expected_context_tokens(*step.expected_context_tokens);
     }
+    if (!step.sparsity.empty()) ToProto(step.sparsity, entry->mutable_sparsity());
   }
   return out;
 }

@@ -151,10 +151,15 @@ struct DecodeStep {
   // left empty (default views) are not sent. (Last, so that aggregate
   // initialisers of the fields above keep their meaning.)
   std::optional<TensorView> hidden;
+  // Sparse attention over the session's cache after the append (Lk is the
+  // cache's tokens, positions count from its first): DecodeRequest.sparsity,
+  // or the step's BatchDecodeEntry.sparsity. Empty: dense. Index tensors
+  // are borrowed I32 views.
+  SparsitySpec sparsity;
 };
 
 // One session's part of a BatchDecode: its step's query, key, value (or
-// hidden) and expected_context_tokens become the entry. The wire has one layer, options
+// hidden), expected_context_tokens and sparsity become the entry. The wire has one layer, options
 // and output spec per batch: the layer is BatchDecode's argument (step.layer
 // is not read), options, lse and entropy are the first step's and must be the
 // same in every step.
@@ -202,6 +207,10 @@ absl::StatusOr<LayerResult> FromProto(v1::AttendLayerResponse&& response);
 void ToProto(const AttentionOptions& options, v1::AttentionOptions* out);
 // The optional outputs asked of an attention call.
 void OutputsToProto(const OutputSpec& outputs, v1::OutputSpec* out);
+// The wire form of a sparse attention: index tensors copied, an unset
+// block_mask / key_indices left unset. Not validated (the server does,
+// naming sparsity.block_mask.indptr[...] and the like).
+void ToProto(const SparsitySpec& sparsity, v1::Sparsity* out);
 
 v1::CreateSessionRequest ToProto(const SessionSpec& spec);
 CreatedSession FromProto(const v1::CreateSessionResponse& response);

@@ -1,6 +1,7 @@
 // Tests of the client's proto <-> core conversions, shapes and latency stats:
 // no server involved.
 #include <cmath>
+#include <cstring>
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -197,6 +198,107 @@ TEST(ClientConvertTest, DecodeStepCarriesLayerAndExpectedTokens) {
   EXPECT_FALSE(p.outputs().entropy());
   step.entropy = true;
   EXPECT_TRUE(ToProto("s1", step, {}).outputs().entropy());
+}
+
+// An I32 tensor of `values` shaped `shape`.
+Tensor IndexTensor(std::vector<int64_t> shape, const std::vector<int32_t>& values) {
+  Tensor t = Tensor::Zeros(DType::kI32, std::move(shape));
+  std::memcpy(t.data.data(), values.data(), t.data.size());
+  return t;
+}
+
+std::vector<int32_t> Indices(const v1::Tensor& t) {
+  std::vector<int32_t> out(t.data().size() / 4);
+  std::memcpy(out.data(), t.data().data(), t.data().size());
+  return out;
+}
+
+TEST(ClientConvertTest, AttendRequestCarriesBlockMaskGlobalTokensAndSinks) {
+  const Tensor q = RandomTensor(DType::kF32, {1, 6, 2, 8}, 1);
+  AttentionRequest r;
+  r.query = q.view();
+  r.key = q.view();
+  r.value = q.view();
+  EXPECT_FALSE(ToProto(r, {}).has_sparsity()) << "a dense request sends no sparsity";
+
+  // Rows in blocks of 4, keys in blocks of 2; per head: head 0 sees key
+  // blocks {0} then {0, 1}, head 1 {1} then {2}, and block 2 of row block 1
+  // of head 0 is known to be full.
+  const Tensor indptr = IndexTensor({1, 2, 3}, {0, 1, 3, 3, 4, 5});
+  const Tensor indices = IndexTensor({5}, {0, 0, 1, 1, 2});
+  const Tensor full_indptr = IndexTensor({1, 2, 3}, {0, 0, 1, 1, 1, 1});
+  const Tensor full_indices = IndexTensor({1}, {2});
+  r.sparsity.block_mask = BlockMaskSpec{.block_rows = 4,
+                                        .block_cols = 2,
+                                        .indptr = indptr.view(),
+                                        .indices = indices.view(),
+                                        .full_indptr = full_indptr.view(),
+                                        .full_indices = full_indices.view()};
+  r.sparsity.global_tokens = {0, 5};
+  r.sparsity.sink_logits = {0.5f, -1.f};
+
+  const v1::AttendRequest p = ToProto(r, {});
+  ASSERT_TRUE(p.has_sparsity());
+  const v1::Sparsity& s = p.sparsity();
+  ASSERT_TRUE(s.has_block_mask());
+  EXPECT_FALSE(s.has_key_indices());
+  EXPECT_EQ(s.block_mask().block_rows(), 4);
+  EXPECT_EQ(s.block_mask().block_cols(), 2);
+  EXPECT_EQ(s.block_mask().indptr().dtype(), v1::I32);
+  EXPECT_THAT(s.block_mask().indptr().shape(), ::testing::ElementsAre(1, 2, 3));
+  EXPECT_THAT(Indices(s.block_mask().indptr()), ::testing::ElementsAre(0, 1, 3, 3, 4, 5));
+  EXPECT_THAT(Indices(s.block_mask().indices()), ::testing::ElementsAre(0, 0, 1, 1, 2));
+  EXPECT_THAT(s.block_mask().indices().shape(), ::testing::ElementsAre(5));
+  EXPECT_THAT(Indices(s.block_mask().full_indptr()), ::testing::ElementsAre(0, 0, 1, 1, 1, 1));
+  EXPECT_THAT(Indices(s.block_mask().full_indices()), ::testing::ElementsAre(2));
+  EXPECT_THAT(s.global_tokens(), ::testing::ElementsAre(0, 5));
+  EXPECT_THAT(s.sink_logits(), ::testing::ElementsAre(0.5f, -1.f));
+
+  // Without full blocks, their fields stay unset; sinks alone are sparsity too.
+  r.sparsity.block_mask->full_indptr.reset();
+  r.sparsity.block_mask->full_indices.reset();
+  EXPECT_FALSE(ToProto(r, {}).sparsity().block_mask().has_full_indptr());
+  EXPECT_FALSE(ToProto(r, {}).sparsity().block_mask().has_full_indices());
+  r.sparsity = SparsitySpec();
+  r.sparsity.sink_logits = {0.f, 0.f};
+  const v1::AttendRequest sinks = ToProto(r, {});
+  ASSERT_TRUE(sinks.has_sparsity());
+  EXPECT_FALSE(sinks.sparsity().has_block_mask());
+  EXPECT_THAT(sinks.sparsity().sink_logits(), ::testing::ElementsAre(0.f, 0.f));
+}
+
+TEST(ClientConvertTest, DecodeAndBatchStepsCarryTheirOwnKeySelection) {
+  const Tensor q = RandomTensor(DType::kF32, {1, 4, 8}, 1);
+  const Tensor kv = RandomTensor(DType::kF32, {1, 2, 8}, 2);
+  // [B = 1, Hkv = 2, ceil(Lq / query_block) = 1, k = 2]: key blocks of 16.
+  const Tensor selected = IndexTensor({1, 2, 1, 2}, {0, 3, 1, -1});
+  DecodeStep step;
+  step.query = q.view();
+  step.key = kv.view();
+  step.value = kv.view();
+  EXPECT_FALSE(ToProto("s1", step, {}).has_sparsity());
+  step.sparsity.key_indices =
+      KeySelectionSpec{.indices = selected.view(), .query_block = 1, .key_block = 16};
+  const v1::DecodeRequest p = ToProto("s1", step, {});
+  ASSERT_TRUE(p.sparsity().has_key_indices());
+  EXPECT_THAT(p.sparsity().key_indices().indices().shape(), ::testing::ElementsAre(1, 2, 1, 2));
+  EXPECT_THAT(Indices(p.sparsity().key_indices().indices()),
+              ::testing::ElementsAre(0, 3, 1, -1));
+  EXPECT_EQ(p.sparsity().key_indices().query_block(), 1);
+  EXPECT_EQ(p.sparsity().key_indices().key_block(), 16);
+  EXPECT_FALSE(p.sparsity().has_block_mask());
+
+  // In a BatchDecode each entry has its own pattern (options stay shared).
+  std::vector<SessionStep> steps = {{"a", step}, {"b", step}};
+  steps[1].step.sparsity = SparsitySpec();
+  steps[1].step.sparsity.global_tokens = {3};
+  absl::StatusOr<v1::BatchDecodeRequest> batch = ToProto(0, steps, {});
+  ASSERT_TRUE(batch.ok()) << batch.status();
+  ASSERT_EQ(batch->entries_size(), 2);
+  EXPECT_TRUE(batch->entries(0).sparsity().has_key_indices());
+  EXPECT_EQ(batch->entries(0).sparsity().key_indices().key_block(), 16);
+  EXPECT_FALSE(batch->entries(1).sparsity().has_key_indices());
+  EXPECT_THAT(batch->entries(1).sparsity().global_tokens(), ::testing::ElementsAre(3));
 }
 
 TEST(ClientConvertTest, DecodeResponseEntropyIsMovedOut) {
