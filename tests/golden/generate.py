@@ -383,6 +383,317 @@ def write_case(c, root):
 
 
 # ---------------------------------------------------------------------------
+# Sparse attention
+# ---------------------------------------------------------------------------
+
+
+class SparseCase(Case):
+    """A golden case with a sparse pattern (AttentionRequest::sparsity): a block
+    mask (block=(R, C)) or a key selection (select=k entries per index row),
+    global tokens and sink logits. The pattern is drawn from the case's
+    generator after the inputs."""
+
+    def __init__(self, name, *, block=None, per_batch=False, per_head=False, rank1=False,
+                 full_blocks=False, density=0.5, select=0, query_block=1, key_block=1,
+                 select_heads="q", select_batch=True, global_tokens=(), sink_logits=(), **kw):
+        super().__init__(name, **kw)
+        self.block = block                      # (block_rows, block_cols) or None
+        self.per_batch, self.per_head, self.rank1 = per_batch, per_head, rank1
+        self.full_blocks = full_blocks          # about half the listed blocks become full ones
+        self.density = density                  # chance a block is listed
+        self.select = select                    # key_indices entries per row (0: none)
+        self.query_block, self.key_block = query_block, key_block
+        self.select_heads = select_heads        # "q", "kv" or "one": the index tensor's heads
+        self.select_batch = select_batch        # [B, ...] (else [1, ...])
+        self.global_tokens = list(global_tokens)
+        self.sink_logits = list(sink_logits)
+
+
+SPARSE_CASES = [
+    # R 4, C 3 over Lq 10, Lk 13: the last row block (2 rows) and key block (1
+    # key) are short. Broadcast over batch rows and heads.
+    SparseCase("block_broadcast", B=2, Lq=10, Lk=13, Hq=2, block=(4, 3), lse=True, weights=True),
+    # One slice per (batch row, head), with full blocks.
+    SparseCase("block_per_head_full", B=2, Lq=11, Lk=14, Hq=3, block=(3, 4), per_batch=True,
+               per_head=True, full_blocks=True, density=0.6, lse=True, top_k=3),
+    SparseCase("block_causal_uneven", B=2, Lq=9, Lk=15, Hq=2, block=(4, 6), per_batch=True,
+               causal=True, density=0.7, lse=True, weights=True),
+    # Top-left causal with Lq > Lk, a rank-1 indptr, R != C.
+    SparseCase("block_causal_top_left_rank1", B=1, Lq=12, Lk=7, Hq=2, block=(5, 2), rank1=True,
+               causal=True, alignment="top_left", density=0.7, lse=True),
+    # Per key, one index row per query row and query head, -1 padded, unsorted.
+    SparseCase("keys_per_key", B=2, Lq=6, Lk=11, Hq=4, Hkv=2, select=5, lse=True, weights=True),
+    # Per key block (4 keys) for blocks of 3 query rows, one row per KV head.
+    SparseCase("keys_per_block_gqa", B=2, Lq=10, Lk=17, Hq=4, Hkv=2, select=2, query_block=3,
+               key_block=4, select_heads="kv", lse=True, weights=True),
+    SparseCase("keys_broadcast_causal", B=2, Lq=7, Lk=9, Hq=2, select=4, query_block=2,
+               select_heads="one", select_batch=False, causal=True, lse=True),
+    # Global tokens: key 0 (a sink token), keys 5 and 9 (the diagonals of query
+    # rows 1 and 5, which then see every key up to their diagonal).
+    SparseCase("global_causal", B=1, Lq=8, Lk=12, Hq=2, causal=True, window_left=1,
+               global_tokens=[9, 0, 5], lse=True, weights=True),
+    SparseCase("global_window", B=2, Lq=9, Lk=9, Hq=2, window_left=2, window_right=1,
+               global_tokens=[4, 0], key_lengths=[9, 6], lse=True, weights=True),
+    # Sinks: bottom-right causal with Lq > Lk leaves rows 0..2 without a key,
+    # and batch row 1 has none at all: lse = sink, output 0, entropy 0.
+    SparseCase("sinks", B=2, Lq=7, Lk=4, Hq=3, causal=True, key_lengths=[4, 0],
+               sink_logits=[-0.5, 1.0, 2.5], lse=True, weights=True, top_k=2),
+    SparseCase("sinks_keys_global", B=1, Lq=6, Lk=10, Hq=2, select=3, global_tokens=[2],
+               sink_logits=[0.75, -1.25], lse=True, weights=True),
+    SparseCase("everything", B=2, Lq=9, Lk=14, Hq=4, Hkv=2, D=8, block=(4, 5), per_head=True,
+               full_blocks=True, density=0.6, global_tokens=[3, 12], sink_logits=[0.5, -1, 2, 1.5],
+               causal=True, scale=0.3, softcap=4.0, alibi_slopes=[0.3, 0.2, 0.1, 0.05],
+               bias_shape=(2, 1, 9, 14), bias_neg_inf=0.1, key_lengths=[12, 14], q_scale=2.0,
+               lse=True, weights=True, top_k=3),
+]
+
+
+def draw_block_mask(c, gen):
+    """(indptr, indices, full_indptr, full_indices) as int32 numpy arrays: per
+    slice and row block, each key block listed with probability c.density;
+    row block 1 of the first slice lists none."""
+    rows, cols = -(-c.Lq // c.block[0]), -(-c.Lk // c.block[1])
+    slices = (c.B if c.per_batch else 1) * (c.Hq if c.per_head else 1)
+    indptr, indices, full_indptr, full_indices = [0], [], [0], []
+    for s in range(slices):
+        if s > 0:
+            indptr.append(indptr[-1])
+            full_indptr.append(full_indptr[-1])
+        for r in range(rows):
+            listed = torch.rand(cols, generator=gen) < c.density
+            to_full = torch.rand(cols, generator=gen) < 0.5
+            for col in range(cols):
+                if not listed[col] or (s == 0 and r == 1):
+                    continue
+                (full_indices if c.full_blocks and to_full[col] else indices).append(col)
+            indptr.append(len(indices))
+            full_indptr.append(len(full_indices))
+    shape = (rows + 1,) if c.rank1 else (c.B if c.per_batch else 1, c.Hq if c.per_head else 1,
+                                        rows + 1)
+    as_i32 = lambda x, s: np.array(x, dtype=np.int32).reshape(s)
+    return (as_i32(indptr, shape), as_i32(indices, (len(indices),)),
+            as_i32(full_indptr, shape), as_i32(full_indices, (len(full_indices),)))
+
+
+def draw_key_indices(c, gen):
+    """int32 [B or 1, Hq or Hkv or 1, ceil(Lq / query_block), k]: distinct units
+    in random order, up to a third of each row -1."""
+    rows, units = -(-c.Lq // c.query_block), -(-c.Lk // c.key_block)
+    heads = {"q": c.Hq, "kv": c.Hkv, "one": 1}[c.select_heads]
+    out = np.full((c.B if c.select_batch else 1, heads, rows, c.select), -1, dtype=np.int32)
+    for index in np.ndindex(*out.shape[:3]):
+        pad = int(torch.randint(0, c.select // 3 + 1, (1,), generator=gen))
+        chosen = torch.randperm(units, generator=gen)[:c.select - pad]
+        row = np.full(c.select, -1, dtype=np.int32)
+        row[:len(chosen)] = chosen.numpy()
+        out[index] = row[torch.randperm(c.select, generator=gen).numpy()]
+    return out
+
+
+def sparse_visible(c, pattern, key_len):
+    """Boolean [B, Hq, Lq, Lk] from the documented semantics, key by key: a key
+    within the row's length is visible if it is global or the query row is
+    (and, with causal, not after the diagonal), or else if it is inside the
+    causal/window range and the row's block list or key selection has it."""
+    globals_ = set(c.global_tokens)
+    group = c.Hq // c.Hkv
+    vis = torch.zeros(c.B, c.Hq, c.Lq, c.Lk, dtype=torch.bool)
+    for b, h, i, j in np.ndindex(c.B, c.Hq, c.Lq, c.Lk):
+        length = int(key_len[b])
+        diag = i + (length - c.Lq if c.alignment == "bottom_right" else 0)
+        if j >= length:
+            continue
+        if (j in globals_ or diag in globals_) and (not c.causal or j <= diag):
+            vis[b, h, i, j] = True
+            continue
+        right = 0 if c.causal else c.window_right
+        if (c.window_left >= 0 and j < diag - c.window_left) or (right >= 0 and j > diag + right):
+            continue
+        if c.block is not None:
+            indptr, indices, full_indptr, full_indices = pattern["block"]
+            at = (i // c.block[0],) if c.rank1 else (
+                b if c.per_batch else 0, h if c.per_head else 0, i // c.block[0])
+            row_end = at[:-1] + (at[-1] + 1,)
+            listed = set(indices[indptr[at]:indptr[row_end]].tolist())
+            listed |= set(full_indices[full_indptr[at]:full_indptr[row_end]].tolist())
+            vis[b, h, i, j] = j // c.block[1] in listed
+        elif c.select:
+            ki = pattern["keys"]
+            head = {"q": h, "kv": h // group, "one": 0}[c.select_heads]
+            row = ki[b if c.select_batch else 0, head, i // c.query_block]
+            vis[b, h, i, j] = j // c.key_block in set(row.tolist())
+        else:
+            vis[b, h, i, j] = True
+    return vis
+
+
+def check_block_mask_by_expansion(c, pattern, key_len, vis):
+    """The block mask's part of `vis`, rebuilt from a dense [rows, cols] block
+    matrix per slice, expanded with repeat_interleave and cropped to [Lq, Lk]."""
+    indptr, indices, full_indptr, full_indices = pattern["block"]
+    R, C = c.block
+    rows, cols = -(-c.Lq // R), -(-c.Lk // C)
+    flat_ptr, flat_full = indptr.reshape(-1), full_indptr.reshape(-1)
+    slices = flat_ptr.size // (rows + 1)
+    blocks = torch.zeros(slices, rows, cols, dtype=torch.bool)
+    for s in range(slices):
+        for r in range(rows):
+            for ptr, idx in ((flat_ptr, indices), (flat_full, full_indices)):
+                at = s * (rows + 1) + r
+                blocks[s, r, torch.from_numpy(idx[ptr[at]:ptr[at + 1]]).long()] = True
+    dense = blocks.repeat_interleave(R, 1).repeat_interleave(C, 2)[:, :c.Lq, :c.Lk]
+    dense = dense.view(c.B if c.per_batch else 1, c.Hq if c.per_head else 1, c.Lq, c.Lk)
+    in_range, offset = visible_mask(c, key_len)          # [B, Lq, Lk]
+    i = torch.arange(c.Lq).view(1, c.Lq, 1)
+    j = torch.arange(c.Lk).view(1, 1, c.Lk)
+    diag = i + offset.view(c.B, 1, 1)
+    g = torch.tensor(c.global_tokens, dtype=torch.long)
+    is_global = (j.unsqueeze(-1) == g).any(-1) | (diag.unsqueeze(-1) == g).any(-1)
+    is_global = is_global & (j < key_len.view(c.B, 1, 1))
+    if c.causal:
+        is_global = is_global & (j <= diag)
+    want = (in_range.unsqueeze(1) & dense) | is_global.unsqueeze(1)
+    assert torch.equal(want.expand_as(vis), vis), f"{c.name}: the block mask's expansion differs"
+
+
+def sparse_softmax_reference(c, q, k, v, bias, key_len, vis, sinks):
+    """Explicit float64 attention over the visible keys, the sink (if any) one
+    more logit column that takes probability and is dropped afterwards."""
+    qh = q.permute(0, 2, 1, 3)
+    kh, vh = expand_kv(k, c), expand_kv(v, c)
+    scale = f32(c.scale) if c.scale else f32(1.0 / math.sqrt(c.D))
+    s = torch.einsum("bhid,bhjd->bhij", qh, kh) * scale
+    if c.softcap:
+        cap = f32(c.softcap)
+        s = cap * torch.tanh(s / cap)
+    _, offset = visible_mask(c, key_len)
+    if c.alibi_slopes:
+        i = torch.arange(c.Lq).view(1, 1, c.Lq, 1)
+        j = torch.arange(c.Lk).view(1, 1, 1, c.Lk)
+        dist = (i + offset.view(c.B, 1, 1, 1) - j).abs().to(F64)
+        slopes = torch.tensor([f32(x) for x in c.alibi_slopes], dtype=F64).view(1, c.Hq, 1, 1)
+        s = s - slopes * dist
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~vis, -math.inf)
+    if sinks is not None:
+        s_ext = torch.cat([s, sinks.view(1, c.Hq, 1, 1).expand(c.B, c.Hq, c.Lq, 1)], dim=-1)
+    else:
+        s_ext = s
+    row_max = s_ext.amax(dim=-1, keepdim=True)
+    fully_masked = row_max == -math.inf
+    e = torch.exp(s_ext - torch.where(fully_masked, 0.0, row_max)).masked_fill(
+        s_ext == -math.inf, 0.0)
+    p_ext = torch.where(fully_masked, 0.0, e / torch.where(fully_masked, 1.0,
+                                                             e.sum(-1, keepdim=True)))
+    p = p_ext[..., :c.Lk]
+    out = torch.einsum("bhij,bhje->bihe", p, vh)
+    return out, torch.logsumexp(s_ext, dim=-1), p, p_ext, s > -math.inf, s
+
+
+def check_sparse_against_sdpa(c, q, k, v, s_masked, sinks, out):
+    """Without softcap: PyTorch's SDPA with the masked logits' additive part
+    (mask, ALiBi, bias) as attn_mask, then the sink folded in by rescaling:
+    out = out_without_sink · sigmoid(lse_without_sink − sink)."""
+    sdpa = getattr(F, "scaled_dot_product_attention", None) or F._scaled_dot_product_attention
+    qh = q.permute(0, 2, 1, 3)
+    kh, vh = expand_kv(k, c), expand_kv(v, c)
+    scale = f32(c.scale) if c.scale else f32(1.0 / math.sqrt(c.D))
+    add = s_masked - torch.einsum("bhid,bhjd->bhij", qh, kh) * scale   # -inf where masked
+    add = torch.where(s_masked == -math.inf, -math.inf, add)
+    expected, _ = sdpa(qh * (scale * math.sqrt(c.D)), kh, vh, add, 0.0, False, False)
+    lse = torch.logsumexp(s_masked, dim=-1)
+    rows = lse > -math.inf
+    if sinks is not None:
+        expected = expected * torch.sigmoid(lse - sinks.view(1, c.Hq, 1)).unsqueeze(-1)
+    got = out.permute(0, 2, 1, 3)[rows]
+    err = (got - expected[rows]).abs().max().item() if got.numel() else 0.0
+    assert err < 1e-12, f"{c.name}: differs from PyTorch SDPA by {err}"
+    masked = out.permute(0, 2, 1, 3)[~rows]
+    assert masked.numel() == 0 or masked.abs().max().item() == 0, f"{c.name}: masked rows not 0"
+
+
+def write_sparse_case(c, root):
+    gen = torch.Generator().manual_seed(sum(map(ord, "sparse/" + c.name)))
+    q, k, v, bias = make_inputs(c, gen)
+    qt, kt, vt = (torch.from_numpy(x.astype(np.float64)) for x in (q, k, v))
+    bt = None if bias is None else torch.from_numpy(bias.astype(np.float64))
+    key_len = torch.tensor(c.key_lengths if c.key_lengths else [c.Lk] * c.B)
+
+    pattern = {}
+    if c.block is not None:
+        pattern["block"] = draw_block_mask(c, gen)
+    if c.select:
+        pattern["keys"] = draw_key_indices(c, gen)
+    vis = sparse_visible(c, pattern, key_len)
+    if c.block is not None:
+        check_block_mask_by_expansion(c, pattern, key_len, vis)
+    sinks = None
+    if c.sink_logits:
+        sinks = torch.tensor([f32(x) for x in c.sink_logits], dtype=F64)
+
+    out, lse, p, p_ext, attended, s_masked = sparse_softmax_reference(c, qt, kt, vt, bt, key_len,
+                                                                      vis, sinks)
+    if not c.softcap:
+        check_sparse_against_sdpa(c, qt, kt, vt, s_masked, sinks, out)
+    results = {}
+    if c.lse:
+        results["lse"] = lse
+        results["entropy"] = entropy_reference(p_ext)  # the sink is one more outcome
+    if c.weights:
+        results["weights"] = p
+    if c.top_k:
+        results["topk_idx"], results["topk_w"] = top_k(p, attended, c.top_k)
+
+    d = root / c.name
+    d.mkdir(parents=True)
+    np.save(d / "q.npy", q)
+    np.save(d / "k.npy", k)
+    np.save(d / "v.npy", v)
+    if bias is not None:
+        np.save(d / "bias.npy", bias)
+    if c.block is not None:
+        for stem, value in zip(("block_indptr", "block_indices", "full_indptr", "full_indices"),
+                               pattern["block"]):
+            if c.full_blocks or not stem.startswith("full"):
+                np.save(d / f"{stem}.npy", value)
+    if c.select:
+        np.save(d / "key_indices.npy", pattern["keys"])
+    if c.global_tokens:
+        np.save(d / "global_tokens.npy", np.array(c.global_tokens, dtype=np.int64))
+    if c.sink_logits:
+        np.save(d / "sink_logits.npy", np.array(c.sink_logits, dtype=np.float32))
+    np.save(d / "mask.npy", vis.numpy().astype(np.int32))
+    np.save(d / "out.npy", out.numpy().astype(np.float64))
+    for name, value in results.items():
+        np.save(d / f"{name}.npy", value.numpy())
+
+    options = {
+        "dtype": c.dtype,
+        "variant": c.variant,
+        "scale": repr(f32(c.scale)),
+        "causal": int(c.causal),
+        "alignment": c.alignment,
+        "window_left": c.window_left,
+        "window_right": c.window_right,
+        "softcap": repr(f32(c.softcap)),
+        "alibi_slopes": ",".join(repr(f32(s)) for s in c.alibi_slopes),
+        "key_lengths": ",".join(str(n) for n in c.key_lengths),
+        "top_k": c.top_k,
+        "lse": int(c.lse),
+        "entropy": int(c.lse),
+        "weights": int(c.weights),
+        "block_rows": c.block[0] if c.block else 0,
+        "block_cols": c.block[1] if c.block else 0,
+        "query_block": c.query_block,
+        "key_block": c.key_block,
+    }
+    with open(d / "case.txt", "w") as f:
+        for key, value in options.items():
+            f.write(f"{key}={value}\n")
+
+
+# ---------------------------------------------------------------------------
 # Rotary position embedding (RoPE)
 # ---------------------------------------------------------------------------
 
@@ -850,6 +1161,7 @@ def main():
     parser.add_argument("--out", type=Path, default=here / "cases")
     parser.add_argument("--rope_out", type=Path, default=here / "rope")
     parser.add_argument("--models_out", type=Path, default=here / "models")
+    parser.add_argument("--sparse_out", type=Path, default=here / "sparse")
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     fresh_dir(args.out)
@@ -858,6 +1170,13 @@ def main():
     for c in CASES:
         write_case(c, args.out)
     print(f"wrote {len(CASES)} cases to {args.out}")
+
+    fresh_dir(args.sparse_out)
+    names = [c.name for c in SPARSE_CASES]
+    assert len(names) == len(set(names)), "duplicate sparse case names"
+    for c in SPARSE_CASES:
+        write_sparse_case(c, args.sparse_out)
+    print(f"wrote {len(SPARSE_CASES)} sparse cases to {args.sparse_out}")
 
     fresh_dir(args.rope_out)
     names = [c.name for c in ROPE_CASES]

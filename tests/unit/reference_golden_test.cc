@@ -13,8 +13,6 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
 #include "attention/job.h"
 #include "attention/reference.h"
 #include "core/half.h"
@@ -31,133 +29,19 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Golden cases
 // ---------------------------------------------------------------------------
 
-using golden::MustRead;
-using golden::ReadOptions;
-using golden::ToDouble;
-using golden::ToInt;
+using golden::AttentionCase;
+using golden::BuildRequest;
+using golden::ExpectClose;
+using golden::ExpectEqualInts;
 
 std::filesystem::path CasesDir() { return golden::Dir("cases"); }
 std::vector<std::string> CaseNames() { return golden::CaseNames("cases"); }
-
-// A golden case: inputs, options and expected outputs, as read from disk.
-struct GoldenCase {
-  std::map<std::string, std::string> options;
-  Tensor q, k, v;
-  std::optional<Tensor> bias;
-  std::map<std::string, Tensor> expected;  // file stem -> tensor
-};
-
-template <typename T>
-std::vector<T> ToList(const std::string& s) {
-  std::vector<T> out;
-  if (s.empty()) return out;
-  for (absl::string_view part : absl::StrSplit(s, ',')) {
-    if constexpr (std::is_same_v<T, float>) {
-      out.push_back(static_cast<float>(ToDouble(std::string(part))));
-    } else {
-      out.push_back(ToInt(std::string(part)));
-    }
-  }
-  return out;
-}
-
-// Builds the request the case describes. Every key of case.txt must be known,
-// so the generator and this test cannot drift apart silently.
-AttentionRequest BuildRequest(const GoldenCase& c) {
-  AttentionRequest r;
-  r.query = c.q.view();
-  r.key = c.k.view();
-  r.value = c.v.view();
-  if (c.bias) r.bias = c.bias->view();
-  for (const auto& [key, value] : c.options) {
-    if (key == "dtype") {
-      // The inputs' own dtype (<f4 or <f2) carries it; checked below.
-      EXPECT_EQ(DTypeName(c.q.dtype), value == "f16" ? "F16" : "F32");
-    } else if (key == "variant") {
-      EXPECT_TRUE(value == "softmax" || value == "linear") << value;
-      r.options.variant = value == "linear" ? Variant::kLinear : Variant::kSoftmax;
-    } else if (key == "scale") {
-      r.options.scale = static_cast<float>(ToDouble(value));
-    } else if (key == "causal") {
-      r.options.causal = ToInt(value) != 0;
-    } else if (key == "alignment") {
-      EXPECT_TRUE(value == "bottom_right" || value == "top_left") << value;
-      r.options.causal_alignment =
-          value == "top_left" ? CausalAlignment::kTopLeft : CausalAlignment::kBottomRight;
-    } else if (key == "window_left") {
-      r.options.window_left = ToInt(value);
-    } else if (key == "window_right") {
-      r.options.window_right = ToInt(value);
-    } else if (key == "softcap") {
-      r.options.softcap = static_cast<float>(ToDouble(value));
-    } else if (key == "alibi_slopes") {
-      r.options.alibi_slopes = ToList<float>(value);
-    } else if (key == "key_lengths") {
-      r.key_lengths = ToList<int32_t>(value);
-    } else if (key == "top_k") {
-      r.outputs.top_k = ToInt(value);
-    } else if (key == "lse") {
-      r.outputs.lse = ToInt(value) != 0;
-    } else if (key == "entropy") {
-      r.outputs.entropy = ToInt(value) != 0;
-    } else if (key == "weights") {
-      r.outputs.weights = ToInt(value) != 0;
-    } else {
-      ADD_FAILURE() << "unknown case.txt key '" << key << "'";
-    }
-  }
-  return r;
-}
-
-// Compares `got` (any dtype) with `want` (read from <f8 as F32) elementwise:
-// |got - want| <= rtol·|want| + atol, infinities must match exactly.
-void ExpectClose(const std::string& what, const Tensor& got, const Tensor& want, double rtol,
-                 double atol) {
-  ASSERT_EQ(got.shape, want.shape) << what << ": shape " << ShapeString(got.shape) << " vs golden "
-                                   << ShapeString(want.shape);
-  const int64_t n = want.num_elements();
-  int failures = 0;
-  for (int64_t i = 0; i < n && failures < 10; ++i) {
-    const double g = LoadFloat(got.data.data(), got.dtype, i);
-    const double w = LoadFloat(want.data.data(), want.dtype, i);
-    const bool ok = std::isinf(w) ? g == w : std::abs(g - w) <= rtol * std::abs(w) + atol;
-    if (!ok) {
-      ++failures;
-      ADD_FAILURE() << what << "[" << i << "]: got " << g << ", golden " << w;
-    }
-  }
-}
-
-void ExpectEqualInts(const std::string& what, const Tensor& got, const Tensor& want) {
-  ASSERT_EQ(got.dtype, DType::kI32);
-  ASSERT_EQ(want.dtype, DType::kI32);
-  ASSERT_EQ(got.shape, want.shape) << what;
-  const int64_t n = want.num_elements();
-  int failures = 0;
-  for (int64_t i = 0; i < n && failures < 10; ++i) {
-    if (got.data_as<int32_t>()[i] != want.data_as<int32_t>()[i]) {
-      ++failures;
-      ADD_FAILURE() << what << "[" << i << "]: got " << got.data_as<int32_t>()[i] << ", golden "
-                    << want.data_as<int32_t>()[i];
-    }
-  }
-}
 
 class ReferenceGoldenTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ReferenceGoldenTest, MatchesGolden) {
   const std::filesystem::path dir = CasesDir() / GetParam();
-  GoldenCase c;
-  c.options = ReadOptions(dir / "case.txt");
-  c.q = MustRead(dir / "q.npy");
-  c.k = MustRead(dir / "k.npy");
-  c.v = MustRead(dir / "v.npy");
-  if (std::filesystem::exists(dir / "bias.npy")) c.bias = MustRead(dir / "bias.npy");
-  for (const char* stem : {"out", "lse", "entropy", "weights", "topk_idx", "topk_w"}) {
-    if (std::filesystem::exists(dir / (std::string(stem) + ".npy"))) {
-      c.expected[stem] = MustRead(dir / (std::string(stem) + ".npy"));
-    }
-  }
+  AttentionCase c = golden::ReadAttentionCase(dir);
   ASSERT_FALSE(HasFailure());
   ASSERT_TRUE(c.expected.count("out")) << dir << " has no out.npy";
 
