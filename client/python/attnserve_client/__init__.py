@@ -10,6 +10,10 @@
         r = c.attend(q, k, v, causal=True, lse=True)
         print(r.output.shape, r.lse.shape, r.backend)
 
+        # Block-sparse: 64x64 blocks, the lower triangle of blocks, for every head.
+        mask = attnserve_client.block_mask_from_dense(np.tril(np.ones((2, 2), bool)), 64, 64)
+        r = c.attend(q, k, v, block_mask=mask, global_tokens=[0], sink_logits=[0.0] * 8)
+
     # The same attention with the keys split over three replicas, merged by lse:
     clients = [attnserve_client.Client(t) for t in ("a:50051", "b:50051", "c:50051")]
     r = attnserve_client.sharded_attend(clients, q, k, v, causal=True, lse=True)
@@ -23,6 +27,8 @@ from .client import (AttendFuture, AttendLayerResult, AttendResult, BatchDecodeE
                      result_from_proto, rotary_to_proto, tls_credentials)
 from .sharded import (ShardedAttendError, key_ranges, merge_attention_state_pair,
                       merge_attention_states, sharded_attend)
+from .sparsity import (BlockMask, KeySelection, Sparsity, block_mask_from_dense,
+                       sparsity_to_proto)
 from .tensors import BF16, F16, F32, round_to
 from . import _stubs
 
@@ -36,5 +42,6 @@ __all__ = ["AttendFuture", "AttendLayerResult", "AttendResult", "BatchDecodeErro
            "rotary_to_proto", "tls_credentials",
            "ShardedAttendError", "key_ranges", "merge_attention_state_pair",
            "merge_attention_states", "sharded_attend",
+           "BlockMask", "KeySelection", "Sparsity", "block_mask_from_dense", "sparsity_to_proto",
            "F32", "F16", "BF16", "round_to", "attention_pb2", "attention_pb2_grpc", "health_pb2",
            "health_pb2_grpc"]

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from . import _stubs
+from . import sparsity as sparse
 from . import tensors
 
 _pb, _pb_grpc, _health_pb, _health_grpc = _stubs.load()
@@ -221,6 +222,31 @@ def rotary_to_proto(rotary, out=None):
     return r
 
 
+def _sparsity_of(where, sparsity, block_mask, key_indices, global_tokens, sink_logits):
+    """The Sparsity of a request from its `sparsity` value or its four
+    keywords (not both); None when neither is given."""
+    given = sparse.Sparsity(block_mask, key_indices, global_tokens, sink_logits)
+    if sparsity is None:
+        return None if given.empty() else given
+    if not given.empty():
+        raise ValueError(f"{where}: expected sparsity or block_mask, key_indices, "
+                         f"global_tokens, sink_logits, got both")
+    if isinstance(sparsity, _pb.Sparsity):
+        return sparsity
+    if not isinstance(sparsity, sparse.Sparsity):
+        raise ValueError(f"{where}.sparsity: expected a Sparsity, got "
+                         f"{type(sparsity).__name__}")
+    return None if sparsity.empty() else sparsity
+
+
+def _set_sparsity(value, out):
+    """Writes a Sparsity (or a Sparsity proto) into the message field `out`."""
+    if isinstance(value, _pb.Sparsity):
+        out.CopyFrom(value)
+    else:
+        value.to_proto(out)
+
+
 def _decode_options(o, scale, window_left, softcap, alibi_slopes):
     o.scale = float(scale)
     o.causal = True
@@ -251,7 +277,8 @@ def _step_tensors(where, q, k, v, hidden):
 def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=None, scale=0.0,
                          window_left=None, softcap=0.0, alibi_slopes=None, lse=False,
                          entropy=False, backend="", priority=0, request_id="", layer=0,
-                         expected_context_tokens=None):
+                         expected_context_tokens=None, block_mask=None, key_indices=None,
+                         global_tokens=None, sink_logits=None, sparsity=None):
     """Builds a DecodeRequest proto from NumPy arrays.
 
     session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
@@ -267,7 +294,13 @@ def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=
     mismatch is FAILED_PRECONDITION (so a retried step that landed is not
     appended twice). lse, entropy: also return the log-sum-exp and the
     attention entropy (nats) per query and head, [1, Hq, Lq].
+    block_mask, key_indices, global_tokens, sink_logits: sparse attention
+    over the session's cache after the append, as in build_request (Lk is
+    the cache's tokens, positions count from its first); or sparsity, a
+    Sparsity holding them.
     """
+    sparsity = _sparsity_of("decode", sparsity, block_mask, key_indices, global_tokens,
+                            sink_logits)
     sent = _step_tensors("decode", q, k, v, hidden)
     dtype = _wire_dtype_for(sent[0][1] if hidden is None else hidden, dtype)
     r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
@@ -279,12 +312,16 @@ def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=
     r.outputs.entropy = bool(entropy)
     if expected_context_tokens is not None:
         r.expected_context_tokens = int(expected_context_tokens)
+    if sparsity is not None:
+        _set_sparsity(sparsity, r.sparsity)
     return r
 
 
 def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_left=None,
                                softcap=0.0, alibi_slopes=None, lse=False, entropy=False,
-                               backend="", priority=0, request_id=""):
+                               backend="", priority=0, request_id="", block_mask=None,
+                               key_indices=None, global_tokens=None, sink_logits=None,
+                               sparsity=None):
     """Builds a BatchDecodeRequest proto: one layer-step for many sessions.
 
     entries, in the order the results come back: (session, q, k, v) or
@@ -294,10 +331,28 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
     expected_context_tokens), hidden [T, hidden]. The options (lse and
     entropy among them) are the batch's. dtype on the wire: default from
     the first entry's q or hidden.
+
+    Sparse attention: block_mask, key_indices, global_tokens, sink_logits
+    (as in build_decode_request) apply to every entry; or sparsity, a
+    Sparsity for every entry or a list with one per entry (a Sparsity or
+    None), for patterns that differ between sequences.
     """
     entries = list(entries)
     if not entries:
         raise ValueError("entries: expected at least one, got none")
+    if isinstance(sparsity, (list, tuple)):
+        if len(sparsity) != len(entries):
+            raise ValueError(f"sparsity: expected one per entry ({len(entries)}), got "
+                             f"{len(sparsity)}")
+        per_entry = [_sparsity_of(f"entries[{i}]", s, None, None, None, None)
+                     for i, s in enumerate(sparsity)]
+        if _sparsity_of("batch_decode", None, block_mask, key_indices, global_tokens,
+                        sink_logits) is not None:
+            raise ValueError("batch_decode: expected a per-entry sparsity list or block_mask, "
+                             "key_indices, global_tokens, sink_logits, got both")
+    else:
+        per_entry = [_sparsity_of("batch_decode", sparsity, block_mask, key_indices,
+                                  global_tokens, sink_logits)] * len(entries)
     dtype = _wire_dtype_for(entries[0][1], dtype)
     r = _pb.BatchDecodeRequest(request_id=request_id, layer=int(layer), backend=backend,
                                priority=priority)
@@ -317,6 +372,8 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
             expected = entry[4] if len(entry) == 5 else None
         if expected is not None:
             e.expected_context_tokens = int(expected)
+        if per_entry[i] is not None:
+            _set_sparsity(per_entry[i], e.sparsity)
     _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
     r.outputs.entropy = bool(entropy)
@@ -400,7 +457,8 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
                   linear=False, bias=None, key_lengths=None, lse=False, weights=False,
                   top_k=0, backend="", priority=0, request_id="", rotary=None,
                   query_positions=None, key_positions=None, entropy=False, key_offset=0,
-                  total_keys=0):
+                  total_keys=0, block_mask=None, key_indices=None, global_tokens=None,
+                  sink_logits=None, sparsity=None):
     """Builds an AttendRequest proto from NumPy arrays.
 
     q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (or 3-D, batch 1).
@@ -416,9 +474,20 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     split along the keys (see sharded_attend); causal, windows and ALiBi
     count positions in that sequence, and a row that sees none of these
     keys has lse -inf and output 0. Not with key_lengths.
+
+    Sparse attention (README "Sparse attention"): block_mask, a BlockMask
+    (block_mask_from_dense makes one from a boolean block matrix);
+    key_indices, a KeySelection or an int array [B, Hq or Hkv or 1, Lq, k]
+    of key numbers (-1 pads); global_tokens, key positions every query sees
+    and whose queries see every key; sink_logits, one per query head, each
+    adding exp(sink) to its rows' softmax denominator. Or sparsity, a
+    Sparsity holding them. Not with linear, nor with key_offset/total_keys.
+
     Nothing is validated here: the server answers INVALID_ARGUMENT naming
     the field.
     """
+    sparsity = _sparsity_of("attend", sparsity, block_mask, key_indices, global_tokens,
+                            sink_logits)
     if dtype is None:
         dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
     dtype = tensors.dtype_name(dtype)
@@ -454,6 +523,8 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
         r.key_positions[:] = [int(p) for p in np.asarray(key_positions).reshape(-1)]
     r.key_offset = int(key_offset)
     r.total_keys = int(total_keys)
+    if sparsity is not None:
+        _set_sparsity(sparsity, r.sparsity)
     return r
 
 

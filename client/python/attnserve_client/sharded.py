@@ -31,7 +31,15 @@ _REFUSED = (("key_lengths", "a per-row key length does not split with key_offset
             ("weights", "the probabilities are not merged from parts"),
             ("top_k", "top-k keys are not merged from parts"),
             ("entropy", "the entropy is not merged from parts"),
-            ("linear", "LINEAR attention has no lse"))
+            ("linear", "LINEAR attention has no lse"),
+            ("block_mask", "sparse attention does not combine with sharded keys"),
+            ("key_indices", "sparse attention does not combine with sharded keys"),
+            ("global_tokens", "sparse attention does not combine with sharded keys"),
+            ("sink_logits", "sparse attention does not combine with sharded keys"),
+            ("sparsity", "sparse attention does not combine with sharded keys"))
+# Refused when given at all (not None); the others when true.
+_REFUSED_WHEN_GIVEN = ("key_lengths", "bias", "block_mask", "key_indices", "global_tokens",
+                       "sink_logits", "sparsity")
 
 
 class ShardedAttendError(grpc.RpcError):
@@ -221,7 +229,9 @@ def sharded_attend(clients, q, k, v, **attend_kwargs):
     sent its keys' explicit positions (by default key_offset + j for key j,
     and total_keys - Lq + i, at least 0, for query i). request_id, if given,
     becomes "<request_id>/<part>". Refused with ValueError: key_lengths,
-    bias, weights, top_k, entropy and linear (not split, or not mergeable).
+    bias, weights, top_k, entropy, linear and sparse attention (block_mask,
+    key_indices, global_tokens, sink_logits, sparsity) (not split, or not
+    mergeable).
 
     Returns an AttendResult: output in q's dtype (float16 for F16, float32
     holding bfloat16 values for BF16, float32 for F32), lse float32
@@ -246,7 +256,7 @@ def sharded_attend(clients, q, k, v, **attend_kwargs):
     options = dict(attend_kwargs)
     for name, why in _REFUSED:
         value = options.get(name)
-        if (value is not None) if name in ("key_lengths", "bias") else bool(value):
+        if (value is not None) if name in _REFUSED_WHEN_GIVEN else bool(value):
             raise ValueError(f"sharded_attend: {name} is not supported ({why})")
     want_lse = bool(options.pop("lse", False))
     key_offset = int(options.pop("key_offset", 0) or 0)
