@@ -7,6 +7,8 @@
 //           [--entropy] [--entropy_out=e.npy]
 //           [--heatmap=w.png [--heads=0,3,5] [--heatmap_log] [--tokens=FILE] [--batch_row=0]]
 //           [--bertviz=w.json]
+//           [--block_mask=m.npz | --key_indices=i.npy [--query_block=N] [--key_block=N]]
+//           [--global_tokens=0,1,...] [--sink_logits=a,b,...]
 //   attnctl [--target=HOST:PORT] bench --shape=S1 [--concurrency=N | --rate=QPS] [--stream]
 //           [--duration=10s] [--json]
 //   attnctl [--target=HOST:PORT] bench --sessions=N [--context=T] [--decode_tokens=1]
@@ -16,15 +18,20 @@
 // Exit status: 0 success, 1 the server answered an error (or not SERVING),
 // 2 bad usage.
 #include <unistd.h>
+#include <zlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -35,6 +42,8 @@
 #include "absl/flags/usage.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -91,6 +100,21 @@ ABSL_FLAG(std::string, top_k_weights_out, "", "attend: write the top-k weights (
 ABSL_FLAG(bool, entropy, false,
           "attend: request and print the attention entropy -sum p ln p (nats) per query and head");
 ABSL_FLAG(std::string, entropy_out, "", "attend: request and write the entropy [B, Hq, Lq] (.npy)");
+// attend: sparse attention (README "Sparse attention").
+ABSL_FLAG(std::string, block_mask, "",
+          "attend: block-sparse mask, an .npz (np.savez or np.savez_compressed) of int32 arrays "
+          "indptr and indices (optional full_indptr, full_indices) and int32 scalars block_rows, "
+          "block_cols, as BlockMask in the proto");
+ABSL_FLAG(std::string, key_indices, "",
+          "attend: the keys each query sees, an int32 .npy [B, Hq or Hkv or 1, "
+          "ceil(Lq / query_block), k] of key (block) numbers, -1 padding");
+ABSL_FLAG(int32_t, query_block, 1, "attend --key_indices: query rows per index row");
+ABSL_FLAG(int32_t, key_block, 1, "attend --key_indices: keys per index");
+ABSL_FLAG(std::string, global_tokens, "",
+          "attend: key positions every query sees and whose queries see every key, comma list");
+ABSL_FLAG(std::string, sink_logits, "",
+          "attend: one sink logit per query head, comma list: exp(sink) joins each row's softmax "
+          "denominator");
 // attend: looking at the weights.
 ABSL_FLAG(std::string, heatmap, "",
           "attend: request the weights and draw them as a PNG here: one tile per head, queries "
@@ -189,6 +213,8 @@ std::vector<float> DefaultAlibiSlopes(int64_t n) {
 struct Inputs {
   Tensor q, k, v;
   std::optional<Tensor> bias;
+  std::map<std::string, Tensor> block_mask;  // --block_mask's arrays by name
+  std::optional<Tensor> key_indices;
   AttentionRequest request;
   CallOptions call;
   double flops = 0;
@@ -204,6 +230,257 @@ absl::StatusOr<Tensor> ReadInput(const std::string& flag, const std::string& pat
   }
   if (!dtype.has_value() || t->dtype == *dtype) return t;
   return ConvertTensor(*t, *dtype);
+}
+
+// .npz reading: a zip archive of .npy members, as NumPy's savez (stored) and
+// savez_compressed (deflated) write them. Just enough of the zip format for
+// those: the central directory (zip64 fields too: NumPy marks its members
+// zip64), stored or deflated members, each checked against its CRC-32.
+
+uint64_t ReadLittleEndian(std::string_view bytes, size_t at, int width) {
+  uint64_t v = 0;
+  for (int i = width - 1; i >= 0; --i) v = v << 8 | static_cast<uint8_t>(bytes[at + i]);
+  return v;
+}
+
+absl::Status Malformed(absl::string_view what) {
+  return absl::InvalidArgumentError(absl::StrCat("not a readable .npz: ", what));
+}
+
+// The bytes of one member, inflated if deflated; `entry` is its central
+// directory header, `sizes` its sizes and local header offset (zip64 resolved).
+absl::StatusOr<std::string> NpzMember(std::string_view zip, size_t entry, uint64_t packed_size,
+                                      uint64_t size, uint64_t local, absl::string_view name) {
+  constexpr uint64_t kMaxMemberBytes = uint64_t{1} << 31;
+  const int method = static_cast<int>(ReadLittleEndian(zip, entry + 10, 2));
+  const uint32_t crc = static_cast<uint32_t>(ReadLittleEndian(zip, entry + 16, 4));
+  if (local > zip.size() || zip.size() - local < 30 ||
+      ReadLittleEndian(zip, local, 4) != 0x04034b50) {
+    return Malformed(absl::StrCat(name, ": no local header at offset ", local));
+  }
+  const uint64_t start = local + 30 + ReadLittleEndian(zip, local + 26, 2) +
+                         ReadLittleEndian(zip, local + 28, 2);
+  if (start > zip.size() || zip.size() - start < packed_size) {
+    return Malformed(absl::StrCat(name, ": ", packed_size, " bytes past the end of the file"));
+  }
+  if (size > kMaxMemberBytes) {
+    return Malformed(absl::StrCat(name, ": ", size, " bytes, more than ", kMaxMemberBytes));
+  }
+  const std::string_view packed = zip.substr(start, packed_size);
+  std::string out;
+  if (method == 0) {
+    if (packed_size != size) return Malformed(absl::StrCat(name, ": stored sizes differ"));
+    out.assign(packed);
+  } else if (method == 8) {
+    out.resize(size);
+    z_stream z{};
+    if (inflateInit2(&z, -MAX_WBITS) != Z_OK) return absl::InternalError("zlib inflateInit2");
+    z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(packed.data()));
+    z.avail_in = static_cast<uInt>(packed.size());
+    z.next_out = reinterpret_cast<Bytef*>(out.data());
+    z.avail_out = static_cast<uInt>(out.size());
+    const int rc = inflate(&z, Z_FINISH);
+    const uint64_t produced = z.total_out;
+    inflateEnd(&z);
+    if (rc != Z_STREAM_END || produced != size) {
+      return Malformed(absl::StrCat(name, ": the deflated data does not inflate to ", size,
+                                    " bytes"));
+    }
+  } else {
+    return Malformed(absl::StrCat(name, ": compression method ", method,
+                                  ", expected 0 (stored) or 8 (deflated)"));
+  }
+  const uint32_t actual = static_cast<uint32_t>(
+      crc32(0, reinterpret_cast<const Bytef*>(out.data()), static_cast<uInt>(out.size())));
+  if (actual != crc) return Malformed(absl::StrCat(name, ": CRC-32 mismatch"));
+  return out;
+}
+
+// The .npy members of the .npz at `path`, by name without ".npy".
+// NOT_FOUND when the file cannot be read; INVALID_ARGUMENT for anything else.
+absl::StatusOr<std::map<std::string, Tensor>> ReadNpz(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) return absl::NotFoundError("cannot open the file");
+  std::stringstream buffer;
+  buffer << file.rdbuf();
+  const std::string bytes = buffer.str();
+  const std::string_view zip = bytes;
+  // The end of central directory record: 22 bytes and a comment of < 64 KiB.
+  constexpr size_t kEnd = 22;
+  if (zip.size() < kEnd) return Malformed("shorter than a zip's end record");
+  size_t end = std::string_view::npos;
+  for (size_t at = zip.size() - kEnd + 1; at-- > 0 && zip.size() - at <= kEnd + 0xFFFF;) {
+    if (ReadLittleEndian(zip, at, 4) == 0x06054b50) {
+      end = at;
+      break;
+    }
+  }
+  if (end == std::string_view::npos) return Malformed("no zip end of central directory record");
+  uint64_t entries = ReadLittleEndian(zip, end + 10, 2);
+  uint64_t directory = ReadLittleEndian(zip, end + 16, 4);
+  if (entries == 0xFFFF || directory == 0xFFFFFFFF) {  // zip64: the locator sits before
+    if (end < 20 || ReadLittleEndian(zip, end - 20, 4) != 0x07064b50) {
+      return Malformed("zip64 end record locator missing");
+    }
+    const uint64_t end64 = ReadLittleEndian(zip, end - 20 + 8, 8);
+    if (end64 > zip.size() || zip.size() - end64 < 56 ||
+        ReadLittleEndian(zip, end64, 4) != 0x06064b50) {
+      return Malformed("zip64 end record missing");
+    }
+    entries = ReadLittleEndian(zip, end64 + 32, 8);
+    directory = ReadLittleEndian(zip, end64 + 48, 8);
+  }
+  std::map<std::string, Tensor> out;
+  uint64_t at = directory;
+  for (uint64_t n = 0; n < entries; ++n) {
+    if (at > zip.size() || zip.size() - at < 46 || ReadLittleEndian(zip, at, 4) != 0x02014b50) {
+      return Malformed(absl::StrCat("central directory entry ", n, " missing"));
+    }
+    const uint64_t name_len = ReadLittleEndian(zip, at + 28, 2);
+    const uint64_t extra_len = ReadLittleEndian(zip, at + 30, 2);
+    const uint64_t comment_len = ReadLittleEndian(zip, at + 32, 2);
+    if (zip.size() - at - 46 < name_len + extra_len + comment_len) {
+      return Malformed(absl::StrCat("central directory entry ", n, " truncated"));
+    }
+    const std::string name(zip.substr(at + 46, name_len));
+    const std::string shown = absl::CHexEscape(name);  // for messages
+    uint64_t packed_size = ReadLittleEndian(zip, at + 20, 4);
+    uint64_t size = ReadLittleEndian(zip, at + 24, 4);
+    uint64_t local = ReadLittleEndian(zip, at + 42, 4);
+    // The zip64 extra field holds, in this order, those of the three that read 0xFFFFFFFF.
+    const std::string_view extra = zip.substr(at + 46 + name_len, extra_len);
+    for (size_t e = 0; e + 4 <= extra.size();) {
+      const uint64_t id = ReadLittleEndian(extra, e, 2), len = ReadLittleEndian(extra, e + 2, 2);
+      if (e + 4 + len > extra.size()) break;
+      if (id == 1) {
+        size_t field = e + 4;
+        for (uint64_t* v : {&size, &packed_size, &local}) {
+          if (*v != 0xFFFFFFFF) continue;
+          if (field + 8 > e + 4 + len) return Malformed(absl::StrCat(shown, ": short zip64 field"));
+          *v = ReadLittleEndian(extra, field, 8);
+          field += 8;
+        }
+      }
+      e += 4 + len;
+    }
+    absl::StatusOr<std::string> member = NpzMember(zip, at, packed_size, size, local, shown);
+    if (!member.ok()) return member.status();
+    if (!absl::EndsWith(name, ".npy")) {
+      return Malformed(absl::StrCat("member ", shown, ": expected a .npy"));
+    }
+    absl::StatusOr<Tensor> t = ParseNpy(*member);
+    if (!t.ok()) {
+      return absl::Status(t.status().code(), absl::StrCat(shown, ": ", t.status().message()));
+    }
+    out[name.substr(0, name.size() - 4)] = std::move(*t);
+    at += 46 + name_len + extra_len + comment_len;
+  }
+  return out;
+}
+
+// NumPy's default integers are int64, which .npy reading does not take.
+constexpr absl::string_view kInt32Hint =
+    " (save int32: a.astype(np.int32), np.int32(16) for a scalar)";
+
+// "--<flag>=<path>: <message>", the status's code kept; a refused .npy
+// dtype gets kInt32Hint.
+absl::Status FlagError(absl::string_view flag, absl::string_view path, const absl::Status& s) {
+  const bool dtype = absl::StrContains(s.message(), ".npy descr");
+  return absl::Status(s.code(), absl::StrCat("--", flag, "=", path, ": ", s.message(),
+                                             dtype ? kInt32Hint : ""));
+}
+
+// --block_mask: the .npz's arrays into `inputs->block_mask`, viewed by a BlockMaskSpec.
+absl::StatusOr<BlockMaskSpec> BlockMaskFromFlag(const std::string& path, Inputs* inputs) {
+  const auto fail = [&](absl::string_view message) {
+    return FlagError("block_mask", path, absl::InvalidArgumentError(message));
+  };
+  absl::StatusOr<std::map<std::string, Tensor>> arrays = ReadNpz(path);
+  if (!arrays.ok()) return FlagError("block_mask", path, arrays.status());
+  inputs->block_mask = *std::move(arrays);
+  const std::map<std::string, Tensor>& a = inputs->block_mask;
+  constexpr absl::string_view kNames[] = {"indptr", "indices", "block_rows", "block_cols",
+                                          "full_indptr", "full_indices"};
+  for (const auto& [name, t] : a) {
+    if (std::find(std::begin(kNames), std::end(kNames), name) == std::end(kNames)) {
+      return fail(absl::StrCat("array ", absl::CHexEscape(name), ": expected only ",
+                               absl::StrJoin(kNames, ", ")));
+    }
+    if (t.dtype != DType::kI32) {
+      return fail(absl::StrCat(name, ": expected int32, got ", DTypeName(t.dtype), kInt32Hint));
+    }
+  }
+  for (absl::string_view name : {"indptr", "indices", "block_rows", "block_cols"}) {
+    if (!a.contains(std::string(name))) {
+      return fail(absl::StrCat(name, ": expected an array of this name, got none"));
+    }
+  }
+  if (a.contains("full_indptr") != a.contains("full_indices")) {
+    return fail("full_indptr, full_indices: expected both or neither");
+  }
+  BlockMaskSpec spec;
+  for (auto [name, dest] : {std::pair{"block_rows", &spec.block_rows},
+                            std::pair{"block_cols", &spec.block_cols}}) {
+    const Tensor& t = a.at(name);
+    if (t.num_elements() != 1 || t.shape.size() > 1) {
+      return fail(absl::StrCat(name, ": expected a scalar, got shape ", ShapeString(t.shape)));
+    }
+    std::memcpy(dest, t.data.data(), 4);
+  }
+  spec.indptr = a.at("indptr").view();
+  spec.indices = a.at("indices").view();
+  if (a.contains("full_indptr")) {
+    spec.full_indptr = a.at("full_indptr").view();
+    spec.full_indices = a.at("full_indices").view();
+  }
+  return spec;
+}
+
+// --block_mask, --key_indices (with --query_block, --key_block),
+// --global_tokens and --sink_logits into the request's sparsity.
+absl::Status SparsityFromFlags(Inputs* inputs) {
+  SparsitySpec& s = inputs->request.sparsity;
+  const std::string block_mask = absl::GetFlag(FLAGS_block_mask);
+  const std::string key_indices = absl::GetFlag(FLAGS_key_indices);
+  const int32_t query_block = absl::GetFlag(FLAGS_query_block);
+  const int32_t key_block = absl::GetFlag(FLAGS_key_block);
+  if (!block_mask.empty() && !key_indices.empty()) {
+    return absl::InvalidArgumentError(
+        "--block_mask, --key_indices: expected one or neither (a row's keys come from one "
+        "pattern), got both");
+  }
+  if (key_indices.empty() && (query_block != 1 || key_block != 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--query_block, --key_block: expected --key_indices with them, got none (",
+        query_block, ", ", key_block, ")"));
+  }
+  if (!block_mask.empty()) {
+    absl::StatusOr<BlockMaskSpec> m = BlockMaskFromFlag(block_mask, inputs);
+    if (!m.ok()) return m.status();
+    s.block_mask = *std::move(m);
+  }
+  if (!key_indices.empty()) {
+    absl::StatusOr<Tensor> t = ReadNpy(key_indices);
+    if (!t.ok()) return FlagError("key_indices", key_indices, t.status());
+    if (t->dtype != DType::kI32) {
+      return FlagError("key_indices", key_indices,
+                       absl::InvalidArgumentError(absl::StrCat(
+                           "expected int32, got ", DTypeName(t->dtype), kInt32Hint)));
+    }
+    inputs->key_indices = *std::move(t);
+    s.key_indices = KeySelectionSpec{inputs->key_indices->view(), query_block, key_block};
+  }
+  if (const std::string g = absl::GetFlag(FLAGS_global_tokens); !g.empty()) {
+    absl::StatusOr<std::vector<int64_t>> tokens = ParseList<int64_t>("global_tokens", g);
+    if (!tokens.ok()) return tokens.status();
+    s.global_tokens = *std::move(tokens);
+  }
+  if (const std::string l = absl::GetFlag(FLAGS_sink_logits); !l.empty()) {
+    absl::StatusOr<std::vector<float>> logits = ParseList<float>("sink_logits", l);
+    if (!logits.ok()) return logits.status();
+    s.sink_logits = *std::move(logits);
+  }
+  return absl::OkStatus();
 }
 
 // Heap-allocated so the request's views stay valid (small tensors live inside
@@ -290,6 +567,7 @@ absl::StatusOr<std::unique_ptr<Inputs>> InputsFromFlags() {
                       !absl::GetFlag(FLAGS_heatmap).empty() ||
                       !absl::GetFlag(FLAGS_bertviz).empty();
   r.outputs.top_k = absl::GetFlag(FLAGS_top_k);
+  if (absl::Status st = SparsityFromFlags(inputs.get()); !st.ok()) return st;
 
   inputs->call.backend = absl::GetFlag(FLAGS_backend);
   inputs->call.priority = absl::GetFlag(FLAGS_priority);
@@ -428,6 +706,15 @@ std::string OptionsDescription(const Inputs& inputs) {
   if (!inputs.request.key_lengths.empty()) {
     parts.push_back("key_lengths=" + absl::StrJoin(inputs.request.key_lengths, ","));
   }
+  const SparsitySpec& sparsity = inputs.request.sparsity;
+  if (sparsity.block_mask.has_value()) parts.push_back("block mask " + absl::GetFlag(FLAGS_block_mask));
+  if (sparsity.key_indices.has_value()) {
+    parts.push_back("key indices " + absl::GetFlag(FLAGS_key_indices));
+  }
+  if (!sparsity.global_tokens.empty()) {
+    parts.push_back("global_tokens=" + absl::StrJoin(sparsity.global_tokens, ","));
+  }
+  if (!sparsity.sink_logits.empty()) parts.push_back("sinks");
   return absl::StrJoin(parts, ", ");
 }
 
@@ -527,6 +814,13 @@ int CmdAttend() {
   const AttentionRequest* request = &inputs->request;
   std::unique_ptr<HeadSubset> subset;
   if (!views.heads.empty()) {
+    if (!request->sparsity.empty()) {
+      return Fail(absl::InvalidArgumentError(
+                      "--heads: expected none with --block_mask, --key_indices, "
+                      "--global_tokens or --sink_logits (their per-head parts are not "
+                      "subset), got " + absl::GetFlag(FLAGS_heads)),
+                  kExitUsage);
+    }
     absl::StatusOr<std::unique_ptr<HeadSubset>> s = SelectQueryHeads(*request, views.heads);
     if (!s.ok()) return Fail(s.status(), kExitUsage);
     subset = *std::move(s);
@@ -912,7 +1206,9 @@ int Main(int argc, char** argv) {
       "  info    server version, backends, limits\n"
       "  health  grpc.health.v1 status (exit 0 when SERVING)\n"
       "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy;\n"
-      "          --entropy; --heatmap=w.png [--heads=0-3] [--tokens=FILE]; --bertviz=w.json\n"
+      "          --entropy; --heatmap=w.png [--heads=0-3] [--tokens=FILE]; --bertviz=w.json;\n"
+      "          sparse: --block_mask=m.npz | --key_indices=i.npy [--query_block --key_block],\n"
+      "          --global_tokens=0,5 --sink_logits=0.5,...\n"
       "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json;\n"
       "          --sessions=N --context=T: decode steps across N KV-cache sessions;\n"
       "          --layers=L [--batched]: model-shaped, every token through L layers");
