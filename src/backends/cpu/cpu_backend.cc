@@ -114,7 +114,7 @@ struct SplitTile {
 };
 
 bool NeedsScalarPath(const AttentionParams& p) {
-  return p.variant == Variant::kLinear || p.weights != nullptr || p.top_k > 0 || p.sparse.any();
+  return p.variant == Variant::kLinear || p.weights != nullptr || p.top_k > 0;
 }
 
 class CpuBackend final : public Backend {
@@ -249,8 +249,18 @@ class CpuBackend final : public Backend {
     // heads) times as many query rows as fit, so K/V is read once per group.
     // Decode tiles take every head of the batch row instead (up to 64), so a
     // thread streams the row's K and V in address order.
+    // Under key lists a decode tile takes the heads that share one list
+    // (its lanes must see the same keys).
+    int32_t decode_heads = p.num_heads_q;
+    if (p.sparse.list_offsets != nullptr) {
+      // A divisor of the list's heads, so that no tile spans two lists.
+      decode_heads = p.sparse.list_head_div;
+      for (int32_t d = cpu::kMaxTileLanes; decode_heads > cpu::kMaxTileLanes; --d) {
+        if (p.sparse.list_head_div % d == 0) decode_heads = d;
+      }
+    }
     const int32_t heads = std::min<int32_t>(
-        cpu::DecodeTileApplies(p) ? p.num_heads_q : p.group_size, cpu::kMaxTileLanes);
+        cpu::DecodeTileApplies(p) ? decode_heads : p.group_size, cpu::kMaxTileLanes);
     const int32_t rows = std::max<int32_t>(1, std::min<int32_t>(cpu::kMaxTileLanes / heads, p.seqlen_q));
     const int32_t row_tiles = (p.seqlen_q + rows - 1) / rows;
     const KeySplit split = SplitFor(p, row_tiles, int64_t{heads} * rows);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "backends/cpu/sparse_tile.h"
 #include "core/half.h"
 
 namespace attnserve::cpu {
@@ -34,8 +35,9 @@ int64_t FlashWorkspaceFloats(const AttentionParams& params) {
   const int64_t Dv = params.value_dim;
   // qt, s, ot, then m, l, alpha, begin, end, u, then the widened K and V
   // blocks; the layout is carved in flash_kernel_impl.h in this order.
+  // A sparse tile's key bitmap (two floats per 64-bit word) comes last.
   return RoundUp16(D * M) + RoundUp16(kKeyBlock * M) + RoundUp16(Dv * M) + 6 * M +
-         RoundUp16(kKeyBlock * D) + RoundUp16(kKeyBlock * Dv);
+         RoundUp16(kKeyBlock * D) + RoundUp16(kKeyBlock * Dv) + 2 * SparseBitmapWords(params);
 }
 
 bool FlashTileFnForIsa(std::string_view isa, FlashTileFn* fn) {
@@ -66,6 +68,29 @@ FlashTileFn SelectFlashTileFn(const char** isa) {
   return nullptr;
 }
 
+LaneResult FinishLane(const AttentionParams& p, int64_t head, float m, float l, float u) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  LaneResult r;
+  float a = 1.f;  // the output's factor from a sink raising the max
+  if (p.sparse.sink_logits != nullptr) {
+    const float sink = p.sparse.sink_logits[head] * 1.4426950408889634f;
+    const float m_new = std::max(m, sink);
+    a = std::exp2(m - m_new);  // 0 when the lane saw no key
+    const float e = std::exp2(sink - m_new);
+    u = a * (u + l * std::max(m - m_new, -1e30f)) + e * (sink - m_new);
+    l = l * a + e;
+    m = m_new;
+  }
+  if (l > 0.f) {
+    r.out_scale = a == 1.f ? 1.f / l : a / l;
+    r.lse = (m + std::log2(l)) * kLn2;
+    r.entropy = std::max(0.f, kLn2 * (std::log2(l) - u / l));
+  } else {
+    r.lse = -std::numeric_limits<float>::infinity();
+  }
+  return r;
+}
+
 void MergePartials(const AttentionParams& p, const FlashTile& t, const float* partials,
                    int num_chunks) {
   const int lanes = t.num_heads * t.num_rows;
@@ -94,18 +119,11 @@ void MergePartials(const AttentionParams& p, const FlashTile& t, const float* pa
         for (int64_t dv = 0; dv < Dv; ++dv) acc[dv] += part[kPartialHeader + dv] * w;
       }
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const LaneResult r = FinishLane(p, h, m, l, u);
     const int64_t o0 = t.batch * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
-    for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, acc[dv] * inv);
-    if (p.lse != nullptr) {
-      p.lse[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] =
-          l > 0.f ? (m + std::log2(l)) * 0.6931471805599453f
-                  : -std::numeric_limits<float>::infinity();
-    }
-    if (p.entropy != nullptr) {
-      p.entropy[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] =
-          l > 0.f ? std::max(0.f, 0.6931471805599453f * (std::log2(l) - u / l)) : 0.f;
-    }
+    for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, acc[dv] * r.out_scale);
+    if (p.lse != nullptr) p.lse[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] = r.lse;
+    if (p.entropy != nullptr) p.entropy[(t.batch * p.num_heads_q + h) * p.seqlen_q + i] = r.entropy;
   }
 }
 

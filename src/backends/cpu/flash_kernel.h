@@ -71,6 +71,17 @@ FlashTileFn SelectFlashTileFn(const char** isa);
 // *fn (null for "scalar"). False for an unknown name or a missing feature.
 bool FlashTileFnForIsa(std::string_view isa, FlashTileFn* fn);
 
+// A lane's final statistics from its running max m (log2 units), its sum of
+// exponentials l and its entropy accumulator u (see EntropyRescale in
+// flash_kernel_impl.h), with the head's sink logit (SparseParams::
+// sink_logits) counted as one more outcome when there is one.
+struct LaneResult {
+  float out_scale = 0.f;  // multiplies the unnormalised output
+  float lse = 0.f;        // natural log; -inf when the lane saw nothing
+  float entropy = 0.f;    // nats; 0 when the lane saw nothing
+};
+LaneResult FinishLane(const AttentionParams& params, int64_t head, float m, float l, float u);
+
 // Combines the partial results of `num_chunks` chunks of one tile (laid out
 // chunk after chunk, each `lanes` partials) in chunk order and writes the
 // final output and lse of the tile's lanes.

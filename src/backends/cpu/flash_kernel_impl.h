@@ -27,11 +27,13 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 
 #include "attention/params.h"
 #include "backends/cpu/flash_kernel.h"
+#include "backends/cpu/sparse_tile.h"
 #include "core/half.h"
 
 namespace attnserve::cpu {
@@ -39,7 +41,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 constexpr int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -54,13 +55,6 @@ inline void EntropyRescale(float* u, typename T::V a, typename T::V l_old, typen
                            typename T::V m_new, typename T::V new_terms) {
   const typename T::V delta = T::Max(T::Sub(m_old, m_new), T::Set1(-1e30f));
   T::Store(u, T::Fma(a, T::Fma(l_old, delta, T::Load(u)), new_terms));
-}
-
-// −Σ p·ln p of a lane from its l and u (see EntropyRescale); 0 for a lane
-// that saw no key.
-inline float EntropyNats(float l, float u) {
-  if (!(l > 0.f)) return 0.f;
-  return std::max(0.f, kLn2 * (std::log2(l) - u / l));
 }
 
 // C[r][lane] = (C[r][lane] * cscale[lane] or 0) + Σ_k A(r, k) · B[k][lane] for
@@ -160,18 +154,34 @@ void StageBlock(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t j0
   }
 }
 
+// StageBlock for gathered keys: rows keys[0 .. rows) (a sparse tile's chunk).
+template <class T, bool kValues>
+void StageRows(const AttentionParams& p, int64_t b, int64_t kv_head, const int32_t* keys,
+               int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const void* src = kValues ? ValueRow(p, b, keys[r], kv_head) : KeyRow(p, b, keys[r], kv_head);
+    if (p.dtype == DType::kF32) {
+      std::memcpy(dst + r * cols, src, cols * sizeof(float));
+    } else {
+      T::Widen16(static_cast<const uint16_t*>(src), p.dtype, cols, dst + r * cols);
+    }
+  }
+}
+
 // Applies softcap, ALiBi and bias to a block of raw scores (scale·q·k) and
 // converts them to log2 units. Scalar: these options are rare on the hot path.
-void TransformScores(const AttentionParams& p, const FlashTile& t, int64_t j0, int64_t nk,
-                     int64_t lanes_padded, float* s) {
+// The block's keys are j0 .. j0 + nk, or keys[0 .. nk) when gathered.
+void TransformScores(const AttentionParams& p, const FlashTile& t, int64_t j0, const int32_t* keys,
+                     int64_t nk, int64_t lanes_padded, float* s) {
   const int lanes = t.num_heads * t.num_rows;
   for (int lane = 0; lane < lanes; ++lane) {
     const int64_t h = t.head_begin + lane / t.num_rows;
     const int64_t i = t.row_begin + lane % t.num_rows;
     for (int64_t j = 0; j < nk; ++j) {
+      const int64_t key = keys != nullptr ? keys[j] : j0 + j;
       float x = s[j * lanes_padded + lane];
       if (p.softcap > 0.f) x = p.softcap * std::tanh(x / p.softcap);
-      x += AlibiBias(p, t.batch, h, i, j0 + j) + BiasAt(p, t.batch, h, i, j0 + j);
+      x += AlibiBias(p, t.batch, h, i, key) + BiasAt(p, t.batch, h, i, key);
       s[j * lanes_padded + lane] = x * kLog2e;
     }
   }
@@ -386,14 +396,37 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
   // resolve each token once); head g is g head strides further. The score
   // pass runs kR keys at a time, so a short last group repeats the last key
   // and its extra scores (rows past nk of s) are never read.
+  //
+  // Under a sparse pattern the lanes share one key list (the backend plans
+  // decode tiles so), so the keys SparseTileKeys yields are exactly the
+  // visible ones, contiguous or not; each chunk is addressed key by key.
   const char* krow[kKeyBlock + 4];
   const char* vrow[kKeyBlock];
-  for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
-    j1 = std::min<int64_t>(j0 + kKeyBlock, hi);
-    const int nk = static_cast<int>(j1 - j0);
+  const bool sparse = p.sparse.masks();
+  int32_t range_begin[kMaxTileLanes], range_end[kMaxTileLanes];
+  std::fill(range_begin, range_begin + lanes, static_cast<int32_t>(lo < hi ? lo : 0));
+  std::fill(range_end, range_end + lanes, static_cast<int32_t>(lo < hi ? hi : 0));
+  std::optional<SparseTileKeys> sparse_keys;
+  if (sparse) {
+    sparse_keys.emplace(p, t, range_begin, range_end,
+                        reinterpret_cast<uint64_t*>(ws + FlashWorkspaceFloats(p) -
+                                                    2 * SparseBitmapWords(p)));
+  }
+  int32_t keys[kKeyBlock];
+  for (int64_t j0 = lo;;) {
+    int nk;
+    if (sparse) {
+      nk = sparse_keys->Next(keys);
+      if (nk == 0) break;
+    } else {
+      if (j0 >= hi) break;
+      nk = static_cast<int>(std::min<int64_t>(kKeyBlock, hi - j0));
+      for (int j = 0; j < nk; ++j) keys[j] = static_cast<int32_t>(j0 + j);
+      j0 += nk;
+    }
     for (int j = 0; j < nk; ++j) {
-      krow[j] = static_cast<const char*>(KeyRow(p, b, j0 + j, 0));
-      vrow[j] = static_cast<const char*>(ValueRow(p, b, j0 + j, 0));
+      krow[j] = static_cast<const char*>(KeyRow(p, b, keys[j], 0));
+      vrow[j] = static_cast<const char*>(ValueRow(p, b, keys[j], 0));
     }
     for (int j = nk; j % kR != 0; ++j) krow[j] = krow[nk - 1];
 
@@ -475,18 +508,12 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
   }
   for (int lane = 0; lane < lanes; ++lane) {
     const int64_t h = t.head_begin + lane;
-    const float inv = l[lane] > 0.f ? 1.f / l[lane] : 0.f;
+    const LaneResult r = FinishLane(p, h, m[lane], l[lane], entropy ? u[lane] : 0.f);
     const int64_t o0 = b * p.o_batch_stride + t.row_begin * p.o_row_stride + h * p.o_head_stride;
     for (int64_t dv = 0; dv < Dv; ++dv)
-      StoreFloat(p.o, p.dtype, o0 + dv, o[lane * Dv + R::Position(dv, Dv)] * inv);
-    if (p.lse != nullptr) {
-      p.lse[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] =
-          l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
-    }
-    if (entropy) {
-      p.entropy[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] =
-          EntropyNats(l[lane], u[lane]);
-    }
+      StoreFloat(p.o, p.dtype, o0 + dv, o[lane * Dv + R::Position(dv, Dv)] * r.out_scale);
+    if (p.lse != nullptr) p.lse[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] = r.lse;
+    if (entropy) p.entropy[(b * p.num_heads_q + h) * p.seqlen_q + t.row_begin] = r.entropy;
   }
 }
 
@@ -574,32 +601,23 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
 
   const bool wide = p.dtype == DType::kF32;
 
-  // Key blocks are the same whether K/V are contiguous or paged, so a session's
-  // decode step is bitwise equal to stateless attention over the same K/V.
-  auto block_end = [&](int64_t j0) { return std::min<int64_t>(j0 + kKeyBlock, hi); };
-  if (lo < hi) {
-    PrefetchRows<false>(p, b, kv_head, lo, block_end(lo));
-    PrefetchRows<true>(p, b, kv_head, lo, block_end(lo));
-  }
-  for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
-    j1 = block_end(j0);
-    const int64_t nk = j1 - j0;
-    // The next block's K and V load while this one computes.
-    const int64_t next_end = j1 < hi ? block_end(j1) : j1;
-    PrefetchRows<false>(p, b, kv_head, j1, next_end);
-    const bool full = max_begin <= j0 && min_end >= j1;
-    if (!full) {
-      bool any = false;
-      for (int lane = 0; lane < lanes && !any; ++lane) {
-        any = std::min<int64_t>(end[lane], j1) > std::max<int64_t>(begin[lane], j0);
-      }
-      if (!any) continue;  // e.g. between two sliding windows of the tile's rows
-    }
-
+  // One block of keys: j0 .. j0 + nk, or keys[0 .. nk) when gathered (a
+  // sparse tile's chunk). `full`: every lane sees every key (no mask);
+  // otherwise each lane sees the keys in its [begin, end), unless `sparse`
+  // is given, whose explicit mask over the chunk's `chunk_keys` then
+  // decides. [pf0, pf1): the next contiguous block, prefetched while this
+  // one computes.
+  auto run_block = [&](int64_t j0, int64_t nk, const int32_t* keys, bool full,
+                       SparseTileKeys* sparse, const int32_t* chunk_keys, int64_t pf0,
+                       int64_t pf1) {
     // S = K·Qᵀ (keys x lanes).
     const float* kp;
     int64_t k_row;
-    if (wide && p.kv_blocks == nullptr) {
+    if (keys != nullptr) {
+      StageRows<T, false>(p, b, kv_head, keys, nk, D, kbuf);
+      kp = kbuf;
+      k_row = D;
+    } else if (wide && p.kv_blocks == nullptr) {
       kp = static_cast<const float*>(KeyRow(p, b, j0, kv_head));
       k_row = p.k_row_stride;
     } else {
@@ -609,7 +627,11 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     }
     Gemm<T, false>(nk, M, D, kp, k_row, qt, s, nullptr);
 
-    if (!plain) TransformScores(p, t, j0, nk, M, s);
+    if (!plain) TransformScores(p, t, j0, keys, nk, M, s);
+    if (sparse != nullptr) {
+      sparse->ApplyMask(chunk_keys, static_cast<int>(nk), s, M);
+      full = true;  // masked scores are -inf now
+    }
 
     // Online softmax, one lane vector at a time (all vertical operations).
     for (int64_t v = 0; v < M; v += W) {
@@ -678,10 +700,14 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     }
 
     // O = O·diag(alpha) + Vᵀ·P.
-    PrefetchRows<true>(p, b, kv_head, j1, next_end);
+    PrefetchRows<true>(p, b, kv_head, pf0, pf1);
     const float* vp;
     int64_t v_row;
-    if (wide && p.kv_blocks == nullptr) {
+    if (keys != nullptr) {
+      StageRows<T, true>(p, b, kv_head, keys, nk, Dv, vbuf);
+      vp = vbuf;
+      v_row = Dv;
+    } else if (wide && p.kv_blocks == nullptr) {
       vp = static_cast<const float*>(ValueRow(p, b, j0, kv_head));
       v_row = p.v_row_stride;
     } else {
@@ -690,6 +716,58 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
       v_row = Dv;
     }
     Gemm<T, true>(Dv, M, nk, vp, v_row, s, ot, alpha);
+  };
+
+  if (p.sparse.masks()) {
+    // The union of the lanes' candidate keys, chunk by chunk; one chunk
+    // ahead, so its rows can be prefetched.
+    uint64_t* bitmap = reinterpret_cast<uint64_t*>(ws + FlashWorkspaceFloats(p) -
+                                                   2 * SparseBitmapWords(p));
+    SparseTileKeys sparse(p, t, begin, end, bitmap);
+    int32_t chunk[2][kKeyBlock];
+    int n = sparse.Next(chunk[0]);
+    for (int c = 0; n > 0; c ^= 1) {
+      const int32_t* keys = chunk[c];
+      const int next_n = sparse.Next(chunk[c ^ 1]);
+      const bool contiguous = keys[n - 1] - keys[0] == n - 1;
+      const bool next_contiguous = next_n > 0 && chunk[c ^ 1][next_n - 1] - chunk[c ^ 1][0] == next_n - 1;
+      const int64_t pf0 = next_contiguous ? chunk[c ^ 1][0] : 0;
+      const int64_t pf1 = next_contiguous ? pf0 + next_n : 0;
+      PrefetchRows<false>(p, b, kv_head, pf0, pf1);
+      const SparseTileKeys::Mask mask = sparse.Classify(keys, n);
+      if (mask == SparseTileKeys::Mask::kExplicit) {
+        run_block(keys[0], n, contiguous ? nullptr : keys, false, &sparse, keys, pf0, pf1);
+      } else {
+        // Contiguous: the same arithmetic as a dense block.
+        run_block(keys[0], n, nullptr, mask == SparseTileKeys::Mask::kNone, nullptr, nullptr, pf0,
+                  pf1);
+      }
+      n = next_n;
+    }
+  } else {
+    // Key blocks are the same whether K/V are contiguous or paged, so a
+    // session's decode step is bitwise equal to stateless attention over the
+    // same K/V.
+    auto block_end = [&](int64_t j0) { return std::min<int64_t>(j0 + kKeyBlock, hi); };
+    if (lo < hi) {
+      PrefetchRows<false>(p, b, kv_head, lo, block_end(lo));
+      PrefetchRows<true>(p, b, kv_head, lo, block_end(lo));
+    }
+    for (int64_t j0 = lo, j1; j0 < hi; j0 = j1) {
+      j1 = block_end(j0);
+      // The next block's K and V load while this one computes.
+      const int64_t next_end = j1 < hi ? block_end(j1) : j1;
+      PrefetchRows<false>(p, b, kv_head, j1, next_end);
+      const bool full = max_begin <= j0 && min_end >= j1;
+      if (!full) {
+        bool any = false;
+        for (int lane = 0; lane < lanes && !any; ++lane) {
+          any = std::min<int64_t>(end[lane], j1) > std::max<int64_t>(begin[lane], j0);
+        }
+        if (!any) continue;  // e.g. between two sliding windows of the tile's rows
+      }
+      run_block(j0, j1 - j0, nullptr, full, nullptr, nullptr, j1, next_end);
+    }
   }
 
   if (t.partial != nullptr) {
@@ -705,7 +783,8 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
   for (int lane = 0; lane < lanes; ++lane) {
     const int64_t h = t.head_begin + lane / t.num_rows;
     const int64_t i = t.row_begin + lane % t.num_rows;
-    const float inv = l[lane] > 0.f ? 1.f / l[lane] : 0.f;
+    const LaneResult r = FinishLane(p, h, m[lane], l[lane], entropy ? u[lane] : 0.f);
+    const float inv = r.out_scale;
     const int64_t o0 = b * p.o_batch_stride + i * p.o_row_stride + h * p.o_head_stride;
     if (p.dtype == DType::kF32) {
       float* o = static_cast<float*>(p.o) + o0;
@@ -713,11 +792,8 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     } else {
       for (int64_t dv = 0; dv < Dv; ++dv) StoreFloat(p.o, p.dtype, o0 + dv, ot[dv * M + lane] * inv);
     }
-    if (p.lse != nullptr) {
-      p.lse[(b * p.num_heads_q + h) * p.seqlen_q + i] =
-          l[lane] > 0.f ? (m[lane] + std::log2(l[lane])) * kLn2 : kNegInf;
-    }
-    if (entropy) p.entropy[(b * p.num_heads_q + h) * p.seqlen_q + i] = EntropyNats(l[lane], u[lane]);
+    if (p.lse != nullptr) p.lse[(b * p.num_heads_q + h) * p.seqlen_q + i] = r.lse;
+    if (entropy) p.entropy[(b * p.num_heads_q + h) * p.seqlen_q + i] = r.entropy;
   }
 }
 
