@@ -25,8 +25,16 @@ cross-attention, with each layer's attention output (projections through
 o_proj) computed in float64 from the weights as stored; llama-family layers are
 cross-checked against PyTorch's SDPA, bert layers are torch.nn.MultiheadAttention.
 
+And it generates the sparse attention cases under tests/golden/sparse/: block
+masks (BSR indptr/indices, full blocks), key selections, global tokens and sink
+logits, with the dense boolean mask built key by key from the documented
+semantics (block masks also by expanding a dense block matrix, and the script
+fails if the two differ); the expected values are the softmax over the visible
+keys with the sink as one more logit column, dropped after the softmax, and are
+cross-checked against PyTorch's SDPA with the sink folded in by rescaling.
+
 Usage: /usr/bin/python3 tests/golden/generate.py [--out DIR] [--rope_out DIR]
-                                                 [--models_out DIR]
+                                                 [--models_out DIR] [--sparse_out DIR]
 (needs python3-torch and python3-numpy; see README.md).
 """
 
