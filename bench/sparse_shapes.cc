@@ -239,8 +239,10 @@ absl::StatusOr<double> CheckAgainstReference(const AttentionParams& ran, int64_t
                    ran.key_lengths == nullptr && ran.total_keys == 0;
   std::vector<std::pair<int64_t, int64_t>> slices;  // (first row, rows)
   if (cut) {
+    // A slice starts on a list row's first query, so that its lists are
+    // whole lists of `ran`.
     const int64_t unit = ran.sparse.list_offsets != nullptr ? ran.sparse.list_row_queries : 1;
-    const int64_t rows = std::min<int64_t>(ran.seqlen_q, CeilDiv(slice_rows, unit) * unit);
+    const int64_t rows = std::min<int64_t>(ran.seqlen_q, slice_rows);
     const int64_t last = (ran.seqlen_q - rows) / unit * unit;
     for (int64_t row0 : {int64_t{0}, last / 2 / unit * unit, last}) {
       if (slices.empty() || row0 != slices.back().first) {

@@ -84,8 +84,9 @@ int64_t ListedKvBytes(const AttentionParams& p);
 
 // Recomputes a few query rows of the finished job `ran` (its output filled)
 // with the reference kernel and compares: causal self-attention is cut into
-// three slices of `slice_rows` rows (first, middle, last), which see only
-// the keys up to their last row; any other request is checked whole.
+// three slices of `slice_rows` rows (first, middle, last; each starting on
+// a list row's first query), which see only the keys up to their last row;
+// any other request is checked whole.
 // Returns the largest |got - want| over the root mean square of the checked
 // reference outputs; INTERNAL naming the worst element when an element is
 // over atol·rms + rtol·|want| (F32: 1e-3, 1e-4; F16 and BF16: 2e-2, 1e-2).
