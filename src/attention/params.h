@@ -34,6 +34,7 @@ struct SparseParams {
   int32_t list_rows = 0;
   int32_t list_row_queries = 1;
   int32_t unit_keys = 1;
+  int64_t max_list_keys = 0;  // the most keys one list covers (count · unit_keys)
 
   // Global key positions, increasing; null when there are none.
   const int32_t* global_tokens = nullptr;

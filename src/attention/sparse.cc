@@ -25,6 +25,16 @@ absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The most keys one list of `s` covers.
+int64_t MaxListKeys(const SparseParams& s, int64_t lists) {
+  int64_t units = 0;
+  for (int64_t n = 0; n < lists; ++n) {
+    units = std::max<int64_t>(units, s.list_offsets[n + 1] - s.list_offsets[n]);
+  }
+  return units * s.unit_keys;
+}
+
+
 // "name[i, j, k]"
 std::string Indexed(absl::string_view name, std::initializer_list<int64_t> index) {
   return absl::StrCat(name, "[", absl::StrJoin(index, ", "), "]");
@@ -218,6 +228,7 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
   s.list_rows = static_cast<int32_t>(rows);
   s.list_row_queries = bm.block_rows;
   s.unit_keys = bm.block_cols;
+  s.max_list_keys = MaxListKeys(s, lists);
   return absl::OkStatus();
 }
 
@@ -289,6 +300,7 @@ absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, A
   s.list_rows = static_cast<int32_t>(rows);
   s.list_row_queries = ks.query_block;
   s.unit_keys = ks.key_block;
+  s.max_list_keys = MaxListKeys(s, lists);
   return absl::OkStatus();
 }
 

@@ -54,11 +54,18 @@ struct KeySplit {
 };
 
 KeySplit SplitFor(const AttentionParams& p, int32_t row_tiles, int64_t lanes) {
-  const bool split = (row_tiles == 1 && p.seqlen_k >= 2 * kSplitKeys) || p.seqlen_k > kMaxTileKeys;
+  // Under key lists (and no global tokens, which may show a row every key) a
+  // tile visits at most max_list_keys keys: split by those, so that a chunk
+  // still holds about kSplitKeys of them.
+  int64_t visited = p.seqlen_k;
+  if (p.sparse.list_offsets != nullptr && p.sparse.global_tokens == nullptr) {
+    visited = std::clamp<int64_t>(p.sparse.max_list_keys, 1, p.seqlen_k);
+  }
+  const bool split = (row_tiles == 1 && visited >= 2 * kSplitKeys) || visited > kMaxTileKeys;
   if (!split) return {1, p.seqlen_k};
   const int64_t lane_bytes = lanes * (cpu::kPartialHeader + p.value_dim) * int64_t{sizeof(float)};
   const int64_t max_chunks = std::max<int64_t>(2, kMaxTilePartialBytes / lane_bytes);
-  int64_t chunk_keys = kSplitKeys;
+  int64_t chunk_keys = kSplitKeys * ((p.seqlen_k + visited - 1) / visited);
   if ((p.seqlen_k + chunk_keys - 1) / chunk_keys > max_chunks) {
     const int64_t blocks = (p.seqlen_k + kSplitKeys - 1) / kSplitKeys;
     chunk_keys = (blocks + max_chunks - 1) / max_chunks * kSplitKeys;

@@ -412,12 +412,30 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
                         reinterpret_cast<uint64_t*>(ws + FlashWorkspaceFloats(p) -
                                                     2 * SparseBitmapWords(p)));
   }
-  int32_t keys[kKeyBlock];
+  // Sparse chunks are fetched one ahead, so that the next one's rows (of
+  // scattered keys, which the hardware prefetchers do not foresee) load
+  // while this one computes.
+  int32_t chunk[2][kKeyBlock];
+  int cur = 0;
+  int next_nk = sparse ? sparse_keys->Next(chunk[0]) : 0;
+  const int64_t k_row_bytes = D * es;
+  const int64_t v_row_bytes = Dv * es;
   for (int64_t j0 = lo;;) {
     int nk;
+    int32_t* keys = chunk[cur];
     if (sparse) {
-      nk = sparse_keys->Next(keys);
+      nk = next_nk;
       if (nk == 0) break;
+      cur ^= 1;
+      next_nk = sparse_keys->Next(chunk[cur]);
+      for (int j = 0; j < next_nk; ++j) {
+        const char* kr = static_cast<const char*>(KeyRow(p, b, chunk[cur][j], 0));
+        const char* vr = static_cast<const char*>(ValueRow(p, b, chunk[cur][j], 0));
+        for (int64_t g = g_first; g <= g_last; ++g) {
+          for (int64_t off = 0; off < k_row_bytes; off += 64) __builtin_prefetch(kr + g * k_head_bytes + off, 0, 3);
+          for (int64_t off = 0; off < v_row_bytes; off += 64) __builtin_prefetch(vr + g * v_head_bytes + off, 0, 3);
+        }
+      }
     } else {
       if (j0 >= hi) break;
       nk = static_cast<int>(std::min<int64_t>(kKeyBlock, hi - j0));

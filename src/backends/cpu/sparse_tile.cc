@@ -111,13 +111,6 @@ int SparseTileKeys::Next(int32_t* keys) {
   return n;
 }
 
-bool SparseTileKeys::Listed(Lane& L, int64_t j) {
-  if (L.units == nullptr) return true;
-  const int64_t u = j / p_.sparse.unit_keys;
-  while (L.cursor < L.count && L.units[L.cursor] < u) ++L.cursor;
-  return L.cursor < L.count && L.units[L.cursor] == u;
-}
-
 SparseTileKeys::Mask SparseTileKeys::Classify(const int32_t* keys, int n) {
   const SparseParams& s = p_.sparse;
   chunk_globals_ = 0;
@@ -155,17 +148,70 @@ SparseTileKeys::Mask SparseTileKeys::Classify(const int32_t* keys, int n) {
   return ranges_decide ? Mask::kRange : Mask::kExplicit;
 }
 
+namespace {
+
+// Bits [a, b) of a 64-bit word (0 <= a, b <= 64).
+uint64_t BitRange(int64_t a, int64_t b) {
+  a = std::clamp<int64_t>(a, 0, 64);
+  b = std::clamp<int64_t>(b, 0, 64);
+  if (a >= b) return 0;
+  const uint64_t upto_b = b == 64 ? ~uint64_t{0} : (uint64_t{1} << b) - 1;
+  return upto_b & (~uint64_t{0} << a);
+}
+
+}  // namespace
+
+uint64_t SparseTileKeys::ListedBits(Lane& L, const int32_t* keys, int n, bool contiguous) {
+  const int64_t U = p_.sparse.unit_keys;
+  if (L.units == nullptr) return BitRange(0, n);
+  const int64_t j0 = keys[0];
+  while (L.cursor < L.count && (int64_t{L.units[L.cursor]} + 1) * U <= j0) ++L.cursor;
+  uint64_t bits = 0;
+  if (contiguous) {
+    // Units overlapping [j0, j0 + n), each a run of bits.
+    for (int32_t c = L.cursor; c < L.count && int64_t{L.units[c]} * U < j0 + n; ++c) {
+      const int64_t u0 = int64_t{L.units[c]} * U - j0;
+      bits |= U == 1 ? uint64_t{1} << u0 : BitRange(u0, u0 + U);
+    }
+    return bits;
+  }
+  // Gathered keys: walk the keys and the units together.
+  for (int32_t k = 0, c = L.cursor; k < n && c < L.count;) {
+    const int64_t first = int64_t{L.units[c]} * U;
+    if (first + U <= keys[k]) {
+      ++c;
+    } else if (first > keys[k]) {
+      ++k;
+    } else {
+      bits |= uint64_t{1} << k++;
+    }
+  }
+  return bits;
+}
+
 void SparseTileKeys::ApplyMask(const int32_t* keys, int n, float* s, int64_t M) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t j0 = keys[0];
+  const bool contiguous = int64_t{keys[n - 1]} - j0 == n - 1;
+  const uint64_t all = BitRange(0, n);
   for (int lane = 0; lane < lanes_; ++lane) {
     Lane& L = lane_[lane];
-    for (int k = 0; k < n; ++k) {
-      const int64_t j = keys[k];
-      bool visible = j >= L.begin && j < L.end && Listed(L, j);
-      if (!visible && (L.global_row || ((chunk_globals_ >> k) & 1) != 0)) {
-        visible = !p_.causal || j <= L.diag;
+    // Bit k: keys[k] is visible to the lane.
+    uint64_t in_range, before_diag;
+    if (contiguous) {
+      in_range = BitRange(L.begin - j0, L.end - j0);
+      before_diag = p_.causal ? BitRange(0, L.diag - j0 + 1) : all;
+    } else {
+      in_range = before_diag = 0;
+      for (int k = 0; k < n; ++k) {
+        in_range |= uint64_t{keys[k] >= L.begin && keys[k] < L.end} << k;
+        before_diag |= uint64_t{!p_.causal || keys[k] <= L.diag} << k;
       }
-      if (!visible) s[k * M + lane] = kNegInf;
+    }
+    uint64_t visible = in_range != 0 ? in_range & ListedBits(L, keys, n, contiguous) : 0;
+    visible |= (L.global_row ? all : chunk_globals_) & before_diag;
+    for (uint64_t hidden = all & ~visible; hidden != 0; hidden &= hidden - 1) {
+      s[__builtin_ctzll(hidden) * M + lane] = kNegInf;
     }
   }
 }

@@ -64,7 +64,9 @@ class SparseTileKeys {
   };
 
   void SetBits(int64_t j0, int64_t j1);
-  bool Listed(Lane& lane, int64_t j);  // advances the cursor; keys asked in increasing order
+  // Bit k: keys[k] lies in a unit of the lane's list. Advances the lane's
+  // cursor (chunks come in increasing key order).
+  uint64_t ListedBits(Lane& lane, const int32_t* keys, int n, bool contiguous);
 
   const AttentionParams& p_;
   int lanes_ = 0;
