@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <new>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -92,6 +93,66 @@ absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view 
   view.shape.assign(t.shape().begin(), t.shape().end());
   view.data = std::string_view(t.data().data(), t.data().size());
   return view;
+}
+
+absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field) {
+  if (t.dtype() != v1::I32) {
+    const std::string& name = v1::DType_Name(t.dtype());
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".dtype: expected I32, got ",
+        t.dtype() == v1::DTYPE_UNSPECIFIED ? "DTYPE_UNSPECIFIED (unset)"
+        : name.empty()                      ? absl::StrCat(t.dtype())
+                                            : name));
+  }
+  TensorView view;
+  view.dtype = DType::kI32;
+  view.shape.assign(t.shape().begin(), t.shape().end());
+  view.data = std::string_view(t.data().data(), t.data().size());
+  return view;
+}
+
+absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto) {
+  SparsitySpec spec;
+  if (proto.has_block_mask()) {
+    const v1::BlockMask& bm = proto.block_mask();
+    BlockMaskSpec mask;
+    mask.block_rows = bm.block_rows();
+    mask.block_cols = bm.block_cols();
+    for (auto [tensor, field, view] :
+         {std::tuple{&bm.indptr(), "sparsity.block_mask.indptr", &mask.indptr},
+          std::tuple{&bm.indices(), "sparsity.block_mask.indices", &mask.indices}}) {
+      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field);
+      if (!v.ok()) return v.status();
+      *view = *std::move(v);
+    }
+    // The full blocks are absent when unset or empty (no shape, no data):
+    // some clients write every field.
+    for (auto [has, tensor, field, view] :
+         {std::tuple{bm.has_full_indptr(), &bm.full_indptr(), "sparsity.block_mask.full_indptr",
+                     &mask.full_indptr},
+          std::tuple{bm.has_full_indices(), &bm.full_indices(),
+                     "sparsity.block_mask.full_indices", &mask.full_indices}}) {
+      if (!has || (tensor->shape_size() == 0 && tensor->data().empty())) continue;
+      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field);
+      if (!v.ok()) return v.status();
+      *view = *std::move(v);
+    }
+    spec.block_mask = std::move(mask);
+  }
+  if (proto.has_key_indices()) {
+    const v1::KeySelection& ks = proto.key_indices();
+    KeySelectionSpec selection;
+    absl::StatusOr<TensorView> indices =
+        IndexViewFromProto(ks.indices(), "sparsity.key_indices.indices");
+    if (!indices.ok()) return indices.status();
+    selection.indices = *std::move(indices);
+    selection.query_block = ks.query_block() == 0 ? 1 : ks.query_block();
+    selection.key_block = ks.key_block() == 0 ? 1 : ks.key_block();
+    spec.key_indices = std::move(selection);
+  }
+  spec.global_tokens.assign(proto.global_tokens().begin(), proto.global_tokens().end());
+  spec.sink_logits.assign(proto.sink_logits().begin(), proto.sink_logits().end());
+  return spec;
 }
 
 void TensorToProto(Tensor& t, v1::Tensor* out) {
@@ -187,6 +248,12 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
   absl::StatusOr<AttentionOptions> options = OptionsFromProto(proto.options());
   if (!options.ok()) return options.status();
   request.options = *std::move(options);
+
+  if (proto.has_sparsity()) {
+    absl::StatusOr<SparsitySpec> sparsity = SparsityFromProto(proto.sparsity());
+    if (!sparsity.ok()) return sparsity.status();
+    request.sparsity = *std::move(sparsity);
+  }
 
   request.outputs = OutputsFromProto(proto.outputs());
   return request;

@@ -27,6 +27,20 @@ absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field);
 // dtype. Shapes and sizes are checked later, by their consumer.
 absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field);
 
+// A view of an index tensor's bytes (no copy); INVALID_ARGUMENT naming
+// `field` ("sparsity.key_indices.indices") unless its dtype is I32. Shapes and
+// values are checked later, by PlanSparsity.
+absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field);
+
+// The core view of a sparse pattern: index tensors borrowed from `proto`
+// (which must outlive the result and any job planned from it), global tokens
+// and sink logits copied. Unset sub-messages stay unset, and so does a
+// full_indptr or full_indices with neither shape nor data; query_block and
+// key_block 0 mean 1. INVALID_ARGUMENT naming the field
+// ("sparsity.block_mask.indptr.dtype"); the pattern itself is checked by
+// PlanSparsity.
+absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto);
+
 // Moves `t`'s storage into `out` (no copy).
 void TensorToProto(Tensor& t, v1::Tensor* out);
 
@@ -35,8 +49,9 @@ absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& pr
 
 // The core view of `proto`. Tensor views point into proto's `bytes` fields, so
 // `proto` must outlive the result and any job prepared from it. Checks only
-// what the wire format adds (enum values); shapes and sizes are checked by
-// PrepareAttention. INVALID_ARGUMENT names the field.
+// what the wire format adds (enum values, the index tensors' dtype); shapes,
+// sizes and the sparse pattern are checked by PrepareAttention.
+// INVALID_ARGUMENT names the field.
 absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto);
 
 // The optional outputs asked of an attention call.
