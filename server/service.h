@@ -203,11 +203,12 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::Status FinishModelSteps(absl::Span<SessionStep* const> steps);
   // The rest of a step's checks, with nothing changed yet: the new K/V and
   // expected_context_tokens, the query converted (and with RoPE rotated),
-  // and the job planned over the grown cache; the backend's Supports.
+  // and the job planned over the grown cache, with `sparsity` (null: dense;
+  // borrowed until the step is answered); the backend's Supports.
   // Errors name the field. (session_rpcs.cc)
   absl::Status PlanStep(std::optional<int64_t> expected_context_tokens,
                         const AttentionOptions& options, const v1::OutputSpec& outputs,
-                        const Backend& backend, SessionStep* step);
+                        const v1::Sparsity* sparsity, const Backend& backend, SessionStep* step);
   // Drops `layer`'s tokens past `tokens` (BatchDecodeEntry.truncate_to);
   // context_tokens into `result`. Errors name the field. (session_rpcs.cc)
   // Refused (FAILED_PRECONDITION) unless the layer holds `expected` tokens,

@@ -55,6 +55,20 @@ absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
   return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
 }
 
+// A sparse pattern on a step of a session split over replicas: each shard
+// holds only a range of the keys, so a pattern over the whole cache cannot be
+// applied there; it is refused rather than ignored. OK for an empty one.
+absl::Status SplitSessionSparsity(absl::string_view field, const v1::Sparsity& sparsity) {
+  std::vector<std::string> parts;
+  if (sparsity.has_block_mask()) parts.push_back("block_mask");
+  if (sparsity.has_key_indices()) parts.push_back("key_indices");
+  if (sparsity.global_tokens_size() > 0) parts.push_back("global_tokens");
+  if (sparsity.sink_logits_size() > 0) parts.push_back("sink_logits");
+  if (parts.empty()) return absl::OkStatus();
+  return Invalid(field, "unset for a session split over replicas (shards)",
+                 absl::StrJoin(parts, ", "));
+}
+
 // Calls fn(model, layer, group) for each group of `steps` that are model
 // sessions' steps of one model and layer (in the steps' order), until one
 // returns an error.
@@ -497,6 +511,7 @@ absl::Status AttentionServiceImpl::FinishModelSteps(absl::Span<SessionStep* cons
 absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_context_tokens,
                                             const AttentionOptions& options,
                                             const v1::OutputSpec& outputs,
+                                            const v1::Sparsity* sparsity,
                                             const Backend& backend, SessionStep* step) {
   const TensorView* query = &step->query;
   const int64_t q_count = CheckedElementCount(query->shape, int64_t{1} << 40);
@@ -591,6 +606,14 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
   step->core.outputs.entropy = outputs.entropy();
   step->core.key_offset = step->key_offset;
   step->core.total_keys = step->total_keys;
+  if (sparsity != nullptr) {
+    // Over the cache after the append: Lk is its tokens, key positions
+    // count from its first token. A sinks window that moves on the append
+    // has the pattern checked again over the cache as kept (AppendStep).
+    absl::StatusOr<SparsitySpec> spec = SparsityFromProto(*sparsity);
+    if (!spec.ok()) return spec.status();
+    step->core.sparsity = *std::move(spec);
+  }
   // The step as it will run, over the cache grown by the new tokens; the
   // blocks are not read here, so the current ones stand in for them.
   static const void* const kNoBlocks[1] = {nullptr};
@@ -698,6 +721,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     if (request.has_hidden()) {
       return Invalid("hidden", "unset for a session split over replicas", "hidden states");
     }
+    if (absl::Status s = SplitSessionSparsity("sparsity", request.sparsity()); !s.ok()) return s;
     ShardCoordinator::Entry entry{request.session_id(), &request.query(), &request.key(),
                                   &request.value(), std::nullopt};
     if (request.has_expected_context_tokens()) {
@@ -734,7 +758,10 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   }
   SessionStep* const steps[1] = {&step};
   if (absl::Status s = ProjectSteps(steps); !s.ok()) return s;
-  if (absl::Status s = PlanStep(expected, *options, request.outputs(), *backend, &step); !s.ok()) {
+  if (absl::Status s = PlanStep(expected, *options, request.outputs(),
+                                request.has_sparsity() ? &request.sparsity() : nullptr, *backend,
+                                &step);
+      !s.ok()) {
     return s;
   }
   if (absl::Status s = CheckRunnable(*step.job, *backend); !s.ok()) return s;
@@ -895,6 +922,11 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
                        "a q/k/v step of a session split over replicas, like entries[0]",
                        "another kind of entry");
       }
+      if (absl::Status s =
+              SplitSessionSparsity(absl::StrCat("entries[", i, "].sparsity"), e.sparsity());
+          !s.ok()) {
+        return s;
+      }
       ShardCoordinator::Entry entry{e.session_id(), &e.query(), &e.key(), &e.value(),
                                     std::nullopt};
       if (e.has_expected_context_tokens()) entry.expected_context_tokens = e.expected_context_tokens();
@@ -997,7 +1029,8 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     if (status.ok()) {
       std::optional<int64_t> expected;
       if (e.has_expected_context_tokens()) expected = e.expected_context_tokens();
-      status = PlanStep(expected, *options, outputs, *backend, &step);
+      status = PlanStep(expected, *options, outputs, e.has_sparsity() ? &e.sparsity() : nullptr,
+                        *backend, &step);
     }
     if (status.ok() && first_ok >= 0) {
       // The entries share one call: the same heads, dims and dtypes.
