@@ -48,6 +48,9 @@ ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
           "scratch, responses), in bytes; a request that does not fit gets RESOURCE_EXHAUSTED. "
           "0 = 85% of the cgroup (or physical) memory minus --kv_cache_bytes minus the --model "
           "weights minus 256 MiB");
+ABSL_FLAG(int64_t, max_sparse_bytes, kDefaults.limits.max_sparse_bytes,
+          "largest sparse pattern a request may describe (Sparsity: its index tensors, global "
+          "tokens and sink logits), in bytes; past it RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,
@@ -151,6 +154,7 @@ int main(int argc, char** argv) {
   options.max_request_bytes = absl::GetFlag(FLAGS_max_request_bytes);
   options.max_request_flops = absl::GetFlag(FLAGS_max_request_flops);
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
+  options.limits.max_sparse_bytes = absl::GetFlag(FLAGS_max_sparse_bytes);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
   options.attention_stats_sample = absl::GetFlag(FLAGS_attention_stats_sample);
   options.scheduler.workers = absl::GetFlag(FLAGS_workers);

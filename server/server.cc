@@ -28,6 +28,10 @@ absl::Status CheckOptions(const ServerOptions& o) {
     return s;
   }
   if (absl::Status s = positive("max_stream_inflight", o.max_stream_inflight); !s.ok()) return s;
+  if (absl::Status s = positive("max_sparse_bytes", static_cast<double>(o.limits.max_sparse_bytes));
+      !s.ok()) {
+    return s;
+  }
   if (o.max_request_flops < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_request_flops: expected >= 0 (0 = no limit), got ", o.max_request_flops));

@@ -65,7 +65,7 @@ struct ServerOptions {
   int64_t attention_stats_sample = 0;
   SchedulerOptions scheduler;
   SessionStoreOptions sessions;  // KV-cache sessions (--kv_cache_bytes, ...)
-  RequestLimits limits;
+  RequestLimits limits;  // --max_sparse_bytes sets limits.max_sparse_bytes
   int64_t drain_timeout_s = 30;  // how long Drain() lets admitted work finish
   AuthOptions auth;              // TLS, mutual TLS, bearer tokens (server/auth.h)
   // --model=NAME=DIR: models loaded at start, for AttendLayer and model
