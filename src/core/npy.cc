@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <optional>
 #include <sstream>
 
@@ -198,6 +199,7 @@ absl::StatusOr<Tensor> ParseNpy(std::string_view bytes) {
   t.shape = header->shape;
   size_t item_size = 0;
   bool widen_f64 = false;
+  bool narrow_i64 = false;
   if (header->descr == "<f4") {
     t.dtype = DType::kF32;
     item_size = 4;
@@ -211,9 +213,13 @@ absl::StatusOr<Tensor> ParseNpy(std::string_view bytes) {
     t.dtype = DType::kF32;
     item_size = 8;
     widen_f64 = true;
+  } else if (header->descr == "<i8") {  // NumPy's default integer: read as I32 when it fits
+    t.dtype = DType::kI32;
+    item_size = 8;
+    narrow_i64 = true;
   } else {
     return absl::InvalidArgumentError(absl::StrCat(
-        ".npy descr: expected '<f4', '<f2', '<i4' or '<f8', got '", header->descr, "'"));
+        ".npy descr: expected '<f4', '<f2', '<i4', '<i8' or '<f8', got '", header->descr, "'"));
   }
   const int64_t count = CheckedElementCount(t.shape, kMaxElements);
   if (count < 0) {
@@ -234,6 +240,18 @@ absl::StatusOr<Tensor> ParseNpy(std::string_view bytes) {
       std::memcpy(&d, data.data() + i * 8, 8);
       const float f = static_cast<float>(d);
       std::memcpy(t.data.data() + i * 4, &f, 4);
+    }
+  } else if (narrow_i64) {
+    t.data.resize(static_cast<size_t>(count) * 4);
+    for (int64_t i = 0; i < count; ++i) {
+      int64_t v;
+      std::memcpy(&v, data.data() + i * 8, 8);
+      if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            ".npy data: expected '<i8' values that fit in 32 bits, got ", v, " at element ", i));
+      }
+      const int32_t x = static_cast<int32_t>(v);
+      std::memcpy(t.data.data() + i * 4, &x, 4);
     }
   } else {
     t.data.assign(data);

@@ -120,6 +120,17 @@ TEST(NpyTest, ReadsVersions2And3AndF64) {
   EXPECT_EQ(f64->shape, (std::vector<int64_t>{1, 2}));
   EXPECT_EQ(f64->data_as<float>()[0], 0.5f);
   EXPECT_EQ(f64->data_as<float>()[1], -std::numeric_limits<float>::infinity());
+  // i8 (NumPy's default integer) is narrowed to I32 when every value fits.
+  absl::StatusOr<Tensor> i64 = ParseNpy(NpyBytes(
+      1, "{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }", Bytes<int64_t>({5, -1, 2147483647})));
+  ASSERT_TRUE(i64.ok()) << i64.status();
+  EXPECT_EQ(i64->dtype, DType::kI32);
+  EXPECT_EQ(i64->data_as<int32_t>()[1], -1);
+  EXPECT_EQ(i64->data_as<int32_t>()[2], 2147483647);
+  absl::StatusOr<Tensor> wide = ParseNpy(NpyBytes(
+      1, "{'descr': '<i8', 'fortran_order': False, 'shape': (2,), }", Bytes<int64_t>({1, int64_t{1} << 40})));
+  ASSERT_FALSE(wide.ok());
+  EXPECT_THAT(std::string(wide.status().message()), HasSubstr("1099511627776 at element 1"));
 }
 
 TEST(NpyTest, RejectsMalformedFiles) {
