@@ -19,6 +19,14 @@ namespace {
 
 constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
 
+// Where empty lists point (SparseParams::list_units is never null when
+// list_offsets is set).
+constexpr int32_t kNoUnits[1] = {0};
+
+const int32_t* UnitsOrEmpty(const std::vector<int32_t>& units) {
+  return units.empty() ? kNoUnits : units.data();
+}
+
 absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
 }
@@ -54,10 +62,7 @@ absl::StatusOr<const int32_t*> I32Elements(const TensorView& t, absl::string_vie
                    absl::StrCat(n * 4, " bytes (", ShapeString(t.shape), " x I32)"),
                    absl::StrCat(t.data.size(), " bytes"));
   }
-  if (n == 0) {
-    static const int32_t kNone = 0;
-    return &kNone;
-  }
+  if (n == 0) return kNoUnits;
   if (reinterpret_cast<uintptr_t>(t.data.data()) % alignof(int32_t) == 0) {
     return reinterpret_cast<const int32_t*>(t.data.data());
   }
@@ -219,7 +224,7 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
       }
     }
     job.sparse_offsets[lists] = static_cast<int32_t>(job.sparse_units.size());
-    s.list_units = job.sparse_units.data();
+    s.list_units = UnitsOrEmpty(job.sparse_units);
   }
   s.list_offsets = job.sparse_offsets.data();
   s.list_batches = static_cast<int32_t>(Bm);
@@ -293,7 +298,7 @@ absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, A
   job.sparse_offsets[lists] = static_cast<int32_t>(job.sparse_units.size());
   SparseParams& s = job.params.sparse;
   s.list_offsets = job.sparse_offsets.data();
-  s.list_units = job.sparse_units.data();
+  s.list_units = UnitsOrEmpty(job.sparse_units);
   s.list_batches = static_cast<int32_t>(Bi);
   s.list_heads = static_cast<int32_t>(Hi);
   s.list_head_div = static_cast<int32_t>(d.Hq / Hi);

@@ -22,6 +22,7 @@ SparseTileKeys::SparseTileKeys(const AttentionParams& p, const FlashTile& t, con
 
   // Lanes sharing a list set its units once, over the union of their ranges.
   struct Group {
+    bool has_list;
     const int32_t* units;
     int32_t count;
     int64_t begin, end;
@@ -45,6 +46,7 @@ SparseTileKeys::SparseTileKeys(const AttentionParams& p, const FlashTile& t, con
     }
     if (s.list_offsets != nullptr) {
       const KeyList list = SparseKeyList(p, t.batch, h, i);
+      L.has_list = true;
       L.units = list.units;
       L.count = list.count;
     }
@@ -52,13 +54,13 @@ SparseTileKeys::SparseTileKeys(const AttentionParams& p, const FlashTile& t, con
     int g = 0;
     // (An empty list may start where the next one does: compare counts too.)
     while (g < num_groups && (groups[g].units != L.units || groups[g].count != L.count)) ++g;
-    if (g == num_groups) groups[num_groups++] = Group{L.units, L.count, L.begin, L.end};
+    if (g == num_groups) groups[num_groups++] = Group{L.has_list, L.units, L.count, L.begin, L.end};
     groups[g].begin = std::min<int64_t>(groups[g].begin, L.begin);
     groups[g].end = std::max<int64_t>(groups[g].end, L.end);
   }
   for (int g = 0; g < num_groups; ++g) {
     const Group& G = groups[g];
-    if (G.units == nullptr) {
+    if (!G.has_list) {
       SetBits(G.begin, G.end);
       continue;
     }
@@ -130,7 +132,7 @@ SparseTileKeys::Mask SparseTileKeys::Classify(const int32_t* keys, int n) {
   for (int lane = 0; lane < lanes_; ++lane) {
     Lane& L = lane_[lane];
     bool listed = true;
-    if (L.units != nullptr) {
+    if (L.has_list) {
       const int64_t u0 = j0 / U, u1 = (j1 - 1) / U;
       while (L.cursor < L.count && L.units[L.cursor] < u0) ++L.cursor;
       // Units are distinct and increasing: u0..u1 are all listed when the
@@ -163,7 +165,7 @@ uint64_t BitRange(int64_t a, int64_t b) {
 
 uint64_t SparseTileKeys::ListedBits(Lane& L, const int32_t* keys, int n, bool contiguous) {
   const int64_t U = p_.sparse.unit_keys;
-  if (L.units == nullptr) return BitRange(0, n);
+  if (!L.has_list) return BitRange(0, n);
   const int64_t j0 = keys[0];
   while (L.cursor < L.count && (int64_t{L.units[L.cursor]} + 1) * U <= j0) ++L.cursor;
   uint64_t bits = 0;

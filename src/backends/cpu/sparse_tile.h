@@ -55,7 +55,8 @@ class SparseTileKeys {
 
  private:
   struct Lane {
-    const int32_t* units = nullptr;  // the lane's list (null: no lists)
+    bool has_list = false;           // false: no lists (every key of the range)
+    const int32_t* units = nullptr;  // the lane's list
     int32_t count = 0;
     int32_t cursor = 0;  // first unit not below the current chunk's
     int32_t begin = 0, end = 0;
