@@ -102,11 +102,11 @@ ABSL_FLAG(bool, entropy, false,
 ABSL_FLAG(std::string, entropy_out, "", "attend: request and write the entropy [B, Hq, Lq] (.npy)");
 // attend: sparse attention (README "Sparse attention").
 ABSL_FLAG(std::string, block_mask, "",
-          "attend: block-sparse mask, an .npz (np.savez or np.savez_compressed) of int32 arrays "
-          "indptr and indices (optional full_indptr, full_indices) and int32 scalars block_rows, "
+          "attend: block-sparse mask, an .npz (np.savez or np.savez_compressed) of integer arrays "
+          "indptr and indices (optional full_indptr, full_indices) and integer scalars block_rows, "
           "block_cols, as BlockMask in the proto");
 ABSL_FLAG(std::string, key_indices, "",
-          "attend: the keys each query sees, an int32 .npy [B, Hq or Hkv or 1, "
+          "attend: the keys each query sees, an integer .npy [B, Hq or Hkv or 1, "
           "ceil(Lq / query_block), k] of key (block) numbers, -1 padding");
 ABSL_FLAG(int32_t, query_block, 1, "attend --key_indices: query rows per index row");
 ABSL_FLAG(int32_t, key_block, 1, "attend --key_indices: keys per index");
@@ -378,9 +378,10 @@ absl::StatusOr<std::map<std::string, Tensor>> ReadNpz(const std::string& path) {
   return out;
 }
 
-// NumPy's default integers are int64, which .npy reading does not take.
+// Index arrays hold integers (int32, or NumPy's default int64 within int32's
+// range, which ParseNpy narrows).
 constexpr absl::string_view kInt32Hint =
-    " (save int32: a.astype(np.int32), np.int32(16) for a scalar)";
+    " (save integers: a.astype(np.int32), np.int32(16) for a scalar)";
 
 // "--<flag>=<path>: <message>", the status's code kept; a refused .npy
 // dtype gets kInt32Hint.

@@ -291,13 +291,21 @@ class SparseE2ETest(unittest.TestCase):
                 self.assertEqual(r.returncode, 0, r.stderr)
                 self.assertLessEqual(rel_error(np.load(paths["o"]), want), TOLERANCE["f32"])
 
-        # NumPy's default int64 is refused with the flag named and the fix.
+        # NumPy's default int64 is read (narrowed to int32); floats are
+        # refused with the flag named and the fix.
         npz = str(self.work / "mask_int64.npz")
-        np.savez(npz, **{**arrays, "block_rows": 8})
+        np.savez(npz, **{k: np.asarray(a, np.int64) for k, a in arrays.items()})
+        r = self.attnctl("attend", f"--q={paths['q']}", f"--k={paths['k']}",
+                         f"--v={paths['v']}", "--causal", f"--block_mask={npz}",
+                         "--global_tokens=2,27", "--backend=cpu", f"--out={paths['o']}")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertLessEqual(rel_error(np.load(paths["o"]), want), TOLERANCE["f32"])
+        npz = str(self.work / "mask_float.npz")
+        np.savez(npz, **{**arrays, "block_rows": np.float32(8)})
         r = self.attnctl("attend", f"--q={paths['q']}", f"--k={paths['k']}",
                          f"--v={paths['v']}", f"--block_mask={npz}")
         self.assertEqual(r.returncode, 2, r.stderr)
-        self.assertIn(f"--block_mask={npz}: block_rows.npy", r.stderr)
+        self.assertIn(f"--block_mask={npz}: block_rows", r.stderr)
         self.assertIn("np.int32", r.stderr)
         # The server's message names the field when the mask is wrong.
         npz = str(self.work / "mask_bad.npz")
