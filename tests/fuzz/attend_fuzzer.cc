@@ -3,6 +3,11 @@
 // (RequestFromProto), validated (PrepareAttention) and, when small enough to
 // take well under a millisecond, computed by the reference and the cpu backend.
 //
+// Sparse patterns (AttentionRequest::sparsity) are drawn from bytes of the
+// input (see SparseFromBytes): block masks, key selections, global tokens and
+// sinks, mostly valid for the request's dims and sometimes broken on purpose,
+// so that PlanSparsity's checks and the sparse kernels are fuzzed too.
+//
 // Any crash, sanitizer report or broken invariant aborts. The invariants are
 // the ones the API guarantees for every input, not tolerances tuned to random
 // data: errors carry a documented code; outputs have their documented shapes;
@@ -16,20 +21,25 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <iterator>
 #include <limits>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include <fuzzer/FuzzedDataProvider.h>
 #include <google/protobuf/stubs/logging.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/types/span.h"
 #include "attention/job.h"
 #include "attention/params.h"
 #include "attention/request.h"
+#include "attention/sparse.h"
 #include "attnserve/v1/attention.pb.h"
 #include "backends/backend.h"
 #include "backends/cpu/cpu_backend.h"
@@ -134,11 +144,15 @@ double Work(const Shape& s, int32_t top_k) {
   return work;
 }
 
-// Keys query row (b, h, i) attends: visible and not biased to -inf.
+// Keys query row (b, h, i) attends: visible and not biased to -inf. A sparse
+// pattern may show keys outside the row's range (global tokens): every key is
+// then put to KeyVisibleToHead.
 std::vector<char> Attended(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
   std::vector<char> attended(p.seqlen_k, 0);
-  const KeyRange r = VisibleKeyRange(p, b, i);
+  const bool sparse = p.sparse.masks();
+  const KeyRange r = sparse ? KeyRange{0, p.seqlen_k} : VisibleKeyRange(p, b, i);
   for (int64_t j = r.begin; j < r.end; ++j) {
+    if (sparse && !KeyVisibleToHead(p, b, h, i, j)) continue;
     attended[j] = p.variant == Variant::kLinear || BiasAt(p, b, h, i, j) != -kInf;
   }
   return attended;
@@ -223,16 +237,25 @@ void CheckBoundedOutputs(const AttentionJob& job, const Bounds& bounds, const ch
           if (masked && o != 0) Fail(absl::StrCat(where(), "fully masked row has output ", o));
         }
         const int64_t row = (b * s.Hq + h) * s.Lq + i;
+        // A sink is one more outcome: it takes the whole mass of a row
+        // without keys (lse = the sink, output 0, entropy 0).
+        const bool sink = p.sparse.sink_logits != nullptr;
         if (p.lse != nullptr) {
           const float lse = p.lse[row];
-          if (masked ? lse != -kInf : !std::isfinite(lse)) {
-            Fail(absl::StrCat(where(), "lse ", lse, " for a row with ", n_attended, " attended keys"));
+          const bool ok = !masked ? std::isfinite(lse)
+                          : sink  ? std::abs(double(lse) - p.sparse.sink_logits[h]) <=
+                                       1e-4 * (1 + std::abs(p.sparse.sink_logits[h]))
+                                  : lse == -kInf;
+          if (!ok) {
+            Fail(absl::StrCat(where(), "lse ", lse, " for a row with ", n_attended,
+                              " attended keys", sink ? " and a sink" : ""));
           }
         }
         if (p.entropy != nullptr) {
-          // 0 <= H <= ln(attended keys); 0 for a fully masked row.
+          // 0 <= H <= ln(outcomes); 0 for a fully masked row.
           const float h_nats = p.entropy[row];
-          const double most = masked ? 0.0 : std::log(static_cast<double>(n_attended)) + 1e-3 + slack;
+          const double outcomes = static_cast<double>(n_attended + (sink ? 1 : 0));
+          const double most = masked ? 0.0 : std::log(outcomes) + 1e-3 + slack;
           if (!(h_nats >= 0 && h_nats <= most)) {
             Fail(absl::StrCat(where(), "entropy ", h_nats, " for a row with ", n_attended,
                               " attended keys"));
@@ -248,9 +271,11 @@ void CheckBoundedOutputs(const AttentionJob& job, const Bounds& bounds, const ch
             }
             sum += w;
           }
-          if (std::abs(sum - (masked ? 0 : 1)) > slack) {
-            Fail(absl::StrCat(where(), "weights sum to ", sum));
-          }
+          // With a sink the keys' weights sum to 1 minus the sink's.
+          const bool ok = masked ? sum == 0
+                          : sink ? sum <= 1 + slack
+                                 : std::abs(sum - 1) <= slack;
+          if (!ok) Fail(absl::StrCat(where(), "weights sum to ", sum));
         }
         if (p.top_k > 0) {
           const int32_t* idx = p.top_k_indices + row * p.top_k;
@@ -350,6 +375,268 @@ bool RunOn(Backend& backend, const AttentionJob& job) {
   return true;
 }
 
+// The bytes a sparse pattern is drawn from: the request_id's (which the
+// mutator edits like any other field) or, when it is empty, for one input in
+// three, bytes derived from a hash of the whole input, so that the committed
+// dense seeds have sparse variants too. Empty: no pattern.
+std::string SparseSource(const v1::AttendRequest& proto, const uint8_t* data, size_t size) {
+  if (!proto.request_id().empty()) return proto.request_id();
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (size_t i = 0; i < size; ++i) h = (h ^ data[i]) * 1099511628211ull;
+  if (h % 3 != 0) return "";
+  std::string bytes(64, '\0');
+  for (char& c : bytes) {  // splitmix64
+    h += 0x9e3779b97f4a7c15ull;
+    uint64_t z = h;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    c = static_cast<char>(z ^ (z >> 31));
+  }
+  return bytes;
+}
+
+// Owns the bytes a drawn pattern's index tensors view.
+struct SparseBytes {
+  std::string indptr, indices, full_indptr, full_indices, key_indices;
+};
+
+TensorView I32View(std::string& bytes, std::vector<int64_t> shape, const std::vector<int32_t>& v) {
+  bytes.assign(v.size() * sizeof(int32_t), '\0');
+  if (!v.empty()) std::memcpy(bytes.data(), v.data(), bytes.size());
+  return TensorView{DType::kI32, std::move(shape), bytes};
+}
+
+// One element of `v` replaced by a value near the edges of what is valid.
+void Corrupt(FuzzedDataProvider& in, std::vector<int32_t>& v, int32_t limit) {
+  if (v.empty()) {
+    v.push_back(in.ConsumeIntegralInRange<int32_t>(-2, limit + 1));
+    return;
+  }
+  const size_t at = in.ConsumeIntegralInRange<size_t>(0, v.size() - 1);
+  const int32_t choices[] = {-2, -1, 0, limit - 1, limit, limit + 1,
+                             v[in.ConsumeIntegralInRange<size_t>(0, v.size() - 1)]};
+  v[at] = choices[in.ConsumeIntegralInRange<size_t>(0, std::size(choices) - 1)];
+}
+
+// Draws a sparse pattern for `request` from `source` (see SparseSource):
+// valid for the request's dims unless the bytes ask for one of the breakages
+// (an index out of range or repeated, a wrong shape or dtype, a zero block
+// size, full blocks without their indices, a sink that is not finite, ...).
+// Sizes stay small whatever the dims claim, so a pattern never costs more
+// than a few thousand entries.
+void SparseFromBytes(const std::string& source, AttentionRequest& request, SparseBytes& bytes) {
+  FuzzedDataProvider in(reinterpret_cast<const uint8_t*>(source.data()), source.size());
+  const int64_t qr = request.query.rank(), kr = request.key.rank();
+  auto dim = [](const TensorView& t, int64_t at) {
+    return at >= 0 && at < t.rank() ? std::clamp<int64_t>(t.shape[at], 0, 1 << 16) : 1;
+  };
+  const int64_t B = qr == 4 ? dim(request.query, 0) : 1;
+  const int64_t Lq = dim(request.query, qr - 3), Hq = dim(request.query, qr - 2);
+  const int64_t Lk = dim(request.key, kr - 3), Hkv = dim(request.key, kr - 2);
+  const uint8_t kind = in.ConsumeIntegral<uint8_t>();
+  const bool broken = in.ConsumeIntegralInRange<int>(0, 7) == 0;
+  // What to break, when broken: 0..3 the key pattern, 4 globals, 5 sinks, 6 combinations.
+  const int breakage = in.ConsumeIntegralInRange<int>(0, 6);
+  constexpr int64_t kMaxEntries = 1 << 12;
+  SparsitySpec& sp = request.sparsity;
+  const int key_pattern = kind & 3;  // 0 none, 1 block mask, 2 key selection, 3 both
+  if (key_pattern == 1 || key_pattern == 3) {
+    static const int32_t kSizes[] = {1, 2, 3, 4, 5, 7, 8, 16, 64, 100};
+    BlockMaskSpec bm;
+    bm.block_rows = kSizes[in.ConsumeIntegralInRange<size_t>(0, std::size(kSizes) - 1)];
+    bm.block_cols = kSizes[in.ConsumeIntegralInRange<size_t>(0, std::size(kSizes) - 1)];
+    const int64_t rows = (Lq + bm.block_rows - 1) / bm.block_rows;
+    const int64_t cols = (Lk + bm.block_cols - 1) / bm.block_cols;
+    const uint8_t layout = in.ConsumeIntegral<uint8_t>();
+    int64_t Bm = layout & 1 ? B : 1, Hm = layout & 2 ? Hq : 1;
+    if (Bm * Hm * (rows + 1) > kMaxEntries) Bm = Hm = 1;
+    const bool rank1 = Bm == 1 && Hm == 1 && (layout & 4);
+    const bool full = layout & 8;
+    std::vector<int32_t> ip{0}, ix, fip{0}, fix;
+    for (int64_t slice = 0; slice < Bm * Hm && rows + 1 <= kMaxEntries; ++slice) {
+      if (slice > 0) ip.push_back(ip.back()), fip.push_back(fip.back());
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int32_t c = 0; c < cols && static_cast<int64_t>(ix.size() + fix.size()) < kMaxEntries; ++c) {
+          const uint8_t pick = in.ConsumeIntegral<uint8_t>();
+          if (pick % 3 == 0) continue;
+          (full && pick % 3 == 2 ? fix : ix).push_back(c);
+        }
+        ip.push_back(static_cast<int32_t>(ix.size()));
+        fip.push_back(static_cast<int32_t>(fix.size()));
+      }
+    }
+    std::vector<int64_t> shape =
+        rank1 ? std::vector<int64_t>{rows + 1} : std::vector<int64_t>{Bm, Hm, rows + 1};
+    std::vector<int64_t> full_shape = shape;
+    bool drop_full_indices = false;
+    if (broken && breakage <= 3) {
+      switch (in.ConsumeIntegralInRange<int>(0, 8)) {
+        case 0: Corrupt(in, ip, static_cast<int32_t>(ix.size())); break;
+        case 1: Corrupt(in, ix, static_cast<int32_t>(cols)); break;
+        case 2: Corrupt(in, fix, static_cast<int32_t>(cols)); break;
+        case 3: shape.back() += in.ConsumeBool() ? 1 : -1; break;
+        case 4: bm.block_rows = in.ConsumeIntegralInRange<int32_t>(-1, 0); break;
+        case 5: bm.block_cols = in.ConsumeIntegralInRange<int32_t>(-1, 0); break;
+        case 6: drop_full_indices = true; break;
+        case 7:  // a full block that repeats a partial one
+          if (!ix.empty()) fix.insert(fix.begin(), ix.front());
+          break;
+        default: full_shape.push_back(1); break;
+      }
+    }
+    // A shape whose element count differs from the data is refused for its
+    // data length; keep the data consistent with the claimed shape when possible.
+    auto elements = [](const std::vector<int64_t>& s) {
+      int64_t n = 1;
+      for (int64_t d : s) n *= std::max<int64_t>(d, 0);
+      return n;
+    };
+    if (elements(shape) <= kMaxEntries) ip.resize(elements(shape), static_cast<int32_t>(ix.size()));
+    bm.indptr = I32View(bytes.indptr, shape, ip);
+    bm.indices = I32View(bytes.indices, {static_cast<int64_t>(ix.size())}, ix);
+    if (full) {
+      if (elements(full_shape) <= kMaxEntries) fip.resize(elements(full_shape), static_cast<int32_t>(fix.size()));
+      bm.full_indptr = I32View(bytes.full_indptr, full_shape, fip);
+      if (!drop_full_indices) {
+        bm.full_indices = I32View(bytes.full_indices, {static_cast<int64_t>(fix.size())}, fix);
+      }
+    }
+    if (broken && breakage == 3 && in.ConsumeBool()) bm.indices.dtype = DType::kF32;
+    sp.block_mask = std::move(bm);
+  }
+  if (key_pattern == 2 || (key_pattern == 3 && broken)) {  // both: refused
+    KeySelectionSpec ks;
+    ks.query_block = in.ConsumeIntegralInRange<int32_t>(1, 8);
+    ks.key_block = in.ConsumeIntegralInRange<int32_t>(1, 8);
+    const int64_t rows = (Lq + ks.query_block - 1) / ks.query_block;
+    const int64_t units = (Lk + ks.key_block - 1) / ks.key_block;
+    const uint8_t layout = in.ConsumeIntegral<uint8_t>();
+    int64_t Bi = layout & 1 ? 1 : B;
+    const int64_t heads[] = {Hq, Hkv, 1};
+    int64_t Hi = heads[(layout >> 1) % 3];
+    const int64_t k = in.ConsumeIntegralInRange<int64_t>(1, 8);
+    if (Bi * Hi * rows * k > kMaxEntries) Bi = Hi = 1;
+    std::vector<int64_t> shape = {Bi, Hi, rows, k};
+    std::vector<int32_t> v;
+    for (int64_t n = 0; n < Bi * Hi * rows && static_cast<int64_t>(v.size()) + k <= kMaxEntries; ++n) {
+      for (int64_t c = 0; c < k; ++c) {
+        int32_t u = in.ConsumeIntegralInRange<int32_t>(-1, static_cast<int32_t>(std::max<int64_t>(units - 1, 0)));
+        if (units == 0 || std::find(v.end() - c, v.end(), u) != v.end()) u = -1;  // -1 pads
+        v.push_back(u);
+      }
+    }
+    if (broken && breakage <= 3) {
+      switch (in.ConsumeIntegralInRange<int>(0, 5)) {
+        case 0: Corrupt(in, v, static_cast<int32_t>(units)); break;
+        case 1:  // a duplicate within the first row
+          if (k > 1 && v.size() >= 2) v[1] = v[0] = std::max(v[0], 0);
+          break;
+        case 2: shape[2] += in.ConsumeBool() ? 1 : -1; break;
+        case 3: ks.query_block = 0; break;
+        case 4: ks.key_block = -1; break;
+        default: shape[1] = Hq + 1; break;
+      }
+    }
+    if (CheckedElementCount(shape) >= 0 && CheckedElementCount(shape) <= kMaxEntries) {
+      v.resize(CheckedElementCount(shape), -1);
+    }
+    ks.indices = I32View(bytes.key_indices, shape, v);
+    sp.key_indices = std::move(ks);
+  }
+  if (kind & 4) {
+    const int n = in.ConsumeIntegralInRange<int>(1, 6);
+    for (int g = 0; g < n && Lk > 0; ++g) {
+      const int64_t x = in.ConsumeIntegralInRange<int64_t>(0, Lk - 1);
+      if (std::find(sp.global_tokens.begin(), sp.global_tokens.end(), x) == sp.global_tokens.end()) {
+        sp.global_tokens.push_back(x);
+      }
+    }
+    if (broken && (breakage == 4 || breakage == 6)) {
+      if (in.ConsumeBool() && !sp.global_tokens.empty()) {
+        sp.global_tokens.push_back(sp.global_tokens.front());
+      } else {
+        sp.global_tokens.push_back(in.ConsumeBool() ? Lk : -1);
+      }
+    }
+  }
+  if (kind & 8) {
+    for (int64_t h = 0; h < Hq && h < kMaxEntries; ++h) {
+      sp.sink_logits.push_back(in.ConsumeFloatingPointInRange<float>(-8.f, 8.f));
+    }
+    if (broken && (breakage == 5 || breakage == 6)) {
+      if (in.ConsumeBool()) {
+        sp.sink_logits.push_back(0.f);  // one more than Hq
+      } else if (!sp.sink_logits.empty()) {
+        const float bad[] = {std::numeric_limits<float>::quiet_NaN(), kInf, -kInf};
+        sp.sink_logits[0] = bad[in.ConsumeIntegralInRange<int>(0, 2)];
+      }
+    }
+  }
+}
+
+// The pattern's counts for the cost model against a brute-force count of
+// KeyVisibleToHead: exact visible pairs, and a bound of the computed scores
+// between them and the dense count.
+void CheckSparseCounts(const AttentionParams& p) {
+  if (!p.sparse.any()) return;
+  double visible = 0;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.num_heads_q; ++h)
+      for (int64_t i = 0; i < p.seqlen_q; ++i)
+        for (int64_t j = 0; j < p.seqlen_k; ++j) visible += KeyVisibleToHead(p, b, h, i, j);
+  if (CountVisiblePairs(p) != visible) {
+    Fail(absl::StrCat("CountVisiblePairs ", CountVisiblePairs(p), ", brute force ", visible));
+  }
+  const double dense = double(p.batch) * p.num_heads_q * p.seqlen_q * p.seqlen_k;
+  const double bound = SparseScoresBound(p, dense);
+  if (!(bound >= visible && bound <= dense)) {
+    Fail(absl::StrCat("SparseScoresBound ", bound, " outside [", visible, ", ", dense, "]"));
+  }
+}
+
+// ATTEND_FUZZER_TRACE=1: one input's request as the core sees it, to
+// reproduce a failure in a unit test.
+std::string I32List(const TensorView& t) {
+  std::vector<int32_t> v(t.data.size() / sizeof(int32_t));
+  if (!v.empty()) std::memcpy(v.data(), t.data.data(), v.size() * sizeof(int32_t));
+  return absl::StrCat(DTypeName(t.dtype), " ", ShapeString(t.shape), " {", absl::StrJoin(v, ", "),
+                      "}");
+}
+
+void Trace(const AttentionRequest& r) {
+  static const bool trace = std::getenv("ATTEND_FUZZER_TRACE") != nullptr;
+  if (!trace) return;
+  const AttentionOptions& o = r.options;
+  std::string line = absl::StrCat(
+      "query ", DTypeName(r.query.dtype), " ", ShapeString(r.query.shape), ", key ",
+      ShapeString(r.key.shape), ", value ", ShapeString(r.value.shape), ", scale ", o.scale,
+      ", causal ", o.causal, o.causal_alignment == CausalAlignment::kTopLeft ? " top-left" : "",
+      ", window ", o.window_left, "/", o.window_right, ", softcap ", o.softcap, ", alibi {",
+      absl::StrJoin(o.alibi_slopes, ", "), "}, variant ", static_cast<int>(o.variant),
+      r.bias ? absl::StrCat(", bias ", ShapeString(r.bias->shape)) : "", ", key_lengths {",
+      absl::StrJoin(r.key_lengths, ", "), "}, outputs lse ", r.outputs.lse, " entropy ",
+      r.outputs.entropy, " weights ", r.outputs.weights, " top_k ", r.outputs.top_k);
+  const SparsitySpec& sp = r.sparsity;
+  if (sp.block_mask) {
+    const BlockMaskSpec& bm = *sp.block_mask;
+    absl::StrAppend(&line, "\n  block_mask ", bm.block_rows, "x", bm.block_cols, " indptr ",
+                    I32List(bm.indptr), " indices ", I32List(bm.indices));
+    if (bm.full_indptr) absl::StrAppend(&line, " full_indptr ", I32List(*bm.full_indptr));
+    if (bm.full_indices) absl::StrAppend(&line, " full_indices ", I32List(*bm.full_indices));
+  }
+  if (sp.key_indices) {
+    absl::StrAppend(&line, "\n  key_indices query_block ", sp.key_indices->query_block,
+                    " key_block ", sp.key_indices->key_block, " ", I32List(sp.key_indices->indices));
+  }
+  if (!sp.global_tokens.empty()) {
+    absl::StrAppend(&line, "\n  global_tokens {", absl::StrJoin(sp.global_tokens, ", "), "}");
+  }
+  if (!sp.sink_logits.empty()) {
+    absl::StrAppend(&line, "\n  sink_logits {", absl::StrJoin(sp.sink_logits, ", "), "}");
+  }
+  std::fprintf(stderr, "attend_fuzzer: %s\n", line.c_str());
+}
+
 int FuzzAttend(const uint8_t* data, size_t size) {
   v1::AttendRequest proto;
   // gRPC refuses bytes that are not a message before the service sees them.
@@ -366,6 +653,12 @@ int FuzzAttend(const uint8_t* data, size_t size) {
     ExpectCode(request.status(), {absl::StatusCode::kInvalidArgument}, "RequestFromProto");
     return 0;
   }
+  SparseBytes sparse_bytes;
+  if (request->sparsity.empty()) {
+    const std::string source = SparseSource(proto, data, size);
+    if (!source.empty()) SparseFromBytes(source, *request, sparse_bytes);
+  }
+  Trace(*request);
   const RequestLimits limits = FuzzLimits();
   absl::StatusOr<std::unique_ptr<AttentionJob>> ref = PrepareAttention(*request, limits);
   if (!ref.ok()) {
@@ -376,6 +669,7 @@ int FuzzAttend(const uint8_t* data, size_t size) {
   }
   CheckShapes(**ref, *request);
   if (Work(ShapeOf((*ref)->params), request->outputs.top_k) > kMaxWork) return 0;
+  CheckSparseCounts((*ref)->params);
 
   // A second job from the same request: each backend writes its own outputs.
   absl::StatusOr<std::unique_ptr<AttentionJob>> cpu = PrepareAttention(*request, limits);

@@ -12,6 +12,7 @@
 #include <memory>
 #include <set>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -237,6 +238,33 @@ std::vector<RequestSpec> SparseCases() {
     s.bias_shape = std::vector<int64_t>{1, 4, 1, 90};
     s.key_lengths = {90, 0};
     s.outputs = {.lse = true, .entropy = true, .weights = true, .top_k = 3};
+    c.push_back(s);
+  }
+  // Key lists that are all empty (block masks whose indices and full_indices
+  // are both empty, key selections of -1 only): only global tokens (keys, and
+  // query rows on their diagonal) show keys.
+  for (auto [lq, lk, align] : {std::tuple{6, 4, CausalAlignment::kTopLeft},
+                               std::tuple{33, 65, CausalAlignment::kBottomRight}}) {
+    RequestSpec s = Sized(absl::StrCat("sparse_bm_empty_global_causal_",
+                                       align == CausalAlignment::kTopLeft ? "tl" : "br", "_lq",
+                                       lq, "_lk", lk),
+                          lq, lk, 16, 2, 2);
+    s.sparse = block_mask(64, 16);
+    s.sparse.full_blocks = true;
+    s.sparse.density = 0;
+    s.sparse.global_tokens = lk == 4 ? 3 : 6;
+    s.options.causal = true;
+    s.options.causal_alignment = align;
+    s.outputs = {.lse = true, .entropy = true};
+    c.push_back(s);
+  }
+  {
+    RequestSpec s = Sized("sparse_ki_empty_global_causal_br_lq33_lk65", 33, 65, 16, 4, 2);
+    s.sparse = selection(3, 2, 1, Heads::kKv);
+    s.sparse.density = 0;
+    s.sparse.global_tokens = 6;
+    s.options.causal = true;
+    s.outputs = {.lse = true, .entropy = true};
     c.push_back(s);
   }
   // Decode-shaped: one query row, Hq 32 over Hkv 8, D and Dv multiples of 16

@@ -36,7 +36,7 @@ struct SparsePattern {
   bool full_blocks = false;  // about half the listed blocks move to full_indptr/full_indices
   // Key selection, when select_k > 0: index rows of select_k entries, up to a
   // third of them -1, the rest distinct units (keys, or blocks of key_block
-  // keys) in random order.
+  // keys) in random order; every entry -1 when density is 0.
   int32_t select_k = 0;
   int32_t query_block = 1;
   int32_t key_block = 1;
@@ -201,7 +201,7 @@ class RandomRequest {
       std::vector<int32_t> pool(units);
       for (int64_t n = 0; n < Bi * Hi * rows; ++n) {
         const int64_t pad = std::uniform_int_distribution<int64_t>(0, k / 3)(rng);
-        const int64_t chosen = std::min(k - pad, units);
+        const int64_t chosen = sp.density > 0 ? std::min(k - pad, units) : 0;
         for (int64_t u = 0; u < units; ++u) pool[u] = static_cast<int32_t>(u);
         std::vector<int32_t> row(k, -1);
         for (int64_t c = 0; c < chosen; ++c) {  // a partial Fisher-Yates draw
