@@ -644,9 +644,9 @@ int CmdInfo() {
   const v1::ServerLimits& l = info->limits();
   std::cout << absl::StrFormat(
       "limits          max_request_bytes=%d max_output_bytes=%d max_weights_bytes=%d "
-      "max_top_k=%d max_head_dim=%d\n",
+      "max_top_k=%d max_head_dim=%d max_sparse_bytes=%d\n",
       l.max_request_bytes(), l.max_output_bytes(), l.max_weights_bytes(), l.max_top_k(),
-      l.max_head_dim());
+      l.max_head_dim(), l.max_sparse_bytes());
   std::cout << absl::StrFormat(
       "budget          max_request_flops=%g memory_limit_bytes=%d memory_reserved_bytes=%d\n",
       l.max_request_flops(), l.memory_limit_bytes(), l.memory_reserved_bytes());

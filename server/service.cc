@@ -576,6 +576,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
   limits->set_max_top_k(options_.limits.max_top_k);
   limits->set_max_head_dim(options_.limits.max_head_dim);
   limits->set_max_request_flops(options_.max_request_flops);
+  limits->set_max_sparse_bytes(options_.limits.max_sparse_bytes);
   if (options_.memory_budget != nullptr) {
     limits->set_memory_limit_bytes(options_.memory_budget->limit_bytes());
     limits->set_memory_reserved_bytes(options_.memory_budget->reserved_bytes());

@@ -532,6 +532,12 @@ TEST_F(SparseTest, DescriptionOverMaxSparseBytesIsResourceExhausted) {
   ServerOptions options;
   options.limits.max_sparse_bytes = 8192;
   StartServer(options);  // in place of SetUp's
+  {
+    grpc::ClientContext context;
+    v1::ServerInfo info;
+    ASSERT_TRUE(stub_->GetServerInfo(&context, v1::GetServerInfoRequest(), &info).ok());
+    EXPECT_EQ(info.limits().max_sparse_bytes(), 8192);
+  }
   // 1024 queries of one head over 1024 keys, each selecting every key: 4 MiB
   // of indices.
   constexpr int64_t n = 1024;
