@@ -414,12 +414,25 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
   }
   // Sparse chunks are fetched one ahead, so that the next one's rows (of
   // scattered keys, which the hardware prefetchers do not foresee) load
-  // while this one computes.
+  // while this one computes: its K rows during this chunk's scores, its V
+  // rows during this chunk's values, a few keys at a time.
   int32_t chunk[2][kKeyBlock];
   int cur = 0;
   int next_nk = sparse ? sparse_keys->Next(chunk[0]) : 0;
-  const int64_t k_row_bytes = D * es;
-  const int64_t v_row_bytes = Dv * es;
+  auto prefetch_next = [&](bool values, int from, int to) {
+    if (!sparse) return;
+    const int64_t row_bytes = (values ? Dv : D) * es;
+    const int64_t head_bytes = values ? v_head_bytes : k_head_bytes;
+    for (int j = from; j < std::min(to, next_nk); ++j) {
+      const char* row = static_cast<const char*>(values ? ValueRow(p, b, chunk[cur][j], 0)
+                                                        : KeyRow(p, b, chunk[cur][j], 0));
+      for (int64_t g = g_first; g <= g_last; ++g) {
+        for (int64_t off = 0; off < row_bytes; off += 64) {
+          __builtin_prefetch(row + g * head_bytes + off, 0, 2);
+        }
+      }
+    }
+  };
   for (int64_t j0 = lo;;) {
     int nk;
     int32_t* keys = chunk[cur];
@@ -428,14 +441,6 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
       if (nk == 0) break;
       cur ^= 1;
       next_nk = sparse_keys->Next(chunk[cur]);
-      for (int j = 0; j < next_nk; ++j) {
-        const char* kr = static_cast<const char*>(KeyRow(p, b, chunk[cur][j], 0));
-        const char* vr = static_cast<const char*>(ValueRow(p, b, chunk[cur][j], 0));
-        for (int64_t g = g_first; g <= g_last; ++g) {
-          for (int64_t off = 0; off < k_row_bytes; off += 64) __builtin_prefetch(kr + g * k_head_bytes + off, 0, 3);
-          for (int64_t off = 0; off < v_row_bytes; off += 64) __builtin_prefetch(vr + g * v_head_bytes + off, 0, 3);
-        }
-      }
     } else {
       if (j0 >= hi) break;
       nk = static_cast<int>(std::min<int64_t>(kKeyBlock, hi - j0));
@@ -450,6 +455,7 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
 
     // S = Q·Kᵀ, kR keys outer and KV head inner: address order.
     for (int j = 0; j < nk; j += kR) {
+      prefetch_next(false, j, j + kR);
       for (int64_t g = g_first; g <= g_last; ++g) {
         const void* kr[kR];
         for (int x = 0; x < kR; ++x) kr[x] = krow[j + x] + g * k_head_bytes;
@@ -461,6 +467,8 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
         }
       }
     }
+
+    prefetch_next(false, (nk + kR - 1) / kR * kR, kKeyBlock);  // a longer next chunk's rest
 
     // Online softmax over lane vectors (every key of the block is visible).
     for (int64_t v = 0; v < M; v += W) {
@@ -499,6 +507,7 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
       for (int64_t c = 0; c < Dv; c += W) T::Store(o + lane * Dv + c, T::Mul(T::Load(o + lane * Dv + c), a));
     }
     for (int j = 0; j < nk; j += 4) {
+      prefetch_next(true, j, j + 4);
       WithCount(nk - j, [&](auto nr) {
         for (int64_t g = g_first; g <= g_last; ++g) {
           const void* vr[decltype(nr)::value];
@@ -512,6 +521,7 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
         }
       });
     }
+    prefetch_next(true, (nk + 3) / 4 * 4, kKeyBlock);
   }
 
   if (t.partial != nullptr) {
