@@ -662,6 +662,9 @@ int FuzzAttend(const uint8_t* data, size_t size) {
   const RequestLimits limits = FuzzLimits();
   absl::StatusOr<std::unique_ptr<AttentionJob>> ref = PrepareAttention(*request, limits);
   if (!ref.ok()) {
+    if (std::getenv("ATTEND_FUZZER_TRACE") != nullptr) {
+      std::fprintf(stderr, "attend_fuzzer: PrepareAttention: %s\n", ref.status().ToString().c_str());
+    }
     ExpectCode(ref.status(),
                {absl::StatusCode::kInvalidArgument, absl::StatusCode::kResourceExhausted},
                "PrepareAttention");
