@@ -66,7 +66,15 @@ SparseTileKeys::SparseTileKeys(const AttentionParams& p, const FlashTile& t, con
     }
     const int64_t U = s.unit_keys;
     const int32_t* u = std::lower_bound(G.units, G.units + G.count, G.begin / U);
-    for (; u != G.units + G.count && *u * U < G.end; ++u) {
+    const int32_t* const u_end = G.units + G.count;
+    if (U == 1) {  // single keys (per-key selection): one bit each
+      const int64_t lo = std::max(G.begin, base_), hi = std::min(G.end, limit_);
+      for (; u != u_end && *u < hi; ++u) {
+        if (*u >= lo) words_[(*u - base_) >> 6] |= uint64_t{1} << ((*u - base_) & 63);
+      }
+      continue;
+    }
+    for (; u != u_end && *u * U < G.end; ++u) {
       SetBits(std::max<int64_t>(*u * U, G.begin), std::min<int64_t>((*u + 1) * U, G.end));
     }
   }
