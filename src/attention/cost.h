@@ -71,11 +71,14 @@ inline constexpr double kLinearFactor = 24;
 // Scores a request computes: B·Hq·Lq·Lk, halved for causal self-attention
 // (the same convention as AttentionFlops); for a sparse pattern, at most its
 // bound (SparseScoresBound in sparse.h).
-inline double AttentionScores(const AttentionParams& p) {
+inline double DenseAttentionScores(const AttentionParams& p) {
   double s = double(p.batch) * p.num_heads_q * double(p.seqlen_q) * double(p.seqlen_k);
   if (CausalSquare(p)) s /= 2;
-  if (p.sparse.score_bound >= 0) s = std::min(s, p.sparse.score_bound);
   return s;
+}
+inline double AttentionScores(const AttentionParams& p) {
+  const double s = DenseAttentionScores(p);
+  return p.sparse.score_bound >= 0 ? std::min(s, p.sparse.score_bound) : s;
 }
 
 // Elements of the output [B, Lq, Hq, Dv].
@@ -111,7 +114,9 @@ inline double AttentionCost(const AttentionParams& p, const OutputSpec& outputs)
   const double scores = AttentionScores(p);
   double cost;
   if (outputs.weights || outputs.top_k > 0) {
-    cost = AttentionRealFlops(p) * kScalarPathFactor + scores * kScalarScoreFlops;
+    // The scalar path asks every key of every row whether it is visible, so
+    // a sparse pattern saves it only the products.
+    cost = AttentionRealFlops(p) * kScalarPathFactor + DenseAttentionScores(p) * kScalarScoreFlops;
   } else {
     cost = AttentionRealFlops(p) + scores * kScoreFlops;
   }

@@ -30,7 +30,8 @@ constexpr int64_t kSplitKeys = 1024;
 // A tile over more keys than this is split into key chunks even when the
 // request has many query tiles, so that no work item runs for long: a stopped
 // request (see CancelToken) frees its thread within one item: a tile of
-// at most 64 lanes over at most 64K keys (chunks of split tiles are shorter).
+// at most 64 lanes over at most 64K keys (chunks of split tiles are shorter;
+// under a sparse pattern, at most 64K listed keys).
 constexpr int64_t kMaxTileKeys = 65536;
 
 // Partial results of one split tile stay under this many bytes: past it the
