@@ -76,7 +76,7 @@ struct BlockMaskSpec {
 // Per query (or query block), the keys (or key blocks) to attend: DSA-, NSA-
 // and MoBA-style selection. -1 pads; no duplicates in a row; any order.
 struct KeySelectionSpec {
-  TensorView indices;       // [B, Hq or Hkv or 1, ceil(Lq / query_block), k]
+  TensorView indices;       // [B or 1, Hq or Hkv or 1, ceil(Lq / query_block), k]
   int32_t query_block = 1;  // query rows per index row
   int32_t key_block = 1;    // keys per index (index c selects keys [c·kb, (c+1)·kb))
 };
