@@ -340,11 +340,14 @@ absl::Status PlanSparsity(const SparsitySpec& spec, const SparseDims& d,
   }
   // The lists built below are at most the description's size (plus one
   // offset per list), so this bounds both.
+  // The lists' offsets are int32: whatever the configured limit, a pattern
+  // stays under 2^31 bytes (2^29 units).
+  const int64_t limit = std::min<int64_t>(limits.max_sparse_bytes, int64_t{1} << 31);
   const int64_t bytes = SparseDescriptionBytes(spec);
-  if (bytes > limits.max_sparse_bytes) {
+  if (bytes > limit) {
     return absl::ResourceExhaustedError(absl::StrCat("sparsity: the pattern's description is ",
                                                      bytes, " bytes, over the server's limit of ",
-                                                     limits.max_sparse_bytes, " bytes"));
+                                                     limit, " bytes"));
   }
   if (spec.block_mask.has_value()) {
     if (absl::Status s = PlanBlockMask(*spec.block_mask, d, job); !s.ok()) return s;
