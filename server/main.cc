@@ -50,7 +50,7 @@ ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
           "weights minus 256 MiB");
 ABSL_FLAG(int64_t, max_sparse_bytes, kDefaults.limits.max_sparse_bytes,
           "largest sparse pattern a request may describe (Sparsity: its index tensors, global "
-          "tokens and sink logits), in bytes; past it RESOURCE_EXHAUSTED");
+          "tokens and sink logits), in bytes, at most 2 GiB; past it RESOURCE_EXHAUSTED");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,

@@ -28,9 +28,10 @@ absl::Status CheckOptions(const ServerOptions& o) {
     return s;
   }
   if (absl::Status s = positive("max_stream_inflight", o.max_stream_inflight); !s.ok()) return s;
-  if (absl::Status s = positive("max_sparse_bytes", static_cast<double>(o.limits.max_sparse_bytes));
-      !s.ok()) {
-    return s;
+  if (o.limits.max_sparse_bytes <= 0 || o.limits.max_sparse_bytes > (int64_t{1} << 31)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_sparse_bytes: expected > 0 and at most 2147483648 (2 GiB), got ",
+        o.limits.max_sparse_bytes));
   }
   if (o.max_request_flops < 0) {
     return absl::InvalidArgumentError(
