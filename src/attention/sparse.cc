@@ -264,7 +264,9 @@ absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, A
   const int64_t lists = Bi * Hi * rows;
   job.sparse_offsets.assign(lists + 1, 0);
   job.sparse_units.clear();
-  job.sparse_units.reserve(std::min<int64_t>(lists * k, int64_t{1} << 28));
+  // Exactly the entries kept (selections are often mostly -1 padding): the
+  // memory budget counts the lists' size.
+  job.sparse_units.reserve(lists * k - std::count(*data, *data + lists * k, -1));
   for (int64_t n = 0; n < lists; ++n) {
     job.sparse_offsets[n] = static_cast<int32_t>(job.sparse_units.size());
     const int32_t* row = *data + n * k;
@@ -436,6 +438,13 @@ double CountVisiblePairs(const AttentionParams& p) {
   return total;
 }
 
+int32_t SparseTileListFactor(const AttentionParams& p) {
+  const SparseParams& s = p.sparse;
+  if (s.list_offsets == nullptr) return 1;
+  // 64 rows starting anywhere in a list row span at most this many list rows.
+  return std::min<int32_t>((63 + s.list_row_queries - 1) / s.list_row_queries + 1, s.list_rows);
+}
+
 double SparseScoresBound(const AttentionParams& p, double dense_scores) {
   const SparseParams& s = p.sparse;
   if (!s.masks()) return dense_scores;
@@ -443,11 +452,12 @@ double SparseScoresBound(const AttentionParams& p, double dense_scores) {
   const int64_t lists = int64_t{s.list_batches} * s.list_heads * s.list_rows;
   const double listed_units = s.list_offsets[lists];
   // Tiles of up to 64 query rows walk the union of their rows' lists.
-  const double union_factor =
-      std::min<double>(std::ceil(64.0 / s.list_row_queries), s.list_rows);
   double bound = listed_units * s.unit_keys * s.list_row_queries * s.list_head_div *
-                 (s.list_batches == 1 ? p.batch : 1) * union_factor;
-  bound += double(s.num_global_tokens) * p.batch * p.num_heads_q * (double(p.seqlen_q) + p.seqlen_k);
+                 (s.list_batches == 1 ? p.batch : 1) * SparseTileListFactor(p);
+  // A global key is one more score per query; a global query row makes its
+  // whole tile (up to 64 rows) walk every key.
+  bound += double(s.num_global_tokens) * p.batch * p.num_heads_q *
+           (double(p.seqlen_q) + std::min(64.0, double(p.seqlen_q)) * p.seqlen_k);
   return std::min(bound, dense_scores);
 }
 

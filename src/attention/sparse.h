@@ -37,10 +37,14 @@ int64_t SparseDescriptionBytes(const SparsitySpec& spec);
 // pairs of the ranges alone.
 double CountVisiblePairs(const AttentionParams& p);
 
+// How many key lists a tile of up to 64 query rows walks the union of, at
+// most (1 without lists).
+int32_t SparseTileListFactor(const AttentionParams& p);
+
 // An upper bound of the scores a tiled kernel computes for `p` (the cost
-// model's count): the listed pairs for block lists and key-block selection,
-// every pair for per-query key selection (its tiles walk the union of their
-// rows' keys). Never more than the dense count.
+// model's count): the listed pairs times SparseTileListFactor (a tile walks
+// the union of its rows' lists), plus the global tokens' keys and their rows'
+// tiles. Never more than the dense count.
 double SparseScoresBound(const AttentionParams& p, double dense_scores);
 
 }  // namespace attnserve

@@ -12,6 +12,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "attention/sparse.h"
 #include "backends/cpu/flash_kernel.h"
 #include "backends/cpu/scalar_attention.h"
 #include "backends/cpu/thread_pool.h"
@@ -56,11 +57,11 @@ struct KeySplit {
 
 KeySplit SplitFor(const AttentionParams& p, int32_t row_tiles, int64_t lanes) {
   // Under key lists (and no global tokens, which may show a row every key) a
-  // tile visits at most max_list_keys keys: split by those, so that a chunk
-  // still holds about kSplitKeys of them.
+  // tile visits at most the union of its rows' lists: split by that, so that
+  // a chunk still holds about kSplitKeys of the keys it visits.
   int64_t visited = p.seqlen_k;
   if (p.sparse.list_offsets != nullptr && p.sparse.global_tokens == nullptr) {
-    visited = std::clamp<int64_t>(p.sparse.max_list_keys, 1, p.seqlen_k);
+    visited = std::clamp<int64_t>(p.sparse.max_list_keys * SparseTileListFactor(p), 1, p.seqlen_k);
   }
   const bool split = (row_tiles == 1 && visited >= 2 * kSplitKeys) || visited > kMaxTileKeys;
   if (!split) return {1, p.seqlen_k};
