@@ -330,6 +330,13 @@ class SparseE2ETest(unittest.TestCase):
         with self.assertRaises(ValueError) as cm:
             self.client.attend(q, k, v, key_indices=np.zeros((1, 2, 16, 1)))
         self.assertIn("sparsity.key_indices.indices", str(cm.exception))
+        with self.assertRaises(ValueError) as cm:
+            self.client.attend(q, k, v, global_tokens=[0.9])
+        self.assertIn("sparsity.global_tokens", str(cm.exception))
+        # An empty list sets no form: the request is dense (and may be sharded).
+        dense = self.client.attend(q, k, v, backend="cpu")
+        empty = self.client.attend(q, k, v, global_tokens=[], backend="cpu")
+        np.testing.assert_array_equal(empty.output, dense.output)
         # onednn and cuda do not compute sparse attention.
         backends = {b.name for b in self.client.server_info().backends}
         for backend in sorted(backends & {"onednn", "cuda"}):

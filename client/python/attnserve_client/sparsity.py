@@ -109,13 +109,18 @@ class Sparsity:
     sink_logits: Optional[Sequence[float]] = None
 
     def empty(self):
+        """No form set (an empty global_tokens or sink_logits list sets none)."""
         return (self.block_mask is None and self.key_indices is None and
-                self.global_tokens is None and self.sink_logits is None)
+                _none_or_empty(self.global_tokens) and _none_or_empty(self.sink_logits))
 
     def to_proto(self, out=None):
         """Fills (or returns a new) attnserve.v1.Sparsity."""
         return sparsity_to_proto(self.block_mask, self.key_indices, self.global_tokens,
                                  self.sink_logits, out)
+
+
+def _none_or_empty(values):
+    return values is None or np.asarray(values).size == 0
 
 
 def sparsity_to_proto(block_mask=None, key_indices=None, global_tokens=None, sink_logits=None,
@@ -135,7 +140,11 @@ def sparsity_to_proto(block_mask=None, key_indices=None, global_tokens=None, sin
             key_indices = KeySelection(np.asarray(key_indices))
         key_indices.to_proto(s.key_indices)
     if global_tokens is not None:
-        s.global_tokens[:] = [int(t) for t in np.asarray(global_tokens).reshape(-1)]
+        tokens = np.asarray(global_tokens).reshape(-1)
+        if tokens.size and (tokens.dtype == np.bool_ or not np.issubdtype(tokens.dtype, np.integer)):
+            raise ValueError(f"sparsity.global_tokens: expected integer key positions, "
+                             f"got {tokens.dtype}")
+        s.global_tokens[:] = [int(t) for t in tokens]
     if sink_logits is not None:
         s.sink_logits[:] = [float(x) for x in np.asarray(sink_logits).reshape(-1)]
     return s
