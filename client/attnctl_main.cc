@@ -266,6 +266,12 @@ absl::StatusOr<std::string> NpzMember(std::string_view zip, size_t entry, uint64
   if (size > kMaxMemberBytes) {
     return Malformed(absl::StrCat(name, ": ", size, " bytes, more than ", kMaxMemberBytes));
   }
+  // Deflate expands at most 1032 to 1: a claimed size past that is a lie,
+  // refused before its memory is allocated.
+  if (method == 8 && size > packed_size * 1032 + 1024) {
+    return Malformed(absl::StrCat(name, ": claims ", size, " bytes from ", packed_size,
+                                  " deflated ones"));
+  }
   const std::string_view packed = zip.substr(start, packed_size);
   std::string out;
   if (method == 0) {
