@@ -3,15 +3,18 @@
 // bitwise) and bounded workspace.
 #include "backends/cpu/cpu_backend.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "attention/job.h"
 #include "attention/reference.h"
 #include "backends/cpu/thread_pool.h"
@@ -239,6 +242,94 @@ TEST(CpuBackendTest, EntropyOfSplitKeysWithAHugeNegativeBias) {
   ASSERT_TRUE(ref.ok());
   RunReferenceAttention((*ref)->params);
   ExpectNear("entropy", job->entropy, (*ref)->entropy, 1e-4, 1e-4);
+}
+
+// Sparse patterns on every kernel variant, against the reference: random
+// block masks (broadcast or per head, block sizes that do and do not divide
+// the lengths), key selections (per key or block, head dim 1, Hkv or Hq, with
+// -1 padding), global tokens and sinks, over prefill, decode and split-key
+// shapes with causal, windows and key_lengths. The conformance suite runs the
+// default variant over the full option matrix; this covers the others.
+TEST_P(CpuBackendIsaTest, SparsePatternsMatchReference) {
+  auto created = CreateCpuBackendWithIsa(BackendOptions{.threads = 2}, GetParam());
+  if (absl::IsFailedPrecondition(created.status())) GTEST_SKIP() << created.status();
+  ASSERT_TRUE(created.ok()) << created.status();
+  std::unique_ptr<Backend> backend = *std::move(created);
+  std::mt19937 rng(2024);
+  auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  auto i32 = [](std::vector<int64_t> shape, const std::vector<int32_t>& v) {
+    Tensor t = Tensor::Zeros(DType::kI32, std::move(shape));
+    std::memcpy(t.data.data(), v.data(), v.size() * sizeof(int32_t));
+    return t;
+  };
+  for (int n = 0; n < 60; ++n) {
+    const bool decode = n % 4 == 0;
+    Case c{.name = "sparse " + std::to_string(n), .B = uniform(1, 2), .Lq = decode ? 1 : uniform(1, 130),
+           .Lk = decode ? uniform(1, 2600) : uniform(1, 180), .Hkv = uniform(1, 3),
+           .D = decode ? 64 : 16 * uniform(1, 3), .dtype = n % 3 == 0 ? DType::kBF16 : DType::kF32};
+    c.Hq = c.Hkv * uniform(1, 4);
+    c.options.causal = uniform(0, 1) == 1;
+    if (uniform(0, 3) == 0) c.options.window_left = uniform(0, 40);
+    if (uniform(0, 3) == 0) {
+      for (int b = 0; b < c.B; ++b) c.key_lengths.push_back(uniform(0, c.Lk));
+    }
+    SCOPED_TRACE(absl::StrCat(c.name, " on ", GetParam(), ": B ", c.B, " Lq ", c.Lq, " Lk ", c.Lk,
+                              " Hq ", c.Hq, " Hkv ", c.Hkv, " D ", c.D, " ", DTypeName(c.dtype)));
+    auto in = MakeInputs(c, 500 + n);
+    SparsitySpec& sp = in->request.sparsity;
+    Tensor indptr, indices, selection;
+    if (n % 2 == 0) {
+      const int R = uniform(1, 70), C = std::vector<int>{1, 7, 16, 64, 100}[uniform(0, 4)];
+      const int rows = (c.Lq + R - 1) / R, cols = (c.Lk + C - 1) / C;
+      const int Bm = uniform(0, 1) ? c.B : 1, Hm = uniform(0, 1) ? c.Hq : 1;
+      std::vector<int32_t> ip, ix;
+      for (int slice = 0; slice < Bm * Hm; ++slice) {
+        for (int r = 0; r < rows; ++r) {
+          ip.push_back(static_cast<int32_t>(ix.size()));
+          for (int col = 0; col < cols; ++col) {
+            if (uniform(0, 99) < 40) ix.push_back(col);
+          }
+        }
+        ip.push_back(static_cast<int32_t>(ix.size()));
+      }
+      indptr = i32({Bm, Hm, rows + 1}, ip);
+      indices = i32({static_cast<int64_t>(ix.size())}, ix);
+      sp.block_mask = BlockMaskSpec{.block_rows = R, .block_cols = C, .indptr = indptr.view(),
+                                    .indices = indices.view()};
+    } else {
+      const int qb = uniform(1, 20), kb = std::vector<int>{1, 1, 4, 64}[uniform(0, 3)];
+      const int rows = (c.Lq + qb - 1) / qb, units = (c.Lk + kb - 1) / kb;
+      const int Hi = std::vector<int>{1, c.Hkv, c.Hq}[uniform(0, 2)];
+      const int k = uniform(1, std::min(units, 40));
+      std::vector<int32_t> idx;
+      std::vector<int32_t> perm(units);
+      for (int row = 0; row < c.B * Hi * rows; ++row) {
+        for (int u = 0; u < units; ++u) perm[u] = u;
+        std::shuffle(perm.begin(), perm.end(), rng);
+        for (int x = 0; x < k; ++x) idx.push_back(uniform(0, 5) == 0 ? -1 : perm[x]);
+      }
+      selection = i32({c.B, Hi, rows, k}, idx);
+      sp.key_indices = KeySelectionSpec{.indices = selection.view(), .query_block = qb, .key_block = kb};
+    }
+    if (uniform(0, 2) == 0) {
+      std::set<int64_t> tokens;
+      for (int x = uniform(1, 5); x > 0; --x) tokens.insert(uniform(0, c.Lk - 1));
+      sp.global_tokens.assign(tokens.begin(), tokens.end());
+    }
+    if (uniform(0, 2) == 0) {
+      for (int h = 0; h < c.Hq; ++h) sp.sink_logits.push_back(static_cast<float>(uniform(-3, 3)));
+    }
+    auto want = Prepare(*in);
+    auto got = Prepare(*in);
+    ASSERT_TRUE(want && got);
+    RunReferenceAttention(want->params);
+    ASSERT_TRUE(backend->Supports(got->params).ok());
+    ASSERT_TRUE(backend->Run({got->params}).ok());
+    const bool f32 = c.dtype == DType::kF32;
+    ExpectNear("output", got->output, want->output, f32 ? 2e-5 : 1e-2, f32 ? 1e-4 : 1e-2);
+    ExpectNear("lse", got->lse, want->lse, f32 ? 2e-5 : 1e-2, f32 ? 1e-4 : 1e-2);
+    ExpectNear("entropy", got->entropy, want->entropy, f32 ? 2e-5 : 1e-2, f32 ? 1e-4 : 1e-2);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Isas, CpuBackendIsaTest, ::testing::Values("avx512", "avx2", "scalar"));
