@@ -259,7 +259,7 @@ TEST_P(CpuBackendIsaTest, SparsePatternsMatchReference) {
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   auto i32 = [](std::vector<int64_t> shape, const std::vector<int32_t>& v) {
     Tensor t = Tensor::Zeros(DType::kI32, std::move(shape));
-    std::memcpy(t.data.data(), v.data(), v.size() * sizeof(int32_t));
+    if (!v.empty()) std::memcpy(t.data.data(), v.data(), v.size() * sizeof(int32_t));
     return t;
   };
   for (int n = 0; n < 60; ++n) {
