@@ -137,29 +137,17 @@ void Gemm(int64_t rows, int64_t lanes, int64_t kdim, const float* a, int64_t a_r
   }
 }
 
-// Copies rows [j0, j0 + rows) of K (or V) of one KV head to a contiguous F32
-// block, widening 16-bit types. Rows are addressed one by one, so a block may
-// span KV-cache pages; the arithmetic on the staged block is the same as on
-// rows read in place.
+// Copies rows [j0, j0 + rows) of K (or V) of one KV head, or rows keys[0 ..
+// rows) when `keys` is given (a sparse tile's gathered chunk), to a
+// contiguous F32 block, widening 16-bit types. Rows are addressed one by one,
+// so a block may span KV-cache pages; the arithmetic on the staged block is
+// the same as on rows read in place.
 template <class T, bool kValues>
-void StageBlock(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t j0, int64_t rows,
-                int64_t cols, float* dst) {
+void StageBlock(const AttentionParams& p, int64_t b, int64_t kv_head, int64_t j0,
+                const int32_t* keys, int64_t rows, int64_t cols, float* dst) {
   for (int64_t r = 0; r < rows; ++r) {
-    const void* src = kValues ? ValueRow(p, b, j0 + r, kv_head) : KeyRow(p, b, j0 + r, kv_head);
-    if (p.dtype == DType::kF32) {
-      std::memcpy(dst + r * cols, src, cols * sizeof(float));
-    } else {
-      T::Widen16(static_cast<const uint16_t*>(src), p.dtype, cols, dst + r * cols);
-    }
-  }
-}
-
-// StageBlock for gathered keys: rows keys[0 .. rows) (a sparse tile's chunk).
-template <class T, bool kValues>
-void StageRows(const AttentionParams& p, int64_t b, int64_t kv_head, const int32_t* keys,
-               int64_t rows, int64_t cols, float* dst) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const void* src = kValues ? ValueRow(p, b, keys[r], kv_head) : KeyRow(p, b, keys[r], kv_head);
+    const int64_t j = keys != nullptr ? keys[r] : j0 + r;
+    const void* src = kValues ? ValueRow(p, b, j, kv_head) : KeyRow(p, b, j, kv_head);
     if (p.dtype == DType::kF32) {
       std::memcpy(dst + r * cols, src, cols * sizeof(float));
     } else {
@@ -646,15 +634,11 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     // S = K·Qᵀ (keys x lanes).
     const float* kp;
     int64_t k_row;
-    if (keys != nullptr) {
-      StageRows<T, false>(p, b, kv_head, keys, nk, D, kbuf);
-      kp = kbuf;
-      k_row = D;
-    } else if (wide && p.kv_blocks == nullptr) {
+    if (keys == nullptr && wide && p.kv_blocks == nullptr) {
       kp = static_cast<const float*>(KeyRow(p, b, j0, kv_head));
       k_row = p.k_row_stride;
     } else {
-      StageBlock<T, false>(p, b, kv_head, j0, nk, D, kbuf);
+      StageBlock<T, false>(p, b, kv_head, j0, keys, nk, D, kbuf);
       kp = kbuf;
       k_row = D;
     }
@@ -736,15 +720,11 @@ void RunFlashTileImpl(const AttentionParams& p, const FlashTile& t, float* ws) {
     PrefetchRows<true>(p, b, kv_head, pf0, pf1);
     const float* vp;
     int64_t v_row;
-    if (keys != nullptr) {
-      StageRows<T, true>(p, b, kv_head, keys, nk, Dv, vbuf);
-      vp = vbuf;
-      v_row = Dv;
-    } else if (wide && p.kv_blocks == nullptr) {
+    if (keys == nullptr && wide && p.kv_blocks == nullptr) {
       vp = static_cast<const float*>(ValueRow(p, b, j0, kv_head));
       v_row = p.v_row_stride;
     } else {
-      StageBlock<T, true>(p, b, kv_head, j0, nk, Dv, vbuf);
+      StageBlock<T, true>(p, b, kv_head, j0, keys, nk, Dv, vbuf);
       vp = vbuf;
       v_row = Dv;
     }
