@@ -247,14 +247,22 @@ def _set_sparsity(value, out):
         value.to_proto(out)
 
 
-def _decode_options(o, scale, window_left, softcap, alibi_slopes):
+def _score_options(o, scale, window_left, window_right, softcap, alibi_slopes):
+    """Fills the AttentionOptions fields every call shares: scale, the
+    window (None or -1: unbounded), softcap and ALiBi slopes."""
     o.scale = float(scale)
-    o.causal = True
     if window_left is not None and window_left >= 0:
         o.window_left = int(window_left)
+    if window_right is not None and window_right >= 0:
+        o.window_right = int(window_right)
     o.softcap = float(softcap)
     if alibi_slopes is not None:
         o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
+
+
+def _decode_options(o, scale, window_left, softcap, alibi_slopes):
+    _score_options(o, scale, window_left, None, softcap, alibi_slopes)
+    o.causal = True
 
 
 def _wire_dtype_for(q, dtype):
@@ -412,15 +420,7 @@ def build_layer_request(model, layer, x, *, memory=None, positions=None, causal=
         r.causal = bool(causal)
     if key_lengths is not None:
         r.key_lengths[:] = [int(n) for n in key_lengths]
-    o = r.options
-    o.scale = float(scale)
-    if window_left is not None and window_left >= 0:
-        o.window_left = int(window_left)
-    if window_right is not None and window_right >= 0:
-        o.window_right = int(window_right)
-    o.softcap = float(softcap)
-    if alibi_slopes is not None:
-        o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
+    _score_options(r.options, scale, window_left, window_right, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
     r.outputs.entropy = bool(entropy)
     r.outputs.weights = bool(weights)
@@ -500,16 +500,9 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     if key_lengths is not None:
         r.key_lengths[:] = [int(x) for x in key_lengths]
     o = r.options
-    o.scale = float(scale)
+    _score_options(o, scale, window_left, window_right, softcap, alibi_slopes)
     o.causal = bool(causal)
     o.causal_alignment = _pb.TOP_LEFT if top_left else _pb.BOTTOM_RIGHT
-    if window_left is not None and window_left >= 0:
-        o.window_left = int(window_left)
-    if window_right is not None and window_right >= 0:
-        o.window_right = int(window_right)
-    o.softcap = float(softcap)
-    if alibi_slopes is not None:
-        o.alibi_slopes[:] = [float(s) for s in alibi_slopes]
     o.variant = _pb.LINEAR if linear else _pb.SOFTMAX
     r.outputs.lse = bool(lse)
     r.outputs.entropy = bool(entropy)
