@@ -17,6 +17,7 @@
 #include "absl/synchronization/blocking_counter.h"
 #include "absl/time/clock.h"
 #include "attention/merge.h"
+#include "core/errors.h"
 
 namespace attnserve::client {
 namespace {
@@ -299,18 +300,15 @@ struct KeySplit {
   }
 };
 
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
-
 // Whether `t`'s bytes are exactly what its shape says.
 absl::Status CheckBytes(const TensorView& t, absl::string_view field) {
   const int64_t n = CheckedElementCount(t.shape, INT64_MAX / 8);
   const int64_t want = n * static_cast<int64_t>(DTypeSize(t.dtype));
   if (n < 0 || static_cast<int64_t>(t.data.size()) != want) {
-    return Invalid(absl::StrCat(field, ".data"),
-                   absl::StrCat("the bytes of ", DTypeName(t.dtype), " ", ShapeString(t.shape)),
-                   absl::StrCat(t.data.size(), " bytes"));
+    return InvalidField(
+        absl::StrCat(field, ".data"),
+        absl::StrCat("the bytes of ", DTypeName(t.dtype), " ", ShapeString(t.shape)),
+        absl::StrCat(t.data.size(), " bytes"));
   }
   return absl::OkStatus();
 }
@@ -319,14 +317,15 @@ absl::Status CheckBytes(const TensorView& t, absl::string_view field) {
 // the servers check the rest (and name the field).
 absl::StatusOr<KeySplit> PlanKeySplit(absl::Span<AttnClient* const> targets,
                                       const AttentionRequest& request) {
-  if (targets.empty()) return Invalid("targets", "at least one AttnClient", "none");
+  if (targets.empty()) return InvalidField("targets", "at least one AttnClient", "none");
   for (size_t i = 0; i < targets.size(); ++i) {
-    if (targets[i] == nullptr) return Invalid(absl::StrCat("targets[", i, "]"), "a client", "null");
+    if (targets[i] == nullptr)
+      return InvalidField(absl::StrCat("targets[", i, "]"), "a client", "null");
   }
   // "<field>: expected <expected> with ShardedAttend (<why>), got <got>".
-  const auto refuse = [](absl::string_view field, absl::string_view expected,
-                         absl::string_view why, absl::string_view got) {
-    return Invalid(field, absl::StrCat(expected, " with ShardedAttend (", why, ")"), got);
+  const auto refuse = [](absl::string_view field, absl::string_view expected, absl::string_view why,
+                         absl::string_view got) {
+    return InvalidField(field, absl::StrCat(expected, " with ShardedAttend (", why, ")"), got);
   };
   if (!request.key_lengths.empty()) {
     return refuse("key_lengths", "none", "they do not combine with key_offset",
@@ -353,23 +352,23 @@ absl::StatusOr<KeySplit> PlanKeySplit(absl::Span<AttnClient* const> targets,
   const TensorView& value = request.value;
   const int64_t rank = key.rank();
   if (rank != 3 && rank != 4) {
-    return Invalid("key.shape", "[B, Lk, Hkv, D] or [Lk, Hkv, D]", ShapeString(key.shape));
+    return InvalidField("key.shape", "[B, Lk, Hkv, D] or [Lk, Hkv, D]", ShapeString(key.shape));
   }
   KeySplit split;
   split.keys = key.shape[rank - 3];
   if (value.rank() != rank || value.shape[rank - 3] != split.keys ||
       (rank == 4 && value.shape[0] != key.shape[0])) {
-    return Invalid("value.shape",
-                   absl::StrCat("[B, Lk, Hkv, Dv] with the key's B and Lk = ", split.keys),
-                   ShapeString(value.shape));
+    return InvalidField("value.shape",
+                        absl::StrCat("[B, Lk, Hkv, Dv] with the key's B and Lk = ", split.keys),
+                        ShapeString(value.shape));
   }
   if (absl::Status s = CheckBytes(key, "key"); !s.ok()) return s;
   if (absl::Status s = CheckBytes(value, "value"); !s.ok()) return s;
   if (request.bias.has_value() && request.bias->rank() > 0) {
     const int64_t last = request.bias->shape.back();
     if (last != split.keys && last != 1) {
-      return Invalid("bias.shape", absl::StrCat("a last dim of Lk = ", split.keys, " or 1"),
-                     ShapeString(request.bias->shape));
+      return InvalidField("bias.shape", absl::StrCat("a last dim of Lk = ", split.keys, " or 1"),
+                          ShapeString(request.bias->shape));
     }
     split.slice_bias = last == split.keys && split.keys > 1;
     if (split.slice_bias) {

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "core/errors.h"
 #include "core/half.h"
 #include "model/layer.h"
 #include "server/call_context.h"
@@ -42,10 +43,6 @@ constexpr int kMaxBatchEntries = 4096;
 // Query heads of a rotated session step.
 constexpr int64_t kMaxHeads = 1 << 16;
 
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
-
 absl::Status SessionsDisabled() {
   return absl::UnimplementedError("sessions are disabled on this server");
 }
@@ -65,8 +62,8 @@ absl::Status SplitSessionSparsity(absl::string_view field, const v1::Sparsity& s
   if (sparsity.global_tokens_size() > 0) parts.push_back("global_tokens");
   if (sparsity.sink_logits_size() > 0) parts.push_back("sink_logits");
   if (parts.empty()) return absl::OkStatus();
-  return Invalid(field, "unset for a session split over replicas (shards)",
-                 absl::StrJoin(parts, ", "));
+  return InvalidField(field, "unset for a session split over replicas (shards)",
+                      absl::StrJoin(parts, ", "));
 }
 
 // Calls fn(model, layer, group) for each group of `steps` that are model
@@ -96,19 +93,20 @@ absl::StatusOr<AttentionOptions> StepOptions(const v1::AttentionOptions& proto,
   absl::StatusOr<AttentionOptions> options = OptionsFromProto(proto);
   if (!options.ok()) return options.status();
   if (options->variant != Variant::kSoftmax) {
-    return Invalid("options.variant", "SOFTMAX for a session step", "LINEAR");
+    return InvalidField("options.variant", "SOFTMAX for a session step", "LINEAR");
   }
   if (options->causal_alignment != CausalAlignment::kBottomRight) {
-    return Invalid("options.causal_alignment",
-                   "BOTTOM_RIGHT for a session step (new tokens follow the cache)", "TOP_LEFT");
+    return InvalidField("options.causal_alignment",
+                        "BOTTOM_RIGHT for a session step (new tokens follow the cache)",
+                        "TOP_LEFT");
   }
   if (options->window_right > 0) {
-    return Invalid("options.window_right", "unset, -1 or 0 for a session step (it is causal)",
-                   absl::StrCat(options->window_right));
+    return InvalidField("options.window_right", "unset, -1 or 0 for a session step (it is causal)",
+                        absl::StrCat(options->window_right));
   }
-  if (outputs.weights()) return Invalid("outputs.weights", "false for a session step", "true");
+  if (outputs.weights()) return InvalidField("outputs.weights", "false for a session step", "true");
   if (outputs.top_k() != 0) {
-    return Invalid("outputs.top_k", "0 for a session step", absl::StrCat(outputs.top_k()));
+    return InvalidField("outputs.top_k", "0 for a session step", absl::StrCat(outputs.top_k()));
   }
   options->causal = true;
   return options;
@@ -122,15 +120,16 @@ static absl::Status ModelSessionConfig(const Model& model, const v1::CreateSessi
                                 SessionConfig* config) {
   const ModelConfig& c = model.config();
   if (c.family != ModelFamily::kLlama) {
-    return Invalid("model",
-                   "a decoder (llama family) model for a session: its steps append to a causal "
-                   "cache",
-                   absl::StrCat(model.name(), " (", ModelFamilyName(c.family), " family)"));
+    return InvalidField(
+        "model",
+        "a decoder (llama family) model for a session: its steps append to a causal "
+        "cache",
+        absl::StrCat(model.name(), " (", ModelFamilyName(c.family), " family)"));
   }
   auto agree = [&](const char* field, int64_t given, int64_t want) -> absl::Status {
     if (given == 0 || given == want) return absl::OkStatus();
-    return Invalid(field, absl::StrCat("unset or ", want, " (model ", model.name(), ")"),
-                   absl::StrCat(given));
+    return InvalidField(field, absl::StrCat("unset or ", want, " (model ", model.name(), ")"),
+                        absl::StrCat(given));
   };
   for (const absl::Status& s :
        {agree("num_kv_heads", request.num_kv_heads(), c.num_kv_heads),
@@ -140,8 +139,9 @@ static absl::Status ModelSessionConfig(const Model& model, const v1::CreateSessi
     if (!s.ok()) return s;
   }
   if (request.has_rotary()) {
-    return Invalid("rotary", absl::StrCat("unset: model ", model.name(), "'s config sets RoPE"),
-                   "rotary settings");
+    return InvalidField("rotary",
+                        absl::StrCat("unset: model ", model.name(), "'s config sets RoPE"),
+                        "rotary settings");
   }
   config->model = model.name();
   config->num_kv_heads = c.num_kv_heads;
@@ -265,14 +265,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(
     }
     if (request->shards() != 0) {
       if (request->shards() < 0) {
-        return Invalid("shards", "0 (one replica) or more", absl::StrCat(request->shards()));
+        return InvalidField("shards", "0 (one replica) or more", absl::StrCat(request->shards()));
       }
       if (options_.shards == nullptr) {
         return absl::FailedPreconditionError("shards: this server splits no sessions (no --peers)");
       }
       if (!request->model().empty()) {
-        return Invalid("model", "unset for a session split over replicas (shards)",
-                       request->model());
+        return InvalidField("model", "unset for a session split over replicas (shards)",
+                            request->model());
       }
     }
     if (!request->model().empty()) {
@@ -309,8 +309,8 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ForkSession(
   return AnswerSessionCall(context, kForkSession, [&]() -> absl::Status {
     if (draining()) return Draining();
     if (options_.shards != nullptr && options_.shards->Owns(request->session_id())) {
-      return Invalid("session_id", "a session held by this replica alone",
-                     "a session split over replicas (shards)");
+      return InvalidField("session_id", "a session held by this replica alone",
+                          "a session split over replicas (shards)");
     }
     absl::StatusOr<SessionStore::Forked> forked =
         options_.sessions->Fork(request->session_id(), request->tokens(), CallerOf(context));
@@ -365,7 +365,7 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
     for (auto [t, field] : {std::pair{&query_proto, "query"}, std::pair{&key_proto, "key"},
                             std::pair{&value_proto, "value"}}) {
       if (t->ByteSizeLong() != 0) {
-        return Invalid(field, "unset with hidden (the server projects it)", "a tensor");
+        return InvalidField(field, "unset with hidden (the server projects it)", "a tensor");
       }
     }
   }
@@ -392,22 +392,23 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
   step->lease.emplace(*std::move(lease));
   const SessionConfig& config = step->lease->config();
   if (layer < 0 || layer >= config.num_layers) {
-    return Invalid("layer", absl::StrCat("a value in [0, ", config.num_layers, ") (num_layers)"),
-                   absl::StrCat(layer));
+    return InvalidField("layer",
+                        absl::StrCat("a value in [0, ", config.num_layers, ") (num_layers)"),
+                        absl::StrCat(layer));
   }
   step->layer = layer;
   if (config.model.empty()) {
     if (hidden_proto != nullptr) {
-      return Invalid("hidden", "unset: the session has no model (CreateSession.model)",
-                     "hidden states");
+      return InvalidField("hidden", "unset: the session has no model (CreateSession.model)",
+                          "hidden states");
     }
     return views;
   }
   if (hidden_proto == nullptr) {
-    return Invalid("hidden",
-                   absl::StrCat("the hidden states [T, hidden] of a step of model ", config.model,
-                                " (not query/key/value)"),
-                   "none");
+    return InvalidField("hidden",
+                        absl::StrCat("the hidden states [T, hidden] of a step of model ",
+                                     config.model, " (not query/key/value)"),
+                        "none");
   }
   absl::StatusOr<const Model*> model = ModelFor(config.model, "model");
   if (!model.ok()) return model.status();
@@ -418,15 +419,16 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
   std::vector<int64_t> s = hidden->shape;
   if (s.size() == 3 && s[0] == 1) s.erase(s.begin());
   if (s.size() != 2 || s[0] < 1 || s[1] != width) {
-    return Invalid("hidden.shape",
-                   absl::StrCat("[T >= 1, ", width, "] (or [1, T, ", width,
-                                "]: the hidden size of model ", config.model, ")"),
-                   ShapeString(hidden->shape));
+    return InvalidField("hidden.shape",
+                        absl::StrCat("[T >= 1, ", width, "] (or [1, T, ", width,
+                                     "]: the hidden size of model ", config.model, ")"),
+                        ShapeString(hidden->shape));
   }
   const int64_t bytes = s[0] * width * int64_t(DTypeSize(hidden->dtype));
   if (static_cast<int64_t>(hidden->data.size()) != bytes) {
-    return Invalid("hidden.data", absl::StrCat(bytes, " bytes for shape ", ShapeString(hidden->shape)),
-                   absl::StrCat(hidden->data.size(), " bytes"));
+    return InvalidField("hidden.data",
+                        absl::StrCat(bytes, " bytes for shape ", ShapeString(hidden->shape)),
+                        absl::StrCat(hidden->data.size(), " bytes"));
   }
   step->hidden_dtype = hidden->dtype;
   step->hidden_shape = hidden->shape;
@@ -517,10 +519,10 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
   const int64_t q_count = CheckedElementCount(query->shape, int64_t{1} << 40);
   if (q_count < 0 ||
       static_cast<int64_t>(query->data.size()) != q_count * int64_t(DTypeSize(query->dtype))) {
-    return Invalid("query.data",
-                   absl::StrCat(q_count < 0 ? 0 : q_count * int64_t(DTypeSize(query->dtype)),
-                                " bytes for shape ", ShapeString(query->shape)),
-                   absl::StrCat(query->data.size(), " bytes"));
+    return InvalidField("query.data",
+                        absl::StrCat(q_count < 0 ? 0 : q_count * int64_t(DTypeSize(query->dtype)),
+                                     " bytes for shape ", ShapeString(query->shape)),
+                        absl::StrCat(query->data.size(), " bytes"));
   }
   SessionLease& session = *step->lease;
   const SessionConfig& config = session.config();
@@ -550,9 +552,10 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
       step->append ? session.CheckAppend(layer, *key, *value) : absl::StatusOr<int64_t>(0);
   if (!new_tokens.ok()) return new_tokens.status();
   if (*new_tokens == 0 && session.length(layer) == 0) {
-    return Invalid("key", absl::StrCat("new tokens: layer ", layer,
-                                       " of the session holds none to attend over"),
-                   "none");
+    return InvalidField(
+        "key",
+        absl::StrCat("new tokens: layer ", layer, " of the session holds none to attend over"),
+        "none");
   }
 
   const DType cache_dtype = config.dtype;
@@ -566,11 +569,11 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
     if (s.size() == 4 && s[0] == 1) s.erase(s.begin());
     if (s.size() != 3 || s[0] < 1 || s[1] < 1 || s[1] % config.num_kv_heads != 0 ||
         s[1] > kMaxHeads || s[2] != config.head_dim) {
-      return Invalid("query.shape",
-                     absl::StrCat("[Lq >= 1, Hq (a multiple of ", config.num_kv_heads, ", <= ",
-                                  kMaxHeads, "), ", config.head_dim,
-                                  "] (or with a leading batch of 1)"),
-                     ShapeString(query->shape));
+      return InvalidField(
+          "query.shape",
+          absl::StrCat("[Lq >= 1, Hq (a multiple of ", config.num_kv_heads, ", <= ", kMaxHeads,
+                       "), ", config.head_dim, "] (or with a leading batch of 1)"),
+          ShapeString(query->shape));
     }
     const int64_t lq = s[0];  // <= the query's bytes: its data size matched its shape
     const int64_t last = session.position(layer) + *new_tokens - 1;
@@ -719,7 +722,7 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
   if (!options.ok()) return options.status();
   if (options_.shards != nullptr && options_.shards->Owns(request.session_id())) {
     if (request.has_hidden()) {
-      return Invalid("hidden", "unset for a session split over replicas", "hidden states");
+      return InvalidField("hidden", "unset for a session split over replicas", "hidden states");
     }
     if (absl::Status s = SplitSessionSparsity("sparsity", request.sparsity()); !s.ok()) return s;
     ShardCoordinator::Entry entry{request.session_id(), &request.query(), &request.key(),
@@ -871,9 +874,9 @@ absl::Status AttentionServiceImpl::TruncateLayer(const std::string& caller,
   absl::StatusOr<SessionLease> lease = options_.sessions->Acquire(session_id, caller);
   if (!lease.ok()) return lease.status();
   if (layer < 0 || layer >= lease->config().num_layers) {
-    return Invalid("layer",
-                   absl::StrCat("a value in [0, ", lease->config().num_layers, ") (num_layers)"),
-                   absl::StrCat(layer));
+    return InvalidField(
+        "layer", absl::StrCat("a value in [0, ", lease->config().num_layers, ") (num_layers)"),
+        absl::StrCat(layer));
   }
   if (expected.has_value() && *expected != lease->length(layer)) {
     return absl::FailedPreconditionError(absl::StrCat(
@@ -881,12 +884,13 @@ absl::Status AttentionServiceImpl::TruncateLayer(const std::string& caller,
         " tokens, the truncation expected ", *expected));
   }
   if (tokens < 0 || tokens > lease->length(layer)) {
-    return Invalid("truncate_to",
-                   absl::StrCat("a count in [0, ", lease->length(layer), "] (the layer's tokens)"),
-                   absl::StrCat(tokens));
+    return InvalidField(
+        "truncate_to",
+        absl::StrCat("a count in [0, ", lease->length(layer), "] (the layer's tokens)"),
+        absl::StrCat(tokens));
   }
   if (lease->config().window_tokens > 0) {
-    return Invalid("truncate_to", "a session without a sinks window", "a windowed session");
+    return InvalidField("truncate_to", "a session without a sinks window", "a windowed session");
   }
   lease->Truncate(layer, tokens);
   result->set_context_tokens(lease->length(layer));
@@ -908,8 +912,8 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
   if (!options.ok()) return options.status();
   const int entries = request.entries_size();
   if (entries < 1 || entries > kMaxBatchEntries) {
-    return Invalid("entries", absl::StrCat("1 to ", kMaxBatchEntries, " entries"),
-                   absl::StrCat(entries));
+    return InvalidField("entries", absl::StrCat("1 to ", kMaxBatchEntries, " entries"),
+                        absl::StrCat(entries));
   }
   options_.metrics->RecordBatchDecodeEntries(entries);
   if (options_.shards != nullptr && options_.shards->Owns(request.entries(0).session_id())) {
@@ -918,9 +922,9 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     for (int i = 0; i < entries; ++i) {
       const v1::BatchDecodeEntry& e = request.entries(i);
       if (!options_.shards->Owns(e.session_id()) || e.has_hidden() || e.has_truncate_to()) {
-        return Invalid(absl::StrCat("entries[", i, "]"),
-                       "a q/k/v step of a session split over replicas, like entries[0]",
-                       "another kind of entry");
+        return InvalidField(absl::StrCat("entries[", i, "]"),
+                            "a q/k/v step of a session split over replicas, like entries[0]",
+                            "another kind of entry");
       }
       if (absl::Status s =
               SplitSessionSparsity(absl::StrCat("entries[", i, "].sparsity"), e.sparsity());
@@ -964,15 +968,14 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     for (int i = 0; i < entries; ++i) {
       const v1::BatchDecodeEntry& e = request.entries(i);
       v1::BatchDecodeResult* result = response->add_results();
-      absl::Status s = e.has_truncate_to()
-                           ? TruncateLayer(caller, e.session_id(), request.layer(),
-                                           e.truncate_to(),
-                                           e.has_expected_context_tokens()
-                                               ? std::optional<int64_t>(e.expected_context_tokens())
-                                               : std::nullopt,
-                                           result)
-                           : Invalid("truncate_to", "set in every entry when in entries[0]",
-                                     "unset");
+      absl::Status s =
+          e.has_truncate_to()
+              ? TruncateLayer(caller, e.session_id(), request.layer(), e.truncate_to(),
+                              e.has_expected_context_tokens()
+                                  ? std::optional<int64_t>(e.expected_context_tokens())
+                                  : std::nullopt,
+                              result)
+              : InvalidField("truncate_to", "set in every entry when in entries[0]", "unset");
       if (!s.ok()) s = Prefixed(absl::StrCat("entries[", i, "]."), s);
       result->set_code(static_cast<int>(s.code()));
       result->set_message(std::string(s.message()));
@@ -996,13 +999,14 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     SessionStep& step = call->steps[i];
     absl::Status& status = call->status[i];
     if (auto [it, inserted] = seen.try_emplace(e.session_id(), i); !inserted) {
-      status = Invalid(absl::StrCat("entries[", i, "].session_id"), "each session once per call",
+      status =
+          InvalidField(absl::StrCat("entries[", i, "].session_id"), "each session once per call",
                        absl::StrCat("the session of entries[", it->second, "] again"));
       continue;
     }
     if (e.has_truncate_to()) {
-      status = Invalid(absl::StrCat("entries[", i, "].truncate_to"),
-                       "unset unless entries[0] truncates too", absl::StrCat(e.truncate_to()));
+      status = InvalidField(absl::StrCat("entries[", i, "].truncate_to"),
+                            "unset unless entries[0] truncates too", absl::StrCat(e.truncate_to()));
       continue;
     }
     step.key_offset = e.key_offset();
@@ -1039,7 +1043,7 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
       if (p.num_heads_q != f.num_heads_q || p.num_heads_kv != f.num_heads_kv ||
           p.head_dim != f.head_dim || p.value_dim != f.value_dim || p.dtype != f.dtype ||
           step.query_dtype != call->steps[first_ok].query_dtype) {
-        status = Invalid(
+        status = InvalidField(
             "query",
             absl::StrFormat("Hq %d, Hkv %d, D %d, Dv %d and dtype %s like entries[%d]",
                             f.num_heads_q, f.num_heads_kv, f.head_dim, f.value_dim,

@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "attention/merge.h"
+#include "core/errors.h"
 #include "core/half.h"
 #include "grpcpp/create_channel.h"
 #include "grpcpp/security/credentials.h"
@@ -24,10 +25,6 @@
 
 namespace attnserve {
 namespace {
-
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
 
 absl::Status FromGrpc(const grpc::Status& s) {
   return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
@@ -53,10 +50,10 @@ absl::StatusOr<int64_t> RowsOf(const TensorView& t, const char* field, int64_t h
                                        : (s.size() == 3 && s[1] == heads);
   if (s.size() != 3 || s[0] < 1 || !heads_ok || s[2] != dim ||
       CheckedElementCount(s) * int64_t(DTypeSize(t.dtype)) != int64_t(t.data.size())) {
-    return Invalid(absl::StrCat(field, ".shape"),
-                   absl::StrCat("[n, ", heads_multiple ? "a multiple of " : "", heads, ", ", dim,
-                                "] (or with a leading 1) matching its bytes"),
-                   ShapeString(t.shape));
+    return InvalidField(absl::StrCat(field, ".shape"),
+                        absl::StrCat("[n, ", heads_multiple ? "a multiple of " : "", heads, ", ",
+                                     dim, "] (or with a leading 1) matching its bytes"),
+                        ShapeString(t.shape));
   }
   return s[0];
 }
@@ -148,7 +145,7 @@ absl::StatusOr<std::vector<std::string>> ShardCoordinator::Peers() const {
     const size_t colon = rest.rfind(':');
     int port = 0;
     if (colon == std::string::npos || !absl::SimpleAtoi(rest.substr(colon + 1), &port)) {
-      return Invalid("--peers", "host:port or dns:NAME:PORT", entry);
+      return InvalidField("--peers", "host:port or dns:NAME:PORT", entry);
     }
     const std::string name = rest.substr(0, colon);
     addrinfo hints{};
@@ -193,16 +190,17 @@ v1::AttentionService::Stub* ShardCoordinator::StubFor(const std::string& peer) {
 absl::StatusOr<ShardCoordinator::Created> ShardCoordinator::Create(
     const v1::CreateSessionRequest& request, const std::string& owner) {
   if (!request.model().empty()) {
-    return Invalid("model", "unset for a session split over replicas (shards)", request.model());
+    return InvalidField("model", "unset for a session split over replicas (shards)",
+                        request.model());
   }
   if (request.sink_tokens() != 0 || request.window_tokens() != 0) {
-    return Invalid("window_tokens", "0 for a session split over replicas (shards)",
-                   absl::StrCat(request.window_tokens()));
+    return InvalidField("window_tokens", "0 for a session split over replicas (shards)",
+                        absl::StrCat(request.window_tokens()));
   }
   if (request.max_tokens() != 0) {
-    return Invalid("max_tokens",
-                   "0 for a session split over replicas (its shards' caches bound it)",
-                   absl::StrCat(request.max_tokens()));
+    return InvalidField("max_tokens",
+                        "0 for a session split over replicas (its shards' caches bound it)",
+                        absl::StrCat(request.max_tokens()));
   }
   auto session = std::make_shared<Session>();
   session->owner = owner;
@@ -370,8 +368,8 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
   call->done = std::move(done);
   if (outputs.entropy() || outputs.weights() || outputs.top_k() != 0) {
     for (Result& r : call->results) {
-      r.status = Invalid("outputs", "lse only for a session split over replicas",
-                         "entropy, weights or top_k");
+      r.status = InvalidField("outputs", "lse only for a session split over replicas",
+                              "entropy, weights or top_k");
     }
     call->done(std::move(call->results));
     return;
@@ -415,8 +413,8 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
     Session& session = *state.session;
     absl::Status status = [&]() -> absl::Status {
       if (layer < 0 || layer >= session.num_layers) {
-        return Invalid("layer", absl::StrCat("a value in [0, ", session.num_layers, ")"),
-                       absl::StrCat(layer));
+        return InvalidField("layer", absl::StrCat("a value in [0, ", session.num_layers, ")"),
+                            absl::StrCat(layer));
       }
       absl::StatusOr<TensorView> q = ViewFromProto(*entries[i].query, "query");
       if (!q.ok()) return q.status();
@@ -435,7 +433,9 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
         absl::StatusOr<int64_t> nv =
             RowsOf(*vv, "value", session.num_kv_heads, session.value_dim, false);
         if (!nv.ok()) return nv.status();
-        if (*nk != *nv) return Invalid("value.shape", absl::StrCat(*nk, " tokens like key"), ShapeString(vv->shape));
+        if (*nk != *nv)
+          return InvalidField("value.shape", absl::StrCat(*nk, " tokens like key"),
+                              ShapeString(vv->shape));
         n = *nk;
         k = *kv;
         v = *vv;
@@ -454,7 +454,7 @@ void ShardCoordinator::Step(const std::string& owner, int32_t layer,
             " tokens, the request expected ", *entries[i].expected_context_tokens));
       }
       if (n == 0 && before == 0) {
-        return Invalid("key", "new tokens: the session holds none to attend over", "none");
+        return InvalidField("key", "new tokens: the session holds none to attend over", "none");
       }
       // Contiguous placement: the new tokens go to the first shards with room.
       std::vector<int64_t> added(lengths.size(), 0);

@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "attention/cost.h"
 #include "attention/sparse.h"
+#include "core/errors.h"
 #include "core/half.h"
 
 namespace attnserve {
@@ -24,10 +25,6 @@ namespace {
 constexpr int64_t kMaxElements = int64_t{1} << 60;
 constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
 
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
-
 bool IsInputDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
 // Checks dtype, rank, dims and byte length of a Q/K/V tensor. On success
@@ -35,31 +32,31 @@ bool IsInputDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t ==
 absl::StatusOr<std::array<int64_t, 4>> CheckQkv(absl::string_view name, const TensorView& t,
                                                 absl::string_view dims_doc) {
   if (!IsInputDType(t.dtype)) {
-    return Invalid(absl::StrCat(name, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
+    return InvalidField(absl::StrCat(name, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
   }
   if (t.rank() != 3 && t.rank() != 4) {
-    return Invalid(absl::StrCat(name, ".shape"),
-                   absl::StrCat("rank 4 ", dims_doc, " or rank 3 without the batch dim"),
-                   absl::StrCat("rank ", t.rank(), " ", ShapeString(t.shape)));
+    return InvalidField(absl::StrCat(name, ".shape"),
+                        absl::StrCat("rank 4 ", dims_doc, " or rank 3 without the batch dim"),
+                        absl::StrCat("rank ", t.rank(), " ", ShapeString(t.shape)));
   }
   for (int64_t d : t.shape) {
     if (d < 1 || d > kMaxDim) {
-      return Invalid(absl::StrCat(name, ".shape"),
-                     absl::StrCat("every dim in [1, ", kMaxDim, "] ", dims_doc),
-                     ShapeString(t.shape));
+      return InvalidField(absl::StrCat(name, ".shape"),
+                          absl::StrCat("every dim in [1, ", kMaxDim, "] ", dims_doc),
+                          ShapeString(t.shape));
     }
   }
   const int64_t n = CheckedElementCount(t.shape, kMaxElements);
   if (n < 0) {
-    return Invalid(absl::StrCat(name, ".shape"),
-                   absl::StrCat("at most 2^60 elements"), ShapeString(t.shape));
+    return InvalidField(absl::StrCat(name, ".shape"), absl::StrCat("at most 2^60 elements"),
+                        ShapeString(t.shape));
   }
   const int64_t want = n * static_cast<int64_t>(DTypeSize(t.dtype));
   if (static_cast<int64_t>(t.data.size()) != want) {
-    return Invalid(absl::StrCat(name, ".data"),
-                   absl::StrCat(want, " bytes (", ShapeString(t.shape), " x ", DTypeName(t.dtype),
-                                ")"),
-                   absl::StrCat(t.data.size(), " bytes"));
+    return InvalidField(
+        absl::StrCat(name, ".data"),
+        absl::StrCat(want, " bytes (", ShapeString(t.shape), " x ", DTypeName(t.dtype), ")"),
+        absl::StrCat(t.data.size(), " bytes"));
   }
   std::array<int64_t, 4> dims;
   if (t.rank() == 4) {
@@ -82,14 +79,14 @@ absl::Status CheckBias(const TensorView& bias, DType want_dtype, const std::arra
                        AttentionJob& job) {
   AttentionParams& p = job.params;
   if (bias.dtype != want_dtype) {
-    return Invalid("bias.dtype", absl::StrCat(DTypeName(want_dtype), " (the query's dtype)"),
-                   DTypeName(bias.dtype));
+    return InvalidField("bias.dtype", absl::StrCat(DTypeName(want_dtype), " (the query's dtype)"),
+                        DTypeName(bias.dtype));
   }
   const std::string full_doc = absl::StrCat(ShapeString({full[0], full[1], full[2], full[3]}),
                                             " [B, Hq, Lq, Lk]");
   if (bias.rank() > 4) {
-    return Invalid("bias.shape", absl::StrCat("rank <= 4, broadcastable to ", full_doc),
-                   absl::StrCat("rank ", bias.rank(), " ", ShapeString(bias.shape)));
+    return InvalidField("bias.shape", absl::StrCat("rank <= 4, broadcastable to ", full_doc),
+                        absl::StrCat("rank ", bias.rank(), " ", ShapeString(bias.shape)));
   }
   // Right-align with [B, Hq, Lq, Lk] as NumPy does; each dim is 1 or full.
   std::array<int64_t, 4> strides = {0, 0, 0, 0};
@@ -97,8 +94,8 @@ absl::Status CheckBias(const TensorView& bias, DType want_dtype, const std::arra
   for (int64_t k = bias.rank() - 1, axis = 3; k >= 0; --k, --axis) {
     const int64_t d = bias.shape[k];
     if (d != 1 && d != full[axis]) {
-      return Invalid("bias.shape", absl::StrCat("broadcastable to ", full_doc),
-                     absl::StrCat(ShapeString(bias.shape), " (dim ", k, " is ", d, ")"));
+      return InvalidField("bias.shape", absl::StrCat("broadcastable to ", full_doc),
+                          absl::StrCat(ShapeString(bias.shape), " (dim ", k, " is ", d, ")"));
     }
     strides[axis] = d == 1 ? 0 : stride;
     stride *= d;
@@ -106,10 +103,10 @@ absl::Status CheckBias(const TensorView& bias, DType want_dtype, const std::arra
   const int64_t n = stride;  // product of dims, each <= the matching full dim
   const int64_t want = n * static_cast<int64_t>(DTypeSize(bias.dtype));
   if (static_cast<int64_t>(bias.data.size()) != want) {
-    return Invalid("bias.data",
-                   absl::StrCat(want, " bytes (", ShapeString(bias.shape), " x ",
-                                DTypeName(bias.dtype), ")"),
-                   absl::StrCat(bias.data.size(), " bytes"));
+    return InvalidField(
+        "bias.data",
+        absl::StrCat(want, " bytes (", ShapeString(bias.shape), " x ", DTypeName(bias.dtype), ")"),
+        absl::StrCat(bias.data.size(), " bytes"));
   }
   job.bias_f32.resize(n);
   if (bias.dtype == DType::kF32) {
@@ -119,7 +116,7 @@ absl::Status CheckBias(const TensorView& bias, DType want_dtype, const std::arra
   }
   for (float x : job.bias_f32) {
     if (std::isnan(x) || x == std::numeric_limits<float>::infinity()) {
-      return Invalid("bias.data", "finite values or -inf (to mask)", absl::StrCat(x));
+      return InvalidField("bias.data", "finite values or -inf (to mask)", absl::StrCat(x));
     }
   }
   p.bias = job.bias_f32.data();
@@ -145,26 +142,27 @@ absl::StatusOr<Dims> CheckShapes(const AttentionRequest& request, const RequestL
   const DType dtype = request.query.dtype;
   const PagedKvView* paged = request.paged_kv.has_value() ? &*request.paged_kv : nullptr;
   if (paged == nullptr && request.key.dtype != dtype) {
-    return Invalid("key.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
-                   DTypeName(request.key.dtype));
+    return InvalidField("key.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
+                        DTypeName(request.key.dtype));
   }
   if (paged == nullptr && request.value.dtype != dtype) {
-    return Invalid("value.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
-                   DTypeName(request.value.dtype));
+    return InvalidField("value.dtype", absl::StrCat(DTypeName(dtype), " (the query's dtype)"),
+                        DTypeName(request.value.dtype));
   }
   absl::StatusOr<std::array<int64_t, 4>> k, v;
   if (paged != nullptr) {
     if (!request.key.shape.empty() || !request.key.data.empty()) {
-      return Invalid("key", "unset (keys come from the session's cache)",
-                     ShapeString(request.key.shape));
+      return InvalidField("key", "unset (keys come from the session's cache)",
+                          ShapeString(request.key.shape));
     }
     if (!request.value.shape.empty() || !request.value.data.empty()) {
-      return Invalid("value", "unset (values come from the session's cache)",
-                     ShapeString(request.value.shape));
+      return InvalidField("value", "unset (values come from the session's cache)",
+                          ShapeString(request.value.shape));
     }
     if (dtype != paged->dtype) {
-      return Invalid("query.dtype", absl::StrCat(DTypeName(paged->dtype), " (the cache's dtype)"),
-                     DTypeName(dtype));
+      return InvalidField("query.dtype",
+                          absl::StrCat(DTypeName(paged->dtype), " (the cache's dtype)"),
+                          DTypeName(dtype));
     }
     if (paged->length < 1 || paged->length > kMaxDim || paged->block_tokens < 1 ||
         paged->blocks == nullptr) {
@@ -182,51 +180,54 @@ absl::StatusOr<Dims> CheckShapes(const AttentionRequest& request, const RequestL
   const auto [Bk, Lk, Hkv, Dk] = *k;
   const auto [Bv, Lv, Hv, Dv] = *v;
   if (paged != nullptr && B != 1) {
-    return Invalid("query.shape", "batch 1 for a session", ShapeString(request.query.shape));
+    return InvalidField("query.shape", "batch 1 for a session", ShapeString(request.query.shape));
   }
   if (paged == nullptr && request.key.rank() != request.query.rank()) {
-    return Invalid("key.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
-                   absl::StrCat("rank ", request.key.rank(), " ", ShapeString(request.key.shape)));
+    return InvalidField(
+        "key.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
+        absl::StrCat("rank ", request.key.rank(), " ", ShapeString(request.key.shape)));
   }
   if (paged == nullptr && request.value.rank() != request.query.rank()) {
-    return Invalid("value.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
-                   absl::StrCat("rank ", request.value.rank(), " ",
-                                ShapeString(request.value.shape)));
+    return InvalidField(
+        "value.shape", absl::StrCat("rank ", request.query.rank(), " like the query"),
+        absl::StrCat("rank ", request.value.rank(), " ", ShapeString(request.value.shape)));
   }
   if (Bk != B) {
-    return Invalid("key.shape", absl::StrCat("batch ", B, " (the query's)"),
-                   absl::StrCat(Bk, " in ", ShapeString(request.key.shape)));
+    return InvalidField("key.shape", absl::StrCat("batch ", B, " (the query's)"),
+                        absl::StrCat(Bk, " in ", ShapeString(request.key.shape)));
   }
   if (paged != nullptr && D != Dk) {
-    return Invalid("query.shape", absl::StrCat("head_dim ", Dk, " (the session's)"),
-                   absl::StrCat(D, " in ", ShapeString(request.query.shape)));
+    return InvalidField("query.shape", absl::StrCat("head_dim ", Dk, " (the session's)"),
+                        absl::StrCat(D, " in ", ShapeString(request.query.shape)));
   }
   if (paged != nullptr && Hq % Hkv != 0) {
-    return Invalid("query.shape",
-                   absl::StrCat("a number of heads divisible by the session's ", Hkv, " kv heads"),
-                   absl::StrCat(Hq, " in ", ShapeString(request.query.shape)));
+    return InvalidField(
+        "query.shape",
+        absl::StrCat("a number of heads divisible by the session's ", Hkv, " kv heads"),
+        absl::StrCat(Hq, " in ", ShapeString(request.query.shape)));
   }
   if (Dk != D) {
-    return Invalid("key.shape", absl::StrCat("head_dim ", D, " (the query's)"),
-                   absl::StrCat(Dk, " in ", ShapeString(request.key.shape)));
+    return InvalidField("key.shape", absl::StrCat("head_dim ", D, " (the query's)"),
+                        absl::StrCat(Dk, " in ", ShapeString(request.key.shape)));
   }
   if (Hq % Hkv != 0) {
-    return Invalid("key.shape",
-                   absl::StrCat("a number of kv heads dividing the query's ", Hq, " heads"),
-                   absl::StrCat(Hkv, " in ", ShapeString(request.key.shape)));
+    return InvalidField("key.shape",
+                        absl::StrCat("a number of kv heads dividing the query's ", Hq, " heads"),
+                        absl::StrCat(Hkv, " in ", ShapeString(request.key.shape)));
   }
   if (Bv != B || Lv != Lk || Hv != Hkv) {
-    return Invalid("value.shape",
-                   absl::StrCat("[", B, ", ", Lk, ", ", Hkv, ", Dv] (batch, Lk and heads of key)"),
-                   ShapeString(request.value.shape));
+    return InvalidField(
+        "value.shape",
+        absl::StrCat("[", B, ", ", Lk, ", ", Hkv, ", Dv] (batch, Lk and heads of key)"),
+        ShapeString(request.value.shape));
   }
   if (D > limits.max_head_dim) {
-    return Invalid("query.shape", absl::StrCat("head_dim <= ", limits.max_head_dim),
-                   absl::StrCat(D));
+    return InvalidField("query.shape", absl::StrCat("head_dim <= ", limits.max_head_dim),
+                        absl::StrCat(D));
   }
   if (Dv > limits.max_head_dim) {
-    return Invalid("value.shape", absl::StrCat("value_dim <= ", limits.max_head_dim),
-                   absl::StrCat(Dv));
+    return InvalidField("value.shape", absl::StrCat("value_dim <= ", limits.max_head_dim),
+                        absl::StrCat(Dv));
   }
   return Dims{B, Lq, Hq, D, Lk, Hkv, Dv};
 }
@@ -235,37 +236,42 @@ absl::StatusOr<Dims> CheckShapes(const AttentionRequest& request, const RequestL
 absl::Status CheckOptions(const AttentionRequest& request, const Dims& dims) {
   const AttentionOptions& opt = request.options;
   if (!std::isfinite(opt.scale)) {
-    return Invalid("options.scale", "a finite number (0 = 1/sqrt(head_dim))", absl::StrCat(opt.scale));
+    return InvalidField("options.scale", "a finite number (0 = 1/sqrt(head_dim))",
+                        absl::StrCat(opt.scale));
   }
   if (!std::isfinite(opt.softcap) || opt.softcap < 0) {
-    return Invalid("options.softcap", "a finite number >= 0 (0 = off)", absl::StrCat(opt.softcap));
+    return InvalidField("options.softcap", "a finite number >= 0 (0 = off)",
+                        absl::StrCat(opt.softcap));
   }
   if (opt.window_left < -1) {
-    return Invalid("options.window_left", ">= 0, or -1 for unbounded", absl::StrCat(opt.window_left));
+    return InvalidField("options.window_left", ">= 0, or -1 for unbounded",
+                        absl::StrCat(opt.window_left));
   }
   if (opt.window_right < -1) {
-    return Invalid("options.window_right", ">= 0, or -1 for unbounded",
-                   absl::StrCat(opt.window_right));
+    return InvalidField("options.window_right", ">= 0, or -1 for unbounded",
+                        absl::StrCat(opt.window_right));
   }
   if (opt.causal && opt.window_right > 0) {
-    return Invalid("options.window_right", "unset, -1 or 0 with causal (causal sees no later keys)",
-                   absl::StrCat(opt.window_right));
+    return InvalidField("options.window_right",
+                        "unset, -1 or 0 with causal (causal sees no later keys)",
+                        absl::StrCat(opt.window_right));
   }
   if (!opt.alibi_slopes.empty() && static_cast<int64_t>(opt.alibi_slopes.size()) != dims.Hq) {
-    return Invalid("options.alibi_slopes",
-                   absl::StrCat(dims.Hq, " slopes (one per query head) or none"),
-                   absl::StrCat(opt.alibi_slopes.size()));
+    return InvalidField("options.alibi_slopes",
+                        absl::StrCat(dims.Hq, " slopes (one per query head) or none"),
+                        absl::StrCat(opt.alibi_slopes.size()));
   }
   for (float s : opt.alibi_slopes) {
-    if (!std::isfinite(s)) return Invalid("options.alibi_slopes", "finite slopes", absl::StrCat(s));
+    if (!std::isfinite(s))
+      return InvalidField("options.alibi_slopes", "finite slopes", absl::StrCat(s));
   }
   if (opt.variant != Variant::kSoftmax && opt.variant != Variant::kLinear) {
-    return Invalid("options.variant", "SOFTMAX or LINEAR",
-                   absl::StrCat(static_cast<int>(opt.variant)));
+    return InvalidField("options.variant", "SOFTMAX or LINEAR",
+                        absl::StrCat(static_cast<int>(opt.variant)));
   }
   if (opt.variant == Variant::kLinear) {
     auto reject = [](absl::string_view field, absl::string_view got) {
-      return Invalid(field, "unset with variant LINEAR", got);
+      return InvalidField(field, "unset with variant LINEAR", got);
     };
     if (opt.scale != 0) return reject("options.scale", absl::StrCat(opt.scale));
     if (opt.window_left != -1) return reject("options.window_left", absl::StrCat(opt.window_left));
@@ -285,29 +291,30 @@ absl::Status CheckOptions(const AttentionRequest& request, const Dims& dims) {
 // within their declared sequence.
 absl::Status CheckKeyLengths(const AttentionRequest& request, const Dims& dims) {
   if (request.key_offset < 0 || request.key_offset > (int64_t{1} << 40)) {
-    return Invalid("key_offset", "a position in [0, 2^40]", absl::StrCat(request.key_offset));
+    return InvalidField("key_offset", "a position in [0, 2^40]", absl::StrCat(request.key_offset));
   }
   if (request.total_keys != 0 && (request.total_keys < request.key_offset + dims.Lk ||
                                   request.total_keys > (int64_t{1} << 40))) {
-    return Invalid("total_keys",
-                   absl::StrCat("0 or at least key_offset + Lk = ", request.key_offset + dims.Lk,
-                                " (the keys sent lie in the sequence), at most 2^40"),
-                   absl::StrCat(request.total_keys));
+    return InvalidField(
+        "total_keys",
+        absl::StrCat("0 or at least key_offset + Lk = ", request.key_offset + dims.Lk,
+                     " (the keys sent lie in the sequence), at most 2^40"),
+        absl::StrCat(request.total_keys));
   }
   if ((request.key_offset != 0 || request.total_keys != 0) && !request.key_lengths.empty()) {
-    return Invalid("key_lengths", "none with key_offset or total_keys (sharded keys)",
-                   absl::StrCat(request.key_lengths.size(), " lengths"));
+    return InvalidField("key_lengths", "none with key_offset or total_keys (sharded keys)",
+                        absl::StrCat(request.key_lengths.size(), " lengths"));
   }
   if (request.key_lengths.empty()) return absl::OkStatus();
   if (static_cast<int64_t>(request.key_lengths.size()) != dims.B) {
-    return Invalid("key_lengths", absl::StrCat(dims.B, " lengths (one per batch row) or none"),
-                   absl::StrCat(request.key_lengths.size()));
+    return InvalidField("key_lengths", absl::StrCat(dims.B, " lengths (one per batch row) or none"),
+                        absl::StrCat(request.key_lengths.size()));
   }
   for (size_t b = 0; b < request.key_lengths.size(); ++b) {
     const int32_t len = request.key_lengths[b];
     if (len < 0 || len > dims.Lk) {
-      return Invalid(absl::StrCat("key_lengths[", b, "]"),
-                     absl::StrCat("a length in [0, ", dims.Lk, "]"), absl::StrCat(len));
+      return InvalidField(absl::StrCat("key_lengths[", b, "]"),
+                          absl::StrCat("a length in [0, ", dims.Lk, "]"), absl::StrCat(len));
     }
   }
   return absl::OkStatus();
@@ -321,7 +328,8 @@ absl::StatusOr<int64_t> CheckOutputs(const AttentionRequest& request, const Dims
   const auto [B, Lq, Hq, D, Lk, Hkv, Dv] = dims;
   const DType dtype = request.query.dtype;
   if (out.top_k < 0 || out.top_k > Lk) {
-    return Invalid("outputs.top_k", absl::StrCat("0 (off) to Lk = ", Lk), absl::StrCat(out.top_k));
+    return InvalidField("outputs.top_k", absl::StrCat("0 (off) to Lk = ", Lk),
+                        absl::StrCat(out.top_k));
   }
   if (out.top_k > limits.max_top_k) {
     return absl::ResourceExhaustedError(absl::StrCat("outputs.top_k: ", out.top_k,

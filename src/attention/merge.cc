@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/errors.h"
 #include "core/half.h"
 
 namespace attnserve {
@@ -57,22 +58,18 @@ void MergeRow(absl::Span<const AttentionState> parts, int64_t lse_index, int64_t
   out_lse[lse_index] = static_cast<float>(max_lse + std::log(sum));
 }
 
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
-
 bool IsFloatDType(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
 // Checks that `t` holds exactly its shape's bytes. `field` names it.
 absl::Status CheckBytes(const TensorView& t, absl::string_view field) {
   const int64_t n = CheckedElementCount(t.shape, INT64_MAX / 8);
   if (n < 0) {
-    return Invalid(absl::StrCat(field, ".shape"), "non-negative dims whose product fits",
-                   ShapeString(t.shape));
+    return InvalidField(absl::StrCat(field, ".shape"), "non-negative dims whose product fits",
+                        ShapeString(t.shape));
   }
   const int64_t want = n * static_cast<int64_t>(DTypeSize(t.dtype));
   if (static_cast<int64_t>(t.data.size()) != want) {
-    return Invalid(
+    return InvalidField(
         absl::StrCat(field, ".data"),
         absl::StrCat(want, " bytes (", ShapeString(t.shape), " x ", DTypeName(t.dtype), ")"),
         absl::StrCat(t.data.size(), " bytes"));
@@ -97,15 +94,15 @@ const float* AsF32(const TensorView& t, std::vector<float>& storage) {
 
 // Validates the parts against parts[0] and returns their dims.
 absl::StatusOr<StateDims> CheckParts(absl::Span<const AttentionStateView> parts) {
-  if (parts.empty()) return Invalid("parts", "at least one", "none");
+  if (parts.empty()) return InvalidField("parts", "at least one", "none");
   const TensorView& first = parts[0].output;
   if (!IsFloatDType(first.dtype)) {
-    return Invalid("parts[0].output.dtype", "F32, F16 or BF16", DTypeName(first.dtype));
+    return InvalidField("parts[0].output.dtype", "F32, F16 or BF16", DTypeName(first.dtype));
   }
   const int64_t rank = first.rank();
   if (rank != 3 && rank != 4) {
-    return Invalid("parts[0].output.shape", "[B, Lq, Hq, Dv] or [Lq, Hq, Dv]",
-                   ShapeString(first.shape));
+    return InvalidField("parts[0].output.shape", "[B, Lq, Hq, Dv] or [Lq, Hq, Dv]",
+                        ShapeString(first.shape));
   }
   StateDims dims;
   dims.batch = rank == 4 ? first.shape[0] : 1;
@@ -114,7 +111,7 @@ absl::StatusOr<StateDims> CheckParts(absl::Span<const AttentionStateView> parts)
   const int64_t value_dim = first.shape[rank - 1];
   if (heads > std::numeric_limits<int32_t>::max() ||
       value_dim > std::numeric_limits<int32_t>::max()) {
-    return Invalid("parts[0].output.shape", "Hq and Dv below 2^31", ShapeString(first.shape));
+    return InvalidField("parts[0].output.shape", "Hq and Dv below 2^31", ShapeString(first.shape));
   }
   dims.heads = static_cast<int32_t>(heads);
   dims.value_dim = static_cast<int32_t>(value_dim);
@@ -124,23 +121,23 @@ absl::StatusOr<StateDims> CheckParts(absl::Span<const AttentionStateView> parts)
     const TensorView& output = parts[i].output;
     const TensorView& lse = parts[i].lse;
     if (output.dtype != first.dtype) {
-      return Invalid(absl::StrCat(part, ".output.dtype"),
-                     absl::StrCat(DTypeName(first.dtype), " (parts[0]'s)"),
-                     DTypeName(output.dtype));
+      return InvalidField(absl::StrCat(part, ".output.dtype"),
+                          absl::StrCat(DTypeName(first.dtype), " (parts[0]'s)"),
+                          DTypeName(output.dtype));
     }
     if (output.shape != first.shape) {
-      return Invalid(absl::StrCat(part, ".output.shape"),
-                     absl::StrCat(ShapeString(first.shape), " (parts[0]'s)"),
-                     ShapeString(output.shape));
+      return InvalidField(absl::StrCat(part, ".output.shape"),
+                          absl::StrCat(ShapeString(first.shape), " (parts[0]'s)"),
+                          ShapeString(output.shape));
     }
     if (absl::Status s = CheckBytes(output, absl::StrCat(part, ".output")); !s.ok()) return s;
     if (lse.dtype != DType::kF32) {
-      return Invalid(absl::StrCat(part, ".lse.dtype"), "F32", DTypeName(lse.dtype));
+      return InvalidField(absl::StrCat(part, ".lse.dtype"), "F32", DTypeName(lse.dtype));
     }
     if (lse.shape != lse_shape) {
-      return Invalid(absl::StrCat(part, ".lse.shape"),
-                     absl::StrCat(ShapeString(lse_shape), " ([B, Hq, Lq] of the output)"),
-                     ShapeString(lse.shape));
+      return InvalidField(absl::StrCat(part, ".lse.shape"),
+                          absl::StrCat(ShapeString(lse_shape), " ([B, Hq, Lq] of the output)"),
+                          ShapeString(lse.shape));
     }
     if (absl::Status s = CheckBytes(lse, absl::StrCat(part, ".lse")); !s.ok()) return s;
   }
@@ -174,7 +171,7 @@ void MergeAttentionStateInto(const AttentionState& part, const StateDims& dims, 
 absl::StatusOr<MergedAttention> MergeAttentionStates(absl::Span<const AttentionStateView> parts,
                                                      DType output_dtype) {
   if (!IsFloatDType(output_dtype)) {
-    return Invalid("output_dtype", "F32, F16 or BF16", DTypeName(output_dtype));
+    return InvalidField("output_dtype", "F32, F16 or BF16", DTypeName(output_dtype));
   }
   absl::StatusOr<StateDims> dims = CheckParts(parts);
   if (!dims.ok()) return dims.status();

@@ -10,6 +10,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "core/errors.h"
 
 namespace attnserve {
 namespace {
@@ -17,10 +18,6 @@ namespace {
 constexpr double kDefaultTheta = 10000.0;
 constexpr double kDefaultLowFreqFactor = 1.0;
 constexpr double kDefaultHighFreqFactor = 4.0;
-
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
 
 absl::string_view ScalingName(RopeScaling s) {
   switch (s) {
@@ -51,11 +48,12 @@ absl::Status ValidateRope(RopeConfig& config, int32_t head_dim, const char* fiel
 
   // Unknown enum values can arrive through a cast from the wire enum.
   if (config.style != RopeStyle::kNeox && config.style != RopeStyle::kGptj) {
-    return Invalid(name("style"), "NEOX or GPTJ", absl::StrCat(static_cast<int>(config.style)));
+    return InvalidField(name("style"), "NEOX or GPTJ",
+                        absl::StrCat(static_cast<int>(config.style)));
   }
   if (static_cast<int>(config.scaling) > static_cast<int>(RopeScaling::kLlama3)) {
-    return Invalid(name("scaling"), "NONE, LINEAR, NTK, DYNAMIC or LLAMA3",
-                   absl::StrCat(static_cast<int>(config.scaling)));
+    return InvalidField(name("scaling"), "NONE, LINEAR, NTK, DYNAMIC or LLAMA3",
+                        absl::StrCat(static_cast<int>(config.scaling)));
   }
 
   // Every float must be finite, whether or not this scaling reads it: a NaN is
@@ -69,13 +67,14 @@ absl::Status ValidateRope(RopeConfig& config, int32_t head_dim, const char* fiel
                 {"high_freq_factor", config.high_freq_factor}};
   for (const auto& f : floats) {
     if (!std::isfinite(f.value)) {
-      return Invalid(name(f.member), "a finite value", absl::StrCat(f.value));
+      return InvalidField(name(f.member), "a finite value", absl::StrCat(f.value));
     }
   }
 
   if (config.theta == 0) config.theta = kDefaultTheta;  // the wire's "unset"
   if (!(config.theta > 1)) {
-    return Invalid(name("theta"), "a finite value > 1 (0 = 10000)", absl::StrCat(config.theta));
+    return InvalidField(name("theta"), "a finite value > 1 (0 = 10000)",
+                        absl::StrCat(config.theta));
   }
 
   // rotary_dim 0 means the whole head. NTK and DYNAMIC raise to rd / (rd - 2),
@@ -87,13 +86,13 @@ absl::Status ValidateRope(RopeConfig& config, int32_t head_dim, const char* fiel
       min_rd == 4 ? absl::StrCat(" for ", ScalingName(config.scaling), " scaling") : std::string());
   if (config.rotary_dim == 0) {
     if (head_dim % 2 != 0 || head_dim < min_rd) {
-      return Invalid(name("rotary_dim"), rd_expected,
-                     absl::StrCat("0, which means head_dim ", head_dim));
+      return InvalidField(name("rotary_dim"), rd_expected,
+                          absl::StrCat("0, which means head_dim ", head_dim));
     }
     config.rotary_dim = head_dim;
   }
   if (config.rotary_dim % 2 != 0 || config.rotary_dim < min_rd || config.rotary_dim > head_dim) {
-    return Invalid(name("rotary_dim"), rd_expected, absl::StrCat(config.rotary_dim));
+    return InvalidField(name("rotary_dim"), rd_expected, absl::StrCat(config.rotary_dim));
   }
 
   // The wire sends 0 for "default"; only LLAMA3 reads these two.
@@ -102,24 +101,24 @@ absl::Status ValidateRope(RopeConfig& config, int32_t head_dim, const char* fiel
 
   if (config.scaling == RopeScaling::kNone) return absl::OkStatus();
   if (!(config.factor >= 1)) {
-    return Invalid(
+    return InvalidField(
         name("factor"),
         absl::StrCat("a finite value >= 1 for ", ScalingName(config.scaling), " scaling"),
         absl::StrCat(config.factor));
   }
   if ((config.scaling == RopeScaling::kDynamic || config.scaling == RopeScaling::kLlama3) &&
       config.original_max_positions <= 0) {
-    return Invalid(
+    return InvalidField(
         name("original_max_positions"),
         absl::StrCat("> 0 (the trained context) for ", ScalingName(config.scaling), " scaling"),
         absl::StrCat(config.original_max_positions));
   }
   if (config.scaling == RopeScaling::kLlama3 &&
       !(config.low_freq_factor < config.high_freq_factor)) {
-    return Invalid(name("low_freq_factor"),
-                   absl::StrCat("a value below high_freq_factor (", config.high_freq_factor,
-                                ") for LLAMA3 scaling"),
-                   absl::StrCat(config.low_freq_factor));
+    return InvalidField(name("low_freq_factor"),
+                        absl::StrCat("a value below high_freq_factor (", config.high_freq_factor,
+                                     ") for LLAMA3 scaling"),
+                        absl::StrCat(config.low_freq_factor));
   }
   return absl::OkStatus();
 }

@@ -12,6 +12,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/string_view.h"
 #include "attention/params.h"
+#include "core/errors.h"
 #include "core/tensor.h"
 
 namespace attnserve {
@@ -25,10 +26,6 @@ constexpr int32_t kNoUnits[1] = {0};
 
 const int32_t* UnitsOrEmpty(const std::vector<int32_t>& units) {
   return units.empty() ? kNoUnits : units.data();
-}
-
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
 }
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -53,14 +50,14 @@ std::string Indexed(absl::string_view name, std::initializer_list<int64_t> index
 absl::StatusOr<const int32_t*> I32Elements(const TensorView& t, absl::string_view field,
                                            std::vector<int32_t>& copy) {
   if (t.dtype != DType::kI32) {
-    return Invalid(absl::StrCat(field, ".dtype"), "I32", DTypeName(t.dtype));
+    return InvalidField(absl::StrCat(field, ".dtype"), "I32", DTypeName(t.dtype));
   }
   const int64_t n = CheckedElementCount(t.shape, int64_t{1} << 40);
-  if (n < 0) return Invalid(absl::StrCat(field, ".shape"), "dims >= 0", ShapeString(t.shape));
+  if (n < 0) return InvalidField(absl::StrCat(field, ".shape"), "dims >= 0", ShapeString(t.shape));
   if (static_cast<int64_t>(t.data.size()) != n * 4) {
-    return Invalid(absl::StrCat(field, ".data"),
-                   absl::StrCat(n * 4, " bytes (", ShapeString(t.shape), " x I32)"),
-                   absl::StrCat(t.data.size(), " bytes"));
+    return InvalidField(absl::StrCat(field, ".data"),
+                        absl::StrCat(n * 4, " bytes (", ShapeString(t.shape), " x I32)"),
+                        absl::StrCat(t.data.size(), " bytes"));
   }
   if (n == 0) return kNoUnits;
   if (reinterpret_cast<uintptr_t>(t.data.data()) % alignof(int32_t) == 0) {
@@ -86,8 +83,8 @@ absl::StatusOr<Bsr> CheckBsr(const TensorView& indptr_t, const TensorView& indic
   auto ip = I32Elements(indptr_t, indptr_name, indptr_copy);
   if (!ip.ok()) return ip.status();
   if (indices_t.rank() != 1) {
-    return Invalid(absl::StrCat(indices_name, ".shape"), "rank 1 [nnz]",
-                   ShapeString(indices_t.shape));
+    return InvalidField(absl::StrCat(indices_name, ".shape"), "rank 1 [nnz]",
+                        ShapeString(indices_t.shape));
   }
   auto ix = I32Elements(indices_t, indices_name, indices_copy);
   if (!ix.ok()) return ix.status();
@@ -97,36 +94,37 @@ absl::StatusOr<Bsr> CheckBsr(const TensorView& indptr_t, const TensorView& indic
     for (int64_t h = 0; h < Hm; ++h) {
       const int32_t* row = bsr.indptr + (b * Hm + h) * (rows + 1);
       if (row[0] != prev_end) {
-        return Invalid(Indexed(indptr_name, {b, h, 0}),
-                       b == 0 && h == 0 ? std::string("0 (the first slice starts at 0)")
-                                        : absl::StrCat(prev_end, " (where the previous slice ended)"),
-                       absl::StrCat(row[0]));
+        return InvalidField(Indexed(indptr_name, {b, h, 0}),
+                            b == 0 && h == 0
+                                ? std::string("0 (the first slice starts at 0)")
+                                : absl::StrCat(prev_end, " (where the previous slice ended)"),
+                            absl::StrCat(row[0]));
       }
       for (int64_t r = 1; r <= rows; ++r) {
         if (row[r] < row[r - 1]) {
-          return Invalid(Indexed(indptr_name, {b, h, r}),
-                         absl::StrCat(">= ", row[r - 1], " (indptr is monotone)"),
-                         absl::StrCat(row[r]));
+          return InvalidField(Indexed(indptr_name, {b, h, r}),
+                              absl::StrCat(">= ", row[r - 1], " (indptr is monotone)"),
+                              absl::StrCat(row[r]));
         }
         if (row[r] > bsr.nnz) {
-          return Invalid(Indexed(indptr_name, {b, h, r}),
-                         absl::StrCat("<= ", bsr.nnz, " (the length of ", indices_name, ")"),
-                         absl::StrCat(row[r]));
+          return InvalidField(Indexed(indptr_name, {b, h, r}),
+                              absl::StrCat("<= ", bsr.nnz, " (the length of ", indices_name, ")"),
+                              absl::StrCat(row[r]));
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t k = row[r]; k < row[r + 1]; ++k) {
           const int32_t c = bsr.indices[k];
           if (c < 0 || c >= cols) {
-            return Invalid(Indexed(indices_name, {k}),
-                           absl::StrCat("a key block in [0, ", cols, ")"), absl::StrCat(c));
+            return InvalidField(Indexed(indices_name, {k}),
+                                absl::StrCat("a key block in [0, ", cols, ")"), absl::StrCat(c));
           }
           if (k > row[r] && c <= bsr.indices[k - 1]) {
-            return Invalid(Indexed(indices_name, {k}),
-                           absl::StrCat("> ", bsr.indices[k - 1],
-                                        " (key blocks increase within row block ", r,
-                                        " of slice [", b, ", ", h, "])"),
-                           absl::StrCat(c));
+            return InvalidField(
+                Indexed(indices_name, {k}),
+                absl::StrCat("> ", bsr.indices[k - 1], " (key blocks increase within row block ", r,
+                             " of slice [", b, ", ", h, "])"),
+                absl::StrCat(c));
           }
         }
       }
@@ -134,9 +132,9 @@ absl::StatusOr<Bsr> CheckBsr(const TensorView& indptr_t, const TensorView& indic
     }
   }
   if (prev_end != bsr.nnz) {
-    return Invalid(Indexed(indptr_name, {Bm - 1, Hm - 1, rows}),
-                   absl::StrCat(bsr.nnz, " (the length of ", indices_name, ")"),
-                   absl::StrCat(prev_end));
+    return InvalidField(Indexed(indptr_name, {Bm - 1, Hm - 1, rows}),
+                        absl::StrCat(bsr.nnz, " (the length of ", indices_name, ")"),
+                        absl::StrCat(prev_end));
   }
   return bsr;
 }
@@ -144,10 +142,10 @@ absl::StatusOr<Bsr> CheckBsr(const TensorView& indptr_t, const TensorView& indic
 absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, AttentionJob& job) {
   const std::string pre = "sparsity.block_mask.";
   if (bm.block_rows < 1) {
-    return Invalid(pre + "block_rows", ">= 1", absl::StrCat(bm.block_rows));
+    return InvalidField(pre + "block_rows", ">= 1", absl::StrCat(bm.block_rows));
   }
   if (bm.block_cols < 1) {
-    return Invalid(pre + "block_cols", ">= 1", absl::StrCat(bm.block_cols));
+    return InvalidField(pre + "block_cols", ">= 1", absl::StrCat(bm.block_cols));
   }
   const int64_t rows = CeilDiv(d.Lq, bm.block_rows);
   const int64_t cols = CeilDiv(d.Lk, bm.block_cols);
@@ -163,23 +161,23 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
     Bm = ip.shape[0];
     Hm = ip.shape[1];
   } else {
-    return Invalid(pre + "indptr.shape", expected_shape, ShapeString(ip.shape));
+    return InvalidField(pre + "indptr.shape", expected_shape, ShapeString(ip.shape));
   }
   std::vector<int32_t> ip_copy, ix_copy, fip_copy, fix_copy;
   auto bsr = CheckBsr(ip, bm.indices, pre + "indptr", pre + "indices", Bm, Hm, rows, cols, ip_copy,
                       ix_copy);
   if (!bsr.ok()) return bsr.status();
   if (bm.full_indptr.has_value() != bm.full_indices.has_value()) {
-    return Invalid(pre + (bm.full_indptr.has_value() ? "full_indices" : "full_indptr"),
-                   "set together with " +
-                       pre + (bm.full_indptr.has_value() ? "full_indptr" : "full_indices"),
-                   "unset");
+    return InvalidField(
+        pre + (bm.full_indptr.has_value() ? "full_indices" : "full_indptr"),
+        "set together with " + pre + (bm.full_indptr.has_value() ? "full_indptr" : "full_indices"),
+        "unset");
   }
   Bsr full;
   if (bm.full_indptr.has_value()) {
     if (bm.full_indptr->shape != ip.shape) {
-      return Invalid(pre + "full_indptr.shape", ShapeString(ip.shape) + " (indptr's shape)",
-                     ShapeString(bm.full_indptr->shape));
+      return InvalidField(pre + "full_indptr.shape", ShapeString(ip.shape) + " (indptr's shape)",
+                          ShapeString(bm.full_indptr->shape));
     }
     auto f = CheckBsr(*bm.full_indptr, *bm.full_indices, pre + "full_indptr", pre + "full_indices",
                       Bm, Hm, rows, cols, fip_copy, fix_copy);
@@ -215,10 +213,10 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
           } else if (a == a_end || *f < *a) {
             job.sparse_units.push_back(*f++);
           } else {
-            return Invalid(Indexed(pre + "full_indices", {f - full.indices}),
-                           absl::StrCat("a block not also in indices for row block ", r,
-                                        " of slice [", slice / Hm, ", ", slice % Hm, "]"),
-                           absl::StrCat(*f));
+            return InvalidField(Indexed(pre + "full_indices", {f - full.indices}),
+                                absl::StrCat("a block not also in indices for row block ", r,
+                                             " of slice [", slice / Hm, ", ", slice % Hm, "]"),
+                                absl::StrCat(*f));
           }
         }
       }
@@ -240,10 +238,12 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
 absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, AttentionJob& job) {
   const std::string pre = "sparsity.key_indices.";
   if (ks.query_block < 1) {
-    return Invalid(pre + "query_block", ">= 1 (0 on the wire means 1)", absl::StrCat(ks.query_block));
+    return InvalidField(pre + "query_block", ">= 1 (0 on the wire means 1)",
+                        absl::StrCat(ks.query_block));
   }
   if (ks.key_block < 1) {
-    return Invalid(pre + "key_block", ">= 1 (0 on the wire means 1)", absl::StrCat(ks.key_block));
+    return InvalidField(pre + "key_block", ">= 1 (0 on the wire means 1)",
+                        absl::StrCat(ks.key_block));
   }
   const int64_t rows = CeilDiv(d.Lq, ks.query_block);
   const int64_t units = CeilDiv(d.Lk, ks.key_block);
@@ -251,11 +251,11 @@ absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, A
   if (t.rank() != 4 || (t.shape[0] != d.B && t.shape[0] != 1) ||
       (t.shape[1] != d.Hq && t.shape[1] != d.Hkv && t.shape[1] != 1) || t.shape[2] != rows ||
       t.shape[3] < 1 || t.shape[3] > kMaxDim) {
-    return Invalid(pre + "indices.shape",
-                   absl::StrCat("[B or 1, Hq or Hkv or 1, ceil(Lq / query_block), k] = [", d.B,
-                                " or 1, ", d.Hq, " or ", d.Hkv, " or 1, ", rows, ", k >= 1] (Lq ",
-                                d.Lq, " in blocks of ", ks.query_block, ")"),
-                   ShapeString(t.shape));
+    return InvalidField(pre + "indices.shape",
+                        absl::StrCat("[B or 1, Hq or Hkv or 1, ceil(Lq / query_block), k] = [", d.B,
+                                     " or 1, ", d.Hq, " or ", d.Hkv, " or 1, ", rows,
+                                     ", k >= 1] (Lq ", d.Lq, " in blocks of ", ks.query_block, ")"),
+                        ShapeString(t.shape));
   }
   std::vector<int32_t> copy;
   auto data = I32Elements(t, pre + "indices", copy);
@@ -275,10 +275,10 @@ absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, A
       const int32_t u = row[c];
       if (u == -1) continue;
       if (u < 0 || u >= units) {
-        return Invalid(Indexed(pre + "indices", {n / (Hi * rows), n / rows % Hi, n % rows, c}),
-                       absl::StrCat("-1 or a ", ks.key_block == 1 ? "key" : "key block",
-                                    " in [0, ", units, ")"),
-                       absl::StrCat(u));
+        return InvalidField(Indexed(pre + "indices", {n / (Hi * rows), n / rows % Hi, n % rows, c}),
+                            absl::StrCat("-1 or a ", ks.key_block == 1 ? "key" : "key block",
+                                         " in [0, ", units, ")"),
+                            absl::StrCat(u));
       }
       job.sparse_units.push_back(u);
     }
@@ -291,10 +291,10 @@ absl::Status PlanKeySelection(const KeySelectionSpec& ks, const SparseDims& d, A
         if (row[c] != value) continue;
         (at < 0 ? at : again) = c;
       }
-      return Invalid(Indexed(pre + "indices", {n / (Hi * rows), n / rows % Hi, n % rows, again}),
-                     absl::StrCat("no duplicate within a row (", value, " is also at index ", at,
-                                  ")"),
-                     absl::StrCat(value));
+      return InvalidField(
+          Indexed(pre + "indices", {n / (Hi * rows), n / rows % Hi, n % rows, again}),
+          absl::StrCat("no duplicate within a row (", value, " is also at index ", at, ")"),
+          absl::StrCat(value));
     }
   }
   job.sparse_offsets[lists] = static_cast<int32_t>(job.sparse_units.size());
@@ -330,15 +330,15 @@ absl::Status PlanSparsity(const SparsitySpec& spec, const SparseDims& d,
   if (spec.empty()) return absl::OkStatus();
   const AttentionParams& p = job.params;
   if (p.variant == Variant::kLinear) {
-    return Invalid("sparsity", "unset with variant LINEAR", "a sparse pattern");
+    return InvalidField("sparsity", "unset with variant LINEAR", "a sparse pattern");
   }
   if (p.total_keys != 0) {
-    return Invalid("sparsity", "unset with key_offset or total_keys (sharded keys)",
-                   "a sparse pattern");
+    return InvalidField("sparsity", "unset with key_offset or total_keys (sharded keys)",
+                        "a sparse pattern");
   }
   if (spec.block_mask.has_value() && spec.key_indices.has_value()) {
-    return Invalid("sparsity.key_indices", "unset with block_mask (one key pattern per request)",
-                   "both");
+    return InvalidField("sparsity.key_indices",
+                        "unset with block_mask (one key pattern per request)", "both");
   }
   // The lists built below are at most the description's size (plus one
   // offset per list), so this bounds both.
@@ -363,8 +363,8 @@ absl::Status PlanSparsity(const SparsitySpec& spec, const SparseDims& d,
     for (size_t n = 0; n < spec.global_tokens.size(); ++n) {
       const int64_t x = spec.global_tokens[n];
       if (x < 0 || x >= d.Lk) {
-        return Invalid(Indexed("sparsity.global_tokens", {static_cast<int64_t>(n)}),
-                       absl::StrCat("a key position in [0, ", d.Lk, ")"), absl::StrCat(x));
+        return InvalidField(Indexed("sparsity.global_tokens", {static_cast<int64_t>(n)}),
+                            absl::StrCat("a key position in [0, ", d.Lk, ")"), absl::StrCat(x));
       }
       g.push_back(static_cast<int32_t>(x));
     }
@@ -376,21 +376,22 @@ absl::Status PlanSparsity(const SparsitySpec& spec, const SparseDims& d,
       for (size_t n = 0, seen = 0; n < spec.global_tokens.size(); ++n) {
         if (spec.global_tokens[n] == value && seen++ == 1) again = static_cast<int64_t>(n);
       }
-      return Invalid(Indexed("sparsity.global_tokens", {again}), "distinct positions",
-                     absl::StrCat(value, " again"));
+      return InvalidField(Indexed("sparsity.global_tokens", {again}), "distinct positions",
+                          absl::StrCat(value, " again"));
     }
     job.params.sparse.global_tokens = g.data();
     job.params.sparse.num_global_tokens = static_cast<int32_t>(g.size());
   }
   if (!spec.sink_logits.empty()) {
     if (static_cast<int64_t>(spec.sink_logits.size()) != d.Hq) {
-      return Invalid("sparsity.sink_logits", absl::StrCat(d.Hq, " logits (one per query head) or none"),
-                     absl::StrCat(spec.sink_logits.size()));
+      return InvalidField("sparsity.sink_logits",
+                          absl::StrCat(d.Hq, " logits (one per query head) or none"),
+                          absl::StrCat(spec.sink_logits.size()));
     }
     for (size_t h = 0; h < spec.sink_logits.size(); ++h) {
       if (!std::isfinite(spec.sink_logits[h])) {
-        return Invalid(Indexed("sparsity.sink_logits", {static_cast<int64_t>(h)}), "a finite logit",
-                       absl::StrCat(spec.sink_logits[h]));
+        return InvalidField(Indexed("sparsity.sink_logits", {static_cast<int64_t>(h)}),
+                            "a finite logit", absl::StrCat(spec.sink_logits[h]));
       }
     }
     job.sink_logits = spec.sink_logits;

@@ -14,6 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/escaping.h"
 #include "absl/strings/str_cat.h"
+#include "core/errors.h"
 #include "core/half.h"
 
 namespace attnserve {
@@ -59,10 +60,6 @@ struct Session {
 
 namespace {
 
-absl::Status Invalid(absl::string_view field, absl::string_view expected, absl::string_view got) {
-  return absl::InvalidArgumentError(absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
-
 // 128 bits from the kernel's CSPRNG, hex-encoded: unguessable session ids.
 absl::StatusOr<std::string> NewSessionId() {
   unsigned char bytes[16];
@@ -88,17 +85,17 @@ absl::StatusOr<std::array<int64_t, 3>> TokenDims(absl::string_view field, const 
                                                  int64_t heads, int64_t dim) {
   const std::string want = absl::StrCat("[n, ", heads, ", ", dim, "] (or with a leading batch of 1)");
   if (!IsInputDType(t.dtype)) {
-    return Invalid(absl::StrCat(field, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
+    return InvalidField(absl::StrCat(field, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
   }
   std::vector<int64_t> s = t.shape;
   if (s.size() == 4 && s[0] == 1) s.erase(s.begin());
   if (s.size() != 3 || s[0] < 1 || s[0] > (int64_t{1} << 24) || s[1] != heads || s[2] != dim) {
-    return Invalid(absl::StrCat(field, ".shape"), want, ShapeString(t.shape));
+    return InvalidField(absl::StrCat(field, ".shape"), want, ShapeString(t.shape));
   }
   const int64_t bytes = s[0] * s[1] * s[2] * static_cast<int64_t>(DTypeSize(t.dtype));
   if (static_cast<int64_t>(t.data.size()) != bytes) {
-    return Invalid(absl::StrCat(field, ".data"), absl::StrCat(bytes, " bytes"),
-                   absl::StrCat(t.data.size(), " bytes"));
+    return InvalidField(absl::StrCat(field, ".data"), absl::StrCat(bytes, " bytes"),
+                        absl::StrCat(t.data.size(), " bytes"));
   }
   return std::array<int64_t, 3>{s[0], s[1], s[2]};
 }
@@ -164,8 +161,8 @@ absl::StatusOr<int64_t> SessionLease::CheckAppend(int32_t layer, const TensorVie
   const Session& s = *session_;
   const SessionConfig& c = s.config;
   if (layer < 0 || layer >= c.num_layers) {
-    return Invalid("layer", absl::StrCat("a value in [0, ", c.num_layers, ") (num_layers)"),
-                   absl::StrCat(layer));
+    return InvalidField("layer", absl::StrCat("a value in [0, ", c.num_layers, ") (num_layers)"),
+                        absl::StrCat(layer));
   }
   auto kd = TokenDims("key", key, c.num_kv_heads, c.head_dim);
   if (!kd.ok()) return kd.status();
@@ -173,7 +170,8 @@ absl::StatusOr<int64_t> SessionLease::CheckAppend(int32_t layer, const TensorVie
   if (!vd.ok()) return vd.status();
   const int64_t n = (*kd)[0];
   if ((*vd)[0] != n) {
-    return Invalid("value.shape", absl::StrCat(n, " tokens like the key"), ShapeString(value.shape));
+    return InvalidField("value.shape", absl::StrCat(n, " tokens like the key"),
+                        ShapeString(value.shape));
   }
   if (c.num_layers > 1) {
     const int64_t seen = position(layer);
@@ -392,19 +390,21 @@ void SessionLease::Truncate(int32_t layer, int64_t length) {
 absl::StatusOr<std::unique_ptr<SessionStore>> SessionStore::Create(
     const SessionStoreOptions& options, Clock* clock) {
   if (options.kv_cache_bytes < 0) {
-    return Invalid("kv_cache_bytes", ">= 0", absl::StrCat(options.kv_cache_bytes));
+    return InvalidField("kv_cache_bytes", ">= 0", absl::StrCat(options.kv_cache_bytes));
   }
   if (options.block_tokens < 1 || options.block_tokens > 4096) {
-    return Invalid("kv_block_tokens", "a value in [1, 4096]", absl::StrCat(options.block_tokens));
+    return InvalidField("kv_block_tokens", "a value in [1, 4096]",
+                        absl::StrCat(options.block_tokens));
   }
   if (options.idle_timeout <= absl::ZeroDuration()) {
-    return Invalid("session_idle_timeout_s", "> 0", absl::FormatDuration(options.idle_timeout));
+    return InvalidField("session_idle_timeout_s", "> 0",
+                        absl::FormatDuration(options.idle_timeout));
   }
   if (options.min_block_bytes < 0) {
-    return Invalid("min_block_bytes", ">= 0", absl::StrCat(options.min_block_bytes));
+    return InvalidField("min_block_bytes", ">= 0", absl::StrCat(options.min_block_bytes));
   }
   if (options.max_sessions < 1) {
-    return Invalid("max_sessions", ">= 1", absl::StrCat(options.max_sessions));
+    return InvalidField("max_sessions", ">= 1", absl::StrCat(options.max_sessions));
   }
   return std::unique_ptr<SessionStore>(new SessionStore(options, clock));
 }
@@ -422,40 +422,42 @@ absl::Status SessionStore::ValidateConfig(SessionConfig& c) const {
   const int32_t value_dim = c.value_dim;
   if (c.value_dim == 0) c.value_dim = c.head_dim;
   if (c.num_kv_heads < 1 || c.num_kv_heads > 1024) {
-    return Invalid("num_kv_heads", "a value in [1, 1024]", absl::StrCat(c.num_kv_heads));
+    return InvalidField("num_kv_heads", "a value in [1, 1024]", absl::StrCat(c.num_kv_heads));
   }
   if (c.head_dim < 1 || c.head_dim > 1024) {
-    return Invalid("head_dim", "a value in [1, 1024]", absl::StrCat(c.head_dim));
+    return InvalidField("head_dim", "a value in [1, 1024]", absl::StrCat(c.head_dim));
   }
   if (c.value_dim < 1 || c.value_dim > 1024) {
-    return Invalid("value_dim", "0 (= head_dim) or a value in [1, 1024]", absl::StrCat(value_dim));
+    return InvalidField("value_dim", "0 (= head_dim) or a value in [1, 1024]",
+                        absl::StrCat(value_dim));
   }
-  if (!IsInputDType(c.dtype)) return Invalid("dtype", "F32, F16 or BF16", DTypeName(c.dtype));
+  if (!IsInputDType(c.dtype)) return InvalidField("dtype", "F32, F16 or BF16", DTypeName(c.dtype));
   if (c.max_tokens < 0 || c.max_tokens > std::numeric_limits<int32_t>::max()) {
-    return Invalid("max_tokens", "a value in [0, 2147483647] (0 = as many as fit)",
-                   absl::StrCat(c.max_tokens));
+    return InvalidField("max_tokens", "a value in [0, 2147483647] (0 = as many as fit)",
+                        absl::StrCat(c.max_tokens));
   }
   if (c.num_layers == 0) c.num_layers = 1;
   if (c.num_layers < 1 || c.num_layers > kMaxLayers) {
-    return Invalid("num_layers", absl::StrCat("0 (= 1) or a value in [1, ", kMaxLayers, "]"),
-                   absl::StrCat(c.num_layers));
+    return InvalidField("num_layers", absl::StrCat("0 (= 1) or a value in [1, ", kMaxLayers, "]"),
+                        absl::StrCat(c.num_layers));
   }
   if (c.window_tokens < 0 || c.window_tokens > std::numeric_limits<int32_t>::max()) {
-    return Invalid("window_tokens", "a value in [0, 2147483647] (0 = keep every token)",
-                   absl::StrCat(c.window_tokens));
+    return InvalidField("window_tokens", "a value in [0, 2147483647] (0 = keep every token)",
+                        absl::StrCat(c.window_tokens));
   }
   if (c.sink_tokens < 0 || c.sink_tokens > (c.window_tokens > 0 ? 65536 : 0)) {
-    return Invalid("sink_tokens",
-                   c.window_tokens > 0 ? "a value in [0, 65536]" : "0 without window_tokens",
-                   absl::StrCat(c.sink_tokens));
+    return InvalidField("sink_tokens",
+                        c.window_tokens > 0 ? "a value in [0, 65536]" : "0 without window_tokens",
+                        absl::StrCat(c.sink_tokens));
   }
   if (c.rope.has_value()) {
     if (absl::Status st = ValidateRope(*c.rope, c.head_dim, "rotary"); !st.ok()) return st;
     if (c.window_tokens > 0 && c.rope->scaling == RopeScaling::kDynamic) {
-      return Invalid("rotary.scaling",
-                     "not DYNAMIC with window_tokens (its frequencies change with the position, "
-                     "so the sinks cannot keep their distances)",
-                     "DYNAMIC");
+      return InvalidField(
+          "rotary.scaling",
+          "not DYNAMIC with window_tokens (its frequencies change with the position, "
+          "so the sinks cannot keep their distances)",
+          "DYNAMIC");
     }
   }
   return absl::OkStatus();
@@ -560,8 +562,9 @@ absl::StatusOr<SessionStore::Forked> SessionStore::Fork(const std::string& sessi
   }
   int64_t shortest = std::numeric_limits<int64_t>::max();
   for (const LayerCache& l : parent.layers) shortest = std::min(shortest, l.length);
-  if (tokens < 1) return Invalid("tokens", absl::StrCat("a value in [1, ", shortest, "]"),
-                                 absl::StrCat(tokens));
+  if (tokens < 1)
+    return InvalidField("tokens", absl::StrCat("a value in [1, ", shortest, "]"),
+                        absl::StrCat(tokens));
   if (tokens > shortest) {
     return absl::FailedPreconditionError(absl::StrCat(
         "tokens: expected at most the session's length ", shortest, ", got ", tokens));

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "attention/rope.h"
+#include "core/errors.h"
 #include "core/half.h"
 
 namespace attnserve {
@@ -17,12 +18,6 @@ namespace {
 // The largest x or memory accepted, in elements (the F32 copy is 4× this in
 // bytes); gRPC's message limit binds long before.
 constexpr int64_t kMaxInputElements = int64_t{1} << 31;
-
-absl::Status Invalid(absl::string_view field, absl::string_view expected,
-                     absl::string_view received) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(field, ": expected ", expected, ", got ", received));
-}
 
 // Normalises each head vector of x [rows, heads, dim] in place:
 // x · 1/sqrt(mean(x²) + eps) · weight.
@@ -56,20 +51,20 @@ bool RowsOf(const std::vector<int64_t>& shape, int32_t hidden, int64_t* batch, i
 absl::Status AsF32(const TensorView& t, const char* field, std::vector<float>* copy,
                    const float** data) {
   if (t.dtype != DType::kF32 && t.dtype != DType::kF16 && t.dtype != DType::kBF16) {
-    return Invalid(absl::StrCat(field, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
+    return InvalidField(absl::StrCat(field, ".dtype"), "F32, F16 or BF16", DTypeName(t.dtype));
   }
   const int64_t count = CheckedElementCount(t.shape, kMaxInputElements);
   if (count < 0) {
-    return Invalid(absl::StrCat(field, ".shape"),
-                   absl::StrCat("at most ", kMaxInputElements, " elements"),
-                   ShapeString(t.shape));
+    return InvalidField(absl::StrCat(field, ".shape"),
+                        absl::StrCat("at most ", kMaxInputElements, " elements"),
+                        ShapeString(t.shape));
   }
   const int64_t bytes = count * static_cast<int64_t>(DTypeSize(t.dtype));
   if (static_cast<int64_t>(t.data.size()) != bytes) {
-    return Invalid(absl::StrCat(field, ".data"),
-                   absl::StrCat(bytes, " bytes (", ShapeString(t.shape), " ", DTypeName(t.dtype),
-                                ")"),
-                   absl::StrCat(t.data.size(), " bytes"));
+    return InvalidField(
+        absl::StrCat(field, ".data"),
+        absl::StrCat(bytes, " bytes (", ShapeString(t.shape), " ", DTypeName(t.dtype), ")"),
+        absl::StrCat(t.data.size(), " bytes"));
   }
   if (t.dtype == DType::kF32 && reinterpret_cast<uintptr_t>(t.data.data()) % alignof(float) == 0) {
     *data = reinterpret_cast<const float*>(t.data.data());
@@ -150,16 +145,16 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
   const Model& model = *in.model;
   const ModelConfig& c = model.config();
   if (in.layer < 0 || in.layer >= c.num_layers) {
-    return Invalid("layer", absl::StrCat("a layer in [0, ", c.num_layers, ") of model ",
-                                         model.name()),
-                   absl::StrCat(in.layer));
+    return InvalidField("layer",
+                        absl::StrCat("a layer in [0, ", c.num_layers, ") of model ", model.name()),
+                        absl::StrCat(in.layer));
   }
   const bool cross = in.memory.has_value();
   if (cross && !c.cross_attention) {
-    return Invalid("memory",
-                   absl::StrCat("none: model ", model.name(), " (", c.model_type,
-                                ") has no cross-attention weights"),
-                   "a memory tensor");
+    return InvalidField("memory",
+                        absl::StrCat("none: model ", model.name(), " (", c.model_type,
+                                     ") has no cross-attention weights"),
+                        "a memory tensor");
   }
   std::unique_ptr<LayerCall> call(new LayerCall());
   call->model_ = &model;
@@ -169,7 +164,7 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
       absl::StrCat("[B, L, ", c.hidden_size, "] or [L, ", c.hidden_size, "] (the hidden size of ",
                    model.name(), ")");
   if (!RowsOf(in.x.shape, c.hidden_size, &call->batch_, &call->tokens_)) {
-    return Invalid("x.shape", rows_expected, ShapeString(in.x.shape));
+    return InvalidField("x.shape", rows_expected, ShapeString(in.x.shape));
   }
   call->source_tokens_ = call->tokens_;
   try {
@@ -178,12 +173,12 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
       int64_t mb = 0;
       if (!RowsOf(in.memory->shape, c.hidden_size, &mb, &call->source_tokens_) ||
           in.memory->shape.size() != in.x.shape.size() || mb != call->batch_) {
-        return Invalid("memory.shape",
-                       absl::StrCat(in.x.shape.size() == 3
-                                        ? absl::StrCat("[", call->batch_, ", Lm, ")
-                                        : std::string("[Lm, "),
-                                    c.hidden_size, "] (x's batch and rank)"),
-                       ShapeString(in.memory->shape));
+        return InvalidField(
+            "memory.shape",
+            absl::StrCat(in.x.shape.size() == 3 ? absl::StrCat("[", call->batch_, ", Lm, ")
+                                                : std::string("[Lm, "),
+                         c.hidden_size, "] (x's batch and rank)"),
+            ShapeString(in.memory->shape));
       }
       if (absl::Status s = AsF32(*in.memory, "memory", &call->memory_copy_, &call->memory_data_);
           !s.ok()) {
@@ -199,15 +194,16 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
   const int64_t B = call->batch_, L = call->tokens_, Lk = call->source_tokens_;
   const int64_t n = static_cast<int64_t>(in.positions.size());
   if (n != 0 && !c.rope.has_value()) {
-    return Invalid("positions", absl::StrCat("none: model ", model.name(), " (",
-                                             ModelFamilyName(c.family), " family) has no RoPE"),
-                   absl::StrCat(n, " positions"));
+    return InvalidField("positions",
+                        absl::StrCat("none: model ", model.name(), " (", ModelFamilyName(c.family),
+                                     " family) has no RoPE"),
+                        absl::StrCat(n, " positions"));
   }
   if (c.rope.has_value()) {
     if (n != 0 && n != L && n != B * L) {
-      return Invalid("positions",
-                     absl::StrCat("0, ", L, " (one per token) or ", B * L, " (B × L) values"),
-                     absl::StrCat(n));
+      return InvalidField("positions",
+                          absl::StrCat("0, ", L, " (one per token) or ", B * L, " (B × L) values"),
+                          absl::StrCat(n));
     }
     call->positions_.resize(static_cast<size_t>(B * L));
     for (int64_t b = 0; b < B; ++b) {
@@ -215,8 +211,8 @@ absl::StatusOr<std::unique_ptr<LayerCall>> LayerCall::Plan(const LayerInput& in,
         const int64_t at = n == 0 ? i : n == L ? i : b * L + i;
         const int64_t p = n == 0 ? i : in.positions[at];
         if (p < 0 || p > std::numeric_limits<int32_t>::max()) {
-          return Invalid(absl::StrCat("positions[", at, "]"), "a position in [0, 2^31)",
-                         absl::StrCat(p));
+          return InvalidField(absl::StrCat("positions[", at, "]"), "a position in [0, 2^31)",
+                              absl::StrCat(p));
         }
         call->positions_[b * L + i] = p;
       }
