@@ -391,11 +391,12 @@ void RunDecodeTileTyped(const AttentionParams& p, const FlashTile& t, float* ws)
   const char* krow[kKeyBlock + 4];
   const char* vrow[kKeyBlock];
   const bool sparse = p.sparse.masks();
-  int32_t range_begin[kMaxTileLanes], range_end[kMaxTileLanes];
-  std::fill(range_begin, range_begin + lanes, static_cast<int32_t>(lo < hi ? lo : 0));
-  std::fill(range_end, range_end + lanes, static_cast<int32_t>(lo < hi ? hi : 0));
   std::optional<SparseTileKeys> sparse_keys;
   if (sparse) {
+    // Every lane has the row's range (the tile's lanes share one row).
+    int32_t range_begin[kMaxTileLanes], range_end[kMaxTileLanes];
+    std::fill(range_begin, range_begin + lanes, static_cast<int32_t>(lo < hi ? lo : 0));
+    std::fill(range_end, range_end + lanes, static_cast<int32_t>(lo < hi ? hi : 0));
     sparse_keys.emplace(p, t, range_begin, range_end,
                         reinterpret_cast<uint64_t*>(ws + FlashWorkspaceFloats(p) -
                                                     2 * SparseBitmapWords(p)));
