@@ -85,17 +85,35 @@ absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t 
   return absl::OkStatus();
 }
 
-absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field) {
+namespace {
+
+absl::StatusOr<std::string_view> TensorBytes(const v1::Tensor& t, absl::string_view field,
+                                             const TensorSource* source) {
+  if (source != nullptr) {
+    absl::StatusOr<std::optional<std::string_view>> bytes = source->Bytes(t, field);
+    if (!bytes.ok()) return bytes.status();
+    if (bytes->has_value()) return **bytes;
+  }
+  return std::string_view(t.data().data(), t.data().size());
+}
+
+}  // namespace
+
+absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field,
+                                         const TensorSource* source) {
   absl::StatusOr<DType> dtype = RequestDTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
   if (!dtype.ok()) return dtype.status();
+  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
+  if (!bytes.ok()) return bytes.status();
   TensorView view;
   view.dtype = *dtype;
   view.shape.assign(t.shape().begin(), t.shape().end());
-  view.data = std::string_view(t.data().data(), t.data().size());
+  view.data = *bytes;
   return view;
 }
 
-absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field) {
+absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field,
+                                              const TensorSource* source) {
   if (t.dtype() != v1::I32) {
     const std::string& name = v1::DType_Name(t.dtype());
     return absl::InvalidArgumentError(absl::StrCat(
@@ -104,14 +122,17 @@ absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_
         : name.empty()                      ? absl::StrCat(t.dtype())
                                             : name));
   }
+  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
+  if (!bytes.ok()) return bytes.status();
   TensorView view;
   view.dtype = DType::kI32;
   view.shape.assign(t.shape().begin(), t.shape().end());
-  view.data = std::string_view(t.data().data(), t.data().size());
+  view.data = *bytes;
   return view;
 }
 
-absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto) {
+absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto,
+                                               const TensorSource* source) {
   SparsitySpec spec;
   if (proto.has_block_mask()) {
     const v1::BlockMask& bm = proto.block_mask();
@@ -121,7 +142,7 @@ absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto) {
     for (auto [tensor, field, view] :
          {std::tuple{&bm.indptr(), "sparsity.block_mask.indptr", &mask.indptr},
           std::tuple{&bm.indices(), "sparsity.block_mask.indices", &mask.indices}}) {
-      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field);
+      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field, source);
       if (!v.ok()) return v.status();
       *view = *std::move(v);
     }
@@ -132,8 +153,10 @@ absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto) {
                      &mask.full_indptr},
           std::tuple{bm.has_full_indices(), &bm.full_indices(),
                      "sparsity.block_mask.full_indices", &mask.full_indices}}) {
-      if (!has || (tensor->shape_size() == 0 && tensor->data().empty())) continue;
-      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field);
+      if (!has || (tensor->shape_size() == 0 && tensor->data().empty() && !tensor->has_shm())) {
+        continue;
+      }
+      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field, source);
       if (!v.ok()) return v.status();
       *view = *std::move(v);
     }
@@ -143,7 +166,7 @@ absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto) {
     const v1::KeySelection& ks = proto.key_indices();
     KeySelectionSpec selection;
     absl::StatusOr<TensorView> indices =
-        IndexViewFromProto(ks.indices(), "sparsity.key_indices.indices");
+        IndexViewFromProto(ks.indices(), "sparsity.key_indices.indices", source);
     if (!indices.ok()) return indices.status();
     selection.indices = *std::move(indices);
     selection.query_block = ks.query_block() == 0 ? 1 : ks.query_block();
@@ -226,18 +249,19 @@ absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& o)
   return opt;
 }
 
-absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto) {
+absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto,
+                                                  const TensorSource* source) {
   AttentionRequest request;
   for (auto [tensor, field, view] :
        {std::tuple{&proto.query(), "query", &request.query},
         std::tuple{&proto.key(), "key", &request.key},
         std::tuple{&proto.value(), "value", &request.value}}) {
-    absl::StatusOr<TensorView> v = ViewFromProto(*tensor, field);
+    absl::StatusOr<TensorView> v = ViewFromProto(*tensor, field, source);
     if (!v.ok()) return v.status();
     *view = *std::move(v);
   }
   if (proto.has_bias()) {
-    absl::StatusOr<TensorView> bias = ViewFromProto(proto.bias(), "bias");
+    absl::StatusOr<TensorView> bias = ViewFromProto(proto.bias(), "bias", source);
     if (!bias.ok()) return bias.status();
     request.bias = *std::move(bias);
   }
@@ -250,7 +274,7 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
   request.options = *std::move(options);
 
   if (proto.has_sparsity()) {
-    absl::StatusOr<SparsitySpec> sparsity = SparsityFromProto(proto.sparsity());
+    absl::StatusOr<SparsitySpec> sparsity = SparsityFromProto(proto.sparsity(), source);
     if (!sparsity.ok()) return sparsity.status();
     request.sparsity = *std::move(sparsity);
   }

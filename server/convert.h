@@ -5,6 +5,9 @@
 #ifndef ATTNSERVE_SERVER_CONVERT_H_
 #define ATTNSERVE_SERVER_CONVERT_H_
 
+#include <optional>
+#include <string_view>
+
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "attention/job.h"
@@ -23,14 +26,32 @@ v1::DType DTypeToProto(DType dtype);
 // (output only) or a value this server does not know.
 absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field);
 
-// A view of `t`'s bytes (no copy); INVALID_ARGUMENT naming `field` for a bad
-// dtype. Shapes and sizes are checked later, by their consumer.
-absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field);
+// Where a request tensor's bytes are when they are not (only) in its `data`
+// field: gRPC's received slices (a message parsed without copying its tensor
+// bytes) or a shared-memory region the caller registered (Tensor.shm). One
+// source serves one call; the bytes it returns stay valid while it lives.
+class TensorSource {
+ public:
+  virtual ~TensorSource() = default;
+  // The bytes of `t`, a tensor of the request (`field` names it for errors:
+  // "query", "entries[2].key"), or nullopt when they are t.data().
+  // INVALID_ARGUMENT naming the field for a reference that cannot be
+  // resolved (an unknown region, an offset or size past its end).
+  virtual absl::StatusOr<std::optional<std::string_view>> Bytes(const v1::Tensor& t,
+                                                                absl::string_view field) const = 0;
+};
+
+// A view of `t`'s bytes (no copy): t.data(), or where `source` (if not null)
+// finds them. INVALID_ARGUMENT naming `field` for a bad dtype or reference.
+// Shapes and sizes are checked later, by their consumer.
+absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field,
+                                         const TensorSource* source = nullptr);
 
 // A view of an index tensor's bytes (no copy); INVALID_ARGUMENT naming
 // `field` ("sparsity.key_indices.indices") unless its dtype is I32. Shapes and
 // values are checked later, by PlanSparsity.
-absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field);
+absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field,
+                                              const TensorSource* source = nullptr);
 
 // The core view of a sparse pattern: index tensors borrowed from `proto`
 // (which must outlive the result and any job planned from it), global tokens
@@ -39,7 +60,8 @@ absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_
 // key_block 0 mean 1. INVALID_ARGUMENT naming the field
 // ("sparsity.block_mask.indptr.dtype"); the pattern itself is checked by
 // PlanSparsity.
-absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto);
+absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto,
+                                               const TensorSource* source = nullptr);
 
 // Moves `t`'s storage into `out` (no copy).
 void TensorToProto(Tensor& t, v1::Tensor* out);
@@ -47,12 +69,14 @@ void TensorToProto(Tensor& t, v1::Tensor* out);
 // INVALID_ARGUMENT naming the field for an unknown enum value.
 absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& proto);
 
-// The core view of `proto`. Tensor views point into proto's `bytes` fields, so
-// `proto` must outlive the result and any job prepared from it. Checks only
+// The core view of `proto`. Tensor views point into proto's `bytes` fields
+// (or where `source` finds them), so `proto` (and `source`) must outlive the
+// result and any job prepared from it. Checks only
 // what the wire format adds (enum values, the index tensors' dtype); shapes,
 // sizes and the sparse pattern are checked by PrepareAttention.
 // INVALID_ARGUMENT names the field.
-absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto);
+absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto,
+                                                  const TensorSource* source = nullptr);
 
 // The optional outputs asked of an attention call.
 OutputSpec OutputsFromProto(const v1::OutputSpec& proto);
