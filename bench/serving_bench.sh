@@ -5,7 +5,8 @@
 # (or a bench/*.py load) and prints one summary line; every server must exit 0
 # on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|shards|all]     (default: all)
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|shards|transport|all]
+#                                                                              (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
 # machine should be otherwise idle.
@@ -32,6 +33,12 @@ stop_server() {
   echo "  server exit code $?"
 }
 server_cpu_seconds() { awk '{print ($14 + $15) / 100}' "/proc/$spid/stat"; }
+# Seconds of backend calls so far (attnserve_compute_duration_seconds_sum over
+# backends): a batch's call counted once, however many requests it computed.
+server_compute_seconds() {
+  curl -s "http://127.0.0.1:$metrics_port/metrics" |
+    awk '/^attnserve_compute_duration_seconds_sum/ {s += $2} END {printf "%.6f\n", s}'
+}
 summary() {
   /usr/bin/python3 -c '
 import json, sys
@@ -192,6 +199,47 @@ stats() {
     /usr/bin/python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); print("  %.3f ms with entropy, %.3f without: %+.1f%%" % (d["ms"], d["ms_without_entropy"], 100 * d["entropy_overhead"]))'
 }
 
+transport() {
+  # The server's CPU per request beyond the attention itself: the server on
+  # core 0 (one backend thread), attnctl on core 1, so neither's CPU blurs
+  # into the other's. CPU is the server's user + system time over the run
+  # (/proc/PID/stat); compute is the backend calls' wall time
+  # (attnserve_compute_duration_seconds_sum, which counts a batch once), so
+  # compute per request = sum over responses of compute_us / batch_size.
+  # TRANSPORT_MODES: server flag sets compared, interleaved, ROUNDS times.
+  local rounds="${ROUNDS:-3}" modes="${TRANSPORT_MODES:---zero_copy=false --zero_copy=true}"
+  echo "== transport: S1 closed loop, concurrency 16, server pinned to core 0 (--threads=1),"
+  echo "   attnctl to core 1; $rounds rounds of: $modes"
+  local round mode
+  for round in $(seq "$rounds"); do
+    for mode in $modes; do
+      "$S" --listen="$target" --metrics_listen="127.0.0.1:$metrics_port" --threads=1 $mode \
+        2>/tmp/serving_bench.server.log &
+      spid=$!
+      taskset -p -c 0 "$spid" >/dev/null
+      for _ in $(seq 100); do "$C" --target="$target" health >/dev/null 2>&1 && break; sleep 0.1; done
+      local cpu0 compute0 out
+      cpu0=$(server_cpu_seconds)
+      compute0=$(server_compute_seconds)
+      out=$(taskset -c 1 "$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=10s \
+        --json)
+      local cpu1 compute1
+      cpu1=$(server_cpu_seconds)
+      compute1=$(server_compute_seconds)
+      echo "-- round $round $mode"
+      echo "$out" | CPU="$cpu1 - $cpu0" COMPUTE="$compute1 - $compute0" /usr/bin/python3 -c '
+import json, os, sys
+d = json.loads(sys.stdin.read())
+cpu, compute = eval(os.environ["CPU"]), eval(os.environ["COMPUTE"])
+n = d["ok"]
+print("  qps=%.1f ok=%d errors=%s p50_ms=%.3f batch=%.2f server_cpu_ms_per_req=%.3f compute_ms=%.3f"
+      " rest_ms=%.3f" % (d["qps"], n, d["errors"], d["p50_ms"], d["server_batch_size"],
+                         1e3 * cpu / n, 1e3 * compute / n, 1e3 * (cpu - compute) / n))'
+      stop_server
+    done
+  done
+}
+
 shards() {
   # Three replicas naming each other in --peers; bench/shard_fanout.py opens
   # its sessions on the first (the coordinator) with shards=3 and without.
@@ -234,6 +282,10 @@ case "${1:-all}" in
   sessions) sessions ;;
   abuse) abuse ;;
   shards) shards ;;
-  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer; shards ;;
-  *) echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|shards|all]" >&2; exit 2 ;;
+  transport) transport ;;
+  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer; shards; transport ;;
+  *)
+    echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|shards|transport|all]" >&2
+    exit 2
+    ;;
 esac
