@@ -206,15 +206,26 @@ transport() {
   # (/proc/PID/stat); compute is the backend calls' wall time
   # (attnserve_compute_duration_seconds_sum, which counts a batch once), so
   # compute per request = sum over responses of compute_us / batch_size.
-  # TRANSPORT_MODES: server flag sets compared, interleaved, ROUNDS times.
+  # TRANSPORT_MODES: the servers compared, interleaved, ROUNDS times; one
+  # word each, its items joined by commas: --flags, a server binary (a path
+  # starting with /; default $BUILD's) and VAR=value settings of its
+  # environment, e.g. "/tmp/old/attnserve --zero_copy=true,--threads=1".
   local rounds="${ROUNDS:-3}" modes="${TRANSPORT_MODES:---zero_copy=false --zero_copy=true}"
   echo "== transport: S1 closed loop, concurrency 16, server pinned to core 0 (--threads=1),"
   echo "   attnctl to core 1; $rounds rounds of: $modes"
   local round mode
   for round in $(seq "$rounds"); do
     for mode in $modes; do
-      "$S" --listen="$target" --metrics_listen="127.0.0.1:$metrics_port" --threads=1 $mode \
-        2>/tmp/serving_bench.server.log &
+      local binary="$S" flags=() envs=() item
+      for item in ${mode//,/ }; do
+        case "$item" in
+          --*) flags+=("$item") ;;
+          /*) binary="$item" ;;
+          *) envs+=("$item") ;;
+        esac
+      done
+      env "${envs[@]}" "$binary" --listen="$target" --metrics_listen="127.0.0.1:$metrics_port" \
+        --threads=1 "${flags[@]}" 2>/tmp/serving_bench.server.log &
       spid=$!
       taskset -p -c 0 "$spid" >/dev/null
       for _ in $(seq 100); do "$C" --target="$target" health >/dev/null 2>&1 && break; sleep 0.1; done
