@@ -51,6 +51,12 @@ ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
 ABSL_FLAG(int64_t, max_sparse_bytes, kDefaults.limits.max_sparse_bytes,
           "largest sparse pattern a request may describe (Sparsity: its index tensors, global "
           "tokens and sink logits), in bytes, at most 2 GiB; past it RESOURCE_EXHAUSTED");
+ABSL_FLAG(bool, allow_shared_memory, kDefaults.allow_shared_memory,
+          "let co-located callers register POSIX shared-memory objects "
+          "(RegisterSharedMemory) and pass tensors in them; the server maps the objects they "
+          "name, with its own permissions");
+ABSL_FLAG(int32_t, max_shm_regions, kDefaults.max_shm_regions,
+          "shared-memory regions each caller identity may hold (> 0)");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,
@@ -135,6 +141,12 @@ int main(int argc, char** argv) {
   // of big requests (a prefill) would stay in the RSS for good; with it, RSS
   // follows live memory (the KV cache bound plus what is in flight).
   mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  // Below that size, freed memory stays in the heap up to 8 MiB past its top
+  // (glibc's default is 128 KiB). At 128 KiB every S1 request (768 KiB in,
+  // 256 KiB out) handed its pages back and faulted fresh zeroed ones in for
+  // the next: a third of the server's CPU beyond the attention (bench/README.md,
+  // "Transport").
+  mallopt(M_TRIM_THRESHOLD, 8 << 20);
 
   // Block the shutdown signals before any thread starts, so every thread
   // inherits the mask and only sigwait() below receives them.
@@ -156,6 +168,8 @@ int main(int argc, char** argv) {
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
   options.limits.max_sparse_bytes = absl::GetFlag(FLAGS_max_sparse_bytes);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
+  options.allow_shared_memory = absl::GetFlag(FLAGS_allow_shared_memory);
+  options.max_shm_regions = absl::GetFlag(FLAGS_max_shm_regions);
   options.attention_stats_sample = absl::GetFlag(FLAGS_attention_stats_sample);
   options.scheduler.workers = absl::GetFlag(FLAGS_workers);
   options.scheduler.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);
