@@ -205,6 +205,36 @@ absl::StatusOr<v1::ServerInfo> AttnClient::GetServerInfo() {
   return info;
 }
 
+absl::Status AttnClient::RegisterSharedMemory(const std::string& name, const std::string& key,
+                                              int64_t offset, int64_t byte_size,
+                                              absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::RegisterSharedMemoryRequest request;
+  request.set_name(name);
+  request.set_key(key);
+  request.set_offset(offset);
+  request.set_byte_size(byte_size);
+  v1::RegisterSharedMemoryResponse response;
+  return FromGrpcStatus(stub_->RegisterSharedMemory(&context, request, &response));
+}
+
+absl::Status AttnClient::RegisterSharedMemory(const std::string& name,
+                                              const SharedMemoryRegion& region,
+                                              absl::Duration deadline) {
+  return RegisterSharedMemory(name, region.key(), 0, region.byte_size(), deadline);
+}
+
+absl::Status AttnClient::UnregisterSharedMemory(const std::string& name,
+                                                absl::Duration deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(DeadlineFromNow(DeadlineOr(deadline)));
+  v1::UnregisterSharedMemoryRequest request;
+  request.set_name(name);
+  v1::UnregisterSharedMemoryResponse response;
+  return FromGrpcStatus(stub_->UnregisterSharedMemory(&context, request, &response));
+}
+
 absl::StatusOr<ServingStatus> AttnClient::CheckHealth(const std::string& service) {
   grpc::ClientContext context;
   context.set_deadline(DeadlineFromNow(options_.default_deadline));
@@ -316,11 +346,15 @@ absl::Status CheckBytes(const TensorView& t, absl::string_view field) {
 // What ShardedAttend needs of its arguments before it can cut the request;
 // the servers check the rest (and name the field).
 absl::StatusOr<KeySplit> PlanKeySplit(absl::Span<AttnClient* const> targets,
-                                      const AttentionRequest& request) {
+                                      const AttentionRequest& request, const CallOptions& call) {
   if (targets.empty()) return InvalidField("targets", "at least one AttnClient", "none");
   for (size_t i = 0; i < targets.size(); ++i) {
     if (targets[i] == nullptr)
       return InvalidField(absl::StrCat("targets[", i, "]"), "a client", "null");
+  }
+  if (!call.shm.empty()) {
+    return InvalidField("call.shm", "none with ShardedAttend (the parts' keys are cut from the "
+                        "request's bytes)", "shared-memory tensors");
   }
   // "<field>: expected <expected> with ShardedAttend (<why>), got <got>".
   const auto refuse = [](absl::string_view field, absl::string_view expected, absl::string_view why,
@@ -464,7 +498,7 @@ absl::StatusOr<AttendResult> MergeParts(std::vector<AttendResult>& parts,
 absl::StatusOr<AttendResult> AttnClient::ShardedAttend(absl::Span<AttnClient* const> targets,
                                                        const AttentionRequest& request,
                                                        const CallOptions& call) {
-  absl::StatusOr<KeySplit> split = PlanKeySplit(targets, request);
+  absl::StatusOr<KeySplit> split = PlanKeySplit(targets, request, call);
   if (!split.ok()) return split.status();
   const int n = split->parts;
   std::vector<v1::AttendRequest> wire(n);

@@ -27,6 +27,7 @@
 #include "client/attend_stream.h"
 #include "client/convert.h"
 #include "client/in_flight_counter.h"
+#include "client/shared_memory.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 
 namespace attnserve::client {
@@ -94,8 +95,35 @@ class AttnClient {
   absl::StatusOr<v1::AttendLayerResponse> AttendLayer(
       const v1::AttendLayerRequest& request, absl::Duration deadline = absl::ZeroDuration());
 
-  // Version, backends, limits, sessions and the loaded models (`models`).
+  // Version, backends, limits, sessions, the loaded models (`models`) and
+  // the caller's shared-memory regions (`shm_regions`).
   absl::StatusOr<v1::ServerInfo> GetServerInfo();
+
+  // Shared memory, for a server on the same host (see shared_memory.h and
+  // CallOptions::shm). Blocks until the answer or the deadline (zero: the
+  // default).
+  //
+  // Lets the server map [offset, offset + byte_size) of the POSIX object
+  // `key` ("/attn_in") as this caller's region `name` (1-128 of
+  // [A-Za-z0-9_.-]); tensors then name places in it (ShmRef offsets count
+  // from `offset`). The caller creates the object, keeps it while the region
+  // is registered, and unregisters before unlinking it. FAILED_PRECONDITION
+  // when the server runs without --allow_shared_memory, or cannot open or
+  // map the object, or it is smaller than offset + byte_size;
+  // INVALID_ARGUMENT for a bad name, key, offset or size; ALREADY_EXISTS for
+  // a name this caller already registered; RESOURCE_EXHAUSTED past the
+  // server's --max_shm_regions.
+  absl::Status RegisterSharedMemory(const std::string& name, const std::string& key,
+                                    int64_t offset, int64_t byte_size,
+                                    absl::Duration deadline = absl::ZeroDuration());
+  // The whole of `region` as `name`.
+  absl::Status RegisterSharedMemory(const std::string& name, const SharedMemoryRegion& region,
+                                    absl::Duration deadline = absl::ZeroDuration());
+  // Forgets this caller's region `name` (the server unmaps it once no call
+  // in flight uses it); "" forgets all of this caller's. NOT_FOUND for a name
+  // it has not registered.
+  absl::Status UnregisterSharedMemory(const std::string& name,
+                                      absl::Duration deadline = absl::ZeroDuration());
 
   // grpc.health.v1 Check; `service` empty asks about the whole server.
   absl::StatusOr<ServingStatus> CheckHealth(const std::string& service = "");
@@ -134,7 +162,8 @@ class AttnClient {
   // their start in its total_keys.
   //
   // Errors: INVALID_ARGUMENT, before any call, naming the field, for no
-  // targets or a null one, key_lengths (they do not combine with
+  // targets or a null one, call.shm (the parts' keys are cut from the
+  // request's bytes), key_lengths (they do not combine with
   // key_offset), outputs.weights, outputs.entropy or outputs.top_k (the
   // merge combines the output and lse only), variant LINEAR (it has no lse),
   // sparsity (the server refuses it with sharded keys), paged_kv, a key

@@ -6,6 +6,14 @@
 #include "absl/strings/str_format.h"
 
 namespace attnserve::client {
+namespace {
+
+void ShmRefToProto(const ShmRef& ref, v1::SharedMemoryRef* out) {
+  out->set_region(ref.region);
+  out->set_offset(ref.offset);
+}
+
+}  // namespace
 
 v1::DType ToProto(DType dtype) {
   switch (dtype) {
@@ -43,6 +51,17 @@ void ToProto(const TensorView& view, v1::Tensor* out) {
   out->set_data(view.data.data(), view.data.size());
 }
 
+void ToProto(const TensorView& view, const std::optional<ShmRef>& shm, v1::Tensor* out) {
+  if (!shm.has_value()) {
+    ToProto(view, out);
+    return;
+  }
+  out->set_dtype(ToProto(view.dtype));
+  out->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
+  out->clear_data();
+  ShmRefToProto(*shm, out->mutable_shm());
+}
+
 namespace {
 
 // Checks dtype, dims and data length, and fills everything but the bytes.
@@ -61,6 +80,14 @@ absl::StatusOr<Tensor> TensorMeta(const v1::Tensor& t, absl::string_view field) 
         ShapeString(out.shape)));
   }
   const uint64_t want = static_cast<uint64_t>(n) * DTypeSize(out.dtype);
+  if (t.has_shm()) {
+    // The bytes are in the caller's region: the message carries none.
+    if (!t.data().empty()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s.data: expected none beside shm, got %d bytes", field, t.data().size()));
+    }
+    return out;
+  }
   if (t.data().size() != want) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s.data: expected %d bytes for %s %s, got %d", field, want, DTypeName(out.dtype),
@@ -75,6 +102,14 @@ absl::StatusOr<Tensor> MoveFromProto(v1::Tensor* t, absl::string_view field) {
   if (!out.ok()) return out.status();
   out->data.swap(*t->mutable_data());
   return out;
+}
+
+// MoveFromProto of a main output, which the server may have written to
+// shared memory: then `shm` says where, and the tensor has no data.
+absl::StatusOr<Tensor> MoveOutputFromProto(v1::Tensor* t, absl::string_view field,
+                                           std::optional<ShmRef>* shm) {
+  if (t->has_shm()) *shm = ShmRef{t->shm().region(), t->shm().offset()};
+  return MoveFromProto(t, field);
 }
 
 absl::StatusOr<std::optional<Tensor>> OptionalFromProto(bool present, v1::Tensor* t,
@@ -120,14 +155,15 @@ absl::Status MoveOptionalOutputs(Response& response, Result* out) {
 
 // A step's tensors: hidden when set, and query/key/value unless hidden
 // replaces them (left as default, empty views).
+// `shm` places any of them in shared memory.
 template <typename Message>
-void StepTensorsToProto(const DecodeStep& step, Message* out) {
+void StepTensorsToProto(const DecodeStep& step, const ShmTensors& shm, Message* out) {
   const auto unset = [](const TensorView& v) { return v.shape.empty() && v.data.empty(); };
   const bool hidden = step.hidden.has_value();
-  if (hidden) ToProto(*step.hidden, out->mutable_hidden());
-  if (!hidden || !unset(step.query)) ToProto(step.query, out->mutable_query());
-  if (!hidden || !unset(step.key)) ToProto(step.key, out->mutable_key());
-  if (!hidden || !unset(step.value)) ToProto(step.value, out->mutable_value());
+  if (hidden) ToProto(*step.hidden, shm.hidden, out->mutable_hidden());
+  if (!hidden || !unset(step.query)) ToProto(step.query, shm.query, out->mutable_query());
+  if (!hidden || !unset(step.key)) ToProto(step.key, shm.key, out->mutable_key());
+  if (!hidden || !unset(step.value)) ToProto(step.value, shm.value, out->mutable_value());
 }
 
 }  // namespace
@@ -185,10 +221,11 @@ void ToProto(const SparsitySpec& sparsity, v1::Sparsity* out) {
 v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {
   v1::AttendRequest out;
   out.set_request_id(call.request_id);
-  ToProto(request.query, out.mutable_query());
-  ToProto(request.key, out.mutable_key());
-  ToProto(request.value, out.mutable_value());
-  if (request.bias.has_value()) ToProto(*request.bias, out.mutable_bias());
+  const ShmTensors& shm = call.shm;
+  ToProto(request.query, shm.query, out.mutable_query());
+  ToProto(request.key, shm.key, out.mutable_key());
+  ToProto(request.value, shm.value, out.mutable_value());
+  if (request.bias.has_value()) ToProto(*request.bias, shm.bias, out.mutable_bias());
   out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
   out.set_key_offset(request.key_offset);
   out.set_total_keys(request.total_keys);
@@ -198,6 +235,9 @@ v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& ca
   if (!request.sparsity.empty()) ToProto(request.sparsity, out.mutable_sparsity());
 
   OutputsToProto(request.outputs, out.mutable_outputs());
+  if (shm.output.has_value()) {
+    ShmRefToProto(*shm.output, out.mutable_outputs()->mutable_output_shm());
+  }
 
   out.set_backend(call.backend);
   out.set_priority(call.priority);
@@ -208,7 +248,8 @@ absl::StatusOr<AttendResult> FromProto(v1::AttendResponse&& response) {
   AttendResult out;
   out.request_id = response.request_id();
   out.backend = response.backend();
-  absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
+  absl::StatusOr<Tensor> output =
+      MoveOutputFromProto(response.mutable_output(), "output", &out.output_shm);
   if (!output.ok()) return output.status();
   out.output = std::move(*output);
   if (absl::Status s = MoveOptionalOutputs(response, &out); !s.ok()) return s;
@@ -228,6 +269,9 @@ v1::AttendLayerRequest ToProto(const LayerRequest& request, const CallOptions& c
   ToProto(request.options, out.mutable_options());
   out.mutable_key_lengths()->Assign(request.key_lengths.begin(), request.key_lengths.end());
   OutputsToProto(request.outputs, out.mutable_outputs());
+  if (call.shm.output.has_value()) {
+    ShmRefToProto(*call.shm.output, out.mutable_outputs()->mutable_output_shm());
+  }
   out.set_backend(call.backend);
   out.set_priority(call.priority);
   return out;
@@ -237,7 +281,7 @@ absl::StatusOr<LayerResult> FromProto(v1::AttendLayerResponse&& response) {
   LayerResult out;
   out.request_id = response.request_id();
   out.backend = response.backend();
-  absl::StatusOr<Tensor> y = MoveFromProto(response.mutable_y(), "y");
+  absl::StatusOr<Tensor> y = MoveOutputFromProto(response.mutable_y(), "y", &out.y_shm);
   if (!y.ok()) return y.status();
   out.y = std::move(*y);
   if (absl::Status s = MoveOptionalOutputs(response, &out); !s.ok()) return s;
@@ -275,10 +319,13 @@ v1::DecodeRequest ToProto(const std::string& session_id, const DecodeStep& step,
   v1::DecodeRequest out;
   out.set_session_id(session_id);
   out.set_request_id(call.request_id);
-  StepTensorsToProto(step, &out);
+  StepTensorsToProto(step, call.shm, &out);
   ToProto(step.options, out.mutable_options());
   out.mutable_outputs()->set_lse(step.lse);
   out.mutable_outputs()->set_entropy(step.entropy);
+  if (call.shm.output.has_value()) {
+    ShmRefToProto(*call.shm.output, out.mutable_outputs()->mutable_output_shm());
+  }
   out.set_backend(call.backend);
   out.set_priority(call.priority);
   out.set_layer(step.layer);
@@ -294,6 +341,10 @@ absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
                                                const CallOptions& call) {
   if (steps.empty()) {
     return absl::InvalidArgumentError("steps: expected at least one, got none");
+  }
+  if (!call.shm.empty()) {
+    return absl::InvalidArgumentError(
+        "call.shm: expected none in a BatchDecode (each SessionStep has its own shm), got some");
   }
   v1::BatchDecodeRequest out;
   out.set_request_id(call.request_id);
@@ -329,7 +380,10 @@ absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
     }
     v1::BatchDecodeEntry* entry = out.add_entries();
     entry->set_session_id(steps[i].session_id);
-    StepTensorsToProto(step, entry);
+    StepTensorsToProto(step, steps[i].shm, entry);
+    if (steps[i].shm.output.has_value()) {
+      ShmRefToProto(*steps[i].shm.output, entry->mutable_output_shm());
+    }
     if (step.expected_context_tokens.has_value()) {
       entry->set_expected_context_tokens(*step.expected_context_tokens);
     }
@@ -363,7 +417,8 @@ absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> FromProto(
     result.timing = server_timing;
     result.context_tokens = r->context_tokens();
     const std::string prefix = absl::StrCat("results[", i, "].");
-    absl::StatusOr<Tensor> output = MoveFromProto(r->mutable_output(), prefix + "output");
+    absl::StatusOr<Tensor> output =
+        MoveOutputFromProto(r->mutable_output(), prefix + "output", &result.output_shm);
     if (!output.ok()) {
       out.push_back(output.status());
       continue;
@@ -395,7 +450,8 @@ absl::StatusOr<DecodeResult> FromProto(v1::DecodeResponse&& response) {
   out.request_id = response.request_id();
   out.backend = response.backend();
   out.context_tokens = response.context_tokens();
-  absl::StatusOr<Tensor> output = MoveFromProto(response.mutable_output(), "output");
+  absl::StatusOr<Tensor> output =
+      MoveOutputFromProto(response.mutable_output(), "output", &out.output_shm);
   if (!output.ok()) return output.status();
   out.output = std::move(*output);
   // Asked before mutable_lse() and mutable_entropy(), which would create the fields.

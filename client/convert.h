@@ -17,9 +17,31 @@
 #include "absl/time/time.h"
 #include "attention/request.h"
 #include "attnserve/v1/attention.pb.h"
+#include "client/shared_memory.h"
 #include "core/tensor.h"
 
 namespace attnserve::client {
+
+// The tensors of one call that lie in shared memory the caller registered
+// (AttnClient::RegisterSharedMemory) instead of travelling in the message.
+// An input named here is sent as its view's dtype and shape with a
+// SharedMemoryRef and no data: the view's bytes are not read (leave them
+// empty, or let the view point at the region's bytes, as
+// SharedMemoryRegion::Write returns it). `output` asks the server to write
+// the main output there (OutputSpec.output_shm): the result's tensor then has
+// dtype and shape but no data, and the result says where (output_shm).
+//
+//   Attend:       query, key, value, bias; output
+//   Decode:       query, key, value, hidden; output
+//   AttendLayer:  output (y) only
+//   BatchDecode:  per entry, in SessionStep::shm (CallOptions::shm must be empty)
+//   ShardedAttend: none (it cuts the keys' bytes itself)
+struct ShmTensors {
+  std::optional<ShmRef> query, key, value, bias, hidden;
+  std::optional<ShmRef> output;
+
+  bool empty() const { return !query && !key && !value && !bias && !hidden && !output; }
+};
 
 // Per-call settings that are not part of the attention itself.
 struct CallOptions {
@@ -27,6 +49,7 @@ struct CallOptions {
   std::string backend;     // empty: the server's default
   int32_t priority = 0;    // 0 normal, 1 high
   absl::Duration deadline = absl::ZeroDuration();  // zero: the client's default
+  ShmTensors shm;          // tensors in registered shared memory; empty: none
 };
 
 // Where the server spent the time (AttendResponse.timing).
@@ -41,7 +64,11 @@ struct ServerTiming {
 // requested.
 struct AttendResult {
   std::string request_id;
+  // With output_shm set, dtype and shape only: the bytes are in the region,
+  // at output_shm (SharedMemoryRegion::View or Read with that offset and
+  // output.dtype / output.shape).
   Tensor output;
+  std::optional<ShmRef> output_shm;
   std::optional<Tensor> lse;
   std::optional<Tensor> entropy;  // [B, Hq, Lq] F32: −Σ p·ln p in nats per query and head
   std::optional<Tensor> weights;
@@ -77,7 +104,8 @@ struct LayerRequest {
 // only when requested.
 struct LayerResult {
   std::string request_id;
-  Tensor y;  // [B, L, hidden] (rank as x), in x's dtype
+  Tensor y;  // [B, L, hidden] (rank as x), in x's dtype; no data with y_shm
+  std::optional<ShmRef> y_shm;  // where the server wrote y (CallOptions::shm.output)
   std::optional<Tensor> lse;      // [B, Hq, L] F32
   std::optional<Tensor> entropy;  // [B, Hq, L] F32 nats
   std::optional<Tensor> weights;  // [B, Hq, L, Lk] F32
@@ -166,13 +194,19 @@ struct DecodeStep {
 struct SessionStep {
   std::string session_id;
   DecodeStep step;
+  // The entry's tensors in registered shared memory (query, key, value,
+  // hidden) and where its output goes (BatchDecodeEntry.output_shm); bias
+  // has no meaning here.
+  ShmTensors shm;
 };
 
 struct DecodeResult {
   std::string request_id;
   // [Lq, Hq, Dv] (rank as the query), the query's dtype; for a step of
   // hidden states, the layer's y [T, hidden] (rank and dtype as hidden).
+  // With output_shm set, dtype and shape only, as AttendResult's.
   Tensor output;
+  std::optional<ShmRef> output_shm;
   std::optional<Tensor> lse;  // [1, Hq, Lq] F32, when asked
   std::optional<Tensor> entropy;  // [1, Hq, Lq] F32 in nats, when asked
   int64_t context_tokens = 0;  // tokens in the cache after this step's append
@@ -186,6 +220,8 @@ absl::StatusOr<DType> FromProto(v1::DType dtype);
 
 // Copies the view's bytes into `out`.
 void ToProto(const TensorView& view, v1::Tensor* out);
+// The view's dtype and shape, and `shm` instead of its bytes when set.
+void ToProto(const TensorView& view, const std::optional<ShmRef>& shm, v1::Tensor* out);
 // INVALID_ARGUMENT when the dtype is unknown, a dim is negative or the data
 // length does not match shape and dtype. `field` names the tensor in messages.
 absl::StatusOr<Tensor> FromProto(const v1::Tensor& t, absl::string_view field);
@@ -227,7 +263,8 @@ ForkedSession FromProto(const v1::ForkSessionResponse& response);
 // Builds the BatchDecodeRequest of one layer-step of `layer` over `steps`,
 // entries in their order. The batch's options, lse and entropy are
 // steps[0]'s; a step whose options, lse or entropy differ is INVALID_ARGUMENT
-// naming it, as is an empty `steps`. Tensors are not validated (the server does, per entry).
+// naming it, as is an empty `steps` or a non-empty call.shm (the entries'
+// shared memory is each SessionStep's). Tensors are not validated (the server does, per entry).
 absl::StatusOr<v1::BatchDecodeRequest> ToProto(int32_t layer,
                                                const std::vector<SessionStep>& steps,
                                                const CallOptions& call);
