@@ -28,7 +28,7 @@ by the client) must be answered within 1 s.
 A summary (codes per pattern, peak RSS, normal-call p50/p99 before and during
 the abuse) is printed for the CI log.
 
-Usage: abuse_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
+Usage: abuse_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR
 """
 
 import collections

@@ -8,7 +8,7 @@ INVALID_ARGUMENT followed by a normal answer, `attnctl health`, `attnctl
 attend` with .npy files and a short `attnctl bench --json`. Finally SIGTERM
 must make the server exit 0.
 
-Usage: attend_e2e_test.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
+Usage: attend_e2e_test.py --server=PATH --attnctl=PATH --python_path=DIR --work_dir=DIR
 """
 
 import json

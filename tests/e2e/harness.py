@@ -6,7 +6,6 @@ exit status. Its log goes to a file that is printed when a test fails.
 """
 
 import argparse
-import os
 import pathlib
 import shutil
 import signal
@@ -27,19 +26,19 @@ def free_port():
 
 
 def run_e2e(script_globals, *extra_flags):
-    """The main() of every e2e script: parses --server, --gen_dir, --work_dir and
-    `extra_flags` ((name, argparse keyword arguments) pairs), makes the Python
-    client importable, sets the script's ARGS, grpc and attnserve_client, and
-    runs its unittest cases; unknown arguments go to unittest."""
+    """The main() of every e2e script: parses --server, --python_path,
+    --work_dir and `extra_flags` ((name, argparse keyword arguments) pairs),
+    imports the installed Python client, sets the script's ARGS, grpc and
+    attnserve_client, and runs its unittest cases; unknown arguments go to
+    unittest."""
     parser = argparse.ArgumentParser()
-    for name in ("--server", "--gen_dir", "--work_dir"):
+    for name in ("--server", "--python_path", "--work_dir"):
         parser.add_argument(name, required=True)
     for name, options in extra_flags:
         parser.add_argument(name, **options)
     args, rest = parser.parse_known_args()
-    add_client_to_path(REPO_ROOT, args.gen_dir)
     import grpc
-    import attnserve_client
+    attnserve_client = import_installed_client(args.python_path)
     script_globals.update(ARGS=args, grpc=grpc, attnserve_client=attnserve_client)
     unittest.main(module=script_globals["__name__"], argv=[sys.argv[0], *rest], verbosity=2)
 
@@ -63,12 +62,23 @@ def start_serving(binary, work_dir, extra_args=(), *, log_name="attnserve.log", 
     return server, client
 
 
-def add_client_to_path(repo_root, gen_dir):
-    """Makes `import attnserve_client` work, with stubs generated in gen_dir."""
-    os.environ["ATTNSERVE_PY_GEN"] = str(gen_dir)
-    path = os.path.join(repo_root, "client", "python")
+def import_installed_client(python_path):
+    """Imports attnserve_client from python_path, where the build installed
+    it with pip (tests/e2e/CMakeLists.txt), and returns it. Raises
+    RuntimeError unless it came from there with the gRPC stubs its build
+    compiled, so the tests check the package as users install it, not the
+    checkout's client/python."""
+    path = str(pathlib.Path(python_path).resolve())
     if path not in sys.path:
         sys.path.insert(0, path)
+    import attnserve_client
+    where = pathlib.Path(attnserve_client.__file__).resolve()
+    if not where.is_relative_to(path):
+        raise RuntimeError(f"attnserve_client imported from {where}, not from {path}")
+    stubs = attnserve_client.attention_pb2.__name__
+    if stubs != "attnserve_client._generated.attention_pb2":
+        raise RuntimeError(f"attnserve_client's stubs are {stubs}, not the ones built in")
+    return attnserve_client
 
 
 def fresh_dir(path):

@@ -7,7 +7,7 @@ JSON equal to the weights with the tokens; `--heads` sending only those
 heads; a tokens file of the wrong length refused naming the file; weights
 past the server's cap refused with a hint.
 
-Usage: heatmap_e2e_test.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
+Usage: heatmap_e2e_test.py --server=PATH --attnctl=PATH --python_path=DIR --work_dir=DIR
 """
 
 import json

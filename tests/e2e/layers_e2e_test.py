@@ -36,7 +36,7 @@ server computes the BF16 checkpoint with BF16 matmuls (x is rounded to
 BF16, 2^-9 relative, on the way into each projection); 2e-2 for a session
 with a BF16 cache (K and V rounded to BF16 as well).
 
-Usage: layers_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
+Usage: layers_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR
 """
 
 import json

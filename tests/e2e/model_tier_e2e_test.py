@@ -29,7 +29,7 @@ q/k/v per layer. Starts build/server/attnserve with --kv_block_tokens=4, then:
   responses matched by request_id.
 Finally SIGTERM must make the server exit 0.
 
-Usage: model_tier_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
+Usage: model_tier_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR
 """
 
 import pathlib

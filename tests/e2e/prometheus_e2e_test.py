@@ -13,7 +13,7 @@ through Prometheus' HTTP API that:
 - every rule of attnserve-rules.yml is loaded and evaluates healthily, and
   the recording rules give values (request rate > 0, queue utilization).
 
-Usage: prometheus_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
+Usage: prometheus_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR
        [--prometheus=/usr/bin/prometheus]
 """
 

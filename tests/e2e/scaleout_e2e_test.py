@@ -11,7 +11,7 @@ deploy/nginx/render from deploy/nginx/attnserve.conf, all on loopback.
   last Decode equals attention over every appended token. Different keys
   land on more than one replica.
 
-Usage: scaleout_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR [--nginx=nginx]
+Usage: scaleout_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR [--nginx=nginx]
 """
 
 import collections

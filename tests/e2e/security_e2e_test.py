@@ -16,7 +16,7 @@ one a second (untrusted) CA signed. Three servers run on loopback:
 Misconfigurations (--tls_cert without --tls_key, a short token) make the
 server exit at start with a message naming the flag.
 
-Usage: security_e2e_test.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
+Usage: security_e2e_test.py --server=PATH --attnctl=PATH --python_path=DIR --work_dir=DIR
 """
 
 import os

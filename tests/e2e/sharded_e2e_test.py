@@ -16,7 +16,7 @@ merged by lse (attnserve_client.sharded_attend), all on loopback.
 - A replica stopped (SIGTERM, exited) makes sharded_attend raise naming that
   part's target, with code UNAVAILABLE.
 
-Usage: sharded_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
+Usage: sharded_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR
 """
 
 import pathlib

@@ -28,7 +28,7 @@ Three more: one SIGKILLed fails the next step UNAVAILABLE naming its shard,
 the append another shard made for that step is truncated away, and
 CloseSession frees the survivors' shards.
 
-Usage: sharded_sessions_e2e_test.py --server=PATH --gen_dir=DIR --work_dir=DIR
+Usage: sharded_sessions_e2e_test.py --server=PATH --python_path=DIR --work_dir=DIR
 """
 
 import math

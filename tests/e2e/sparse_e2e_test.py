@@ -13,7 +13,7 @@ BatchDecode selecting keys of the cache; `attnctl attend --block_mask=m.npz
 indptr is INVALID_ARGUMENT naming sparsity.block_mask.indptr[...], onednn
 answers UNIMPLEMENTED. Finally SIGTERM must make the server exit 0.
 
-Usage: sparse_e2e_test.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
+Usage: sparse_e2e_test.py --server=PATH --attnctl=PATH --python_path=DIR --work_dir=DIR
 """
 
 import pathlib

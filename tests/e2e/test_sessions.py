@@ -15,7 +15,7 @@ ports, then:
   the report's keys and that its sessions were closed.
 Finally SIGTERM must make the server exit 0.
 
-Usage: test_sessions.py --server=PATH --attnctl=PATH --gen_dir=DIR --work_dir=DIR
+Usage: test_sessions.py --server=PATH --attnctl=PATH --python_path=DIR --work_dir=DIR
 """
 
 import concurrent.futures
