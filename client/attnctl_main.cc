@@ -6,11 +6,11 @@
 //           [options] [--out=o.npy] [--lse_out=lse.npy] [--weights_out=w.npy] ...
 //           [--entropy] [--entropy_out=e.npy]
 //           [--heatmap=w.png [--heads=0,3,5] [--heatmap_log] [--tokens=FILE] [--batch_row=0]]
-//           [--bertviz=w.json]
+//           [--bertviz=w.json] [--shm]
 //           [--block_mask=m.npz | --key_indices=i.npy [--query_block=N] [--key_block=N]]
 //           [--global_tokens=0,1,...] [--sink_logits=a,b,...]
 //   attnctl [--target=HOST:PORT] bench --shape=S1 [--concurrency=N | --rate=QPS] [--stream]
-//           [--duration=10s] [--json]
+//           [--duration=10s] [--json] [--shm]
 //   attnctl [--target=HOST:PORT] bench --sessions=N [--context=T] [--decode_tokens=1]
 //           [--concurrency=C] [--shape=P4 | --hq=32 --hkv=8 --d=128] [--cache_dtype=f32|bf16|f16]
 //           [--layers=L [--batched]] [--duration=10s] [--json]
@@ -53,8 +53,10 @@
 #include "client/client.h"
 #include "client/heatmap.h"
 #include "client/load_generator.h"
+#include "client/load_shm.h"
 #include "client/session_load.h"
 #include "client/shapes.h"
+#include "client/shared_memory.h"
 #include "core/npy.h"
 
 ABSL_FLAG(std::string, target, "localhost:50051", "server address HOST:PORT");
@@ -93,6 +95,9 @@ ABSL_FLAG(int32_t, top_k, 0, "return the k most attended keys per query");
 ABSL_FLAG(std::string, backend, "", "backend to run on (default: the server's)");
 ABSL_FLAG(int32_t, priority, 0, "0 normal, 1 high");
 ABSL_FLAG(std::string, out, "", "attend: write the output here (.npy)");
+ABSL_FLAG(bool, shm, false,
+          "attend, bench: pass the inputs and the output through POSIX shared memory instead of "
+          "the messages (a server on this host with --allow_shared_memory)");
 ABSL_FLAG(std::string, lse_out, "", "attend: request and write the log-sum-exp [B, Hq, Lq]");
 ABSL_FLAG(std::string, weights_out, "", "attend: request and write the weights [B, Hq, Lq, Lk]");
 ABSL_FLAG(std::string, top_k_indices_out, "", "attend: write the top-k indices (with --top_k)");
@@ -810,6 +815,84 @@ void PrintEntropy(const Tensor& e, const std::vector<int64_t>& head_numbers) {
   }
 }
 
+// attend --shm: the request's query, key, value (and bias) copied into a
+// fresh shared-memory object with room for the output after them,
+// registered with the server as this process's region. Destruction
+// unregisters it and unlinks the object, also after an error.
+class AttendShm {
+ public:
+  // Sets call->shm to name the tensors and the output's place.
+  static absl::StatusOr<std::unique_ptr<AttendShm>> Place(AttnClient* client,
+                                                          const AttentionRequest& request,
+                                                          CallOptions* call) {
+    const std::vector<int64_t>& qs = request.query.shape;
+    const std::vector<int64_t>& vs = request.value.shape;
+    if (qs.empty() || vs.empty()) {
+      return absl::InvalidArgumentError("--shm: expected a query and a value with dims");
+    }
+    // The output is the query's shape with the value's last dim, in its dtype.
+    std::vector<int64_t> output_shape = qs;
+    output_shape.back() = vs.back();
+    const int64_t output_bytes =
+        CheckedElementCount(output_shape, INT64_MAX / 8) * DTypeSize(request.query.dtype);
+    const TensorView* inputs[] = {&request.query, &request.key, &request.value,
+                                  request.bias.has_value() ? &*request.bias : nullptr};
+    std::optional<ShmRef>* refs[] = {&call->shm.query, &call->shm.key, &call->shm.value,
+                                     &call->shm.bias};
+    // Each tensor starts on a cache line.
+    const auto aligned = [](int64_t n) { return (n + 63) / 64 * 64; };
+    int64_t size = aligned(output_bytes);
+    for (const TensorView* t : inputs) size += t == nullptr ? 0 : aligned(t->data.size());
+
+    absl::StatusOr<SharedMemoryRegion> region = SharedMemoryRegion::Create(
+        SharedMemoryRegion::UniqueKey("attnctl"), std::max<int64_t>(size, 1));
+    if (!region.ok()) return region.status();
+    auto shm = std::unique_ptr<AttendShm>(
+        new AttendShm(client, absl::StrCat("attnctl_", getpid()), *std::move(region)));
+    int64_t offset = 0;
+    for (size_t i = 0; i < std::size(inputs); ++i) {
+      if (inputs[i] == nullptr) continue;
+      if (absl::StatusOr<TensorView> t = shm->region_.Write(offset, *inputs[i]); !t.ok()) {
+        return t.status();
+      }
+      *refs[i] = ShmRef{shm->name_, offset};
+      offset += aligned(inputs[i]->data.size());
+    }
+    call->shm.output = ShmRef{shm->name_, offset};
+    if (absl::Status s = client->RegisterSharedMemory(shm->name_, shm->region_); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("--shm: RegisterSharedMemory(", shm->name_, ", ",
+                                                 shm->region_.key(), "): ", s.message()));
+    }
+    shm->registered_ = true;
+    return shm;
+  }
+
+  ~AttendShm() {
+    if (registered_) client_->UnregisterSharedMemory(name_).IgnoreError();
+  }
+
+  // Copies the output the server wrote into the region into result->output.
+  absl::Status ReadOutput(AttendResult* result) const {
+    if (!result->output_shm.has_value()) {
+      return absl::InternalError("--shm: the server answered the output inline, not in the region");
+    }
+    absl::StatusOr<Tensor> out =
+        region_.Read(result->output_shm->offset, result->output.dtype, result->output.shape);
+    if (!out.ok()) return out.status();
+    result->output = *std::move(out);
+    return absl::OkStatus();
+  }
+
+ private:
+  AttendShm(AttnClient* client, std::string name, SharedMemoryRegion region)
+      : client_(client), name_(std::move(name)), region_(std::move(region)) {}
+
+  AttnClient* const client_;
+  const std::string name_;
+  SharedMemoryRegion region_;
+  bool registered_ = false;
+};
+
 int CmdAttend() {
   absl::StatusOr<std::unique_ptr<Inputs>> inputs_or = InputsFromFlags();
   if (!inputs_or.ok()) return Fail(inputs_or.status(), kExitUsage);
@@ -835,7 +918,18 @@ int CmdAttend() {
   }
   absl::StatusOr<std::unique_ptr<AttnClient>> client = MakeClient();
   if (!client.ok()) return Fail(client.status(), kExitUsage);
-  absl::StatusOr<AttendResult> result = (*client)->Attend(*request, inputs->call);
+  CallOptions call = inputs->call;
+  std::unique_ptr<AttendShm> shm;  // before the result, which may view it
+  if (absl::GetFlag(FLAGS_shm)) {
+    absl::StatusOr<std::unique_ptr<AttendShm>> placed =
+        AttendShm::Place(client->get(), *request, &call);
+    if (!placed.ok()) return Fail(placed.status());
+    shm = *std::move(placed);
+  }
+  absl::StatusOr<AttendResult> result = (*client)->Attend(*request, call);
+  if (result.ok() && shm != nullptr) {
+    if (absl::Status s = shm->ReadOutput(&*result); !s.ok()) result = s;
+  }
   if (!result.ok()) {
     const int code = Fail(result.status());
     if (views.any() && result.status().code() == absl::StatusCode::kResourceExhausted) {
@@ -987,6 +1081,15 @@ int CmdBench() {
   const int channels = static_cast<int>(clients.size());
   if (absl::Status s = clients[0]->WaitForServing(absl::Seconds(10)); !s.ok()) return Fail(s);
   const v1::AttendRequest request = ToProto(inputs->request, inputs->call);
+  // --shm: each connection's region holds the inputs, written once, and its output slot.
+  const bool use_shm = absl::GetFlag(FLAGS_shm);
+  std::unique_ptr<LoadShmRegions> shm;
+  if (use_shm) {
+    absl::StatusOr<std::unique_ptr<LoadShmRegions>> regions =
+        LoadShmRegions::Create(clients, request);
+    if (!regions.ok()) return Fail(regions.status());
+    shm = *std::move(regions);
+  }
 
   std::function<void(const LoadProgress&)> progress = [tty](const LoadProgress& p) {
     const LatencySummary& s = p.interval;
@@ -998,10 +1101,14 @@ int CmdBench() {
     std::fprintf(stderr, tty ? "\r%s\033[K" : "%s\n", line.c_str());
     std::fflush(stderr);
   };
-  absl::StatusOr<LoadReport> report =
-      RunLoad(clients, request, options, progress);
+  absl::StatusOr<LoadReport> report = use_shm
+                                          ? RunLoad(clients, shm->requests(), options, progress)
+                                          : RunLoad(clients, request, options, progress);
   if (show_progress && tty) std::fprintf(stderr, "\n");
   if (!report.ok()) return Fail(report.status(), kExitUsage);
+  if (shm != nullptr) {
+    if (absl::Status s = shm->Release(); !s.ok()) return Fail(s);
+  }
   const LatencySummary& l = report->latency;
   const double gflops = report->elapsed_s > 0 ? l.ok * inputs->flops / report->elapsed_s / 1e9 : 0;
   const std::string mode = options.rate_qps > 0 ? "open" : "closed";
@@ -1012,15 +1119,16 @@ int CmdBench() {
         "\"qps\":%.2f,\"gflops\":%.3f,\"p50_ms\":%.4f,\"p90_ms\":%.4f,\"p99_ms\":%.4f,"
         "\"p999_ms\":%.4f,\"mean_ms\":%.4f,\"max_ms\":%.4f,\"error_p50_ms\":%.4f,"
         "\"error_p99_ms\":%.4f,\"server_queue_us\":%.1f,\"server_compute_us\":%.1f,"
-        "\"server_batch_size\":%.2f}\n",
+        "\"server_batch_size\":%.2f%s}\n",
         inputs->shape_name, std::string(DTypeName(inputs->q.dtype)), mode,
         options.stream ? "true" : "false", options.concurrency, options.rate_qps, channels,
         report->elapsed_s, report->sent, l.ok, ErrorsJson(l.errors), report->qps, gflops,
         l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.mean_ms, l.max_ms, l.error_p50_ms,
-        l.error_p99_ms, l.server_queue_us, l.server_compute_us, l.server_batch_size);
+        l.error_p99_ms, l.server_queue_us, l.server_compute_us, l.server_batch_size,
+        use_shm ? ",\"shm\":true" : "");
   } else {
     std::cout << absl::StrFormat(
-        "shape %s %s, %s loop%s, %s, %d channel(s)\n"
+        "shape %s %s, %s loop%s, %s%s, %d channel(s)\n"
         "duration   %.2f s, %d sent, %d ok\n"
         "throughput %.1f qps, %.2f GFLOP/s\n"
         "latency    p50 %.3f ms  p90 %.3f ms  p99 %.3f ms  p99.9 %.3f ms  mean %.3f ms  "
@@ -1030,7 +1138,8 @@ int CmdBench() {
         inputs->shape_name, std::string(DTypeName(inputs->q.dtype)), mode,
         options.rate_qps > 0 ? absl::StrFormat(" at %g qps", options.rate_qps)
                              : absl::StrFormat(", concurrency %d", options.concurrency),
-        options.stream ? "stream" : "unary", channels, report->elapsed_s, report->sent, l.ok,
+        options.stream ? "stream" : "unary", use_shm ? " via shared memory" : "", channels,
+        report->elapsed_s, report->sent, l.ok,
         report->qps, gflops, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.mean_ms, l.max_ms,
         l.server_queue_us, l.server_compute_us, l.server_batch_size, ErrorsText(l.errors));
   }
@@ -1073,6 +1182,11 @@ int CmdBenchSessions() {
     return Fail(absl::InvalidArgumentError(
                     "--sessions: runs closed loop over unary Decode calls; expected neither "
                     "--rate nor --stream, got one"),
+                kExitUsage);
+  }
+  if (absl::GetFlag(FLAGS_shm)) {
+    return Fail(absl::InvalidArgumentError(
+                    "--shm: expected none with --sessions (Attend loads only), got --shm"),
                 kExitUsage);
   }
   SessionLoadOptions options;
@@ -1215,8 +1329,8 @@ int Main(int argc, char** argv) {
       "  attend  one request from .npy files (--q --k --v) or random (--shape); --out=o.npy;\n"
       "          --entropy; --heatmap=w.png [--heads=0-3] [--tokens=FILE]; --bertviz=w.json;\n"
       "          sparse: --block_mask=m.npz | --key_indices=i.npy [--query_block --key_block],\n"
-      "          --global_tokens=0,5 --sink_logits=0.5,...\n"
-      "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json;\n"
+      "          --global_tokens=0,5 --sink_logits=0.5,...; --shm: tensors in shared memory\n"
+      "  bench   load: --shape, --concurrency or --rate, --stream, --duration, --json, --shm;\n"
       "          --sessions=N --context=T: decode steps across N KV-cache sessions;\n"
       "          --layers=L [--batched]: model-shaped, every token through L layers");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);

@@ -133,17 +133,19 @@ class StreamLane {
 
 class LoadRun {
  public:
-  LoadRun(const std::vector<AttnClient*>& clients, const v1::AttendRequest& request,
-          const LoadOptions& options)
-      : clients_(clients), request_(request), options_(options) {}
+  // requests[i] goes on clients[i].
+  LoadRun(const std::vector<AttnClient*>& clients,
+          const std::vector<const v1::AttendRequest*>& requests, const LoadOptions& options)
+      : clients_(clients), requests_(requests), options_(options) {}
 
   LoadReport Run(const std::function<void(const LoadProgress&)>& progress) {
     if (options_.stream) {
       const absl::Duration stream_deadline =
           options_.warmup + options_.duration + options_.call_deadline;
-      for (AttnClient* client : clients_) {
+      for (size_t c = 0; c < clients_.size(); ++c) {
         for (int i = 0; i < options_.streams; ++i) {
-          lanes_.push_back(std::make_unique<StreamLane>(client, request_, stream_deadline));
+          lanes_.push_back(
+              std::make_unique<StreamLane>(clients_[c], *requests_[c], stream_deadline));
         }
       }
     }
@@ -237,9 +239,9 @@ class LoadRun {
             Complete(worker, intended, response);
           });
     } else {
-      AttnClient* client = clients_[worker % clients_.size()];
-      client->AttendAsync(
-          request_,
+      const size_t c = worker % clients_.size();
+      clients_[c]->AttendAsync(
+          *requests_[c],
           [this, worker, intended](absl::StatusOr<v1::AttendResponse> response) {
             Complete(worker, intended, response);
           },
@@ -271,7 +273,7 @@ class LoadRun {
 
   // Constant during the run.
   const std::vector<AttnClient*>& clients_;
-  const v1::AttendRequest& request_;
+  const std::vector<const v1::AttendRequest*>& requests_;  // one per client
   const LoadOptions& options_;
   std::vector<std::unique_ptr<StreamLane>> lanes_;
   Clock::time_point start_, measure_start_, end_;
@@ -322,7 +324,24 @@ absl::StatusOr<LoadReport> RunLoad(const std::vector<AttnClient*>& clients,
   if (clients.empty()) {
     return absl::InvalidArgumentError("clients: expected at least one, got none");
   }
-  LoadRun run(clients, request, options);
+  const std::vector<const v1::AttendRequest*> requests(clients.size(), &request);
+  LoadRun run(clients, requests, options);
+  return run.Run(progress);
+}
+
+absl::StatusOr<LoadReport> RunLoad(const std::vector<AttnClient*>& clients,
+                                   const std::vector<v1::AttendRequest>& requests,
+                                   const LoadOptions& options,
+                                   const std::function<void(const LoadProgress&)>& progress) {
+  if (absl::Status s = ValidateLoadOptions(options); !s.ok()) return s;
+  if (clients.empty() || requests.size() != clients.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("clients, requests: expected as many of each (",
+                                                   "at least one), got ", clients.size(), " and ",
+                                                   requests.size()));
+  }
+  std::vector<const v1::AttendRequest*> pointers;
+  for (const v1::AttendRequest& r : requests) pointers.push_back(&r);
+  LoadRun run(clients, pointers, options);
   return run.Run(progress);
 }
 

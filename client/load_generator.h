@@ -67,6 +67,12 @@ absl::Status ValidateLoadOptions(const LoadOptions& options);
 absl::StatusOr<LoadReport> RunLoad(const std::vector<AttnClient*>& clients,
                                    const v1::AttendRequest& request, const LoadOptions& options,
                                    const std::function<void(const LoadProgress&)>& progress = {});
+// Same with requests[i] sent on clients[i] (as many of each), e.g. requests
+// naming each connection's shared memory (LoadShmRegions).
+absl::StatusOr<LoadReport> RunLoad(const std::vector<AttnClient*>& clients,
+                                   const std::vector<v1::AttendRequest>& requests,
+                                   const LoadOptions& options,
+                                   const std::function<void(const LoadProgress&)>& progress = {});
 
 }  // namespace attnserve::client
 

@@ -1,6 +1,8 @@
 // SharedMemoryRegion (create, open, views, unlink) and the wire form of calls
 // whose tensors lie in shared memory (CallOptions::shm, SessionStep::shm):
-// references instead of bytes, outputs read back from the response.
+// references instead of bytes, outputs read back from the response. Then
+// AttnClient and a load run with LoadShmRegions against an in-process fake
+// server that maps the caller's objects and echoes the query into the output.
 #include "client/shared_memory.h"
 
 #include <sys/stat.h>
@@ -10,11 +12,19 @@
 #include <string>
 #include <vector>
 
+#include <grpcpp/grpcpp.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
+#include "client/client.h"
 #include "client/convert.h"
+#include "client/load_generator.h"
+#include "client/load_shm.h"
+#include "client/shapes.h"
 
 namespace attnserve::client {
 namespace {
@@ -247,6 +257,183 @@ TEST(ClientShmConvertTest, BatchResultsKeepEachEntrysOutputPlace) {
     EXPECT_EQ((*results)[i]->output_shm->offset, i * 64);
     EXPECT_TRUE((*results)[i]->output.data.empty());
   }
+}
+
+// Maps what callers register (one caller) and answers Attend with the
+// query as the output, read from and written to the regions when the
+// request names them.
+class FakeShmService final : public v1::AttentionService::Service {
+ public:
+  grpc::Status RegisterSharedMemory(grpc::ServerContext*,
+                                    const v1::RegisterSharedMemoryRequest* request,
+                                    v1::RegisterSharedMemoryResponse*) override {
+    absl::StatusOr<SharedMemoryRegion> region = SharedMemoryRegion::Open(request->key());
+    if (!region.ok()) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          std::string(region.status().message()));
+    }
+    absl::MutexLock lock(&mu_);
+    if (regions_.contains(request->name())) {
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS, request->name());
+    }
+    regions_.emplace(request->name(), *std::move(region));
+    ++registered_;
+    return grpc::Status::OK;
+  }
+
+  grpc::Status UnregisterSharedMemory(grpc::ServerContext*,
+                                      const v1::UnregisterSharedMemoryRequest* request,
+                                      v1::UnregisterSharedMemoryResponse*) override {
+    absl::MutexLock lock(&mu_);
+    if (regions_.erase(request->name()) == 0) {
+      return grpc::Status(grpc::StatusCode::NOT_FOUND, request->name());
+    }
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Attend(grpc::ServerContext*, const v1::AttendRequest* request,
+                      v1::AttendResponse* response) override {
+    absl::MutexLock lock(&mu_);
+    const v1::Tensor& q = request->query();
+    std::string bytes = q.data();
+    if (q.has_shm()) {
+      auto it = regions_.find(q.shm().region());
+      if (it == regions_.end()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "query");
+      const int64_t n = CheckedElementCount({q.shape().begin(), q.shape().end()}) * 4;
+      bytes.assign(it->second.bytes().data() + q.shm().offset(), n);
+    }
+    v1::Tensor* out = response->mutable_output();
+    out->set_dtype(q.dtype());
+    *out->mutable_shape() = q.shape();
+    if (request->outputs().has_output_shm()) {
+      const v1::SharedMemoryRef& at = request->outputs().output_shm();
+      auto it = regions_.find(at.region());
+      if (it == regions_.end()) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "output");
+      std::memcpy(it->second.bytes().data() + at.offset(), bytes.data(), bytes.size());
+      *out->mutable_shm() = at;
+    } else {
+      out->set_data(bytes);
+    }
+    return grpc::Status::OK;
+  }
+
+  int64_t regions() {
+    absl::MutexLock lock(&mu_);
+    return static_cast<int64_t>(regions_.size());
+  }
+  int64_t registered() {
+    absl::MutexLock lock(&mu_);
+    return registered_;
+  }
+
+ private:
+  absl::Mutex mu_;
+  absl::flat_hash_map<std::string, SharedMemoryRegion> regions_ ABSL_GUARDED_BY(mu_);
+  int64_t registered_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+class ClientShmFakeServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    grpc::ServerBuilder builder;
+    int port = 0;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+    builder.RegisterService(&service_);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    for (int i = 0; i < 2; ++i) {
+      ClientOptions options;
+      options.dedicated_connection = true;
+      absl::StatusOr<std::unique_ptr<AttnClient>> c =
+          AttnClient::Create(absl::StrCat("127.0.0.1:", port), options);
+      ASSERT_TRUE(c.ok()) << c.status();
+      clients_.push_back(*std::move(c));
+    }
+  }
+
+  void TearDown() override {
+    clients_.clear();
+    server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+  }
+
+  FakeShmService service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::vector<std::unique_ptr<AttnClient>> clients_;
+};
+
+TEST_F(ClientShmFakeServerTest, AttendReadsInputsFromAndWritesTheOutputToTheRegion) {
+  AttnClient& client = *clients_[0];
+  absl::StatusOr<SharedMemoryRegion> region =
+      SharedMemoryRegion::Create(SharedMemoryRegion::UniqueKey("attn_test"), 1024);
+  ASSERT_TRUE(region.ok()) << region.status();
+  ASSERT_TRUE(client.RegisterSharedMemory("io", *region).ok());
+  EXPECT_EQ(client.RegisterSharedMemory("io", *region).code(), absl::StatusCode::kAlreadyExists);
+
+  const Tensor q = RandomTensor(DType::kF32, {1, 2, 2, 4}, 7);
+  const Tensor k = RandomTensor(DType::kF32, {1, 3, 2, 4}, 8);
+  absl::StatusOr<TensorView> q_in_region = region->Write(0, q.view());
+  ASSERT_TRUE(q_in_region.ok()) << q_in_region.status();
+  AttentionRequest request;
+  request.query = *q_in_region;
+  request.key = k.view();
+  request.value = k.view();
+  CallOptions call;
+  call.shm.query = ShmRef{"io", 0};
+  call.shm.output = ShmRef{"io", 512};
+  absl::StatusOr<AttendResult> result = client.Attend(request, call);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_TRUE(result->output_shm.has_value());
+  EXPECT_EQ(result->output_shm->offset, 512);
+  EXPECT_TRUE(result->output.data.empty());
+  absl::StatusOr<TensorView> out =
+      region->View(result->output_shm->offset, result->output.dtype, result->output.shape);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->data, q.data);
+
+  ASSERT_TRUE(client.UnregisterSharedMemory("io").ok());
+  EXPECT_EQ(client.UnregisterSharedMemory("io").code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(ClientShmFakeServerTest, LoadRunRegistersOneRegionPerConnectionAndReleasesThem) {
+  const Tensor q = RandomTensor(DType::kF32, {1, 4, 2, 8}, 1);
+  const Tensor k = RandomTensor(DType::kF32, {1, 6, 2, 8}, 2);
+  AttentionRequest request;
+  request.query = q.view();
+  request.key = k.view();
+  request.value = k.view();
+  const v1::AttendRequest wire = ToProto(request, CallOptions{});
+  std::vector<AttnClient*> clients = {clients_[0].get(), clients_[1].get()};
+  absl::StatusOr<std::unique_ptr<LoadShmRegions>> shm = LoadShmRegions::Create(clients, wire);
+  ASSERT_TRUE(shm.ok()) << shm.status();
+  EXPECT_EQ(service_.regions(), 2);
+  const std::vector<v1::AttendRequest>& requests = (*shm)->requests();
+  ASSERT_EQ(requests.size(), 2u);
+  EXPECT_NE(requests[0].query().shm().region(), requests[1].query().shm().region());
+  for (const v1::AttendRequest& r : requests) {
+    for (const v1::Tensor* t : {&r.query(), &r.key(), &r.value()}) {
+      EXPECT_TRUE(t->has_shm());
+      EXPECT_TRUE(t->data().empty());
+      EXPECT_EQ(t->shm().offset() % 64, 0);
+    }
+    EXPECT_EQ(r.outputs().output_shm().region(), r.query().shm().region());
+    EXPECT_GE(r.outputs().output_shm().offset(), r.value().shm().offset() + 6 * 2 * 8 * 4);
+  }
+
+  LoadOptions options;
+  options.concurrency = 4;
+  options.duration = absl::Milliseconds(200);
+  absl::StatusOr<LoadReport> report = RunLoad(clients, requests, options);
+  ASSERT_TRUE(report.ok()) << report.status();
+  EXPECT_GT(report->latency.ok, 0);
+  EXPECT_EQ(report->latency.errors_total, 0);
+
+  ASSERT_TRUE((*shm)->Release().ok());
+  EXPECT_EQ(service_.regions(), 0);
+  EXPECT_TRUE((*shm)->Release().ok());  // idempotent
+
+  // Mismatched counts are refused.
+  EXPECT_EQ(RunLoad(clients, std::vector<v1::AttendRequest>(1), options).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
