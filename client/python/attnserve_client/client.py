@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from . import _stubs
+from . import shared_memory as shm
 from . import sparsity as sparse
 from . import tensors
 
@@ -37,6 +38,10 @@ class AttendResult:
     # [B, Hq, Lq], float32: the attention entropy -sum p ln p per query and
     # head, in nats (0 for a fully masked row); when asked with entropy=True.
     entropy: Optional[np.ndarray] = None
+    # Where the server wrote the output when asked with output_shm= (output
+    # then views or copies the region; None if only the region's name was
+    # given).
+    output_shm: Optional[shm.ShmTensor] = None
 
 
 @dataclasses.dataclass
@@ -52,6 +57,7 @@ class AttendLayerResult:
     backend: str = ""
     request_id: str = ""
     timing: dict = dataclasses.field(default_factory=dict)  # compute_us includes the projections
+    y_shm: Optional[shm.ShmTensor] = None  # where y was written (output_shm=), as AttendResult's
 
 
 @dataclasses.dataclass
@@ -86,6 +92,7 @@ class DecodeResult:
     request_id: str = ""
     timing: dict = dataclasses.field(default_factory=dict)  # queue_us, compute_us, ...
     entropy: Optional[np.ndarray] = None  # [1, Hq, Lq], float32 nats, when asked
+    output_shm: Optional[shm.ShmTensor] = None  # as AttendResult's
 
 
 class BatchDecodeError(grpc.RpcError):
@@ -139,10 +146,13 @@ def _optional(message, name):
     return tensors.from_proto(getattr(message, name)) if message.HasField(name) else None
 
 
-def decode_result_from_proto(response):
-    """DecodeResponse -> DecodeResult."""
+def decode_result_from_proto(response, output_shm=None):
+    """DecodeResponse -> DecodeResult. output_shm: what the request asked
+    (see result_from_proto)."""
+    output, output_ref = shm.output_from_proto(response.output, output_shm)
     return DecodeResult(
-        output=tensors.from_proto(response.output),
+        output=output,
+        output_shm=output_ref,
         lse=_optional(response, "lse"),
         entropy=_optional(response, "entropy"),
         context_tokens=response.context_tokens,
@@ -151,10 +161,12 @@ def decode_result_from_proto(response):
         timing=_timing(response.timing))
 
 
-def batch_results_from_proto(response, session_ids=()):
+def batch_results_from_proto(response, session_ids=(), output_shm=()):
     """BatchDecodeResponse -> list, one per entry in order: a DecodeResult
     (with the batch's backend, request_id and timing) or a BatchDecodeError.
-    session_ids (the entries', optional) name the sessions in the errors."""
+    session_ids (the entries', optional) name the sessions in the errors;
+    output_shm (optional) holds what each entry asked (see
+    result_from_proto)."""
     timing = _timing(response.timing)
     out = []
     for i, r in enumerate(response.results):
@@ -163,8 +175,11 @@ def batch_results_from_proto(response, session_ids=()):
             code = _STATUS_BY_CODE.get(r.code, grpc.StatusCode.UNKNOWN)
             out.append(BatchDecodeError(code, r.message, i, sid))
             continue
+        output, output_ref = shm.output_from_proto(
+            r.output, output_shm[i] if i < len(output_shm) else None)
         out.append(DecodeResult(
-            output=tensors.from_proto(r.output),
+            output=output,
+            output_shm=output_ref,
             lse=_optional(r, "lse"),
             entropy=_optional(r, "entropy"),
             context_tokens=r.context_tokens,
@@ -266,8 +281,13 @@ def _decode_options(o, scale, window_left, softcap, alibi_slopes):
 
 
 def _wire_dtype_for(q, dtype):
+    """The request's wire dtype: `dtype`, else a ShmTensor q's own, else f16
+    for a float16 q and f32 otherwise."""
     if dtype is None:
-        dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
+        if isinstance(q, shm.ShmTensor):
+            dtype = q.dtype
+        else:
+            dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
     return tensors.dtype_name(dtype)
 
 
@@ -286,7 +306,7 @@ def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=
                          window_left=None, softcap=0.0, alibi_slopes=None, lse=False,
                          entropy=False, backend="", priority=0, request_id="", layer=0,
                          expected_context_tokens=None, block_mask=None, key_indices=None,
-                         global_tokens=None, sink_logits=None, sparsity=None):
+                         global_tokens=None, sink_logits=None, sparsity=None, output_shm=None):
     """Builds a DecodeRequest proto from NumPy arrays.
 
     session: a Session or its id. q [Lq, Hq, D], k [Lnew, Hkv, D], v [Lnew,
@@ -305,7 +325,8 @@ def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=
     block_mask, key_indices, global_tokens, sink_logits: sparse attention
     over the session's cache after the append, as in build_request (Lk is
     the cache's tokens, positions count from its first); or sparsity, a
-    Sparsity holding them.
+    Sparsity holding them. q, k, v, hidden and output_shm may be in shared
+    memory, as in build_request.
     """
     sparsity = _sparsity_of("decode", sparsity, block_mask, key_indices, global_tokens,
                             sink_logits)
@@ -314,10 +335,12 @@ def build_decode_request(session, q=None, k=None, v=None, *, hidden=None, dtype=
     r = _pb.DecodeRequest(session_id=_session_id(session), request_id=request_id,
                           backend=backend, priority=priority, layer=int(layer))
     for name, array in sent:
-        tensors.to_proto(array, dtype, getattr(r, name))
+        shm.tensor_to_proto(array, dtype, getattr(r, name))
     _decode_options(r.options, scale, window_left, softcap, alibi_slopes)
     r.outputs.lse = bool(lse)
     r.outputs.entropy = bool(entropy)
+    if output_shm is not None:
+        shm.ref_to_proto(output_shm, r.outputs.output_shm)
     if expected_context_tokens is not None:
         r.expected_context_tokens = int(expected_context_tokens)
     if sparsity is not None:
@@ -329,7 +352,7 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
                                softcap=0.0, alibi_slopes=None, lse=False, entropy=False,
                                backend="", priority=0, request_id="", block_mask=None,
                                key_indices=None, global_tokens=None, sink_logits=None,
-                               sparsity=None):
+                               sparsity=None, output_shm=None):
     """Builds a BatchDecodeRequest proto: one layer-step for many sessions.
 
     entries, in the order the results come back: (session, q, k, v) or
@@ -344,10 +367,18 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
     (as in build_decode_request) apply to every entry; or sparsity, a
     Sparsity for every entry or a list with one per entry (a Sparsity or
     None), for patterns that differ between sequences.
+
+    Shared memory: an entry's q, k, v or hidden may be a ShmTensor (see
+    build_request); output_shm, a list with one per entry (a ShmTensor, a
+    (region, offset) pair or None), asks the server to write each entry's
+    output there.
     """
     entries = list(entries)
     if not entries:
         raise ValueError("entries: expected at least one, got none")
+    if output_shm is not None and len(output_shm) != len(entries):
+        raise ValueError(f"output_shm: expected one per entry ({len(entries)}), got "
+                         f"{len(output_shm)}")
     if isinstance(sparsity, (list, tuple)):
         if len(sparsity) != len(entries):
             raise ValueError(f"sparsity: expected one per entry ({len(entries)}), got "
@@ -371,13 +402,15 @@ def build_batch_decode_request(layer, entries, *, dtype=None, scale=0.0, window_
                              f"expected_context_tokens]), got {len(entry)} items")
         e = r.entries.add(session_id=_session_id(entry[0]))
         if len(entry) <= 3:
-            tensors.to_proto(entry[1], dtype, e.hidden)
+            shm.tensor_to_proto(entry[1], dtype, e.hidden)
             expected = entry[2] if len(entry) == 3 else None
         else:
-            tensors.to_proto(entry[1], dtype, e.query)
-            tensors.to_proto(entry[2], dtype, e.key)
-            tensors.to_proto(entry[3], dtype, e.value)
+            shm.tensor_to_proto(entry[1], dtype, e.query)
+            shm.tensor_to_proto(entry[2], dtype, e.key)
+            shm.tensor_to_proto(entry[3], dtype, e.value)
             expected = entry[4] if len(entry) == 5 else None
+        if output_shm is not None and output_shm[i] is not None:
+            shm.ref_to_proto(output_shm[i], e.output_shm)
         if expected is not None:
             e.expected_context_tokens = int(expected)
         if per_entry[i] is not None:
@@ -392,7 +425,7 @@ def build_layer_request(model, layer, x, *, memory=None, positions=None, causal=
                         key_lengths=None, dtype=None, scale=0.0, window_left=None,
                         window_right=None, softcap=0.0, alibi_slopes=None, lse=False,
                         entropy=False, weights=False, top_k=0, backend="", priority=0,
-                        request_id=""):
+                        request_id="", output_shm=None):
     """Builds an AttendLayerRequest proto: layer `layer` of the model the
     server loaded as `model` (--model=NAME=DIR), on hidden states x.
 
@@ -405,7 +438,8 @@ def build_layer_request(model, layer, x, *, memory=None, positions=None, causal=
     Mistral's sliding window; bert bidirectional). key_lengths: one per row,
     keys past it are padding. scale, window_left/right, softcap and
     alibi_slopes as in build_request. Extra outputs of the attention: lse,
-    entropy, weights, top_k. Nothing is validated here: the server answers
+    entropy, weights, top_k. output_shm: where the server writes y (see
+    build_request). Nothing is validated here: the server answers
     INVALID_ARGUMENT naming the field.
     """
     dtype = _wire_dtype_for(x, dtype)
@@ -425,6 +459,8 @@ def build_layer_request(model, layer, x, *, memory=None, positions=None, causal=
     r.outputs.entropy = bool(entropy)
     r.outputs.weights = bool(weights)
     r.outputs.top_k = int(top_k)
+    if output_shm is not None:
+        shm.ref_to_proto(output_shm, r.outputs.output_shm)
     return r
 
 
@@ -442,14 +478,21 @@ def _attention_fields(response):
         timing=_timing(response.timing))
 
 
-def layer_result_from_proto(response):
-    """AttendLayerResponse -> AttendLayerResult."""
-    return AttendLayerResult(y=tensors.from_proto(response.y), **_attention_fields(response))
+def layer_result_from_proto(response, output_shm=None):
+    """AttendLayerResponse -> AttendLayerResult; output_shm as in
+    result_from_proto."""
+    y, y_ref = shm.output_from_proto(response.y, output_shm)
+    return AttendLayerResult(y=y, y_shm=y_ref, **_attention_fields(response))
 
 
-def result_from_proto(response):
-    """AttendResponse -> AttendResult."""
-    return AttendResult(output=tensors.from_proto(response.output), **_attention_fields(response))
+def result_from_proto(response, output_shm=None):
+    """AttendResponse -> AttendResult. output_shm: the request's (a
+    ShmTensor or a (region, offset) pair): when the server wrote the output
+    to a region and output_shm holds that SharedMemoryRegion, the output is
+    read from it (see ShmTensor.array); otherwise such an output is None and
+    output_shm says where it is."""
+    output, output_ref = shm.output_from_proto(response.output, output_shm)
+    return AttendResult(output=output, output_shm=output_ref, **_attention_fields(response))
 
 
 def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=False,
@@ -458,7 +501,7 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
                   top_k=0, backend="", priority=0, request_id="", rotary=None,
                   query_positions=None, key_positions=None, entropy=False, key_offset=0,
                   total_keys=0, block_mask=None, key_indices=None, global_tokens=None,
-                  sink_logits=None, sparsity=None):
+                  sink_logits=None, sparsity=None, output_shm=None):
     """Builds an AttendRequest proto from NumPy arrays.
 
     q [B, Lq, Hq, D], k [B, Lk, Hkv, D], v [B, Lk, Hkv, Dv] (or 3-D, batch 1).
@@ -483,20 +526,28 @@ def build_request(q, k, v, *, dtype=None, scale=0.0, causal=False, top_left=Fals
     adding exp(sink) to its rows' softmax denominator. Or sparsity, a
     Sparsity holding them. Not with linear, nor with key_offset/total_keys.
 
+    Shared memory (a server on this host with --allow_shared_memory; see
+    SharedMemoryRegion): q, k, v and bias may each be a ShmTensor
+    (region.put(array)), sent as a reference in its own dtype instead of
+    bytes (dtype defaults to a ShmTensor q's). output_shm (a ShmTensor, e.g.
+    region.alloc(shape), or a (region, offset) pair) asks the server to
+    write the output there; the result's output then views the region (see
+    result_from_proto).
+
     Nothing is validated here: the server answers INVALID_ARGUMENT naming
     the field.
     """
     sparsity = _sparsity_of("attend", sparsity, block_mask, key_indices, global_tokens,
                             sink_logits)
-    if dtype is None:
-        dtype = tensors.F16 if np.asarray(q).dtype == np.float16 else tensors.F32
-    dtype = tensors.dtype_name(dtype)
+    dtype = _wire_dtype_for(q, dtype)
     r = _pb.AttendRequest(request_id=request_id, backend=backend, priority=priority)
-    tensors.to_proto(q, dtype, r.query)
-    tensors.to_proto(k, dtype, r.key)
-    tensors.to_proto(v, dtype, r.value)
+    shm.tensor_to_proto(q, dtype, r.query)
+    shm.tensor_to_proto(k, dtype, r.key)
+    shm.tensor_to_proto(v, dtype, r.value)
     if bias is not None:
-        tensors.to_proto(bias, dtype, r.bias)
+        shm.tensor_to_proto(bias, dtype, r.bias)
+    if output_shm is not None:
+        shm.ref_to_proto(output_shm, r.outputs.output_shm)
     if key_lengths is not None:
         r.key_lengths[:] = [int(x) for x in key_lengths]
     o = r.options
@@ -581,13 +632,14 @@ class AttendFuture:
     """An Attend in flight (Client.attend_future): a grpc.Future whose
     result() is an AttendResult."""
 
-    def __init__(self, future):
+    def __init__(self, future, output_shm=None):
         self._future = future
+        self._output_shm = output_shm
 
     def result(self, timeout=None):
         """Waits (at most timeout s, None: the call's deadline); returns the
         AttendResult or raises the call's grpc.RpcError."""
-        return result_from_proto(self._future.result(timeout=timeout))
+        return result_from_proto(self._future.result(timeout=timeout), self._output_shm)
 
     def exception(self, timeout=None):
         return self._future.exception(timeout=timeout)
@@ -646,13 +698,14 @@ class Client:
         Returns an AttendResult. Raises grpc.RpcError on any error.
         """
         return self.attend_proto(build_request(q, k, v, **options), timeout=timeout,
-                                 metadata=metadata)
+                                 metadata=metadata, output_shm=options.get("output_shm"))
 
-    def attend_proto(self, request, *, timeout=None, metadata=None):
-        """Sends a ready AttendRequest proto; returns an AttendResult."""
+    def attend_proto(self, request, *, timeout=None, metadata=None, output_shm=None):
+        """Sends a ready AttendRequest proto; returns an AttendResult
+        (output_shm as in result_from_proto)."""
         response = self._stub.Attend(request, timeout=timeout or self.timeout,
                                      metadata=metadata)
-        return result_from_proto(response)
+        return result_from_proto(response, output_shm)
 
     def attend_future(self, q, k, v, *, timeout=None, metadata=None, **options):
         """Starts one Attend without waiting for it; options as in
@@ -660,12 +713,12 @@ class Client:
         the AttendResult or raises grpc.RpcError; cancel(), done() and
         add_done_callback(fn) (fn gets the AttendFuture) as grpc.Future's."""
         return self.attend_proto_future(build_request(q, k, v, **options), timeout=timeout,
-                                        metadata=metadata)
+                                        metadata=metadata, output_shm=options.get("output_shm"))
 
-    def attend_proto_future(self, request, *, timeout=None, metadata=None):
+    def attend_proto_future(self, request, *, timeout=None, metadata=None, output_shm=None):
         """attend_future for a ready AttendRequest proto."""
         return AttendFuture(self._stub.Attend.future(request, timeout=timeout or self.timeout,
-                                                     metadata=metadata))
+                                                     metadata=metadata), output_shm)
 
     def attend_stream(self, requests, *, timeout=None, metadata=None):
         """Sends AttendRequest protos on one AttendStream; yields AttendResults
@@ -687,13 +740,14 @@ class Client:
         naming the field ("x.shape", "layer", "memory", "positions", ...).
         """
         return self.attend_layer_proto(build_layer_request(model, layer, x, **options),
-                                       timeout=timeout, metadata=metadata)
+                                       timeout=timeout, metadata=metadata,
+                                       output_shm=options.get("output_shm"))
 
-    def attend_layer_proto(self, request, *, timeout=None, metadata=None):
+    def attend_layer_proto(self, request, *, timeout=None, metadata=None, output_shm=None):
         """Sends a ready AttendLayerRequest proto; returns an AttendLayerResult."""
         response = self._stub.AttendLayer(request, timeout=timeout or self.timeout,
                                           metadata=metadata)
-        return layer_result_from_proto(response)
+        return layer_result_from_proto(response, output_shm)
 
     # --- KV-cache sessions ---------------------------------------------------
 
@@ -775,12 +829,13 @@ class Client:
         or a stale expected_context_tokens (the session is then unchanged).
         """
         return self.decode_proto(build_decode_request(session, q, k, v, hidden=hidden, **options),
-                                 timeout=timeout, metadata=metadata)
+                                 timeout=timeout, metadata=metadata,
+                                 output_shm=options.get("output_shm"))
 
-    def decode_proto(self, request, *, timeout=None, metadata=None):
+    def decode_proto(self, request, *, timeout=None, metadata=None, output_shm=None):
         """Sends a ready DecodeRequest proto; returns a DecodeResult."""
         response = self._stub.Decode(request, timeout=timeout or self.timeout, metadata=metadata)
-        return decode_result_from_proto(response)
+        return decode_result_from_proto(response, output_shm)
 
     def batch_decode(self, layer, entries, *, timeout=None, metadata=None, **options):
         """One layer-step for many sessions in one call (one backend call).
@@ -797,14 +852,16 @@ class Client:
         """
         entries = list(entries)
         request = build_batch_decode_request(layer, entries, **options)
-        return self.batch_decode_proto(request, timeout=timeout, metadata=metadata)
+        return self.batch_decode_proto(request, timeout=timeout, metadata=metadata,
+                                       output_shm=options.get("output_shm") or ())
 
-    def batch_decode_proto(self, request, *, timeout=None, metadata=None):
+    def batch_decode_proto(self, request, *, timeout=None, metadata=None, output_shm=()):
         """Sends a ready BatchDecodeRequest proto; returns the list of
-        batch_decode."""
+        batch_decode (output_shm: the entries', as there)."""
         response = self._stub.BatchDecode(request, timeout=timeout or self.timeout,
                                           metadata=metadata)
-        return batch_results_from_proto(response, [e.session_id for e in request.entries])
+        return batch_results_from_proto(response, [e.session_id for e in request.entries],
+                                        output_shm)
 
     def batch_decode_stream(self, requests, *, timeout=None, metadata=None):
         """Sends BatchDecodeRequest protos (build_batch_decode_request; give
@@ -842,6 +899,56 @@ class Client:
         and the loaded models (`models`, ModelDescription protos)."""
         return self._stub.GetServerInfo(_pb.GetServerInfoRequest(),
                                         timeout=timeout or self.timeout)
+
+    # --- Shared memory (a server on this host) --------------------------------
+
+    def register_shared_memory(self, name, region, *, offset=0, byte_size=None, timeout=None,
+                               metadata=None):
+        """Lets the server map a POSIX shared-memory object as this caller's
+        region `name` (1-128 of [A-Za-z0-9_.-]), so tensors can name places
+        in it (ShmTensor) instead of carrying their bytes.
+
+        region: a SharedMemoryRegion, registered whole; it remembers `name`,
+        which its put() and alloc() references then carry. Or the key
+        ("/attn_in") of an object the caller created: byte_size is then
+        required, and [offset, offset + byte_size) of the object is the
+        region (references count from offset).
+
+        FAILED_PRECONDITION when the server runs without
+        --allow_shared_memory, cannot open or map the object, or it is
+        smaller than offset + byte_size; INVALID_ARGUMENT for a bad name,
+        key, offset or size; ALREADY_EXISTS for a name in use;
+        RESOURCE_EXHAUSTED past the server's --max_shm_regions.
+        """
+        if isinstance(region, shm.SharedMemoryRegion):
+            if offset != 0 or byte_size is not None:
+                raise ValueError("offset, byte_size: expected none with a SharedMemoryRegion "
+                                 "(registered whole), got some")
+            key, byte_size = region.key, region.byte_size
+        else:
+            key = str(region)
+            if byte_size is None:
+                raise ValueError(f"byte_size: expected the region's size with key {key!r}, "
+                                 "got none")
+        self._stub.RegisterSharedMemory(
+            _pb.RegisterSharedMemoryRequest(name=name, key=key, offset=int(offset),
+                                            byte_size=int(byte_size)),
+            timeout=timeout or self.timeout, metadata=metadata)
+        if isinstance(region, shm.SharedMemoryRegion):
+            region.name = name
+
+    def unregister_shared_memory(self, name="", *, timeout=None, metadata=None):
+        """Forgets this caller's region `name` (the server unmaps it once no
+        call in flight uses it); "" forgets all of this caller's regions.
+        NOT_FOUND for a name not registered."""
+        self._stub.UnregisterSharedMemory(_pb.UnregisterSharedMemoryRequest(name=name),
+                                          timeout=timeout or self.timeout, metadata=metadata)
+
+    def shared_memory_regions(self, *, timeout=None):
+        """This caller's registered regions, by name: a dict of
+        SharedMemoryRegion protos (name, key, offset, byte_size), from
+        server_info()."""
+        return {r.name: r for r in self.server_info(timeout=timeout).shm_regions}
 
     def models(self, *, timeout=None):
         """The models the server loaded (--model), by name: a dict of
