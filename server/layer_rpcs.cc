@@ -3,6 +3,7 @@
 // attention job goes to the scheduler like an Attend's, with the call as the
 // task's stage, so that the projections of every AttendLayer on the same
 // layer in one backend call run as one matmul.
+#include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
@@ -14,6 +15,7 @@
 #include "server/call_context.h"
 #include "server/convert.h"
 #include "server/service.h"
+#include "server/shm_source.h"
 
 namespace attnserve {
 namespace {
@@ -36,6 +38,7 @@ absl::StatusOr<const Model*> AttentionServiceImpl::ModelFor(const std::string& n
 }
 
 absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& request,
+                                               std::shared_ptr<ShmTensorSource> shm,
                                                absl::Time deadline,
                                                std::function<bool()> is_cancelled,
                                                absl::Time received,
@@ -51,11 +54,11 @@ absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& req
   LayerInput input;
   input.model = *model;
   input.layer = request.layer();
-  absl::StatusOr<TensorView> x = ViewFromProto(request.x(), "x");
+  absl::StatusOr<TensorView> x = ViewFromProto(request.x(), "x", shm.get());
   if (!x.ok()) return x.status();
   input.x = *std::move(x);
   if (request.has_memory()) {
-    absl::StatusOr<TensorView> memory = ViewFromProto(request.memory(), "memory");
+    absl::StatusOr<TensorView> memory = ViewFromProto(request.memory(), "memory", shm.get());
     if (!memory.ok()) return memory.status();
     input.memory = *std::move(memory);
   }
@@ -72,6 +75,18 @@ absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& req
   std::shared_ptr<LayerCall> call = *std::move(planned);
   std::unique_ptr<AttentionJob> job = call->TakeJob();
   if (absl::Status s = CheckRunnable(*job, *backend); !s.ok()) return s;
+  // outputs.output_shm: y (x's dtype and shape) is copied there after the
+  // output projection, which computes it in F32.
+  const v1::SharedMemoryRef* output_shm = nullptr;
+  char* y_target = nullptr;
+  if (request.outputs().has_output_shm()) {
+    output_shm = &request.outputs().output_shm();
+    absl::StatusOr<char*> target =
+        shm->Output(*output_shm, "outputs.output_shm", static_cast<int64_t>(input.x.data.size()),
+                    input.x.dtype);
+    if (!target.ok()) return target.status();
+    y_target = *target;
+  }
   const AttentionJob* reserved_job = job.get();
   absl::StatusOr<MemoryBudget::Reservation> reserved =
       ReserveMemory(absl::MakeConstSpan(&reserved_job, 1), *backend,
@@ -87,11 +102,16 @@ absl::Status AttentionServiceImpl::SubmitLayer(const v1::AttendLayerRequest& req
   task.priority = request.priority();
   task.deadline = deadline;
   task.is_cancelled = std::move(is_cancelled);
-  task.done = [call, response, received, backend, done = std::move(done)](
-                  absl::Status status, std::unique_ptr<AttentionJob> job,
-                  const TaskTiming& timing) {
+  task.done = [call, response, received, backend, shm = std::move(shm), output_shm, y_target,
+               done = std::move(done)](absl::Status status, std::unique_ptr<AttentionJob> job,
+                                       const TaskTiming& timing) {
+    if (status.ok() && output_shm != nullptr) {
+      std::memcpy(y_target, call->y().data.data(), call->y().data.size());
+    }
+    if (status.ok()) status = shm->CheckIntact();
     if (status.ok()) {
       TensorToProto(call->y(), response->mutable_y());
+      if (output_shm != nullptr) ShmOutputToProto(*output_shm, response->mutable_y());
       OptionalOutputsToProto(*job, response);
       TimingToProto(timing, received, response->mutable_timing());
       response->set_backend(backend->info().name);
@@ -109,8 +129,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::AttendLayer(grpc::CallbackServer
                        [&](absl::Time deadline, std::function<bool()> is_cancelled,
                            absl::Time received, MemoryBudget::Reservation* reservation,
                            std::function<void(absl::Status)> done) {
-                         return SubmitLayer(*request, deadline, std::move(is_cancelled), received,
-                                            response, reservation, std::move(done));
+                         return SubmitLayer(*request, ShmSourceFor(CallerOf(context)), deadline,
+                                            std::move(is_cancelled), received, response,
+                                            reservation, std::move(done));
                        });
 }
 

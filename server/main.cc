@@ -51,6 +51,12 @@ ABSL_FLAG(int64_t, memory_limit_bytes, kDefaults.memory_limit_bytes,
 ABSL_FLAG(int64_t, max_sparse_bytes, kDefaults.limits.max_sparse_bytes,
           "largest sparse pattern a request may describe (Sparsity: its index tensors, global "
           "tokens and sink logits), in bytes, at most 2 GiB; past it RESOURCE_EXHAUSTED");
+ABSL_FLAG(bool, allow_shared_memory, kDefaults.allow_shared_memory,
+          "let co-located callers register POSIX shared-memory objects "
+          "(RegisterSharedMemory) and pass tensors in them; the server maps the objects they "
+          "name, with its own permissions");
+ABSL_FLAG(int32_t, max_shm_regions, kDefaults.max_shm_regions,
+          "shared-memory regions each caller identity may hold (> 0)");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,
@@ -162,6 +168,8 @@ int main(int argc, char** argv) {
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
   options.limits.max_sparse_bytes = absl::GetFlag(FLAGS_max_sparse_bytes);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
+  options.allow_shared_memory = absl::GetFlag(FLAGS_allow_shared_memory);
+  options.max_shm_regions = absl::GetFlag(FLAGS_max_shm_regions);
   options.attention_stats_sample = absl::GetFlag(FLAGS_attention_stats_sample);
   options.scheduler.workers = absl::GetFlag(FLAGS_workers);
   options.scheduler.queue_capacity = absl::GetFlag(FLAGS_queue_capacity);

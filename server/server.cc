@@ -28,6 +28,7 @@ absl::Status CheckOptions(const ServerOptions& o) {
     return s;
   }
   if (absl::Status s = positive("max_stream_inflight", o.max_stream_inflight); !s.ok()) return s;
+  if (absl::Status s = positive("max_shm_regions", o.max_shm_regions); !s.ok()) return s;
   if (o.limits.max_sparse_bytes <= 0 || o.limits.max_sparse_bytes > (int64_t{1} << 31)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_sparse_bytes: expected > 0 and at most 2147483648 (2 GiB), got ",
@@ -142,7 +143,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
       {.listen_address = options.metrics_listen_address,
        .backends = server->backend_names(),
        .queue_capacity = options.scheduler.queue_capacity,
-       .memory_limit_bytes = for_requests});
+       .memory_limit_bytes = for_requests,
+       .shared_memory = options.allow_shared_memory});
   if (!metrics.ok()) return metrics.status();
   server->metrics_ = *std::move(metrics);
   for (const auto& backend : server->backends_) server->metrics_->WatchBackend(backend.get());
@@ -150,6 +152,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
   server->memory_budget_ = std::make_unique<MemoryBudget>(
       for_requests, [metrics_raw](int64_t reserved) { metrics_raw->SetMemoryReserved(reserved); },
       absl::StrCat("--memory_limit_bytes=", memory_limit, " less a quarter for gRPC's buffers"));
+  if (options.allow_shared_memory) {
+    server->shared_memory_ = std::make_unique<SharedMemoryRegistry>(SharedMemoryOptions{
+        .max_regions_per_caller = options.max_shm_regions,
+        .on_change = [metrics_raw](int64_t regions, int64_t bytes) {
+          metrics_raw->SetSharedMemory(regions, bytes);
+        }});
+  }
   server->memory_limit_derivation_ =
       absl::StrCat(derivation, "; ", HumanBytes(for_requests), " for requests, ",
                    HumanBytes(transport), " for gRPC's transport buffers");
@@ -188,6 +197,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
       !options.auth.auth_tokens_file.empty() || !options.auth.tls_client_ca_file.empty();
   service_options.peer_callers = options.peer_callers;
   service_options.replica_id = options.shards.replica_id;
+  service_options.shared_memory = server->shared_memory_.get();
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
 
   Server* raw = server.get();

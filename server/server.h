@@ -24,6 +24,7 @@
 #include "absl/synchronization/notification.h"
 #include "backends/backend.h"
 #include "core/memory_budget.h"
+#include "core/shared_memory.h"
 #include "grpcpp/server.h"
 #include "kvcache/session_store.h"
 #include "metrics/session_metrics.h"
@@ -81,6 +82,11 @@ struct ServerOptions {
   // authentication is on (--peer_callers).
   ShardOptions shards;
   std::vector<std::string> peer_callers = {"peer"};
+  // Shared memory for co-located callers (RegisterSharedMemory, Tensor.shm):
+  // off unless --allow_shared_memory, since the server then maps objects its
+  // callers name; --max_shm_regions per caller identity.
+  bool allow_shared_memory = false;
+  int32_t max_shm_regions = 64;
 };
 
 class Server {
@@ -135,6 +141,7 @@ class Server {
   std::unique_ptr<ShardCoordinator> shards_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<MemoryBudget> memory_budget_;  // for requests
+  std::unique_ptr<SharedMemoryRegistry> shared_memory_;  // null: shared memory is off
   int64_t transport_bytes_ = 0;                   // gRPC's ResourceQuota
   std::string memory_limit_derivation_;
   std::unique_ptr<SessionStore> sessions_;

@@ -15,6 +15,7 @@
 #include "server/call_context.h"
 #include "server/convert.h"
 #include "server/shards.h"
+#include "server/shm_source.h"
 #include "server/status.h"
 
 namespace attnserve {
@@ -347,7 +348,7 @@ absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
     scratch += backend.ScratchBytes(job->planned_params());
     // The outputs count twice: the response message holds them while gRPC
     // writes its serialized copy.
-    held += 2 * job->output_bytes + job->converted_input_bytes();
+    held += 2 * job->allocated_output_bytes() + job->converted_input_bytes();
   }
   const int64_t total = message_bytes + extra_bytes + held + scratch;
   absl::StatusOr<MemoryBudget::Reservation> reservation = options_.memory_budget->Reserve(
@@ -371,7 +372,10 @@ void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* ou
   out->set_total_us(absl::ToInt64Microseconds(absl::Now() - received));
 }
 
-absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl::Time deadline,
+absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
+                                          const TensorSource* source,
+                                          std::shared_ptr<ShmTensorSource> shm,
+                                          absl::Time deadline,
                                           std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
                                           MemoryBudget::Reservation* reservation,
@@ -380,11 +384,24 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   if (!chosen.ok()) return chosen.status();
   Backend* backend = *chosen;
 
-  absl::StatusOr<AttentionRequest> core = RequestFromProto(request);
+  if (shm == nullptr) shm = std::make_shared<ShmTensorSource>(nullptr, std::string());
+  absl::StatusOr<AttentionRequest> core =
+      RequestFromProto(request, source != nullptr ? source : shm.get());
   if (!core.ok()) return core.status();
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(*core, options_.limits);
   if (!job.ok()) return CountRejection(job.status(), "size");
   if (absl::Status s = CheckRunnable(**job, *backend); !s.ok()) return s;
+  // outputs.output_shm: the kernel writes the output there (no copy, and
+  // nothing reserved for it).
+  char* output_target = nullptr;
+  if (request.outputs().has_output_shm()) {
+    absl::StatusOr<char*> target = shm->Output(request.outputs().output_shm(),
+                                               "outputs.output_shm",
+                                               (*job)->main_output_bytes(), (*job)->params.dtype);
+    if (!target.ok()) return target.status();
+    output_target = *target;
+    (*job)->output_target = output_target;
+  }
   // A request sampled for --attention_stats_sample computes its entropy (and
   // reserves memory for it) whether it asked or not; the response carries it
   // only when asked.
@@ -395,6 +412,7 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
     if (asked_entropy) {
       record_entropy = true;
     } else if (std::unique_ptr<AttentionJob> sampled = PlanSampled(*core, *backend)) {
+      sampled->output_target = output_target;
       unsampled = std::exchange(*job, std::move(sampled));
       record_entropy = true;
     }
@@ -430,6 +448,7 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
     rotated = *std::move(made);
     job = PlanAttention(*core, options_.limits);  // the same dims: only the bytes moved
     if (!job.ok()) return CountRejection(job.status(), "size");
+    (*job)->output_target = output_target;
   }
 
   response->set_request_id(request.request_id());
@@ -439,16 +458,21 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request, absl
   task.priority = request.priority();
   task.deadline = deadline;
   task.is_cancelled = std::move(is_cancelled);
-  task.done = [response, received, backend, rotated, metrics = options_.metrics, record_entropy,
-               asked_entropy, done = std::move(done)](absl::Status status,
-                                                      std::unique_ptr<AttentionJob> job,
-                                                      const TaskTiming& timing) {
+  task.done = [response, received, backend, rotated, shm = std::move(shm),
+               output_shm = request.outputs().has_output_shm() ? &request.outputs().output_shm()
+                                                               : nullptr,
+               metrics = options_.metrics, record_entropy, asked_entropy,
+               done = std::move(done)](absl::Status status, std::unique_ptr<AttentionJob> job,
+                                       const TaskTiming& timing) {
+    // A region truncated while the job read or wrote it: what it computed is lost.
+    if (status.ok()) status = shm->CheckIntact();
     if (status.ok()) {
       if (record_entropy) {
         metrics->RecordAttentionEntropy(-1, EntropyValues(job->entropy));
         if (!asked_entropy) DropEntropy(*job);
       }
       JobToProto(*job, response);
+      if (output_shm != nullptr) ShmOutputToProto(*output_shm, response->mutable_output());
       TimingToProto(timing, received, response->mutable_timing());
       response->set_backend(backend->info().name);
     }
@@ -519,8 +543,10 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
                        [&](absl::Time deadline, std::function<bool()> is_cancelled,
                            absl::Time received, MemoryBudget::Reservation* reservation,
                            std::function<void(absl::Status)> done) {
-                         return Submit(*request, deadline, std::move(is_cancelled), received,
-                                       response, reservation, std::move(done));
+                         std::shared_ptr<ShmTensorSource> shm = ShmSourceFor(CallerOf(context));
+                         return Submit(*request, shm.get(), shm, deadline,
+                                       std::move(is_cancelled), received, response, reservation,
+                                       std::move(done));
                        });
 }
 
@@ -528,12 +554,13 @@ grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>*
 AttentionServiceImpl::AttendStream(grpc::CallbackServerContext* context) {
   return new AttendStreamReactor(
       this, context, kAttendStream,
-      [this](const v1::AttendRequest& request, absl::Time deadline,
-             std::function<bool()> is_cancelled, absl::Time received,
-             v1::AttendResponse* response, MemoryBudget::Reservation* reservation,
-             std::function<void(absl::Status)> done) {
-        return Submit(request, deadline, std::move(is_cancelled), received, response,
-                      reservation, std::move(done));
+      [this, caller = CallerOf(context)](
+          const v1::AttendRequest& request, absl::Time deadline,
+          std::function<bool()> is_cancelled, absl::Time received, v1::AttendResponse* response,
+          MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done) {
+        std::shared_ptr<ShmTensorSource> shm = ShmSourceFor(caller);
+        return Submit(request, shm.get(), shm, deadline, std::move(is_cancelled), received,
+                      response, reservation, std::move(done));
       });
 }
 
@@ -577,6 +604,17 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetServerInfo(
   limits->set_max_head_dim(options_.limits.max_head_dim);
   limits->set_max_request_flops(options_.max_request_flops);
   limits->set_max_sparse_bytes(options_.limits.max_sparse_bytes);
+  if (options_.shared_memory != nullptr) {
+    limits->set_allow_shared_memory(true);
+    limits->set_max_shm_regions(options_.shared_memory->options().max_regions_per_caller);
+    for (const SharedMemoryRegionSpec& spec : options_.shared_memory->List(CallerOf(context))) {
+      v1::SharedMemoryRegion* region = response->add_shm_regions();
+      region->set_name(spec.name);
+      region->set_key(spec.key);
+      region->set_offset(spec.offset);
+      region->set_byte_size(spec.byte_size);
+    }
+  }
   if (options_.memory_budget != nullptr) {
     limits->set_memory_limit_bytes(options_.memory_budget->limit_bytes());
     limits->set_memory_reserved_bytes(options_.memory_budget->reserved_bytes());

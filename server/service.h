@@ -45,6 +45,9 @@
 namespace attnserve {
 
 class ShardCoordinator;
+class ShmTensorSource;
+class SharedMemoryRegistry;
+class TensorSource;
 
 // Fills a response's timing; total_us runs from `received` to now.
 void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* out);
@@ -89,6 +92,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     // none.
     ShardCoordinator* shards = nullptr;
     std::string replica_id;  // for ServerInfo
+    // Callers' shared-memory regions (RegisterSharedMemory, Tensor.shm);
+    // not owned. Null: shared memory is off (--allow_shared_memory).
+    SharedMemoryRegistry* shared_memory = nullptr;
   };
 
   // `options.backends` must not be empty; scheduler and metrics must be set.
@@ -126,6 +132,13 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   grpc::ServerUnaryReactor* AttendLayer(grpc::CallbackServerContext* context,
                                         const v1::AttendLayerRequest* request,
                                         v1::AttendLayerResponse* response) override;
+  // Shared memory (shm_rpcs.cc): the caller's regions, in SharedMemoryRegistry.
+  grpc::ServerUnaryReactor* RegisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request,
+      v1::RegisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::UnregisterSharedMemoryRequest* request,
+      v1::UnregisterSharedMemoryResponse* response) override;
 
   // From now on new requests are answered UNAVAILABLE, and open streams finish
   // (UNAVAILABLE) once their in-flight requests are answered. Admitted work is
@@ -172,8 +185,10 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::StatusOr<const Model*> ModelFor(const std::string& name, absl::string_view field) const;
 
   // Validates an AttendLayer and admits it to the scheduler with its
-  // projections as the task's stage; as Submit otherwise. (layer_rpcs.cc)
-  absl::Status SubmitLayer(const v1::AttendLayerRequest& request, absl::Time deadline,
+  // projections as the task's stage; as Submit otherwise (`shm` resolves
+  // x, memory and outputs.output_shm). (layer_rpcs.cc)
+  absl::Status SubmitLayer(const v1::AttendLayerRequest& request,
+                           std::shared_ptr<ShmTensorSource> shm, absl::Time deadline,
                            std::function<bool()> is_cancelled, absl::Time received,
                            v1::AttendLayerResponse* response,
                            MemoryBudget::Reservation* reservation,
@@ -216,6 +231,10 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   absl::Status TruncateLayer(const std::string& caller, const std::string& session_id,
                              int32_t layer, int64_t tokens, std::optional<int64_t> expected,
                              v1::BatchDecodeResult* result);
+  // The step's output_shm resolved for its answer's bytes (and the job
+  // pointed at it when the kernel can write the answer in place).
+  // INVALID_ARGUMENT naming the field. (session_rpcs.cc)
+  absl::Status PlanStepOutput(SessionStep* step);
   // Appends the planned step's K/V and plans its job over the cache.
   absl::Status AppendStep(SessionStep* step);
   // A computed step's entropy into attnserve_attention_entropy_nats{layer}
@@ -238,6 +257,9 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
                                               const char* method,
                                               const std::function<absl::Status()>& body);
   std::string CallerOf(const grpc::CallbackServerContext* context) const;
+  // A call's shared-memory source for `caller` (Tensor.shm, output_shm);
+  // one that refuses every reference when shared memory is off. (shm_rpcs.cc)
+  std::shared_ptr<ShmTensorSource> ShmSourceFor(const std::string& caller) const;
 
   // Validates `request` and admits it to the scheduler. OK: `done` will be
   // called exactly once, on a scheduler thread, after `response` was filled
@@ -247,7 +269,13 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // `request` must stay alive until `done` runs; `is_cancelled` may be polled
   // until then. `*reservation` receives the request's bytes from the memory
   // budget (before it is queued); keep it until the response is sent.
-  absl::Status Submit(const v1::AttendRequest& request, absl::Time deadline,
+  // `source` finds tensor bytes outside their `data` (null: `shm` does);
+  // `shm` is the call's shared memory: where outputs.output_shm is, and
+  // checked after the computation (a region truncated meanwhile fails the
+  // call, FAILED_PRECONDITION); held until `done` runs. Null: as with
+  // shared memory off.
+  absl::Status Submit(const v1::AttendRequest& request, const TensorSource* source,
+                      std::shared_ptr<ShmTensorSource> shm, absl::Time deadline,
                       std::function<bool()> is_cancelled, absl::Time received,
                       v1::AttendResponse* response, MemoryBudget::Reservation* reservation,
                       std::function<void(absl::Status)> done);

@@ -26,6 +26,7 @@
 #include "server/convert.h"
 #include "server/service.h"
 #include "server/shards.h"
+#include "server/shm_source.h"
 
 namespace attnserve {
 namespace {
@@ -64,6 +65,25 @@ absl::Status SplitSessionSparsity(absl::string_view field, const v1::Sparsity& s
   if (parts.empty()) return absl::OkStatus();
   return InvalidField(field, "unset for a session split over replicas (shards)",
                       absl::StrJoin(parts, ", "));
+}
+
+// Shared memory on a step of a session split over replicas: its tensors go
+// to the peers as they are, and a peer cannot read the caller's regions.
+absl::Status SplitSessionShm(absl::string_view prefix, const v1::Tensor& query,
+                             const v1::Tensor& key, const v1::Tensor& value, bool output_shm) {
+  for (auto [t, name] : {std::pair{&query, "query"}, std::pair{&key, "key"},
+                         std::pair{&value, "value"}}) {
+    if (t->has_shm()) {
+      return InvalidField(absl::StrCat(prefix, name, ".shm"),
+                          "inline data for a session split over replicas (shards)",
+                          absl::StrCat("shared-memory region '", t->shm().region(), "'"));
+    }
+  }
+  if (output_shm) {
+    return InvalidField(absl::StrCat(prefix, "output_shm"),
+                        "unset for a session split over replicas (shards)", "a region");
+  }
+  return absl::OkStatus();
 }
 
 // Calls fn(model, layer, group) for each group of `steps` that are model
@@ -155,6 +175,16 @@ static absl::Status ModelSessionConfig(const Model& model, const v1::CreateSessi
 // One session step, from its checks to its answer: the pinned session, the
 // query as the kernel reads it, and the job.
 struct AttentionServiceImpl::SessionStep {
+  // The step's shared memory: where its tensors' shm references point, and
+  // where its output goes when output_shm is set. Declared first: the job
+  // may read the regions until it is dropped.
+  std::shared_ptr<ShmTensorSource> shm;
+  const v1::SharedMemoryRef* output_shm = nullptr;  // borrowed from the request
+  const char* output_shm_field = "outputs.output_shm";  // for errors
+  // output_shm resolved (PlanStep). The kernel writes there itself when the
+  // job's output is the answer (job->output_target); a model session's y and
+  // an output converted to the query's dtype are copied there.
+  char* output_target = nullptr;
   std::optional<SessionLease> lease;
   int32_t layer = 0;
   TensorView query;
@@ -378,7 +408,7 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
                                   std::tuple{&key_proto, "key", &step->key},
                                   std::tuple{&value_proto, "value", &step->value}}) {
       if (!step->append && view != &step->query) continue;
-      absl::StatusOr<TensorView> v = ViewFromProto(*t, field);
+      absl::StatusOr<TensorView> v = ViewFromProto(*t, field, step->shm.get());
       if (!v.ok()) {
         views = v.status();
         break;
@@ -413,7 +443,7 @@ absl::Status AttentionServiceImpl::BeginStep(const std::string& caller,
   absl::StatusOr<const Model*> model = ModelFor(config.model, "model");
   if (!model.ok()) return model.status();
   step->model = *model;
-  absl::StatusOr<TensorView> hidden = ViewFromProto(*hidden_proto, "hidden");
+  absl::StatusOr<TensorView> hidden = ViewFromProto(*hidden_proto, "hidden", step->shm.get());
   if (!hidden.ok()) return hidden.status();
   const int32_t width = (*model)->config().hidden_size;
   std::vector<int64_t> s = hidden->shape;
@@ -613,7 +643,7 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
     // Over the cache after the append: Lk is its tokens, key positions
     // count from its first token. A sinks window that moves on the append
     // has the pattern checked again over the cache as kept (AppendStep).
-    absl::StatusOr<SparsitySpec> spec = SparsityFromProto(*sparsity);
+    absl::StatusOr<SparsitySpec> spec = SparsityFromProto(*sparsity, step->shm.get());
     if (!spec.ok()) return spec.status();
     step->core.sparsity = *std::move(spec);
   }
@@ -648,6 +678,27 @@ absl::Status AttentionServiceImpl::PlanStep(std::optional<int64_t> expected_cont
     step->extra_bytes +=
         p.seqlen_q * int64_t{p.num_heads_q} * p.value_dim * int64_t(DTypeSize(query->dtype));
   }
+  return PlanStepOutput(step);
+}
+
+absl::Status AttentionServiceImpl::PlanStepOutput(SessionStep* step) {
+  if (step->output_shm == nullptr) return absl::OkStatus();
+  // The answer: a model session's y (the hidden states' dtype and shape), or
+  // the attention output in the query's dtype.
+  const bool model = step->model != nullptr;
+  const DType dtype = model ? step->hidden_dtype : step->query_dtype;
+  const int64_t bytes =
+      model ? static_cast<int64_t>(step->hidden.size()) * int64_t(DTypeSize(dtype))
+            : step->job->main_output_bytes() / int64_t(DTypeSize(step->job->params.dtype)) *
+                  int64_t(DTypeSize(dtype));
+  absl::StatusOr<char*> target = step->shm->Output(*step->output_shm, step->output_shm_field, bytes, dtype);
+  if (!target.ok()) return target.status();
+  step->output_target = *target;
+  if (!model && dtype == step->job->params.dtype) {
+    // The job's output is the answer: the kernel writes it in place.
+    step->job->output_target = step->output_target;
+    if (step->unsampled != nullptr) step->unsampled->output_target = step->output_target;
+  }
   return absl::OkStatus();
 }
 
@@ -669,11 +720,13 @@ absl::Status AttentionServiceImpl::AppendStep(SessionStep* step) {
     return absl::OkStatus();
   }
   // A window moved: plan over the cache as it is.
+  char* const output_target = step->job->output_target;
   step->job.reset();
   step->core.paged_kv = view;
   absl::StatusOr<std::unique_ptr<AttentionJob>> job = PlanAttention(step->core, options_.limits);
   if (!job.ok()) return job.status();
   step->job = *std::move(job);
+  step->job->output_target = output_target;
   return absl::OkStatus();
 }
 
@@ -694,6 +747,23 @@ static absl::StatusOr<Tensor> StepOutput(AttentionJob& job, DType query_dtype) {
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError("out of memory converting the output");
   }
+}
+
+// A computed step's answer (`output`: StepOutput's or a model session's y)
+// into `out`: inline, or when the step names `output_shm`, at `target` in its
+// region (copied there unless the kernel wrote it in place) with `out`
+// carrying shm, dtype and shape. FAILED_PRECONDITION when a region the step
+// used was truncated while it computed.
+static absl::Status StepAnswerToProto(const ShmTensorSource& shm,
+                                      const v1::SharedMemoryRef* output_shm, char* target,
+                                      Tensor& output, v1::Tensor* out) {
+  if (output_shm != nullptr && !output.data.empty()) {
+    std::memcpy(target, output.data.data(), output.data.size());
+  }
+  if (absl::Status s = shm.CheckIntact(); !s.ok()) return s;
+  TensorToProto(output, out);
+  if (output_shm != nullptr) ShmOutputToProto(*output_shm, out);
+  return absl::OkStatus();
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
@@ -725,6 +795,11 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
       return InvalidField("hidden", "unset for a session split over replicas", "hidden states");
     }
     if (absl::Status s = SplitSessionSparsity("sparsity", request.sparsity()); !s.ok()) return s;
+    if (absl::Status s = SplitSessionShm("", request.query(), request.key(), request.value(),
+                                         request.outputs().has_output_shm());
+        !s.ok()) {
+      return s;
+    }
     ShardCoordinator::Entry entry{request.session_id(), &request.query(), &request.key(),
                                   &request.value(), std::nullopt};
     if (request.has_expected_context_tokens()) {
@@ -751,6 +826,8 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
     return absl::OkStatus();
   }
   SessionStep& step = reactor->step;
+  step.shm = ShmSourceFor(CallerOf(context));
+  if (request.outputs().has_output_shm()) step.output_shm = &request.outputs().output_shm();
   std::optional<int64_t> expected;
   if (request.has_expected_context_tokens()) expected = request.expected_context_tokens();
   if (absl::Status s = BeginStep(CallerOf(context), request.session_id(), request.layer(),
@@ -810,8 +887,14 @@ absl::Status AttentionServiceImpl::SubmitDecode(grpc::CallbackServerContext* con
                                       : step.model != nullptr ? std::move(step.y)
                                                               : StepOutput(computed, step.query_dtype);
       if (output.ok()) {
+        if (absl::Status s = StepAnswerToProto(*step.shm, step.output_shm, step.output_target,
+                                               *output, response->mutable_output());
+            !s.ok()) {
+          output = s;
+        }
+      }
+      if (output.ok()) {
         RecordStepEntropy(step, computed);
-        TensorToProto(*output, response->mutable_output());
         if (computed.params.lse != nullptr) TensorToProto(computed.lse, response->mutable_lse());
         if (computed.params.entropy != nullptr) {
           TensorToProto(computed.entropy, response->mutable_entropy());
@@ -910,6 +993,11 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
   if (partial) outputs.set_lse(true);
   absl::StatusOr<AttentionOptions> options = StepOptions(request.options(), outputs);
   if (!options.ok()) return options.status();
+  if (outputs.has_output_shm()) {
+    return InvalidField("outputs.output_shm",
+                        "unset for a BatchDecode (each entry names its own: entries[i].output_shm)",
+                        absl::StrCat("region '", outputs.output_shm().region(), "'"));
+  }
   const int entries = request.entries_size();
   if (entries < 1 || entries > kMaxBatchEntries) {
     return InvalidField("entries", absl::StrCat("1 to ", kMaxBatchEntries, " entries"),
@@ -928,6 +1016,11 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
       }
       if (absl::Status s =
               SplitSessionSparsity(absl::StrCat("entries[", i, "].sparsity"), e.sparsity());
+          !s.ok()) {
+        return s;
+      }
+      if (absl::Status s = SplitSessionShm(absl::StrCat("entries[", i, "]."), e.query(), e.key(),
+                                           e.value(), e.has_output_shm());
           !s.ok()) {
         return s;
       }
@@ -1011,6 +1104,21 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
     }
     step.key_offset = e.key_offset();
     step.total_keys = e.total_keys();
+    // Each entry has its own source, so a region truncated under one entry
+    // fails that entry alone.
+    step.shm = partial ? ShmTensorSource::Refusing(
+                             "PartialAttend: a replica cannot read the caller's shared memory")
+                       : ShmSourceFor(caller);
+    if (e.has_output_shm()) {
+      step.output_shm = &e.output_shm();
+      step.output_shm_field = "output_shm";
+      if (partial) {
+        status = InvalidField(absl::StrCat("entries[", i, "].output_shm"),
+                              "unset for PartialAttend (its parts are merged by the caller)",
+                              "a region");
+        continue;
+      }
+    }
     status = BeginStep(caller, e.session_id(), request.layer(), e.query(), e.key(), e.value(),
                        e.has_hidden() ? &e.hidden() : nullptr, &step);
     if (!status.ok()) {
@@ -1142,8 +1250,14 @@ absl::Status AttentionServiceImpl::SubmitBatchDecode(
                                         : projected.ok()      ? absl::StatusOr<Tensor>(std::move(step.y))
                                                               : absl::StatusOr<Tensor>(projected);
         if (output.ok()) {
+          if (absl::Status s = StepAnswerToProto(*step.shm, step.output_shm, step.output_target,
+                                                 *output, result->mutable_output());
+              !s.ok()) {
+            output = Prefixed(absl::StrCat("entries[", i, "]: "), s);
+          }
+        }
+        if (output.ok()) {
           RecordStepEntropy(step, *step.job);
-          TensorToProto(*output, result->mutable_output());
           if (step.job->params.lse != nullptr) TensorToProto(step.job->lse, result->mutable_lse());
           if (step.job->params.entropy != nullptr) {
             TensorToProto(step.job->entropy, result->mutable_entropy());

@@ -513,6 +513,15 @@ absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttentionUnguarded(
 
 }  // namespace
 
+int64_t AttentionJob::main_output_bytes() const {
+  return int64_t{params.batch} * params.seqlen_q * params.num_heads_q * params.value_dim *
+         int64_t(DTypeSize(params.dtype));
+}
+
+int64_t AttentionJob::allocated_output_bytes() const {
+  return output_target != nullptr ? output_bytes - main_output_bytes() : output_bytes;
+}
+
 absl::Status AllocateOutputs(AttentionJob& job) {
   AttentionParams& p = job.params;
   const int64_t B = p.batch, Lq = p.seqlen_q, Hq = p.num_heads_q, Lk = p.seqlen_k;
@@ -523,7 +532,12 @@ absl::Status AllocateOutputs(AttentionJob& job) {
   try {
     std::vector<int64_t> out_shape = {B, Lq, Hq, p.value_dim};
     if (job.query_3d) out_shape.erase(out_shape.begin());
-    made.output = Tensor::Zeros(p.dtype, std::move(out_shape));
+    if (job.output_target != nullptr) {
+      made.output.dtype = p.dtype;
+      made.output.shape = std::move(out_shape);
+    } else {
+      made.output = Tensor::Zeros(p.dtype, std::move(out_shape));
+    }
     if (out.lse) made.lse = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
     if (out.entropy) made.entropy = Tensor::Zeros(DType::kF32, {B, Hq, Lq});
     if (out.weights) made.weights = Tensor::Zeros(DType::kF32, {B, Hq, Lq, Lk});
@@ -541,7 +555,13 @@ absl::Status AllocateOutputs(AttentionJob& job) {
   job.weights = std::move(made.weights);
   job.top_k_indices = std::move(made.top_k_indices);
   job.top_k_weights = std::move(made.top_k_weights);
-  p.o = job.output.data.data();
+  if (job.output_target != nullptr) {
+    // Kernels may leave rows with no visible key untouched: zero, as allocated.
+    std::memset(job.output_target, 0, static_cast<size_t>(job.main_output_bytes()));
+    p.o = job.output_target;
+  } else {
+    p.o = job.output.data.data();
+  }
   if (out.lse) p.lse = job.lse.mutable_data<float>();
   if (out.entropy) p.entropy = job.entropy.mutable_data<float>();
   if (out.weights) p.weights = job.weights.mutable_data<float>();

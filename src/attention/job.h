@@ -47,8 +47,18 @@ struct AttentionJob {
   double flops = 0;      // AttentionRealFlops(params): the floating-point work, for metrics
   double cost = 0;       // AttentionCost(params, outputs): FLOP-equivalents, for limits
   int64_t input_bytes = 0;   // Q, K, V and bias bytes of the request
-  int64_t output_bytes = 0;  // what AllocateOutputs allocates, all outputs together
+  int64_t output_bytes = 0;  // all outputs together (the main one included)
   bool query_3d = false;     // the output is 3-D like the query
+  // Set: the main output is written here (main_output_bytes(), e.g. a
+  // shared-memory region the caller registered) instead of into storage
+  // AllocateOutputs allocates; `output` then has its dtype and shape but no
+  // data. Not owned; must stay valid until the job is answered.
+  char* output_target = nullptr;
+
+  // The main output's bytes: [B, Lq, Hq, Dv] in the request dtype.
+  int64_t main_output_bytes() const;
+  // What AllocateOutputs allocates: output_bytes less an output_target's.
+  int64_t allocated_output_bytes() const;
 
   // Bytes the job holds of its own besides the outputs (converted inputs).
   int64_t converted_input_bytes() const;
@@ -78,7 +88,8 @@ struct AttentionJob {
 absl::StatusOr<std::unique_ptr<AttentionJob>> PlanAttention(const AttentionRequest& request,
                                                             const RequestLimits& limits = {});
 
-// Allocates the planned outputs (zeroed) and points params at them.
+// Allocates the planned outputs (zeroed) and points params at them; the main
+// output at output_target (zeroed there) when the job has one.
 // RESOURCE_EXHAUSTED when the allocation fails; the job is then unchanged.
 absl::Status AllocateOutputs(AttentionJob& job);
 

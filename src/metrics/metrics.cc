@@ -210,6 +210,12 @@ void Metrics::SetMemoryReserved(int64_t bytes) {
   if (memory_reserved_ != nullptr) memory_reserved_->Set(static_cast<double>(bytes));
 }
 
+void Metrics::SetSharedMemory(int64_t regions, int64_t mapped_bytes) {
+  if (shm_regions_ == nullptr) return;
+  shm_regions_->Set(static_cast<double>(regions));
+  shm_bytes_->Set(static_cast<double>(mapped_bytes));
+}
+
 absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& options) {
   std::unique_ptr<Metrics> metrics(new Metrics());
   prometheus::BuildGauge()
@@ -240,6 +246,20 @@ absl::StatusOr<std::unique_ptr<Metrics>> Metrics::Create(const MetricsOptions& o
                                            "flight (inputs, outputs, scratch, responses).")
                                      .Register(*metrics->registry_)
                                      .Add({});
+  }
+  if (options.shared_memory) {
+    metrics->shm_regions_ = &prometheus::BuildGauge()
+                                 .Name("attnserve_shm_regions")
+                                 .Help("Shared-memory regions callers registered "
+                                       "(RegisterSharedMemory).")
+                                 .Register(*metrics->registry_)
+                                 .Add({});
+    metrics->shm_bytes_ = &prometheus::BuildGauge()
+                               .Name("attnserve_shm_bytes")
+                               .Help("Bytes of callers' shared-memory objects mapped by the "
+                                     "server, unregistered regions still in use included.")
+                               .Register(*metrics->registry_)
+                               .Add({});
   }
   if (!options.listen_address.empty()) {
     try {

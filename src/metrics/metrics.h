@@ -49,6 +49,9 @@ struct MetricsOptions {
   // of --memory_limit_bytes).
   // 0: the budget gauges are not exported.
   int64_t memory_limit_bytes = 0;
+  // attnserve_shm_regions and attnserve_shm_bytes (--allow_shared_memory).
+  // false: not exported.
+  bool shared_memory = false;
 };
 
 // Bucket upper bounds, in seconds, for durations from ~20 µs (a tiny request's
@@ -115,6 +118,11 @@ class Metrics : public SchedulerObserver {
   // by requests in flight (MemoryBudget's on_change hook).
   void SetMemoryReserved(int64_t bytes);
 
+  // attnserve_shm_regions: shared-memory regions callers registered;
+  // attnserve_shm_bytes: bytes mapped for them (regions unregistered while
+  // requests still use them included). SharedMemoryRegistry's on_change.
+  void SetSharedMemory(int64_t regions, int64_t mapped_bytes);
+
   // attnserve_inflight_requests: calls received and not yet answered.
   void RequestStarted() { inflight_->Increment(); }
   void RequestFinished() { inflight_->Decrement(); }
@@ -171,6 +179,8 @@ class Metrics : public SchedulerObserver {
   prometheus::Family<prometheus::Counter>* flops_total_ = nullptr;
   prometheus::Family<prometheus::Counter>* rejected_total_ = nullptr;
   prometheus::Gauge* memory_reserved_ = nullptr;
+  prometheus::Gauge* shm_regions_ = nullptr;  // null: shared memory is off
+  prometheus::Gauge* shm_bytes_ = nullptr;
   prometheus::Family<prometheus::Histogram>* entropy_ = nullptr;
   // attnserve_attention_entropy_nats by layer: [0] layer="", [1 + l] layer l,
   // [1 + kEntropyLayerLabels] "256+". Created on first use.
