@@ -3,9 +3,10 @@
 # cluster, a Docker engine or a Grafana: Prometheus rules and their unit tests,
 # the dashboard's structure and PromQL, the PrometheusRule kept equal to the
 # rules file, each kustomize overlay rendered and schema-validated (sharded: its
-# StatefulSet, peer discovery and peer token too), the Dockerfiles' sources,
-# stages and runtime packages, and the nginx proxy config (nginx -t, then
-# routing through a real nginx to stand-in replicas).
+# StatefulSet, peer discovery and peer token too), the stand-alone examples of
+# deploy/kubernetes/examples, the Dockerfiles' sources, stages and runtime
+# packages, and the nginx proxy config (nginx -t, then routing through a real
+# nginx to stand-in replicas).
 #
 #   tests/deploy/run.sh [BUILD_DIR]   BUILD_DIR: a build tree whose attnserve and
 #                                     attnctl the runtime image must be able to load
@@ -88,6 +89,7 @@ overlay_check() {
 check "kubernetes overlay cpu" overlay_check cpu
 check "kubernetes overlay gpu" overlay_check gpu
 check "kubernetes overlay sharded" overlay_check sharded
+check "kubernetes examples" node "$here/check-examples.mjs" "$root"/deploy/kubernetes/examples/*.yaml
 
 dockerfiles_check() {
   node "$here/check-dockerfile.mjs" "$root" Dockerfile cpu $build_dir > "$work/docker-cpu.out" &&
