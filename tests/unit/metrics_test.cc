@@ -121,6 +121,19 @@ class WorkspaceBackend : public Backend {
   BackendInfo info_{.name = "fake"};
 };
 
+TEST(MetricsTest, SharedMemoryGaugesOnlyWhenShmIsOn) {
+  auto off = Metrics::Create({});
+  ASSERT_TRUE(off.ok());
+  (*off)->SetSharedMemory(3, 4096);  // ignored: not exported
+  EXPECT_FALSE(absl::StrContains((*off)->TextFormat(), "attnserve_shm_"));
+  auto on = Metrics::Create({.shared_memory = true});
+  ASSERT_TRUE(on.ok());
+  EXPECT_EQ(SampleValue((*on)->TextFormat(), "attnserve_shm_regions"), 0);
+  (*on)->SetSharedMemory(3, 8192);
+  EXPECT_EQ(SampleValue((*on)->TextFormat(), "attnserve_shm_regions"), 3);
+  EXPECT_EQ(SampleValue((*on)->TextFormat(), "attnserve_shm_bytes"), 8192);
+}
+
 TEST(MetricsTest, WorkspaceBytesIsReadAtScrapeTime) {
   auto m = Metrics::Create({});
   ASSERT_TRUE(m.ok());
