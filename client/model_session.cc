@@ -104,7 +104,7 @@ absl::StatusOr<std::vector<Tensor>> ModelSession::StepLayer(int32_t layer,
     step.options = options;
     step.layer = layer;
     step.expected_context_tokens = sequences_[i].tokens[layer];
-    entries.push_back(SessionStep{sequences_[i].session_id, std::move(step)});
+    entries.push_back(SessionStep{sequences_[i].session_id, std::move(step), {}});
   }
   absl::StatusOr<std::vector<absl::StatusOr<DecodeResult>>> results =
       client_->BatchDecode(layer, entries, call);
