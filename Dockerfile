@@ -19,6 +19,7 @@ RUN /src/scripts/install-deps --build-only && rm -rf /var/lib/apt/lists/*
 COPY CMakeLists.txt /src/CMakeLists.txt
 COPY proto /src/proto
 COPY src /src/src
+COPY wire /src/wire
 COPY server /src/server
 COPY client /src/client
 COPY bench /src/bench

@@ -15,42 +15,6 @@ void ShmRefToProto(const ShmRef& ref, v1::SharedMemoryRef* out) {
 
 }  // namespace
 
-v1::DType ToProto(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return v1::F32;
-    case DType::kF16:
-      return v1::F16;
-    case DType::kBF16:
-      return v1::BF16;
-    case DType::kI32:
-      return v1::I32;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
-
-absl::StatusOr<DType> FromProto(v1::DType dtype) {
-  switch (dtype) {
-    case v1::F32:
-      return DType::kF32;
-    case v1::F16:
-      return DType::kF16;
-    case v1::BF16:
-      return DType::kBF16;
-    case v1::I32:
-      return DType::kI32;
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat("dtype: expected F32, F16, BF16 or I32, got ", static_cast<int>(dtype)));
-  }
-}
-
-void ToProto(const TensorView& view, v1::Tensor* out) {
-  out->set_dtype(ToProto(view.dtype));
-  out->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
-  out->set_data(view.data.data(), view.data.size());
-}
-
 void ToProto(const TensorView& view, const std::optional<ShmRef>& shm, v1::Tensor* out) {
   if (!shm.has_value()) {
     ToProto(view, out);
@@ -66,10 +30,8 @@ namespace {
 
 // Checks dtype, dims and data length, and fills everything but the bytes.
 absl::StatusOr<Tensor> TensorMeta(const v1::Tensor& t, absl::string_view field) {
-  absl::StatusOr<DType> dtype = FromProto(t.dtype());
-  if (!dtype.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ".", dtype.status().message()));
-  }
+  absl::StatusOr<DType> dtype = DTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
+  if (!dtype.ok()) return dtype.status();
   Tensor out;
   out.dtype = *dtype;
   out.shape.assign(t.shape().begin(), t.shape().end());
@@ -173,49 +135,6 @@ absl::StatusOr<Tensor> FromProto(const v1::Tensor& t, absl::string_view field) {
   if (!out.ok()) return out.status();
   out->data = t.data();
   return out;
-}
-
-void ToProto(const AttentionOptions& o, v1::AttentionOptions* po) {
-  po->set_scale(o.scale);
-  po->set_causal(o.causal);
-  po->set_causal_alignment(o.causal_alignment == CausalAlignment::kTopLeft ? v1::TOP_LEFT
-                                                                           : v1::BOTTOM_RIGHT);
-  // -1 is "unbounded" in the core; on the wire that is simply unset.
-  if (o.window_left >= 0) po->set_window_left(o.window_left);
-  if (o.window_right >= 0) po->set_window_right(o.window_right);
-  po->set_softcap(o.softcap);
-  po->mutable_alibi_slopes()->Assign(o.alibi_slopes.begin(), o.alibi_slopes.end());
-  po->set_variant(o.variant == Variant::kLinear ? v1::LINEAR : v1::SOFTMAX);
-}
-
-void OutputsToProto(const OutputSpec& outputs, v1::OutputSpec* out) {
-  out->set_lse(outputs.lse);
-  out->set_entropy(outputs.entropy);
-  out->set_weights(outputs.weights);
-  out->set_top_k(outputs.top_k);
-}
-
-void ToProto(const SparsitySpec& sparsity, v1::Sparsity* out) {
-  if (sparsity.block_mask.has_value()) {
-    const BlockMaskSpec& m = *sparsity.block_mask;
-    v1::BlockMask* pm = out->mutable_block_mask();
-    pm->set_block_rows(m.block_rows);
-    pm->set_block_cols(m.block_cols);
-    ToProto(m.indptr, pm->mutable_indptr());
-    ToProto(m.indices, pm->mutable_indices());
-    if (m.full_indptr.has_value()) ToProto(*m.full_indptr, pm->mutable_full_indptr());
-    if (m.full_indices.has_value()) ToProto(*m.full_indices, pm->mutable_full_indices());
-  }
-  if (sparsity.key_indices.has_value()) {
-    const KeySelectionSpec& k = *sparsity.key_indices;
-    v1::KeySelection* pk = out->mutable_key_indices();
-    ToProto(k.indices, pk->mutable_indices());
-    pk->set_query_block(k.query_block);
-    pk->set_key_block(k.key_block);
-  }
-  out->mutable_global_tokens()->Assign(sparsity.global_tokens.begin(),
-                                       sparsity.global_tokens.end());
-  out->mutable_sink_logits()->Assign(sparsity.sink_logits.begin(), sparsity.sink_logits.end());
 }
 
 v1::AttendRequest ToProto(const AttentionRequest& request, const CallOptions& call) {

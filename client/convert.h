@@ -1,7 +1,9 @@
 // Conversions between the wire API (attnserve.v1 protos) and the core types,
 // as the client sees them: core request in, wire request out; wire response
 // in, owned core tensors out. The server has its own adapter; this one is the
-// client's. Also the one place a grpc::Status becomes an absl::Status.
+// client's, built on the conversions both share (wire/convert.h), which the
+// small ToProto/FromProto overloads below name in the client's overload set.
+// Also the one place a grpc::Status becomes an absl::Status.
 // Pure functions; thread-safe.
 #ifndef ATTNSERVE_CLIENT_CONVERT_H_
 #define ATTNSERVE_CLIENT_CONVERT_H_
@@ -19,6 +21,7 @@
 #include "attnserve/v1/attention.pb.h"
 #include "client/shared_memory.h"
 #include "core/tensor.h"
+#include "wire/convert.h"
 
 namespace attnserve::client {
 
@@ -214,12 +217,13 @@ struct DecodeResult {
   std::string backend;
 };
 
-v1::DType ToProto(DType dtype);
-// INVALID_ARGUMENT for DTYPE_UNSPECIFIED or an unknown value.
-absl::StatusOr<DType> FromProto(v1::DType dtype);
+inline v1::DType ToProto(DType dtype) { return DTypeToProto(dtype); }
+// Any dtype, I32 included. INVALID_ARGUMENT for DTYPE_UNSPECIFIED or an
+// unknown value.
+inline absl::StatusOr<DType> FromProto(v1::DType dtype) { return DTypeFromProto(dtype, "dtype"); }
 
 // Copies the view's bytes into `out`.
-void ToProto(const TensorView& view, v1::Tensor* out);
+inline void ToProto(const TensorView& view, v1::Tensor* out) { ViewToProto(view, out); }
 // The view's dtype and shape, and `shm` instead of its bytes when set.
 void ToProto(const TensorView& view, const std::optional<ShmRef>& shm, v1::Tensor* out);
 // INVALID_ARGUMENT when the dtype is unknown, a dim is negative or the data
@@ -240,13 +244,15 @@ v1::AttendLayerRequest ToProto(const LayerRequest& request, const CallOptions& c
 absl::StatusOr<LayerResult> FromProto(v1::AttendLayerResponse&& response);
 
 // The wire form of the options (-1 windows become unset fields).
-void ToProto(const AttentionOptions& options, v1::AttentionOptions* out);
-// The optional outputs asked of an attention call.
-void OutputsToProto(const OutputSpec& outputs, v1::OutputSpec* out);
+inline void ToProto(const AttentionOptions& options, v1::AttentionOptions* out) {
+  OptionsToProto(options, out);
+}
 // The wire form of a sparse attention: index tensors copied, an unset
 // block_mask / key_indices left unset. Not validated (the server does,
 // naming sparsity.block_mask.indptr[...] and the like).
-void ToProto(const SparsitySpec& sparsity, v1::Sparsity* out);
+inline void ToProto(const SparsitySpec& sparsity, v1::Sparsity* out) {
+  SparsityToProto(sparsity, out);
+}
 
 v1::CreateSessionRequest ToProto(const SessionSpec& spec);
 CreatedSession FromProto(const v1::CreateSessionResponse& response);

@@ -9,17 +9,10 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/errors.h"
 #include "core/half.h"
 
 namespace attnserve {
-namespace {
-
-absl::Status UnknownEnum(absl::string_view field, absl::string_view expected, int got) {
-  return absl::InvalidArgumentError(
-      absl::StrCat(field, ": expected ", expected, ", got ", got));
-}
-
-}  // namespace
 
 absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
                                          absl::string_view field) {
@@ -34,7 +27,8 @@ absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
       c.style = RopeStyle::kGptj;
       break;
     default:
-      return UnknownEnum(absl::StrCat(field, ".style"), "NEOX (0) or GPTJ (1)", proto.style());
+      return InvalidField(absl::StrCat(field, ".style"), "NEOX (0) or GPTJ (1)",
+                          absl::StrCat(proto.style()));
   }
   switch (proto.scaling()) {
     case v1::RotaryEmbedding::NONE:
@@ -53,8 +47,8 @@ absl::StatusOr<RopeConfig> RopeFromProto(const v1::RotaryEmbedding& proto,
       c.scaling = RopeScaling::kLlama3;
       break;
     default:
-      return UnknownEnum(absl::StrCat(field, ".scaling"), "NONE, LINEAR, NTK, DYNAMIC or LLAMA3",
-                         proto.scaling());
+      return InvalidField(absl::StrCat(field, ".scaling"), "NONE, LINEAR, NTK, DYNAMIC or LLAMA3",
+                          absl::StrCat(proto.scaling()));
   }
   c.factor = proto.factor() == 0 ? 1.0 : proto.factor();
   c.original_max_positions = proto.original_max_positions();
@@ -83,170 +77,6 @@ absl::Status RotatedCopy(const RopeConfig& config, const TensorView& t, int32_t 
     for (int64_t i = 0; i < n * row; ++i) StoreFloat(out->data(), out_dtype, first * row + i, x[i]);
   }
   return absl::OkStatus();
-}
-
-namespace {
-
-absl::StatusOr<std::string_view> TensorBytes(const v1::Tensor& t, absl::string_view field,
-                                             const TensorSource* source) {
-  if (source != nullptr) {
-    absl::StatusOr<std::optional<std::string_view>> bytes = source->Bytes(t, field);
-    if (!bytes.ok()) return bytes.status();
-    if (bytes->has_value()) return **bytes;
-  }
-  return std::string_view(t.data().data(), t.data().size());
-}
-
-}  // namespace
-
-absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field,
-                                         const TensorSource* source) {
-  absl::StatusOr<DType> dtype = RequestDTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
-  if (!dtype.ok()) return dtype.status();
-  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
-  if (!bytes.ok()) return bytes.status();
-  TensorView view;
-  view.dtype = *dtype;
-  view.shape.assign(t.shape().begin(), t.shape().end());
-  view.data = *bytes;
-  return view;
-}
-
-absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field,
-                                              const TensorSource* source) {
-  if (t.dtype() != v1::I32) {
-    const std::string& name = v1::DType_Name(t.dtype());
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, ".dtype: expected I32, got ",
-        t.dtype() == v1::DTYPE_UNSPECIFIED ? "DTYPE_UNSPECIFIED (unset)"
-        : name.empty()                      ? absl::StrCat(t.dtype())
-                                            : name));
-  }
-  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
-  if (!bytes.ok()) return bytes.status();
-  TensorView view;
-  view.dtype = DType::kI32;
-  view.shape.assign(t.shape().begin(), t.shape().end());
-  view.data = *bytes;
-  return view;
-}
-
-absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto,
-                                               const TensorSource* source) {
-  SparsitySpec spec;
-  if (proto.has_block_mask()) {
-    const v1::BlockMask& bm = proto.block_mask();
-    BlockMaskSpec mask;
-    mask.block_rows = bm.block_rows();
-    mask.block_cols = bm.block_cols();
-    for (auto [tensor, field, view] :
-         {std::tuple{&bm.indptr(), "sparsity.block_mask.indptr", &mask.indptr},
-          std::tuple{&bm.indices(), "sparsity.block_mask.indices", &mask.indices}}) {
-      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field, source);
-      if (!v.ok()) return v.status();
-      *view = *std::move(v);
-    }
-    // The full blocks are absent when unset or empty (no shape, no data):
-    // some clients write every field.
-    for (auto [has, tensor, field, view] :
-         {std::tuple{bm.has_full_indptr(), &bm.full_indptr(), "sparsity.block_mask.full_indptr",
-                     &mask.full_indptr},
-          std::tuple{bm.has_full_indices(), &bm.full_indices(),
-                     "sparsity.block_mask.full_indices", &mask.full_indices}}) {
-      if (!has || (tensor->shape_size() == 0 && tensor->data().empty() && !tensor->has_shm())) {
-        continue;
-      }
-      absl::StatusOr<TensorView> v = IndexViewFromProto(*tensor, field, source);
-      if (!v.ok()) return v.status();
-      *view = *std::move(v);
-    }
-    spec.block_mask = std::move(mask);
-  }
-  if (proto.has_key_indices()) {
-    const v1::KeySelection& ks = proto.key_indices();
-    KeySelectionSpec selection;
-    absl::StatusOr<TensorView> indices =
-        IndexViewFromProto(ks.indices(), "sparsity.key_indices.indices", source);
-    if (!indices.ok()) return indices.status();
-    selection.indices = *std::move(indices);
-    selection.query_block = ks.query_block() == 0 ? 1 : ks.query_block();
-    selection.key_block = ks.key_block() == 0 ? 1 : ks.key_block();
-    spec.key_indices = std::move(selection);
-  }
-  spec.global_tokens.assign(proto.global_tokens().begin(), proto.global_tokens().end());
-  spec.sink_logits.assign(proto.sink_logits().begin(), proto.sink_logits().end());
-  return spec;
-}
-
-void TensorToProto(Tensor& t, v1::Tensor* out) {
-  out->set_dtype(DTypeToProto(t.dtype));
-  out->mutable_shape()->Add(t.shape.begin(), t.shape.end());
-  out->set_data(std::move(t.data));
-}
-
-v1::DType DTypeToProto(DType dtype) {
-  switch (dtype) {
-    case DType::kF32:
-      return v1::F32;
-    case DType::kF16:
-      return v1::F16;
-    case DType::kBF16:
-      return v1::BF16;
-    case DType::kI32:
-      return v1::I32;
-  }
-  return v1::DTYPE_UNSPECIFIED;
-}
-
-absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field) {
-  switch (dtype) {
-    case v1::F32:
-      return DType::kF32;
-    case v1::F16:
-      return DType::kF16;
-    case v1::BF16:
-      return DType::kBF16;
-    case v1::DTYPE_UNSPECIFIED:
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": expected F32, F16 or BF16, got DTYPE_UNSPECIFIED (unset)"));
-    case v1::I32:
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": expected F32, F16 or BF16, got I32 (output only)"));
-    default:
-      return UnknownEnum(field, "F32 (1), F16 (2) or BF16 (3)", dtype);
-  }
-}
-
-absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& o) {
-  AttentionOptions opt;
-  opt.scale = o.scale();
-  opt.causal = o.causal();
-  switch (o.causal_alignment()) {
-    case v1::BOTTOM_RIGHT:
-      opt.causal_alignment = CausalAlignment::kBottomRight;
-      break;
-    case v1::TOP_LEFT:
-      opt.causal_alignment = CausalAlignment::kTopLeft;
-      break;
-    default:
-      return UnknownEnum("options.causal_alignment", "BOTTOM_RIGHT (0) or TOP_LEFT (1)",
-                         o.causal_alignment());
-  }
-  opt.window_left = o.has_window_left() ? o.window_left() : -1;
-  opt.window_right = o.has_window_right() ? o.window_right() : -1;
-  opt.softcap = o.softcap();
-  opt.alibi_slopes.assign(o.alibi_slopes().begin(), o.alibi_slopes().end());
-  switch (o.variant()) {
-    case v1::SOFTMAX:
-      opt.variant = Variant::kSoftmax;
-      break;
-    case v1::LINEAR:
-      opt.variant = Variant::kLinear;
-      break;
-    default:
-      return UnknownEnum("options.variant", "SOFTMAX (0) or LINEAR (1)", o.variant());
-  }
-  return opt;
 }
 
 absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto,
@@ -281,15 +111,6 @@ absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto
 
   request.outputs = OutputsFromProto(proto.outputs());
   return request;
-}
-
-OutputSpec OutputsFromProto(const v1::OutputSpec& proto) {
-  OutputSpec outputs;
-  outputs.lse = proto.lse();
-  outputs.entropy = proto.entropy();
-  outputs.weights = proto.weights();
-  outputs.top_k = proto.top_k();
-  return outputs;
 }
 
 void JobToProto(AttentionJob& job, v1::AttendResponse* response) {

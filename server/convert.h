@@ -1,6 +1,8 @@
 // Conversions between the wire API (attnserve.v1 protos) and the core types,
 // as the server sees them: wire request in (borrowed, no copies of tensor
-// bytes), computed job out (tensor storage moved, no copies).
+// bytes), computed job out (tensor storage moved, no copies). Built on the
+// conversions the client shares (wire/convert.h: dtypes, tensors, options,
+// outputs, sparsity, TensorSource).
 // Pure functions; thread-safe.
 #ifndef ATTNSERVE_SERVER_CONVERT_H_
 #define ATTNSERVE_SERVER_CONVERT_H_
@@ -17,57 +19,9 @@
 #include "backends/backend.h"
 #include "core/dtype.h"
 #include "model/model.h"
+#include "wire/convert.h"
 
 namespace attnserve {
-
-v1::DType DTypeToProto(DType dtype);
-
-// INVALID_ARGUMENT naming `field` ("query.dtype") for DTYPE_UNSPECIFIED, I32
-// (output only) or a value this server does not know.
-absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field);
-
-// Where a request tensor's bytes are when they are not (only) in its `data`
-// field: gRPC's received slices (a message parsed without copying its tensor
-// bytes) or a shared-memory region the caller registered (Tensor.shm). One
-// source serves one call; the bytes it returns stay valid while it lives.
-class TensorSource {
- public:
-  virtual ~TensorSource() = default;
-  // The bytes of `t`, a tensor of the request (`field` names it for errors:
-  // "query", "entries[2].key"), or nullopt when they are t.data().
-  // INVALID_ARGUMENT naming the field for a reference that cannot be
-  // resolved (an unknown region, an offset or size past its end).
-  virtual absl::StatusOr<std::optional<std::string_view>> Bytes(const v1::Tensor& t,
-                                                                absl::string_view field) const = 0;
-};
-
-// A view of `t`'s bytes (no copy): t.data(), or where `source` (if not null)
-// finds them. INVALID_ARGUMENT naming `field` for a bad dtype or reference.
-// Shapes and sizes are checked later, by their consumer.
-absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field,
-                                         const TensorSource* source = nullptr);
-
-// A view of an index tensor's bytes (no copy); INVALID_ARGUMENT naming
-// `field` ("sparsity.key_indices.indices") unless its dtype is I32. Shapes and
-// values are checked later, by PlanSparsity.
-absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field,
-                                              const TensorSource* source = nullptr);
-
-// The core view of a sparse pattern: index tensors borrowed from `proto`
-// (which must outlive the result and any job planned from it), global tokens
-// and sink logits copied. Unset sub-messages stay unset, and so does a
-// full_indptr or full_indices with neither shape nor data; query_block and
-// key_block 0 mean 1. INVALID_ARGUMENT naming the field
-// ("sparsity.block_mask.indptr.dtype"); the pattern itself is checked by
-// PlanSparsity.
-absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto,
-                                               const TensorSource* source = nullptr);
-
-// Moves `t`'s storage into `out` (no copy).
-void TensorToProto(Tensor& t, v1::Tensor* out);
-
-// INVALID_ARGUMENT naming the field for an unknown enum value.
-absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& proto);
 
 // The core view of `proto`. Tensor views point into proto's `bytes` fields
 // (or where `source` finds them), so `proto` (and `source`) must outlive the
@@ -77,9 +31,6 @@ absl::StatusOr<AttentionOptions> OptionsFromProto(const v1::AttentionOptions& pr
 // INVALID_ARGUMENT names the field.
 absl::StatusOr<AttentionRequest> RequestFromProto(const v1::AttendRequest& proto,
                                                   const TensorSource* source = nullptr);
-
-// The optional outputs asked of an attention call.
-OutputSpec OutputsFromProto(const v1::OutputSpec& proto);
 
 // Moves the job's optional outputs (lse, entropy, weights, top-k) into
 // `response`, those the job computed (the storage is moved, not copied).

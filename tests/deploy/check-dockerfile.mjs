@@ -83,7 +83,7 @@ for (const stage of stages) {
     }
   }
 }
-for (const needed of ["scripts/install-deps", "CMakeLists.txt", "proto", "src", "server", "client"]) {
+for (const needed of ["scripts/install-deps", "CMakeLists.txt", "proto", "src", "wire", "server", "client"]) {
   if (!copied.includes(needed)) fail(`build context path ${needed} is not copied`);
 }
 
