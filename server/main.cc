@@ -57,6 +57,9 @@ ABSL_FLAG(bool, allow_shared_memory, kDefaults.allow_shared_memory,
           "name, with its own permissions");
 ABSL_FLAG(int32_t, max_shm_regions, kDefaults.max_shm_regions,
           "shared-memory regions each caller identity may hold (> 0)");
+ABSL_FLAG(bool, zero_copy, kDefaults.zero_copy,
+          "Attend parses tensors in place in gRPC's received buffers and sends outputs without "
+          "a serialized copy; false: protobuf copies them (a benchmark knob)");
 ABSL_FLAG(int, max_stream_inflight, kDefaults.max_stream_inflight,
           "requests in flight per AttendStream call");
 ABSL_FLAG(int64_t, attention_stats_sample, kDefaults.attention_stats_sample,
@@ -168,6 +171,7 @@ int main(int argc, char** argv) {
   options.memory_limit_bytes = absl::GetFlag(FLAGS_memory_limit_bytes);
   options.limits.max_sparse_bytes = absl::GetFlag(FLAGS_max_sparse_bytes);
   options.max_stream_inflight = absl::GetFlag(FLAGS_max_stream_inflight);
+  options.zero_copy = absl::GetFlag(FLAGS_zero_copy);
   options.allow_shared_memory = absl::GetFlag(FLAGS_allow_shared_memory);
   options.max_shm_regions = absl::GetFlag(FLAGS_max_shm_regions);
   options.attention_stats_sample = absl::GetFlag(FLAGS_attention_stats_sample);

@@ -197,6 +197,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(
       !options.auth.auth_tokens_file.empty() || !options.auth.tls_client_ca_file.empty();
   service_options.peer_callers = options.peer_callers;
   service_options.replica_id = options.shards.replica_id;
+  service_options.zero_copy = options.zero_copy;
   service_options.shared_memory = server->shared_memory_.get();
   server->service_ = std::make_unique<AttentionServiceImpl>(std::move(service_options));
 

@@ -68,6 +68,9 @@ struct ServerOptions {
   SessionStoreOptions sessions;  // KV-cache sessions (--kv_cache_bytes, ...)
   RequestLimits limits;  // --max_sparse_bytes sets limits.max_sparse_bytes
   int64_t drain_timeout_s = 30;  // how long Drain() lets admitted work finish
+  // Attend without copies of the tensors' bytes (AttentionServiceImpl::Options::zero_copy);
+  // false only to measure what the copies cost (bench/serving_bench.sh transport).
+  bool zero_copy = true;
   AuthOptions auth;              // TLS, mutual TLS, bearer tokens (server/auth.h)
   // --model=NAME=DIR: models loaded at start, for AttendLayer and model
   // sessions (model/model.h). A model that does not load stops Create.

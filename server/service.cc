@@ -17,6 +17,8 @@
 #include "server/shards.h"
 #include "server/shm_source.h"
 #include "server/status.h"
+#include "server/wire_request.h"
+#include "server/wire_response.h"
 
 namespace attnserve {
 namespace {
@@ -340,20 +342,22 @@ absl::Status AttentionServiceImpl::CheckRunnable(const AttentionJob& job,
 
 absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
     absl::Span<const AttentionJob* const> jobs, const Backend& backend, int64_t message_bytes,
-    int64_t extra_bytes, bool count_rejection) {
+    int64_t extra_bytes, bool count_rejection, int output_copies) {
   if (options_.memory_budget == nullptr) return MemoryBudget::Reservation();
   int64_t scratch = 0;
   int64_t held = 0;
   for (const AttentionJob* job : jobs) {
     scratch += backend.ScratchBytes(job->planned_params());
-    // The outputs count twice: the response message holds them while gRPC
-    // writes its serialized copy.
-    held += 2 * job->allocated_output_bytes() + job->converted_input_bytes();
+    // The outputs count twice unless sent in place: the response message
+    // holds them while gRPC writes its serialized copy.
+    held += output_copies * job->allocated_output_bytes() + job->converted_input_bytes();
   }
   const int64_t total = message_bytes + extra_bytes + held + scratch;
   absl::StatusOr<MemoryBudget::Reservation> reservation = options_.memory_budget->Reserve(
       total, absl::StrCat("this request (message ", message_bytes + extra_bytes,
-                          " + outputs and their serialized copy ", held, " + ",
+                          output_copies == 2 ? " + outputs and their serialized copy "
+                                             : " + outputs ",
+                          held, " + ",
                           backend.info().name, " scratch ", scratch, " bytes)"));
   if (!reservation.ok() && count_rejection) return CountRejection(reservation.status(), "memory");
   return reservation;
@@ -375,7 +379,7 @@ void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* ou
 absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
                                           const TensorSource* source,
                                           std::shared_ptr<ShmTensorSource> shm,
-                                          absl::Time deadline,
+                                          HeldBytes held, absl::Time deadline,
                                           std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
                                           MemoryBudget::Reservation* reservation,
@@ -424,10 +428,12 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
   const int64_t rotated_bytes =
       rope ? static_cast<int64_t>(core->query.data.size() + core->key.data.size()) : 0;
   const AttentionJob* planned = job->get();
+  const int64_t request_bytes =
+      held.request >= 0 ? held.request : static_cast<int64_t>(request.ByteSizeLong());
+  const int output_copies = held.outputs_once ? 1 : 2;
   absl::StatusOr<MemoryBudget::Reservation> reserved =
-      ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
-                    static_cast<int64_t>(request.ByteSizeLong()), rotated_bytes,
-                    /*count_rejection=*/unsampled == nullptr);
+      ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend, request_bytes, rotated_bytes,
+                    /*count_rejection=*/unsampled == nullptr, output_copies);
   if (!reserved.ok() && unsampled != nullptr) {
     // Sampling never refuses a request: without room for the entropy too,
     // it runs as asked, unsampled.
@@ -435,8 +441,8 @@ absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
     core->outputs.entropy = false;
     record_entropy = false;
     planned = job->get();
-    reserved = ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend,
-                             static_cast<int64_t>(request.ByteSizeLong()), rotated_bytes);
+    reserved = ReserveMemory(absl::MakeConstSpan(&planned, 1), *backend, request_bytes,
+                             rotated_bytes, /*count_rejection=*/true, output_copies);
   }
   unsampled.reset();
   if (!reserved.ok()) return reserved.status();
@@ -536,18 +542,105 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::ScheduleUnary(
   return reactor;
 }
 
+// One Attend call's messages, held until it is answered: the request (its
+// received slices and what WireAttendRequest made of them, or, with
+// --zero_copy=false, protobuf's parse of it) and the response.
+class AttentionServiceImpl::ReceivedAttend {
+ public:
+  explicit ReceivedAttend(bool zero_copy) : zero_copy_(zero_copy) {}
+
+  // Parses `message` (cleared: what this keeps holds its own references);
+  // `shm` resolves Tensor.shm. INVALID_ARGUMENT for bytes that are not an
+  // AttendRequest.
+  absl::Status Parse(grpc::ByteBuffer& message, const TensorSource* shm) {
+    if (!zero_copy_) {
+      bool parsed = false;
+      {
+        // As gRPC parses a message for a method that takes one.
+        grpc::ProtoBufferReader reader(&message);
+        parsed = parsed_.ParseFromZeroCopyStream(&reader);
+      }
+      message.Clear();
+      source_ = shm;
+      if (parsed) return absl::OkStatus();
+      return absl::InvalidArgumentError(
+          "request: not a valid attnserve.v1.AttendRequest (protobuf's parser refused it)");
+    }
+    if (!message.Dump(&slices_).ok()) {
+      return absl::InvalidArgumentError("request: the message could not be read");
+    }
+    message.Clear();
+    for (const grpc::Slice& slice : slices_) {
+      chunks_.emplace_back(reinterpret_cast<const char*>(slice.begin()), slice.size());
+    }
+    wire_ = std::make_unique<WireAttendRequest>(shm);
+    if (absl::Status s = wire_->Parse(chunks_); !s.ok()) return s;
+    source_ = wire_.get();
+    if (!wire_->refers_to_chunks()) {
+      // Every tensor was gathered (each straddled slices): gRPC's buffers
+      // can go now.
+      chunks_.clear();
+      slices_.clear();
+    }
+    return absl::OkStatus();
+  }
+
+  const v1::AttendRequest& request() const { return wire_ ? wire_->request() : parsed_; }
+  const TensorSource* source() const { return source_; }
+  v1::AttendResponse* response() { return &response_; }
+
+  HeldBytes held() const {
+    if (!zero_copy_) return HeldBytes{};
+    return {.request = wire_->copied_bytes() + (slices_.empty() ? 0 : wire_->wire_bytes()),
+            .outputs_once = true};
+  }
+
+  // The response's bytes into `out` (SerializeAttendResponse, or protobuf's
+  // serialization with --zero_copy=false).
+  absl::Status Serialize(grpc::ByteBuffer* out) {
+    if (zero_copy_) {
+      SerializeAttendResponse(&response_, out);
+      return absl::OkStatus();
+    }
+    bool own_buffer = false;
+    grpc::Status s = grpc::GenericSerialize<grpc::ProtoBufferWriter, v1::AttendResponse>(
+        response_, out, &own_buffer);
+    if (s.ok()) return absl::OkStatus();
+    return absl::InternalError(absl::StrCat("response: ", s.error_message()));
+  }
+
+ private:
+  const bool zero_copy_;
+  std::vector<grpc::Slice> slices_;
+  std::vector<absl::string_view> chunks_;  // the slices' bytes
+  std::unique_ptr<WireAttendRequest> wire_;
+  v1::AttendRequest parsed_;
+  const TensorSource* source_ = nullptr;
+  v1::AttendResponse response_;
+};
+
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
-                                                       const v1::AttendRequest* request,
-                                                       v1::AttendResponse* response) {
-  return ScheduleUnary(context, kAttend,
-                       [&](absl::Time deadline, std::function<bool()> is_cancelled,
-                           absl::Time received, MemoryBudget::Reservation* reservation,
-                           std::function<void(absl::Status)> done) {
-                         std::shared_ptr<ShmTensorSource> shm = ShmSourceFor(CallerOf(context));
-                         return Submit(*request, shm.get(), shm, deadline,
-                                       std::move(is_cancelled), received, response, reservation,
-                                       std::move(done));
-                       });
+                                                       const grpc::ByteBuffer* request,
+                                                       grpc::ByteBuffer* response) {
+  return ScheduleUnary(
+      context, kAttend,
+      [&](absl::Time deadline, std::function<bool()> is_cancelled, absl::Time received,
+          MemoryBudget::Reservation* reservation,
+          std::function<void(absl::Status)> done) -> absl::Status {
+        std::shared_ptr<ShmTensorSource> shm = ShmSourceFor(CallerOf(context));
+        auto call = std::make_shared<ReceivedAttend>(options_.zero_copy);
+        // The request's bytes are gRPC's to free, but only ours to read.
+        if (absl::Status s = call->Parse(*const_cast<grpc::ByteBuffer*>(request), shm.get());
+            !s.ok()) {
+          return s;
+        }
+        return Submit(call->request(), call->source(), shm, call->held(), deadline,
+                      std::move(is_cancelled), received, call->response(), reservation,
+                      [call, response, done = std::move(done)](absl::Status s) {
+                        if (s.ok()) s = call->Serialize(response);
+                        done(std::move(s));
+                      });
+      });
 }
 
 grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>*
@@ -559,8 +652,8 @@ AttentionServiceImpl::AttendStream(grpc::CallbackServerContext* context) {
           std::function<bool()> is_cancelled, absl::Time received, v1::AttendResponse* response,
           MemoryBudget::Reservation* reservation, std::function<void(absl::Status)> done) {
         std::shared_ptr<ShmTensorSource> shm = ShmSourceFor(caller);
-        return Submit(request, shm.get(), shm, deadline, std::move(is_cancelled), received,
-                      response, reservation, std::move(done));
+        return Submit(request, shm.get(), shm, HeldBytes{}, deadline, std::move(is_cancelled),
+                      received, response, reservation, std::move(done));
       });
 }
 

@@ -58,7 +58,11 @@ absl::Span<const float> EntropyValues(const Tensor& entropy);
 // --attention_stats_sample that did not ask for it): the response gets none.
 void DropEntropy(AttentionJob& job);
 
-class AttentionServiceImpl final : public v1::AttentionService::CallbackService {
+// Attend takes gRPC's raw bytes (wire_request.h, wire_response.h); the other
+// methods take parsed messages.
+class AttentionServiceImpl final
+    : public v1::AttentionService::WithRawCallbackMethod_Attend<
+          v1::AttentionService::CallbackService> {
  public:
   struct Options {
     std::vector<Backend*> backends;  // not owned; backends[0] is the default
@@ -92,6 +96,12 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
     // none.
     ShardCoordinator* shards = nullptr;
     std::string replica_id;  // for ServerInfo
+    // Attend parses the tensors' bytes in place in gRPC's received slices and
+    // hands the outputs' bytes to gRPC without a serialized copy
+    // (wire_request.h, wire_response.h). false: protobuf parses and
+    // serializes the whole messages, with copies (--zero_copy, a benchmark
+    // knob).
+    bool zero_copy = true;
     // Callers' shared-memory regions (RegisterSharedMemory, Tensor.shm);
     // not owned. Null: shared memory is off (--allow_shared_memory).
     SharedMemoryRegistry* shared_memory = nullptr;
@@ -101,9 +111,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   explicit AttentionServiceImpl(Options options);
   ~AttentionServiceImpl() override;
 
+  // `request` is an AttendRequest's bytes; `response` receives an
+  // AttendResponse's.
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
-                                   const v1::AttendRequest* request,
-                                   v1::AttendResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
   grpc::ServerBidiReactor<v1::AttendRequest, v1::AttendResponse>* AttendStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* GetServerInfo(grpc::CallbackServerContext* context,
@@ -154,6 +166,7 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   struct SessionStep;
   struct BatchDecodeCall;
   struct RotatedInputs;
+  class ReceivedAttend;
   using AttendStreamReactor = StreamReactor<v1::AttendRequest, v1::AttendResponse>;
   using BatchDecodeStreamReactor = StreamReactor<v1::BatchDecodeRequest, v1::BatchDecodeResponse>;
 
@@ -168,9 +181,11 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // A BatchDecode reserves for all its jobs at once.
   // `count_rejection` false: a refusal is not counted in
   // attnserve_rejected_requests_total (the caller retries with less).
+  // `output_copies` 1: the outputs reach gRPC without a serialized copy
+  // (wire_response.h).
   absl::StatusOr<MemoryBudget::Reservation> ReserveMemory(
       absl::Span<const AttentionJob* const> jobs, const Backend& backend, int64_t message_bytes,
-      int64_t extra_bytes, bool count_rejection = true);
+      int64_t extra_bytes, bool count_rejection = true, int output_copies = 2);
 
   // Counts a refused request in attnserve_rejected_requests_total{reason}
   // when `status` is RESOURCE_EXHAUSTED; returns it.
@@ -274,8 +289,18 @@ class AttentionServiceImpl final : public v1::AttentionService::CallbackService 
   // checked after the computation (a region truncated meanwhile fails the
   // call, FAILED_PRECONDITION); held until `done` runs. Null: as with
   // shared memory off.
+  // `held` says how the call holds its request and will send its response.
+  struct HeldBytes {
+    // The request's bytes as the call holds them (received slices and the
+    // copies made of them); -1: request.ByteSizeLong(), a message parsed by
+    // gRPC.
+    int64_t request = -1;
+    // The response's tensors go to gRPC without a serialized copy
+    // (SerializeAttendResponse), so the outputs count once.
+    bool outputs_once = false;
+  };
   absl::Status Submit(const v1::AttendRequest& request, const TensorSource* source,
-                      std::shared_ptr<ShmTensorSource> shm, absl::Time deadline,
+                      std::shared_ptr<ShmTensorSource> shm, HeldBytes held, absl::Time deadline,
                       std::function<bool()> is_cancelled, absl::Time received,
                       v1::AttendResponse* response, MemoryBudget::Reservation* reservation,
                       std::function<void(absl::Status)> done);
