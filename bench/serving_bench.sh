@@ -35,6 +35,10 @@ stop_server() {
 server_cpu_seconds() { awk '{print ($14 + $15) / 100}' "/proc/$spid/stat"; }
 # Seconds of backend calls so far (attnserve_compute_duration_seconds_sum over
 # backends): a batch's call counted once, however many requests it computed.
+server_requests() {
+  curl -s "http://127.0.0.1:$metrics_port/metrics" |
+    awk '/^attnserve_requests_total\{code="OK"/ {s += $2} END {print s + 0}'
+}
 server_compute_seconds() {
   curl -s "http://127.0.0.1:$metrics_port/metrics" |
     awk '/^attnserve_compute_duration_seconds_sum/ {s += $2} END {printf "%.6f\n", s}'
@@ -203,9 +207,12 @@ transport() {
   # The server's CPU per request beyond the attention itself: the server on
   # core 0 (one backend thread), attnctl on core 1, so neither's CPU blurs
   # into the other's. CPU is the server's user + system time over the run
-  # (/proc/PID/stat); compute is the backend calls' wall time
-  # (attnserve_compute_duration_seconds_sum, which counts a batch once), so
-  # compute per request = sum over responses of compute_us / batch_size.
+  # (/proc/PID/stat), split two ways: by the backend calls' wall time
+  # (attnserve_compute_duration_seconds_sum, which counts a batch once, so
+  # compute per request = sum over responses of compute_us / batch_size; a
+  # busy core stretches it, so the rest comes out low), and, where perf is
+  # installed, by the share of the server's CPU samples in the cpu kernels
+  # (not stretched by other processes).
   # TRANSPORT_MODES: the servers compared, interleaved, ROUNDS times; one
   # word each, its items joined by commas: --flags, a server binary (a path
   # starting with /; default $BUILD's) and VAR=value settings of its
@@ -229,23 +236,53 @@ transport() {
       spid=$!
       taskset -p -c 0 "$spid" >/dev/null
       for _ in $(seq 100); do "$C" --target="$target" health >/dev/null 2>&1 && break; sleep 0.1; done
-      local cpu0 compute0 out
+      local cpu0 compute0 out_file
+      out_file=$(mktemp)
       cpu0=$(server_cpu_seconds)
       compute0=$(server_compute_seconds)
-      out=$(taskset -c 1 "$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=10s \
-        --json)
-      local cpu1 compute1
+      taskset -c 1 "$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=10s \
+        --json >"$out_file" &
+      local cpid=$! profile=""
+      if command -v perf >/dev/null; then
+        # 5 s in the middle of the run, sampled on the server's CPU time only
+        # (so other processes' load cannot blur it): leaf symbols of the cpu
+        # kernels (attnserve::cpu::) are compute, everything else the rest.
+        sleep 3
+        local n0 n1
+        n0=$(server_requests)
+        perf record -q -e cpu-clock -F 1000 -p "$spid" -o /tmp/serving_bench.perf.data -- sleep 5 \
+          2>/dev/null
+        n1=$(server_requests)
+        profile=$(perf script -i /tmp/serving_bench.perf.data -F ip,sym 2>/dev/null |
+          /usr/bin/python3 -c '
+import sys
+samples = compute = 0
+for line in sys.stdin:
+    samples += 1
+    compute += " attnserve::cpu::" in line
+print("%.4f" % (compute / samples if samples else 0))')
+      fi
+      wait "$cpid"
+      local out cpu1 compute1
+      out=$(cat "$out_file")
+      rm -f "$out_file"
       cpu1=$(server_cpu_seconds)
       compute1=$(server_compute_seconds)
       echo "-- round $round $mode"
-      echo "$out" | CPU="$cpu1 - $cpu0" COMPUTE="$compute1 - $compute0" /usr/bin/python3 -c '
+      echo "$out" | CPU="$cpu1 - $cpu0" COMPUTE="$compute1 - $compute0" SHARE="$profile" \
+        /usr/bin/python3 -c '
 import json, os, sys
 d = json.loads(sys.stdin.read())
 cpu, compute = eval(os.environ["CPU"]), eval(os.environ["COMPUTE"])
 n = d["ok"]
-print("  qps=%.1f ok=%d errors=%s p50_ms=%.3f batch=%.2f server_cpu_ms_per_req=%.3f compute_ms=%.3f"
-      " rest_ms=%.3f" % (d["qps"], n, d["errors"], d["p50_ms"], d["server_batch_size"],
-                         1e3 * cpu / n, 1e3 * compute / n, 1e3 * (cpu - compute) / n))'
+print("  qps=%.1f ok=%d errors=%s p50_ms=%.3f batch=%.2f server_cpu_ms_per_req=%.3f" %
+      (d["qps"], n, d["errors"], d["p50_ms"], d["server_batch_size"], 1e3 * cpu / n))
+print("  by backend wall time: compute_ms=%.3f rest_ms=%.3f" %
+      (1e3 * compute / n, 1e3 * (cpu - compute) / n))
+if os.environ["SHARE"]:
+    share = float(os.environ["SHARE"])
+    print("  by profile (kernel symbols %.1f%% of the samples): compute_ms=%.3f rest_ms=%.3f" %
+          (100 * share, 1e3 * cpu * share / n, 1e3 * cpu * (1 - share) / n))'
       stop_server
     done
   done
