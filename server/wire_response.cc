@@ -54,15 +54,6 @@ void DeleteString(void* s) { delete static_cast<std::string*>(s); }
 
 }  // namespace
 
-int64_t ZeroCopyBytes(const v1::AttendResponse& response) {
-  int64_t bytes = 0;
-  for (const TensorField& f : TensorFields(const_cast<v1::AttendResponse*>(&response))) {
-    const int64_t n = static_cast<int64_t>(f.tensor->data().size());
-    if (n >= kZeroCopyMinBytes) bytes += n;
-  }
-  return bytes;
-}
-
 void SerializeAttendResponse(v1::AttendResponse* response, grpc::ByteBuffer* out) {
   struct Moved {
     uint32_t number;

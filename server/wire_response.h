@@ -26,9 +26,6 @@ inline constexpr int64_t kZeroCopyMinBytes = 4096;
 // `*out`'s slices, so `response` is left with those tensors' data empty.
 void SerializeAttendResponse(v1::AttendResponse* response, grpc::ByteBuffer* out);
 
-// The bytes `SerializeAttendResponse` would move instead of copy.
-int64_t ZeroCopyBytes(const v1::AttendResponse& response);
-
 }  // namespace attnserve
 
 #endif  // ATTNSERVE_SERVER_WIRE_RESPONSE_H_
