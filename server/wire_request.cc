@@ -134,7 +134,9 @@ void AppendVarint(uint64_t v, std::string* out) {
 absl::Status ReadField(ChunkReader& r, int64_t limit, uint32_t* field, uint32_t* wire_type,
                        int64_t* value_start, int64_t* length) {
   uint64_t tag = 0;
-  if (!r.ReadVarint(limit, 5, &tag) || tag > UINT32_MAX) return Malformed("a truncated tag");
+  // As protobuf reads a tag: at most 5 bytes, kept to 32 bits.
+  if (!r.ReadVarint(limit, 5, &tag)) return Malformed("a truncated tag");
+  tag &= 0xffffffffu;
   *field = static_cast<uint32_t>(tag >> 3);
   *wire_type = static_cast<uint32_t>(tag & 7);
   if (*field == 0) return Malformed("field number 0");

@@ -31,6 +31,7 @@
 
 #include <fuzzer/FuzzedDataProvider.h>
 #include <google/protobuf/stubs/logging.h>
+#include <google/protobuf/util/message_differencer.h>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -46,6 +47,7 @@
 #include "backends/reference_backend.h"
 #include "core/half.h"
 #include "server/convert.h"
+#include "server/wire_request.h"
 
 namespace attnserve {
 namespace {
@@ -637,10 +639,48 @@ void Trace(const AttentionRequest& r) {
   std::fprintf(stderr, "attend_fuzzer: %s\n", line.c_str());
 }
 
+// The server's parse of received slices (WireAttendRequest) against
+// protobuf's: the bytes cut into three chunks, both parses succeed or both
+// fail, and with the scanned tensors' bytes put back the messages are equal.
+void CheckWireParse(const uint8_t* data, size_t size, bool parsed, const v1::AttendRequest& proto) {
+  const char* bytes = reinterpret_cast<const char*>(data);
+  const absl::string_view chunks[] = {absl::string_view(bytes, size / 3),
+                                      absl::string_view(bytes + size / 3, size / 3),
+                                      absl::string_view(bytes + 2 * (size / 3), size - 2 * (size / 3))};
+  WireAttendRequest wire;
+  const absl::Status s = wire.Parse(chunks);
+  if (s.ok() != parsed || (!s.ok() && s.code() != absl::StatusCode::kInvalidArgument)) {
+    Fail(absl::StrCat("WireAttendRequest::Parse: ", s.ToString(), ", protobuf: ",
+                      parsed ? "parsed" : "refused"));
+  }
+  if (!parsed) return;
+  v1::AttendRequest restored = wire.request();
+  const v1::Tensor* scanned[] = {&wire.request().query(), &wire.request().key(),
+                                 &wire.request().value(), &wire.request().bias()};
+  v1::Tensor* out[] = {restored.mutable_query(), restored.mutable_key(), restored.mutable_value(),
+                       restored.mutable_bias()};
+  for (int i = 0; i < 4; ++i) {
+    absl::StatusOr<std::optional<std::string_view>> b = wire.Bytes(*scanned[i], "tensor");
+    if (!b.ok()) Fail(absl::StrCat("WireAttendRequest::Bytes: ", b.status().ToString()));
+    if (b->has_value()) out[i]->set_data(std::string(**b));
+  }
+  // mutable_*() above set absent tensors: compare with the same done to the original.
+  v1::AttendRequest expected = proto;
+  expected.mutable_query();
+  expected.mutable_key();
+  expected.mutable_value();
+  expected.mutable_bias();
+  if (!google::protobuf::util::MessageDifferencer::Equals(restored, expected)) {
+    Fail("WireAttendRequest: the message differs from protobuf's parse");
+  }
+}
+
 int FuzzAttend(const uint8_t* data, size_t size) {
   v1::AttendRequest proto;
   // gRPC refuses bytes that are not a message before the service sees them.
-  if (!proto.ParseFromArray(data, static_cast<int>(size))) return -1;
+  const bool parsed = proto.ParseFromArray(data, static_cast<int>(size));
+  CheckWireParse(data, size, parsed, proto);
+  if (!parsed) return -1;
   if (proto.priority() == 1) {
     for (v1::Tensor* t : {proto.mutable_query(), proto.mutable_key(), proto.mutable_value()}) {
       FoldValues(*t, 4, /*keep_neg_inf=*/false);

@@ -160,6 +160,9 @@ TEST(WireRequestTest, UnknownFieldsAndWireTypesPassThrough) {
   bytes += std::string("\xa9\x06\x01\x02\x03\x04\x05\x06\x07\x08", 10);
   bytes += std::string("\xb2\x06\x02hi", 5);
   bytes += std::string("\x10\x05", 2);
+  // A 5-byte tag whose last byte has bits past 32: protobuf keeps the low 32
+  // (field 889130291, a varint).
+  bytes += std::string("\x98\x86\x80\x80\x7a\x01", 6);
   // An unknown field inside a tensor: key { 9: 7 }.
   bytes += std::string("\x1a\x02\x48\x07", 4);
   ExpectAgrees(bytes, {});
