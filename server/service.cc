@@ -354,11 +354,10 @@ absl::StatusOr<MemoryBudget::Reservation> AttentionServiceImpl::ReserveMemory(
   }
   const int64_t total = message_bytes + extra_bytes + held + scratch;
   absl::StatusOr<MemoryBudget::Reservation> reservation = options_.memory_budget->Reserve(
-      total, absl::StrCat("this request (message ", message_bytes + extra_bytes,
-                          output_copies == 2 ? " + outputs and their serialized copy "
-                                             : " + outputs ",
-                          held, " + ",
-                          backend.info().name, " scratch ", scratch, " bytes)"));
+      total,
+      absl::StrCat("this request (message ", message_bytes + extra_bytes,
+                   output_copies == 2 ? " + outputs and their serialized copy " : " + outputs ",
+                   held, " + ", backend.info().name, " scratch ", scratch, " bytes)"));
   if (!reservation.ok() && count_rejection) return CountRejection(reservation.status(), "memory");
   return reservation;
 }
@@ -378,9 +377,8 @@ void TimingToProto(const TaskTiming& timing, absl::Time received, v1::Timing* ou
 
 absl::Status AttentionServiceImpl::Submit(const v1::AttendRequest& request,
                                           const TensorSource* source,
-                                          std::shared_ptr<ShmTensorSource> shm,
-                                          HeldBytes held, absl::Time deadline,
-                                          std::function<bool()> is_cancelled,
+                                          std::shared_ptr<ShmTensorSource> shm, HeldBytes held,
+                                          absl::Time deadline, std::function<bool()> is_cancelled,
                                           absl::Time received, v1::AttendResponse* response,
                                           MemoryBudget::Reservation* reservation,
                                           std::function<void(absl::Status)> done) {
