@@ -221,11 +221,11 @@ TEST_F(ZeroCopyTest, UnknownAndRepeatedFields) {
 
 TEST_F(ZeroCopyTest, MalformedBytesAreInvalidArgument) {
   const std::string good = MakeRequest(v1::F32, 1, 8, 8, 2, 2, 16).SerializeAsString();
-  ExpectRefused(good.substr(0, good.size() - 7));                // cut short
-  ExpectRefused(good + std::string("\x08\xff\xff\xff", 4));      // truncated varint
-  ExpectRefused(good + std::string("\x12\x7f\x1a\x04ab", 6));    // length past the end
-  ExpectRefused(good + std::string("\x12\x03\x1a\x05\x00", 5));  // data past its tensor
-  ExpectRefused(std::string("\x0a\x02\xff\xfe", 4) + good);      // request_id not UTF-8
+  ExpectRefused(good.substr(0, good.size() - 7));                    // cut short
+  ExpectRefused(good + std::string("\x08\xff\xff\xff", 4));          // truncated varint
+  ExpectRefused(good + std::string("\x12\x7f\x1a\x04\x61\x62", 6));  // length past the end
+  ExpectRefused(good + std::string("\x12\x03\x1a\x05\x00", 5));      // data past its tensor
+  ExpectRefused(std::string("\x0a\x02\xff\xfe", 4) + good);          // request_id not UTF-8
   // A wrong wire type for a tensor field is an unknown field to protobuf:
   // both servers then see no query and say so.
   for (Served* s : {&zero_copy_, &copying_}) {
