@@ -5,7 +5,7 @@
 # (or a bench/*.py load) and prints one summary line; every server must exit 0
 # on SIGTERM.
 #
-#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|shards|transport|all]
+#   bench/serving_bench.sh [s1|open|overload|sessions|abuse|tier|stats|layer|shards|transport|shm|all]
 #                                                                              (default: all)
 #
 # BUILD=build (default) picks the binaries. Runs take a few minutes; the
@@ -320,6 +320,30 @@ shards() {
   done
 }
 
+shm() {
+  # Co-located callers over shared memory (--shm: inputs written once into a
+  # registered region, outputs written there by the kernel) against the same
+  # shape in process (attn_bench, whose ms is one request's wall time on the
+  # server's threads) and over the wire, interleaved ROUNDS times on one
+  # server. S1 at concurrency 16 on --channels=1 and 2 (one connection's
+  # gRPC threads are the limit), P1 at concurrency 2.
+  local rounds="${ROUNDS:-3}" round
+  echo "== shm: S1 and P1 served over shared memory and inline vs attn_bench in process"
+  start_server --allow_shared_memory
+  rate() { /usr/bin/python3 -c 'import json, sys; d = json.loads(sys.stdin.read()); print(round(d["qps"], 1) if "qps" in d else round(1e3 / d["ms"], 1))'; }
+  for round in $(seq "$rounds"); do
+    echo "-- round $round (requests/s)"
+    echo "  S1 attn_bench $("$build/bench/attn_bench" --shape=S1 --json | rate)" \
+      "shm $("$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=8s --shm --json | rate)" \
+      "shm,channels=2 $("$C" --target="$target" bench --shape=S1 --concurrency=16 --channels=2 --duration=8s --shm --json | rate)" \
+      "inline $("$C" --target="$target" bench --shape=S1 --concurrency=16 --duration=8s --json | rate)"
+    echo "  P1 attn_bench $("$build/bench/attn_bench" --shape=P1 --json | rate)" \
+      "shm $("$C" --target="$target" bench --shape=P1 --concurrency=2 --duration=10s --shm --json | rate)" \
+      "inline $("$C" --target="$target" bench --shape=P1 --concurrency=2 --duration=10s --json | rate)"
+  done
+  stop_server
+}
+
 case "${1:-all}" in
   s1) s1 ;;
   tier) tier ;;
@@ -331,9 +355,10 @@ case "${1:-all}" in
   abuse) abuse ;;
   shards) shards ;;
   transport) transport ;;
-  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer; shards; transport ;;
+  shm) shm ;;
+  all) s1; open_loop; overload; sessions; abuse; tier; stats; layer; shards; transport; shm ;;
   *)
-    echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|shards|transport|all]" >&2
+    echo "usage: $0 [s1|open|overload|sessions|abuse|tier|stats|layer|shards|transport|shm|all]" >&2
     exit 2
     ;;
 esac
