@@ -208,6 +208,8 @@ absl::StatusOr<SparsitySpec> SparsityFromProto(const v1::Sparsity& proto,
     BlockMaskSpec mask;
     mask.block_rows = bm.block_rows();
     mask.block_cols = bm.block_cols();
+    mask.copy_indices = bm.indptr().has_shm() || bm.indices().has_shm() ||
+                        bm.full_indptr().has_shm() || bm.full_indices().has_shm();
     for (auto [tensor, field, view] :
          {std::tuple{&bm.indptr(), "sparsity.block_mask.indptr", &mask.indptr},
           std::tuple{&bm.indices(), "sparsity.block_mask.indices", &mask.indices}}) {

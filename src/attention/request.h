@@ -71,6 +71,10 @@ struct BlockMaskSpec {
   // is visible) and must not repeat a block of `indices` in the same row.
   std::optional<TensorView> full_indptr;
   std::optional<TensorView> full_indices;
+  // The index bytes may change while the call runs (they lie in the caller's
+  // shared memory): the planner checks and keeps a copy of its own, so the
+  // kernels never read a block number that was not checked.
+  bool copy_indices = false;
 };
 
 // Per query (or query block), the keys (or key blocks) to attend: DSA-, NSA-

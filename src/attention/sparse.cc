@@ -46,9 +46,10 @@ std::string Indexed(absl::string_view name, std::initializer_list<int64_t> index
 }
 
 // An I32 tensor's elements: checks dtype and byte length; copies the rare
-// buffer whose address is not 4-byte aligned into `copy`.
+// buffer whose address is not 4-byte aligned into `copy`, and any buffer
+// with `always_copy` (bytes that may change under the call).
 absl::StatusOr<const int32_t*> I32Elements(const TensorView& t, absl::string_view field,
-                                           std::vector<int32_t>& copy) {
+                                           std::vector<int32_t>& copy, bool always_copy = false) {
   if (t.dtype != DType::kI32) {
     return InvalidField(absl::StrCat(field, ".dtype"), "I32", DTypeName(t.dtype));
   }
@@ -60,7 +61,7 @@ absl::StatusOr<const int32_t*> I32Elements(const TensorView& t, absl::string_vie
                         absl::StrCat(t.data.size(), " bytes"));
   }
   if (n == 0) return kNoUnits;
-  if (reinterpret_cast<uintptr_t>(t.data.data()) % alignof(int32_t) == 0) {
+  if (!always_copy && reinterpret_cast<uintptr_t>(t.data.data()) % alignof(int32_t) == 0) {
     return reinterpret_cast<const int32_t*>(t.data.data());
   }
   copy.resize(n);
@@ -79,14 +80,15 @@ struct Bsr {
 absl::StatusOr<Bsr> CheckBsr(const TensorView& indptr_t, const TensorView& indices_t,
                              absl::string_view indptr_name, absl::string_view indices_name,
                              int64_t Bm, int64_t Hm, int64_t rows, int64_t cols,
-                             std::vector<int32_t>& indptr_copy, std::vector<int32_t>& indices_copy) {
-  auto ip = I32Elements(indptr_t, indptr_name, indptr_copy);
+                             std::vector<int32_t>& indptr_copy, std::vector<int32_t>& indices_copy,
+                             bool always_copy) {
+  auto ip = I32Elements(indptr_t, indptr_name, indptr_copy, always_copy);
   if (!ip.ok()) return ip.status();
   if (indices_t.rank() != 1) {
     return InvalidField(absl::StrCat(indices_name, ".shape"), "rank 1 [nnz]",
                         ShapeString(indices_t.shape));
   }
-  auto ix = I32Elements(indices_t, indices_name, indices_copy);
+  auto ix = I32Elements(indices_t, indices_name, indices_copy, always_copy);
   if (!ix.ok()) return ix.status();
   Bsr bsr{*ip, *ix, indices_t.shape[0]};
   int64_t prev_end = 0;
@@ -165,7 +167,7 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
   }
   std::vector<int32_t> ip_copy, ix_copy, fip_copy, fix_copy;
   auto bsr = CheckBsr(ip, bm.indices, pre + "indptr", pre + "indices", Bm, Hm, rows, cols, ip_copy,
-                      ix_copy);
+                      ix_copy, bm.copy_indices);
   if (!bsr.ok()) return bsr.status();
   if (bm.full_indptr.has_value() != bm.full_indices.has_value()) {
     return InvalidField(
@@ -180,7 +182,7 @@ absl::Status PlanBlockMask(const BlockMaskSpec& bm, const SparseDims& d, Attenti
                           ShapeString(bm.full_indptr->shape));
     }
     auto f = CheckBsr(*bm.full_indptr, *bm.full_indices, pre + "full_indptr", pre + "full_indices",
-                      Bm, Hm, rows, cols, fip_copy, fix_copy);
+                      Bm, Hm, rows, cols, fip_copy, fix_copy, bm.copy_indices);
     if (!f.ok()) return f.status();
     full = *f;
   }

@@ -115,6 +115,31 @@ TEST(SparsePlanTest, ValidBlockMaskFillsTheLists) {
   }
 }
 
+// Indices in the caller's shared memory may change under the call: the job
+// then keeps a copy, checked, and the kernels read that, never the caller's
+// bytes (without copy_indices the aligned request bytes serve as they are).
+TEST(SparsePlanTest, IndicesThatMayChangeAreCopiedBeforeTheyAreChecked) {
+  for (bool copy : {false, true}) {
+    SparseFixture f;
+    f.req.sparsity.block_mask = f.Mask();
+    f.req.sparsity.block_mask->copy_indices = copy;
+    auto job = PrepareAttention(f.req);
+    ASSERT_TRUE(job.ok()) << job.status();
+    const SparseParams& s = (*job)->params.sparse;
+    const auto* request_units =
+        reinterpret_cast<const int32_t*>(f.req.sparsity.block_mask->indices.data.data());
+    EXPECT_EQ(s.list_units == request_units, !copy) << "copy_indices " << copy;
+    EXPECT_EQ(std::vector<int32_t>(s.list_units, s.list_units + 5),
+              (std::vector<int32_t>{0, 1, 2, 0, 3}));
+    // The caller overwriting its bytes afterwards changes nothing the job holds.
+    if (copy) {
+      std::memset(const_cast<char*>(f.req.sparsity.block_mask->indices.data.data()), 0x7f, 20);
+      EXPECT_EQ(std::vector<int32_t>(s.list_units, s.list_units + 5),
+                (std::vector<int32_t>{0, 1, 2, 0, 3}));
+    }
+  }
+}
+
 TEST(SparsePlanTest, RankOneIndptrIsOneSlice) {
   SparseFixture f;
   BlockMaskSpec bm = f.Mask();
