@@ -87,6 +87,11 @@ absl::StatusOr<std::optional<std::string_view>> ShmTensorSource::Bytes(
                      " <= region '", t.shm().region(), "' size ", available),
         absl::StrCat("offset ", offset));
   }
+  if (elements > 0) {
+    const int64_t begin = (*region)->spec().offset + offset;
+    absl::MutexLock lock(&mu_);
+    inputs_.push_back({(*region)->spec().key, begin, begin + elements * size, std::string(field)});
+  }
   return std::string_view((*region)->data() + offset, static_cast<size_t>(elements * size));
 }
 
@@ -111,6 +116,19 @@ absl::StatusOr<char*> ShmTensorSource::Output(const v1::SharedMemoryRef& ref,
                      " elements) from the object's start: region offset ",
                      (*region)->spec().offset, " + offset"),
         absl::StrCat("offset ", ref.offset()));
+  }
+  if (bytes > 0) {
+    absl::MutexLock lock(&mu_);
+    for (const InputBytes& in : inputs_) {
+      if (in.key != (*region)->spec().key || place >= in.end || in.begin >= place + bytes) {
+        continue;
+      }
+      return InvalidField(absl::StrCat(field, ".offset"),
+                          absl::StrCat("an output place not overlapping the input ", in.field,
+                                       " (bytes [", in.begin, ", ", in.end, ") of ", in.key, ")"),
+                          absl::StrCat("offset ", ref.offset(), ": bytes [", place, ", ",
+                                       place + bytes, ") of ", in.key));
+    }
   }
   return (*region)->data() + ref.offset();
 }

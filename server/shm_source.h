@@ -52,7 +52,9 @@ class ShmTensorSource final : public TensorSource {
 
   // Where an output of `bytes` bytes of `dtype` goes: `ref` resolved as
   // Bytes does, its place in the object (region offset + ref.offset) a
-  // multiple of the dtype's size. `field` names ref ("outputs.output_shm").
+  // multiple of the dtype's size, and not overlapping the bytes of an input
+  // this source resolved (the kernel would read what it writes: zeros, or
+  // partial results). `field` names ref ("outputs.output_shm").
   absl::StatusOr<char*> Output(const v1::SharedMemoryRef& ref, absl::string_view field,
                                int64_t bytes, DType dtype) const;
 
@@ -68,8 +70,16 @@ class ShmTensorSource final : public TensorSource {
   const SharedMemoryRegistry* const registry_;
   const std::string caller_;
   std::string refusal_;  // Refusing's `why`; empty otherwise
+  // The bytes of an input Bytes resolved: [begin, end) of the object `key`.
+  struct InputBytes {
+    std::string key;
+    int64_t begin = 0;
+    int64_t end = 0;
+    std::string field;
+  };
   mutable absl::Mutex mu_;
   mutable std::vector<std::shared_ptr<SharedMemoryRegion>> used_ ABSL_GUARDED_BY(mu_);
+  mutable std::vector<InputBytes> inputs_ ABSL_GUARDED_BY(mu_);
 };
 
 // `out` as a response tensor written to shared memory: its dtype and shape

@@ -308,6 +308,20 @@ TEST_F(ShmTest, BadReferencesAreInvalidArgumentNamingTheField) {
     *unknown_out.mutable_outputs()->mutable_output_shm() = Ref("gone", 0);
     ExpectError(unknown_out, grpc::StatusCode::INVALID_ARGUMENT, "outputs.output_shm.region");
   }
+  {
+    // Over the key's bytes (the kernel would read what it writes), also
+    // through a second region naming the same object.
+    ASSERT_TRUE(Register("alias", object.key(), 32768, 16384).ok());
+    for (const v1::SharedMemoryRef& place : {Ref("in", 32768 + 8), Ref("alias", 0)}) {
+      v1::AttendRequest over_input = good;
+      *over_input.mutable_outputs()->mutable_output_shm() = place;
+      ExpectError(over_input, grpc::StatusCode::INVALID_ARGUMENT,
+                  absl::StrCat("outputs.output_shm.offset: expected an output place not "
+                               "overlapping the input key (bytes [32768, ",
+                               32768 + request.key().data().size(), ") of ", object.key(), ")"));
+    }
+    ASSERT_TRUE(Unregister("alias").ok());
+  }
   v1::AttendResponse response;
   EXPECT_TRUE(Attend(good, &response).ok());  // the good one still is
 }
