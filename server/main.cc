@@ -3,7 +3,7 @@
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
-
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -150,6 +150,15 @@ int main(int argc, char** argv) {
   // the next: a third of the server's CPU beyond the attention (bench/README.md,
   // "Transport").
   mallopt(M_TRIM_THRESHOLD, 8 << 20);
+
+  // Every mapped shared-memory region keeps its object's descriptor open
+  // (up to 1024 mappings, --allow_shared_memory) beside the connections':
+  // the soft limit on open files (often 1024) goes up to the hard one.
+  if (struct rlimit files;
+      getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
 
   // Block the shutdown signals before any thread starts, so every thread
   // inherits the mask and only sigwait() below receives them.

@@ -21,8 +21,12 @@ struct SharedMemoryRegion::Counters {
   std::atomic<int64_t> regions{0};
   std::atomic<int64_t> mapped_bytes{0};
   std::function<void(int64_t, int64_t)> on_change;
+  // Reports one at a time, each reading the counters as they are then, so
+  // the last report made is never older than one made before it.
+  mutable std::mutex report_mu;
 
   void Report() const {
+    std::lock_guard<std::mutex> lock(report_mu);
     if (on_change) on_change(regions.load(), mapped_bytes.load());
   }
 };
@@ -30,12 +34,14 @@ struct SharedMemoryRegion::Counters {
 namespace {
 
 // The fault handler's table: one slot per mapping, read lock-free from the
-// handler. A slot is published by storing `end` and `broken` before `begin`,
-// and retired by clearing `begin` first; a retired mapping is never accessed
-// again (its last holder dropped it), so a handler never acts on a slot
-// being reused for another mapping.
+// handler. Each slot is a sequence lock: `seq` is odd while the slot is
+// being filled or cleared, and a handler that reads begin, end and broken
+// uses them only if `seq` was even and the same before and after, so it
+// never pairs one mapping's begin with another's end (which would zero an
+// unrelated range).
 struct FaultSlot {
   std::atomic<bool> used{false};
+  std::atomic<uint64_t> seq{0};
   std::atomic<uintptr_t> begin{0};
   std::atomic<uintptr_t> end{0};
   std::atomic<std::atomic<bool>*> broken{nullptr};
@@ -46,18 +52,20 @@ struct sigaction g_previous_sigbus;
 void OnSigbus(int sig, siginfo_t* info, void* context) {
   const uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
   for (FaultSlot& slot : g_slots) {
+    const uint64_t seq = slot.seq.load(std::memory_order_acquire);
+    if (seq % 2 != 0) continue;
     const uintptr_t begin = slot.begin.load(std::memory_order_acquire);
-    if (begin == 0 || addr < begin) continue;
     const uintptr_t end = slot.end.load(std::memory_order_acquire);
-    if (addr >= end) continue;
+    std::atomic<bool>* const broken = slot.broken.load(std::memory_order_acquire);
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (slot.seq.load(std::memory_order_relaxed) != seq) continue;
+    if (begin == 0 || addr < begin || addr >= end) continue;
     // Zero pages over the whole mapping: the access that faulted, and every
     // later one, reads zeros (and writes go nowhere) instead of faulting.
     void* replaced = mmap(reinterpret_cast<void*>(begin), end - begin, PROT_READ | PROT_WRITE,
                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (replaced == MAP_FAILED) break;
-    if (std::atomic<bool>* broken = slot.broken.load(std::memory_order_acquire)) {
-      broken->store(true, std::memory_order_release);
-    }
+    if (broken != nullptr) broken->store(true, std::memory_order_release);
     return;  // the faulting instruction runs again, on the zero pages
   }
   // Not ours: whoever handled SIGBUS before.
@@ -70,12 +78,15 @@ void OnSigbus(int sig, siginfo_t* info, void* context) {
     g_previous_sigbus.sa_handler(sig);
     return;
   }
-  // The default action: returning re-runs the access, which faults again and
-  // terminates the process as if no handler had been installed.
+  // The default action, as if no handler had been installed: terminate. The
+  // signal raised here is pending until the handler returns (SIGBUS is
+  // blocked meanwhile), so a SIGBUS another process sent (kill -BUS) ends the
+  // process too, rather than leaving it running without this handler.
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
   sigemptyset(&dfl.sa_mask);
   sigaction(SIGBUS, &dfl, nullptr);
+  raise(SIGBUS);
 }
 
 void InstallSigbusHandler() {
@@ -94,18 +105,22 @@ int ClaimSlot(uintptr_t begin, uintptr_t end, std::atomic<bool>* broken) {
   for (int i = 0; i < kMaxSharedMemoryMappings; ++i) {
     bool expected = false;
     if (!g_slots[i].used.compare_exchange_strong(expected, true)) continue;
+    g_slots[i].seq.fetch_add(1, std::memory_order_acq_rel);  // odd: being filled
+    g_slots[i].begin.store(begin, std::memory_order_release);
     g_slots[i].end.store(end, std::memory_order_release);
     g_slots[i].broken.store(broken, std::memory_order_release);
-    g_slots[i].begin.store(begin, std::memory_order_release);
+    g_slots[i].seq.fetch_add(1, std::memory_order_acq_rel);  // even: published
     return i;
   }
   return -1;
 }
 
 void ReleaseSlot(int i) {
+  g_slots[i].seq.fetch_add(1, std::memory_order_acq_rel);  // odd: being cleared
   g_slots[i].begin.store(0, std::memory_order_release);
   g_slots[i].broken.store(nullptr, std::memory_order_release);
   g_slots[i].end.store(0, std::memory_order_release);
+  g_slots[i].seq.fetch_add(1, std::memory_order_acq_rel);  // even: empty
   g_slots[i].used.store(false, std::memory_order_release);
 }
 

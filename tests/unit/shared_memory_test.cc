@@ -1,9 +1,11 @@
 #include "core/shared_memory.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -161,6 +163,19 @@ TEST(SharedMemoryTest, TruncationIsSeenBeforeUse) {
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(s.message(), HasSubstr("region 'in' was truncated to 4096 bytes"));
   EXPECT_FALSE(region->broken());
+}
+
+// A SIGBUS that is not a fault in a region (another process's kill -BUS)
+// still has its default action, and does not leave the process running
+// without the handler.
+TEST(SharedMemoryDeathTest, SentSigbusTerminatesAsWithoutTheHandler) {
+  ASSERT_EXIT(
+      {
+        SharedMemoryRegistry registry({});
+        kill(getpid(), SIGBUS);
+        std::_Exit(0);  // not reached
+      },
+      ::testing::KilledBySignal(SIGBUS), "");
 }
 
 // The caller truncates the object between the check and the access: the
