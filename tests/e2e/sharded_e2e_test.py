@@ -237,9 +237,13 @@ class ShardedE2ETest(unittest.TestCase):
         q, k, v = self.qkv(1, 4, 4, 10, 4, 16)
         for name, value in (("key_lengths", [10]), ("bias", np.zeros((1, 1, 4, 10))),
                             ("weights", True), ("top_k", 2), ("entropy", True),
-                            ("linear", True)):
+                            ("linear", True), ("output_shm", ("region", 0))):
             with self.assertRaisesRegex(ValueError, name):
                 attnserve_client.sharded_attend(self.clients, q, k, v, **{name: value})
+        # Inputs in shared memory are not sliced here.
+        in_shm = attnserve_client.ShmTensor("region", 0, k.shape, "f32")
+        with self.assertRaisesRegex(ValueError, "k: expected an array"):
+            attnserve_client.sharded_attend(self.clients, q, in_shm, v)
         with self.assertRaises(ValueError):
             attnserve_client.sharded_attend([], q, k, v)
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import tensors
 from .client import AttendResult
+from .shared_memory import ShmTensor
 
 # Options whose outputs cannot be merged from parts by lse, or that do not
 # split along the keys with key_offset (key_lengths, a bias over all keys).
@@ -36,10 +37,11 @@ _REFUSED = (("key_lengths", "a per-row key length does not split with key_offset
             ("key_indices", "sparse attention does not combine with sharded keys"),
             ("global_tokens", "sparse attention does not combine with sharded keys"),
             ("sink_logits", "sparse attention does not combine with sharded keys"),
-            ("sparsity", "sparse attention does not combine with sharded keys"))
+            ("sparsity", "sparse attention does not combine with sharded keys"),
+            ("output_shm", "the parts' outputs are merged here, not written to a region"))
 # Refused when given at all (not None); the others when true.
 _REFUSED_WHEN_GIVEN = ("key_lengths", "bias", "block_mask", "key_indices", "global_tokens",
-                       "sink_logits", "sparsity")
+                       "sink_logits", "sparsity", "output_shm")
 
 
 class ShardedAttendError(grpc.RpcError):
@@ -231,7 +233,7 @@ def sharded_attend(clients, q, k, v, **attend_kwargs):
     becomes "<request_id>/<part>". Refused with ValueError: key_lengths,
     bias, weights, top_k, entropy, linear and sparse attention (block_mask,
     key_indices, global_tokens, sink_logits, sparsity) (not split, or not
-    mergeable).
+    mergeable), and shared memory (ShmTensor inputs, output_shm).
 
     Returns an AttendResult: output in q's dtype (float16 for F16, float32
     holding bfloat16 values for BF16, float32 for F32), lse float32
@@ -262,6 +264,10 @@ def sharded_attend(clients, q, k, v, **attend_kwargs):
     key_offset = int(options.pop("key_offset", 0) or 0)
     total_keys = int(options.pop("total_keys", 0) or 0)
     request_id = options.pop("request_id", "") or ""
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        if isinstance(value, ShmTensor):
+            raise ValueError(f"{name}: expected an array (sharded_attend slices the keys here), "
+                             f"got a ShmTensor; read it from its region first")
     q = np.asarray(q)
     k = np.asarray(k)
     v = np.asarray(v)

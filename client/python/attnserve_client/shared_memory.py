@@ -209,7 +209,9 @@ class SharedMemoryRegion:
 
     @property
     def buffer(self):
-        """A memoryview of the whole mapping."""
+        """A memoryview of the whole mapping; ValueError once closed."""
+        if self._map is None:
+            raise ValueError(f"region {self.key}: closed")
         return memoryview(self._map)
 
     def _place(self, offset, nbytes):
@@ -226,6 +228,8 @@ class SharedMemoryRegion:
     def _storage(self, ref):
         # frombuffer holds a buffer export of the mapping (np.ndarray(buffer=)
         # would not), so close() cannot unmap it from under the array.
+        if self._map is None:
+            raise ValueError(f"region {self.key}: closed")
         count = int(np.prod(ref.shape, dtype=np.int64))
         return np.frombuffer(self._map, dtype=_STORAGE[ref.dtype], count=count,
                              offset=ref.offset).reshape(ref.shape)
