@@ -7,6 +7,7 @@ exit status. Its log goes to a file that is printed when a test fails.
 
 import argparse
 import pathlib
+import random
 import shutil
 import signal
 import socket
@@ -18,8 +19,30 @@ import unittest
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _ephemeral_low():
+    """The lowest port the kernel hands out to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago: a random one below
+    the ephemeral range when there is room, so that the connections other
+    tests open meanwhile (which take their local ports from that range)
+    cannot take it before the server binds it."""
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(64):
+            port = random.randrange(10000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
