@@ -5,26 +5,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/errors.h"
+#include "wire/convert.h"
 
 namespace attnserve {
-namespace {
-
-// Bytes per element of a wire dtype; 0 for one the server does not know
-// (the conversion refuses those before asking a source).
-int64_t ElementBytes(int dtype) {
-  switch (dtype) {
-    case v1::F32:
-    case v1::I32:
-      return 4;
-    case v1::F16:
-    case v1::BF16:
-      return 2;
-    default:
-      return 0;
-  }
-}
-
-}  // namespace
 
 std::shared_ptr<ShmTensorSource> ShmTensorSource::Refusing(std::string why) {
   auto source = std::make_shared<ShmTensorSource>(nullptr, std::string());
@@ -70,17 +53,20 @@ absl::StatusOr<std::optional<std::string_view>> ShmTensorSource::Bytes(
   }
   absl::StatusOr<std::shared_ptr<SharedMemoryRegion>> region = Resolve(t.shm(), shm_field);
   if (!region.ok()) return region.status();
+  // The conversion checked the dtype before asking.
+  absl::StatusOr<DType> dtype = DTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
+  if (!dtype.ok()) return dtype.status();
   const int64_t elements = CheckedElementCount(
       std::vector<int64_t>(t.shape().begin(), t.shape().end()), (*region)->byte_size());
-  const int64_t size = ElementBytes(t.dtype());
+  const int64_t size = DTypeSize(*dtype);
   const int64_t offset = t.shm().offset();
   const int64_t available = (*region)->byte_size();
-  if (elements < 0 || size == 0 || elements > available / size ||
+  if (elements < 0 || elements > available / size ||
       offset > available - elements * size) {
     return InvalidField(
         absl::StrCat(shm_field, ".offset"),
         absl::StrCat("offset + ",
-                     elements < 0 || elements > available / std::max<int64_t>(size, 1)
+                     elements < 0 || elements > available / size
                          ? absl::StrCat("the tensor's bytes (shape ",
                                         ShapeString({t.shape().begin(), t.shape().end()}), ")")
                          : absl::StrCat(elements * size, " bytes"),

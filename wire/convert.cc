@@ -53,35 +53,41 @@ absl::StatusOr<DType> DTypeFromProto(int dtype, absl::string_view field) {
 }
 
 absl::StatusOr<DType> RequestDTypeFromProto(int dtype, absl::string_view field) {
-  switch (dtype) {
-    case v1::F32:
-      return DType::kF32;
-    case v1::F16:
-      return DType::kF16;
-    case v1::BF16:
-      return DType::kBF16;
-    case v1::DTYPE_UNSPECIFIED:
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": expected F32, F16 or BF16, got DTYPE_UNSPECIFIED (unset)"));
-    case v1::I32:
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": expected F32, F16 or BF16, got I32 (output only)"));
-    default:
-      return InvalidField(field, "F32 (1), F16 (2) or BF16 (3)", absl::StrCat(dtype));
+  if (dtype == v1::DTYPE_UNSPECIFIED) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": expected F32, F16 or BF16, got DTYPE_UNSPECIFIED (unset)"));
   }
+  if (dtype == v1::I32) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": expected F32, F16 or BF16, got I32 (output only)"));
+  }
+  absl::StatusOr<DType> known = DTypeFromProto(dtype, field);
+  if (known.ok()) return known;
+  return InvalidField(field, "F32 (1), F16 (2) or BF16 (3)", absl::StrCat(dtype));
 }
+
+namespace {
+
+// `t` as a view of `dtype` (already checked): its shape, and its bytes where
+// TensorBytes finds them.
+absl::StatusOr<TensorView> View(const v1::Tensor& t, DType dtype, absl::string_view field,
+                                const TensorSource* source) {
+  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
+  if (!bytes.ok()) return bytes.status();
+  TensorView view;
+  view.dtype = dtype;
+  view.shape.assign(t.shape().begin(), t.shape().end());
+  view.data = *bytes;
+  return view;
+}
+
+}  // namespace
 
 absl::StatusOr<TensorView> ViewFromProto(const v1::Tensor& t, absl::string_view field,
                                          const TensorSource* source) {
   absl::StatusOr<DType> dtype = RequestDTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
   if (!dtype.ok()) return dtype.status();
-  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
-  if (!bytes.ok()) return bytes.status();
-  TensorView view;
-  view.dtype = *dtype;
-  view.shape.assign(t.shape().begin(), t.shape().end());
-  view.data = *bytes;
-  return view;
+  return View(t, *dtype, field, source);
 }
 
 absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_view field,
@@ -94,13 +100,7 @@ absl::StatusOr<TensorView> IndexViewFromProto(const v1::Tensor& t, absl::string_
                                                    : name.empty() ? absl::StrCat(t.dtype())
                                                                   : name));
   }
-  absl::StatusOr<std::string_view> bytes = TensorBytes(t, field, source);
-  if (!bytes.ok()) return bytes.status();
-  TensorView view;
-  view.dtype = DType::kI32;
-  view.shape.assign(t.shape().begin(), t.shape().end());
-  view.data = *bytes;
-  return view;
+  return View(t, DType::kI32, field, source);
 }
 
 void ViewToProto(const TensorView& view, v1::Tensor* out) {
