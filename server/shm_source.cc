@@ -61,8 +61,7 @@ absl::StatusOr<std::optional<std::string_view>> ShmTensorSource::Bytes(
   const int64_t size = DTypeSize(*dtype);
   const int64_t offset = t.shm().offset();
   const int64_t available = (*region)->byte_size();
-  if (elements < 0 || elements > available / size ||
-      offset > available - elements * size) {
+  if (elements < 0 || elements > available / size || offset > available - elements * size) {
     return InvalidField(
         absl::StrCat(shm_field, ".offset"),
         absl::StrCat("offset + ",
