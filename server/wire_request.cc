@@ -4,18 +4,17 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "server/wire_format.h"
 
 namespace attnserve {
 namespace {
 
-// The wire types of protobuf's encoding.
-constexpr uint32_t kVarint = 0;
-constexpr uint32_t kFixed64 = 1;
-constexpr uint32_t kLengthDelimited = 2;
-constexpr uint32_t kFixed32 = 5;
-
-// Tensor.data's field number.
-constexpr uint32_t kTensorData = 3;
+using wire_format::AppendVarint;
+using wire_format::kFixed32;
+using wire_format::kFixed64;
+using wire_format::kLengthDelimited;
+using wire_format::kTensorData;
+using wire_format::kVarint;
 
 // The AttendRequest fields scanned by hand, by index: query, key, value, bias.
 int ScannedIndex(uint32_t field) {
@@ -119,14 +118,6 @@ class ChunkReader {
   int64_t pos_ = 0;
   size_t cursor_ = 0;
 };
-
-void AppendVarint(uint64_t v, std::string* out) {
-  while (v >= 0x80) {
-    out->push_back(static_cast<char>(v | 0x80));
-    v >>= 7;
-  }
-  out->push_back(static_cast<char>(v));
-}
 
 // Reads one field's tag and skips its value, up to `limit`; the value
 // starts at `*value_start`, and a length-delimited one is `*length` bytes.

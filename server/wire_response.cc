@@ -6,29 +6,15 @@
 #include <vector>
 
 #include "grpcpp/support/slice.h"
+#include "server/wire_format.h"
 
 namespace attnserve {
 namespace {
 
-constexpr uint32_t kLengthDelimited = 2;
-constexpr uint32_t kTensorData = 3;  // Tensor.data
-
-void AppendVarint(uint64_t v, std::string* out) {
-  while (v >= 0x80) {
-    out->push_back(static_cast<char>(v | 0x80));
-    v >>= 7;
-  }
-  out->push_back(static_cast<char>(v));
-}
-
-size_t VarintSize(uint64_t v) {
-  size_t n = 1;
-  while (v >= 0x80) {
-    v >>= 7;
-    ++n;
-  }
-  return n;
-}
+using wire_format::AppendVarint;
+using wire_format::kLengthDelimited;
+using wire_format::kTensorData;
+using wire_format::VarintSize;
 
 // AttendResponse's tensor fields, with their field numbers.
 struct TensorField {
